@@ -1,0 +1,483 @@
+"""
+common.py — plumbing shared by the MIA-DPO stages (no method logic lives here).
+
+  data   : read_rows (LLaVA JSON list or JSONL, errors name file/line/field), Skips,
+           atomic_write / write_jsonl / write_sidecar, row_rng
+  images : load_image (EXIF orientation, any mode -> RGB, errors name the path)
+  model  : load_model (local HF checkpoint, offline), image_token_id
+  prompts: render_prompt / render_pair (the model's own chat template, <image> kept in place),
+           build_inputs (questions [+ answers] + images -> padded batch with labels)
+  tensors: image_spans, response_logps (LM head only where labels exist), generate (greedy)
+
+The same build_inputs serves generation (04, 07) and training (06), so the prompt a model is
+trained on can never differ from the prompt it answered — the released code had that bug.
+Heavy imports (torch, transformers) happen inside the functions that need them, so stages
+that only move data (01-03, 05) start in a fraction of a second.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+IGNORE_INDEX = -100
+# LLaVA-1.5's conversation format, used only when a processor carries no chat template.
+FALLBACK_TEMPLATE = "USER: {question} ASSISTANT:"
+
+
+# ---------------------------------------------------------------------------------------------
+# data: reading LLaVA-format rows
+# ---------------------------------------------------------------------------------------------
+class DataError(ValueError):
+    """Bad input, located: `DataError(path, line, field, msg)` prints as `path:line: field: msg`."""
+
+    def __init__(self, path, line, field, msg):
+        self.path, self.line, self.field, self.msg = str(path), line, field, msg
+        where = f"{self.path}:{line}" if line is not None else self.path
+        super().__init__(f"{where}: {field}: {msg}" if field else f"{where}: {msg}")
+
+
+def read_rows(path, on_error="raise", skips=None):
+    """Yield `(line, row)` from a LLaVA JSON list (`[{...}, ...]`) or JSONL file.
+
+    `line` is the 1-based line of the row in the file (for a JSON list, the line its object
+    starts on). A malformed JSONL line raises DataError naming file and line, or — with
+    `on_error="skip"` — is recorded in `skips` (a Skips) and passed over. Rows are not
+    validated here: stages call `check_llava_row` (or their own check) on what they use.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, None, None, "no such file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):  # a JSON list, as LLaVA-665k is shipped
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:  # a broken list cannot be read past the error
+            raise DataError(path, e.lineno, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+        starts = _object_start_lines(text, len(rows))
+        for i, row in enumerate(rows):
+            line = starts[i] if starts else i + 1
+            if not isinstance(row, dict):
+                _bad(path, line, None, f"item {i} is {type(row).__name__}, not an object", on_error, skips)
+                continue
+            yield line, row
+        return
+    for line, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError as e:
+            _bad(path, line, None, f"invalid JSON: {e.msg} (column {e.colno})", on_error, skips)
+            continue
+        if not isinstance(row, dict):
+            _bad(path, line, None, f"a {type(row).__name__}, not an object", on_error, skips)
+            continue
+        yield line, row
+
+
+def _bad(path, line, field, msg, on_error, skips):
+    if on_error != "skip":
+        raise DataError(path, line, field, msg)
+    if skips is not None:
+        skips.add(None, f"malformed row: {msg}", path=path, line=line)
+
+
+def _object_start_lines(text, n):
+    """Line on which each top-level object of a JSON list starts (best effort, for messages)."""
+    starts, depth, line, in_str, esc = [], 0, 1, False, False
+    for ch in text:
+        if ch == "\n":
+            line += 1
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+            continue
+        if ch == '"':
+            in_str = True
+        elif ch in "[{":
+            if depth == 1:
+                starts.append(line)
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+    return starts if len(starts) == n else None
+
+
+def check_llava_row(row, path=None, line=None):
+    """Check the LLaVA fields a stage relies on; raise DataError naming the field.
+
+    Returns the row's image paths as a list (`image` may be a string or a list of strings).
+    """
+    if "id" not in row or not isinstance(row["id"], (str, int)) or row["id"] == "":
+        raise DataError(path, line, "id", "missing or not a string/integer")
+    imgs = row.get("image")
+    if isinstance(imgs, str):
+        imgs = [imgs]
+    if not isinstance(imgs, list) or not imgs or not all(isinstance(p, str) and p for p in imgs):
+        raise DataError(path, line, "image", "missing, or not a path / list of paths")
+    conv = row.get("conversations")
+    if not isinstance(conv, list) or len(conv) < 2:
+        raise DataError(path, line, "conversations", "missing or shorter than one human/gpt turn")
+    for i, turn in enumerate(conv):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise DataError(path, line, f"conversations[{i}].value", "missing or not a string")
+        want = "human" if i % 2 == 0 else "gpt"
+        if turn.get("from") != want:
+            raise DataError(path, line, f"conversations[{i}].from", f"is {turn.get('from')!r}, expected {want!r}")
+    return imgs
+
+
+class Skips:
+    """Rows a stage passed over, with reasons: counted, listed in the sidecar, summarised."""
+
+    def __init__(self, keep=1000):
+        self.counts, self.rows, self.keep = Counter(), [], keep
+
+    def add(self, row_id, reason, path=None, line=None):
+        self.counts[reason.split(":")[0]] += 1
+        if len(self.rows) < self.keep:  # the sidecar lists the first `keep`, counts all
+            self.rows.append({"id": row_id, "file": None if path is None else str(path), "line": line, "reason": reason})
+
+    def __len__(self):
+        return sum(self.counts.values())
+
+    def summary(self):
+        return ", ".join(f"{n} {r}" for r, n in self.counts.most_common()) or "none"
+
+    def to_json(self):
+        return {"total": len(self), "by_reason": dict(self.counts), "rows": self.rows}
+
+
+def row_rng(seed, row_id):
+    """Per-row randomness: independent of row order, sharding and worker count."""
+    return random.Random(f"{seed}:{row_id}")
+
+
+# ---------------------------------------------------------------------------------------------
+# data: writing, atomically
+# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_write(path, mode="w"):
+    """Open a temporary file beside `path`; rename it onto `path` only if the block succeeds.
+
+    A crash or exception mid-write leaves any previous `path` untouched and no partial file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_jsonl(path, rows):
+    """Write rows as JSONL, atomically; returns the number written."""
+    n = 0
+    with atomic_write(path) as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def sidecar_path(out_path):
+    return Path(str(out_path) + ".meta.json")
+
+
+def write_sidecar(out_path, args=None, counts=None, skips=None, **extra):
+    """Record how `out_path` was made: script, command line, arguments, counts, skipped rows."""
+    meta = {
+        "output": str(out_path),
+        "script": Path(sys.argv[0]).name,
+        "argv": sys.argv[1:],
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} if args is not None else None,
+        "counts": counts or {},
+        "skipped": skips.to_json() if skips is not None else None,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        **extra,
+    }
+    with atomic_write(sidecar_path(out_path)) as f:
+        json.dump(meta, f, indent=1, default=str)
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# images
+# ---------------------------------------------------------------------------------------------
+class ImageError(OSError):
+    """An image that is missing or cannot be decoded; the message names the path."""
+
+
+def load_image(root, rel):
+    """Open `root/rel` as an RGB PIL image, EXIF orientation applied.
+
+    Modes: RGBA/LA/transparent palette are composited on white (LLaVA's `.convert("RGB")` would
+    show whatever colour hides under transparent pixels, often black); CMYK, P, L, 1, 16-bit and
+    float grayscale are converted. Raises ImageError naming the path when missing or unreadable.
+    """
+    from PIL import Image, ImageOps
+
+    path = Path(rel) if root is None or os.path.isabs(rel) else Path(root) / rel
+    if not path.is_file():
+        raise ImageError(f"{path}: image not found")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return _to_rgb(im)
+    except (OSError, ValueError, SyntaxError) as e:  # PIL signals corrupt files with all three
+        raise ImageError(f"{path}: cannot read image ({e})") from None
+
+
+def _to_rgb(im):
+    from PIL import Image
+
+    if im.mode == "RGB":
+        return im.copy()
+    if im.mode in ("I;16", "I;16L", "I;16B", "I", "F"):  # scale wide grayscale to 8 bit
+        import numpy as np
+
+        a = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if im.mode.startswith("I;16") else max(a.max(), 1.0)
+        im = Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype("uint8"), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, im).convert("RGB")
+    return im.convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------
+# model and processor
+# ---------------------------------------------------------------------------------------------
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def load_model(path, dtype="auto", device="cpu", attn_implementation=None):
+    """Load an image-text-to-text checkpoint and its processor from a LOCAL directory.
+
+    Never downloads: `path` must be a directory holding `config.json` (as `save_pretrained` or
+    `huggingface-cli download` leave it). `dtype`: one of DTYPES ("auto" = the checkpoint's).
+    `attn_implementation`: "eager", "sdpa", "flash_attention_2" or None (transformers' default).
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path}: not a local model directory (no config.json). This toolkit never downloads "
+            f"weights; fetch the checkpoint yourself, or run 00_make_toy.py for the toy model."
+        )
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")
+    kw = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype), "local_files_only": True}
+    if attn_implementation:
+        kw["attn_implementation"] = attn_implementation
+    model = AutoModelForImageTextToText.from_pretrained(path, **kw).to(device).eval()
+    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    return model, processor
+
+
+def image_token_id(model_or_config):
+    """The id that marks visual-token positions in input_ids (`image_token_id` in transformers 5)."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    for name in ("image_token_id", "image_token_index"):
+        if getattr(cfg, name, None) is not None:
+            return getattr(cfg, name)
+    raise ValueError("model config names no image token (image_token_id / image_token_index)")
+
+
+# ---------------------------------------------------------------------------------------------
+# prompts: the model's own chat template, with every <image> kept where the question puts it
+# ---------------------------------------------------------------------------------------------
+def render_prompt(processor, question):
+    """LLaVA-format question (with inline `<image>` markers) -> the model's prompt text.
+
+    subtle: llava-hf templates render a message's image items first and its text after, which
+    would pull every `<image>` away from its `ImageK:` label. The question is therefore passed
+    as ONE text item with its markers inline; the template then only wraps it, e.g. for
+    llava-1.5-7b-hf: `USER: Image1:<image>\\nIn Image1, what ...? ASSISTANT:`.
+    """
+    question = _image_markers(processor, question)
+    template = getattr(processor, "chat_template", None)
+    if not template:
+        return FALLBACK_TEMPLATE.format(question=question)
+    msgs = [{"role": "user", "content": [{"type": "text", "text": question}]}]
+    return processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
+
+def render_pair(processor, question, answer):
+    """-> (prompt_text, response_text): the template's full conversation split at the prompt.
+
+    The response is what the template puts after the prompt for this answer, trailing white
+    space removed (llava-1.5's template ends every turn with a space); the caller adds EOS.
+    """
+    prompt = render_prompt(processor, question)
+    template = getattr(processor, "chat_template", None)
+    if not template:
+        return prompt, " " + answer.strip()
+    msgs = [
+        {"role": "user", "content": [{"type": "text", "text": _image_markers(processor, question)}]},
+        {"role": "assistant", "content": [{"type": "text", "text": answer.strip()}]},
+    ]
+    full = processor.apply_chat_template(msgs, tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError("chat template: the rendered conversation does not start with the rendered prompt")
+    return prompt, full[len(prompt):].rstrip()
+
+
+def _image_markers(processor, question):
+    token = getattr(processor, "image_token", None) or "<image>"
+    return question if token == "<image>" else question.replace("<image>", token)
+
+
+def build_inputs(processor, questions, images, answers=None, padding_side="right", add_eos=True):
+    """Questions (+ answers) and their images -> one padded batch for the model.
+
+    questions : list of B LLaVA-format questions with inline `<image>` markers
+    images    : list of B lists of PIL images, one per marker, in marker order
+    answers   : None for generation prompts; else B answers -> `labels` (prompt and padding
+                masked with -100, response + EOS kept)
+    returns   : dict of tensors the model takes (input_ids (B, T), attention_mask (B, T),
+                pixel_values, ...) plus `labels` (B, T) and `prompt_lens` (B,) when answers given.
+    Use padding_side="left" for generation, "right" for training/scoring.
+    """
+    import torch
+
+    tok = processor.tokenizer
+    if answers is None:
+        texts, prompts = [render_prompt(processor, q) for q in questions], None
+    else:
+        pairs = [render_pair(processor, q, a) for q, a in zip(questions, answers)]
+        eos = tok.eos_token if add_eos else ""
+        prompts = [p for p, _ in pairs]
+        texts = [p + (r if not eos or r.endswith(eos) else r + eos) for p, r in pairs]
+    for i, (q, ims) in enumerate(zip(questions, images)):
+        n = q.count("<image>")
+        if n != len(ims):
+            raise ValueError(f"row {i}: question has {n} <image> markers but {len(ims)} images")
+    has_images = any(len(ims) for ims in images)
+    # subtle: a template that writes the BOS itself must not get a second one from the tokenizer
+    special = not (tok.bos_token and texts[0].startswith(tok.bos_token))
+    enc = processor(text=texts, images=[list(ims) for ims in images] if has_images else None,
+                    padding=True, padding_side=padding_side, return_tensors="pt", add_special_tokens=special)
+    batch = dict(enc)
+    if answers is None:
+        return batch
+    # Prompt length in the expanded sequence = its unexpanded token count + what the
+    # processor added when it expanded each <image> into visual tokens (same for full text).
+    p_ids = tok(prompts, add_special_tokens=special)["input_ids"]
+    f_ids = tok(texts, add_special_tokens=special)["input_ids"]
+    mask = batch["attention_mask"]
+    labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+    prompt_lens = []
+    for i in range(len(texts)):
+        if f_ids[i][: len(p_ids[i])] != p_ids[i]:
+            raise ValueError(f"row {i}: prompt tokens change when the answer follows them; "
+                             f"the template and tokenizer split at the prompt/answer boundary")
+        expanded = int(mask[i].sum())
+        plen = len(p_ids[i]) + expanded - len(f_ids[i])
+        start = 0 if padding_side == "right" else mask.shape[1] - expanded
+        labels[i, start + plen : start + expanded] = batch["input_ids"][i, start + plen : start + expanded]
+        prompt_lens.append(plen)
+    batch["labels"] = labels
+    batch["prompt_lens"] = torch.tensor(prompt_lens)
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# tensors: image spans, response log-probs, generation
+# ---------------------------------------------------------------------------------------------
+def image_spans(input_ids, image_token_id, n_images=None):
+    """Runs of `image_token_id` per row -> list (B) of lists of (start, end), end exclusive.
+
+    Two images with nothing between them form one run; with `n_images` (list of B counts)
+    such a run is split into equal parts, and a count that does not fit raises ValueError.
+    Example: ids [5, 9, 9, 7, 9, 9, 0] with image id 9 -> [[(1, 3), (4, 6)]].
+    """
+    import torch
+
+    m = (input_ids == image_token_id).to(torch.int8)
+    edges = torch.diff(torch.nn.functional.pad(m, (1, 1)), dim=1)  # +1 at a start, -1 after an end
+    out = []
+    for b in range(m.shape[0]):
+        starts = (edges[b] == 1).nonzero().flatten().tolist()
+        ends = (edges[b] == -1).nonzero().flatten().tolist()
+        spans = list(zip(starts, ends))
+        if n_images is not None and len(spans) != n_images[b]:
+            spans = _split_runs(spans, n_images[b], b)
+        out.append(spans)
+    return out
+
+
+def _split_runs(spans, n, b):
+    total = sum(e - s for s, e in spans)
+    if n <= 0 or total % n:
+        raise ValueError(f"row {b}: {len(spans)} image-token runs ({total} tokens) cannot be {n} images")
+    size, out = total // n, []
+    for s, e in spans:
+        if (e - s) % size:
+            raise ValueError(f"row {b}: an image-token run of {e - s} is not a multiple of {size}")
+        out += [(p, p + size) for p in range(s, e, size)]
+    return out
+
+
+def response_logps(model, batch):
+    """Log-probs of the labelled (response) tokens, LM head applied ONLY at those positions.
+
+    batch   : build_inputs(..., answers=...) output (labels (B, T), -100 where not scored)
+    returns : (sum_logps (B,), token_logps (B, T-1) — 0 where unscored, n_tokens (B,))
+    Full-vocabulary logits over the prompt's hundreds of image tokens are never formed: the
+    decoder's hidden states are gathered at scored positions first, (N, H) -> (N, V).
+    """
+    import torch
+
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "prompt_lens")}
+    hidden = model.model(**inputs).last_hidden_state  # (B, T, H)
+    targets = batch["labels"][:, 1:]  # position t predicts token t+1
+    mask = targets != IGNORE_INDEX  # (B, T-1)
+    logits = model.get_output_embeddings()(hidden[:, :-1][mask]).float()  # (N, V)
+    cap = getattr(getattr(model.config, "text_config", model.config), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    lp = torch.log_softmax(logits, dim=-1).gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)  # (N,)
+    token_logps = torch.zeros(mask.shape, dtype=lp.dtype, device=lp.device).masked_scatter(mask, lp)
+    return token_logps.sum(-1), token_logps, mask.sum(-1)
+
+
+def generate(model, processor, questions, images, max_new_tokens=64):
+    """Greedy answers for a batch of questions (left-padded, same prompts as training)."""
+    import torch
+
+    batch = build_inputs(processor, questions, images, padding_side="left")
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    if "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+    tok = processor.tokenizer
+    with torch.no_grad():
+        out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    new = out[:, batch["input_ids"].shape[1]:]
+    return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
