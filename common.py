@@ -4,7 +4,7 @@ common.py — plumbing shared by the MIA-DPO stages (no method logic lives here)
   data   : read_rows (LLaVA JSON list or JSONL, errors name file/line/field), Skips,
            atomic_write / write_jsonl / write_sidecar, row_rng
   images : load_image (EXIF orientation, any mode -> RGB, errors name the path)
-  model  : load_model (local HF checkpoint, offline), image_token_id
+  model  : load_model (local HF checkpoint, offline), image_token_id, model_fingerprint
   prompts: render_prompt / render_pair (the model's own chat template, <image> kept in place),
            build_inputs (questions [+ answers] + images -> padded batch with labels)
   tensors: image_spans, response_logps (LM head only where labels exist), generate (greedy)
@@ -298,6 +298,22 @@ def load_model(path, dtype="auto", device="cpu", attn_implementation=None):
     model = AutoModelForImageTextToText.from_pretrained(path, **kw).to(device).eval()
     processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     return model, processor
+
+
+def model_fingerprint(model):
+    """A short hash of a model's weights, cheap even at 7B: name, shape, dtype and the first and
+    last 256 values of every tensor. Stored with reference log-probs (04) so that a trainer (06)
+    can refuse log-probs that another model computed."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(torch.cat([flat[:256], flat[-256:]]).float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def image_token_id(model_or_config):
