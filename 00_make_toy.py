@@ -110,7 +110,7 @@ def make_row(seed, subset, index, labelled_share):
 
 
 def turn_examples(row):
-    """Every turn of a row as a stand-alone (question, answer, kind, image) example: a later
+    """Every turn of a row as a stand-alone example {q, a, kind, images, per_image}: a later
     turn is asked the way the first one was (same image marker and label)."""
     conv = row["conversations"]
     first = conv[0]["value"]
@@ -123,7 +123,23 @@ def turn_examples(row):
         elif t:
             q = first[: at + len("<image>\n")] + q
         kind = ("labelled " if "Image" in q else "") + ("color" if "shape" in q else "background")
-        out.append((q, conv[t + 1]["value"], kind, row["image"]))
+        out.append({"q": q, "a": conv[t + 1]["value"], "kind": kind, "images": [row["image"]], "per_image": None})
+    return out
+
+
+def sequence_examples(seed, rows, n_per_count, counts, tag):
+    """Multi-image sequence questions over a split's scenes, in stage 01's prompt format:
+    `Image1:<image>\n...ImageN:<image>\nIn ImageK, what color is the shape?` -> scene K's answer.
+    Used to measure the multi-image phenomenon, and (with --multi-share) as SFT curriculum."""
+    out = []
+    for n in counts:
+        for i in range(n_per_count):
+            rng = common.row_rng(seed, f"{tag}-seq{n}-{i}")
+            picked = rng.sample(rows, n)
+            k, attr = rng.randint(1, n), rng.choice(list(QUESTIONS))
+            q = "".join(f"Image{j}:<image>\n" for j in range(1, n + 1)) + f"In Image{k}, " + _lower_first(rng.choice(QUESTIONS[attr]))
+            out.append({"q": q, "a": picked[k - 1]["toy"][attr], "kind": f"sequence {n}",
+                        "images": [r["image"] for r in picked], "per_image": [r["toy"][attr] for r in picked]})
     return out
 
 
@@ -181,34 +197,35 @@ def build_model(tokenizer, a):
 
 
 # ---- plumbing ---------------------------------------------------------------------------------
+SPLITS = {"train": 0, "dev": 400_000, "heldout": 500_000}  # index offsets: disjoint ids, disjoint scenes
+
+
 def make_data(a, data_dir):
-    """Write images + train/heldout JSON; return {split: [(question, answer, kind, image path)]}."""
+    """Write images + {train,dev,heldout}.json; return {split: rows}."""
     from PIL import Image
 
-    examples = {}
-    per_subset = {"train": math.ceil(a.n_train / len(SUBSETS)), "heldout": math.ceil(a.n_heldout / len(SUBSETS))}
-    offset = {"train": 0, "heldout": 500_000}  # disjoint ids, so disjoint scenes
-    for split, n in per_subset.items():
-        rows, ex = [], []
+    sizes = {"train": a.n_train, "dev": a.n_dev, "heldout": a.n_heldout}
+    out = {}
+    for split, offset in SPLITS.items():
+        rows = []
         for subset in SUBSETS:
             (data_dir / "images" / subset).mkdir(parents=True, exist_ok=True)
-            for i in range(offset[split], offset[split] + n):
+            for i in range(offset, offset + math.ceil(sizes[split] / len(SUBSETS))):
                 row = make_row(a.seed, subset, i, a.labelled_share)
                 pixels = draw_scene(common.row_rng(a.seed, row["id"]).getrandbits(63), a.image_size,
                                     **row["toy"], subset=subset)
                 with common.atomic_write(data_dir / "images" / row["image"], "wb") as f:
                     Image.fromarray(pixels).save(f, format="PNG")
                 rows.append(row)
-                ex += turn_examples(row)
         with common.atomic_write(data_dir / f"{split}.json") as f:
             json.dump(rows, f, indent=0)
-        examples[split] = ex
-    common.write_sidecar(data_dir / "train.json", a, counts={k: len(v) for k, v in examples.items()})
-    return examples
+        out[split] = rows
+    common.write_sidecar(data_dir / "train.json", a, counts={k: len(v) for k, v in out.items()})
+    return out
 
 
-def read_examples(data_dir, split):
-    return [e for _, row in common.read_rows(data_dir / f"{split}.json") for e in turn_examples(row)]
+def read_split(data_dir, split):
+    return [row for _, row in common.read_rows(data_dir / f"{split}.json")]
 
 
 def encode_all(proc, examples, image_root, chunk=256):
@@ -218,14 +235,15 @@ def encode_all(proc, examples, image_root, chunk=256):
     parts = []
     for i in range(0, len(examples), chunk):
         ex = examples[i : i + chunk]
-        ims = [[common.load_image(image_root, p)] for _, _, _, p in ex]
-        parts.append(common.build_inputs(proc, [e[0] for e in ex], ims, answers=[e[1] for e in ex]))
+        ims = [[common.load_image(image_root, p) for p in e["images"]] for e in ex]
+        parts.append(common.build_inputs(proc, [e["q"] for e in ex], ims, answers=[e["a"] for e in ex]))
+        parts[-1]["pixel_values"] = parts[-1]["pixel_values"].split([len(e["images"]) for e in ex])
     T = max(p["input_ids"].shape[1] for p in parts)
     pad = lambda t, v: torch.nn.functional.pad(t, (0, T - t.shape[1]), value=v)  # noqa: E731
     return {"input_ids": torch.cat([pad(p["input_ids"], proc.tokenizer.pad_token_id) for p in parts]),
             "attention_mask": torch.cat([pad(p["attention_mask"], 0) for p in parts]),
             "labels": torch.cat([pad(p["labels"], common.IGNORE_INDEX) for p in parts]),
-            "pixel_values": torch.cat([p["pixel_values"] for p in parts])}
+            "pixel_values": [pv for p in parts for pv in p["pixel_values"]]}  # per example: (n_images, 3, H, W)
 
 
 def train(model, data, a):
@@ -239,9 +257,9 @@ def train(model, data, a):
     t0, log = time.time(), []
     for step in range(a.steps):
         idx = torch.randint(n, (a.batch_size,), generator=g)
-        batch = {k: v[idx] for k, v in data.items()}
-        T = int(batch["attention_mask"].sum(1).max())  # trim shared right padding
-        batch = {k: (v[:, :T] if k != "pixel_values" else v) for k, v in batch.items()}
+        T = int(data["attention_mask"][idx].sum(1).max())  # trim shared right padding
+        batch = {k: data[k][idx, :T] for k in ("input_ids", "attention_mask", "labels")}
+        batch["pixel_values"] = torch.cat([data["pixel_values"][i] for i in idx.tolist()])
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -255,18 +273,29 @@ def train(model, data, a):
 
 
 def evaluate(model, proc, examples, image_root, batch_size=64):
-    """Greedy exact-match accuracy on held-out examples, overall and by question kind."""
-    hits, kinds = [], []
+    """Greedy exact-match accuracy by kind of question. For multi-image kinds also: the
+    accuracy of answering about a random image of the prompt, and the share of wrong answers
+    that are true of another image of the prompt (the paper's *sequence confusion*)."""
+    res = {}
     for i in range(0, len(examples), batch_size):
         ex = examples[i : i + batch_size]
-        ims = [[common.load_image(image_root, p)] for _, _, _, p in ex]
-        answers = common.generate(model, proc, [e[0] for e in ex], ims, max_new_tokens=4)
-        hits += [ans.strip().lower() == e[1] for ans, e in zip(answers, ex)]
-        kinds += [e[2] for e in ex]
-    acc = {"all": float(np.mean(hits)), "n": len(hits)}
-    for k in sorted(set(kinds)):
-        acc[k] = float(np.mean([h for h, kk in zip(hits, kinds) if kk == k]))
-    return acc
+        ims = [[common.load_image(image_root, p) for p in e["images"]] for e in ex]
+        for e, ans in zip(ex, common.generate(model, proc, [e["q"] for e in ex], ims, max_new_tokens=4)):
+            r = res.setdefault(e["kind"], {"n": 0, "right": 0, "random_image": 0.0, "wrong": 0, "confused": 0})
+            r["n"] += 1
+            ok = ans.strip().lower() == e["a"]
+            r["right"] += ok
+            if e["per_image"]:
+                r["random_image"] += e["per_image"].count(e["a"]) / len(e["per_image"])
+                r["wrong"] += not ok
+                r["confused"] += (not ok) and ans.strip().lower() in e["per_image"]
+    out = {}
+    for kind, r in sorted(res.items()):
+        out[kind] = {"accuracy": r["right"] / r["n"], "n": r["n"]}
+        if r["wrong"] or r["random_image"]:
+            out[kind]["random_image_accuracy"] = r["random_image"] / r["n"]
+            out[kind]["sequence_confusion_share_of_errors"] = r["confused"] / max(r["wrong"], 1)
+    return out
 
 
 def main(a):
@@ -278,31 +307,41 @@ def main(a):
         torch.set_num_threads(a.threads)
     data_dir, model_dir = Path(a.data_out), Path(a.model_out)
     image_root = data_dir / "images"
-    if a.force or not (data_dir / "train.json").is_file() or not (data_dir / "heldout.json").is_file():
+    if a.force or not all((data_dir / f"{s}.json").is_file() for s in SPLITS):
         t = time.time()
-        examples = make_data(a, data_dir)
-        print(f"data: {len(examples['train'])} train / {len(examples['heldout'])} held-out examples -> {data_dir} ({time.time() - t:.1f} s)")
+        rows = make_data(a, data_dir)
+        print(f"data: {', '.join(f'{len(v)} {k}' for k, v in rows.items())} samples -> {data_dir} ({time.time() - t:.1f} s)")
     else:
-        examples = {s: read_examples(data_dir, s) for s in ("train", "heldout")}
-        print(f"data: reusing {data_dir} ({len(examples['train'])} train examples; --force rebuilds)")
+        rows = {s: read_split(data_dir, s) for s in SPLITS}
+        print(f"data: reusing {data_dir} ({', '.join(f'{len(v)} {k}' for k, v in rows.items())} samples; --force rebuilds)")
+    counts = range(2, a.max_images + 1)
+    train_ex = [e for r in rows["train"] for e in turn_examples(r)]
+    if a.multi_share > 0:  # curriculum: a share of SFT examples are multi-image sequences
+        n_multi = round(len(train_ex) * a.multi_share / (1 - a.multi_share))
+        train_ex += sequence_examples(a.seed, rows["train"], max(1, n_multi // len(counts)), counts, "train")
+    eval_ex = [e for r in rows["heldout"] for e in turn_examples(r)]
+    eval_ex += sequence_examples(a.seed, rows["heldout"], a.n_eval_sequences, counts, "heldout")
     report_path = model_dir / "toy_report.json"
     if not a.force and (model_dir / "config.json").is_file() and report_path.is_file():
         report = json.loads(report_path.read_text())
         print(f"model: reusing {model_dir} (--force rebuilds)")
     else:
-        texts = [e[0] + " " + e[1] for e in examples["train"]] + [PROMPT_WORDS] * 20
+        texts = [e["q"] + " " + e["a"] for e in train_ex] + [PROMPT_WORDS] * 20
         model, proc = build_model(build_tokenizer(texts), a)
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"model: tiny LLaVA, {n_params / 1e6:.2f}M parameters, {(a.image_size // a.patch) ** 2} tokens/image")
+        print(f"model: tiny LLaVA, {n_params / 1e6:.2f}M parameters, {(a.image_size // a.patch) ** 2} tokens/image; "
+              f"{len(train_ex)} training examples")
         t = time.time()
-        data = encode_all(proc, examples["train"], image_root)
+        data = encode_all(proc, train_ex, image_root)
         t_enc, t = time.time() - t, time.time()
         model, log = train(model, data, a)
         t_train, t = time.time() - t, time.time()
-        acc = evaluate(model, proc, examples["heldout"], image_root)
-        t_eval = time.time() - t
-        report = {"heldout_accuracy": acc, "parameters": n_params, "train_log": log,
-                  "seconds": {"encode": round(t_enc, 1), "train": round(t_train, 1), "eval": round(t_eval, 1)},
+        acc = evaluate(model, proc, eval_ex, image_root)
+        single = [v for k, v in acc.items() if not k.startswith("sequence")]
+        acc["single-image"] = {"accuracy": sum(v["accuracy"] * v["n"] for v in single) / sum(v["n"] for v in single),
+                               "n": sum(v["n"] for v in single)}
+        report = {"heldout": acc, "parameters": n_params, "train_log": log,
+                  "seconds": {"encode": round(t_enc, 1), "train": round(t_train, 1), "eval": round(time.time() - t, 1)},
                   "settings": {k: v for k, v in vars(a).items() if k not in ("force",)}}
         tmp = model_dir.with_name(model_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -311,9 +350,14 @@ def main(a):
         (tmp / "toy_report.json").write_text(json.dumps(report, indent=1))
         shutil.rmtree(model_dir, ignore_errors=True)
         tmp.rename(model_dir)  # the model directory appears whole or not at all
-    acc = report["heldout_accuracy"]
-    detail = ", ".join(f"{k} {v:.3f}" for k, v in acc.items() if k not in ("all", "n"))
-    print(f"held-out single-image accuracy: {acc['all']:.3f} on {acc['n']} questions ({detail})")
+    acc = report["heldout"]
+    print(f"held-out accuracy (greedy, exact match):")
+    for kind, r in acc.items():
+        extra = ""
+        if "random_image_accuracy" in r:
+            extra = (f"  (answering about a random image of the prompt: {r['random_image_accuracy']:.3f}; "
+                     f"errors true of another image: {r['sequence_confusion_share_of_errors']:.0%})")
+        print(f"  {kind:22s} {r['accuracy']:.3f} on {r['n']}{extra}")
     print(f"00_make_toy: done in {time.time() - t_start:.0f} s -> {data_dir}, {model_dir}")
     return report
 
@@ -327,9 +371,14 @@ def get_args(argv=None):
     g.add_argument("--force", action="store_true", help="rebuild data and model even if they exist")
     g = p.add_argument_group("world")
     g.add_argument("--n-train", type=int, default=6000, help="single-image training samples")
-    g.add_argument("--n-heldout", type=int, default=600, help="held-out samples (disjoint scenes)")
+    g.add_argument("--n-dev", type=int, default=600, help="dev samples, for tuning later stages (disjoint scenes)")
+    g.add_argument("--n-heldout", type=int, default=600, help="held-out samples, for final numbers only (disjoint scenes)")
+    g.add_argument("--n-eval-sequences", type=int, default=100, help="held-out multi-image sequences per image count, evaluated at the end")
+    g.add_argument("--max-images", type=int, default=5, help="largest image count of sequences (evaluated, and trained with --multi-share)")
     g.add_argument("--image-size", type=int, default=64)
     g.add_argument("--labelled-share", type=float, default=0.25, help="share of prompts written `ImageK:<image>\\nIn ImageK, ...`")
+    g.add_argument("--multi-share", type=float, default=0.0,
+                   help="curriculum: share of SFT examples that are 2..max-images sequences (0: single images only, like LLaVA)")
     g = p.add_argument_group("model")
     g.add_argument("--patch", type=int, default=8, help="vision patch size: (image-size/patch)^2 tokens per image")
     g.add_argument("--vision-width", type=int, default=64)
@@ -347,7 +396,8 @@ def get_args(argv=None):
     g.add_argument("--tiny", action="store_true", help="a seconds-long build for tests (few samples and steps)")
     a = p.parse_args(argv)
     if a.tiny:
-        a.n_train, a.n_heldout, a.steps, a.width, a.layers, a.warmup = 90, 30, 20, 64, 2, 5
+        a.n_train, a.n_dev, a.n_heldout, a.n_eval_sequences = 90, 15, 30, 5
+        a.steps, a.width, a.layers, a.warmup = 20, 64, 2, 5
     a.data_out = a.data_out or str(Path(a.root) / "data" / "toy")
     a.model_out = a.model_out or str(Path(a.root) / "models" / "toy-llava")
     return a

@@ -25,7 +25,9 @@ def test_toy_world_files_and_format(toy_tiny):
     train = json.loads((data / "train.json").read_text())
     held = json.loads((data / "heldout.json").read_text())
     assert len(train) >= 90 and len(held) >= 30
-    assert not {r["id"] for r in train} & {r["id"] for r in held}
+    dev = json.loads((data / "dev.json").read_text())
+    ids = [{r["id"] for r in x} for x in (train, dev, held)]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
     for line, row in common.read_rows(data / "train.json"):
         (path,) = common.check_llava_row(row, data / "train.json", line)
         assert common.load_image(data / "images", path).size == (64, 64)
@@ -36,7 +38,10 @@ def test_toy_world_files_and_format(toy_tiny):
     assert any(q.startswith("Image") and "<image>\nIn Image" in q for q in firsts)  # labelled, one image
     assert any(len(r["conversations"]) == 4 for r in train)
     report = json.loads((toy_tiny / "models" / "toy-llava" / "toy_report.json").read_text())
-    assert 0 <= report["heldout_accuracy"]["all"] <= 1 and report["heldout_accuracy"]["n"] >= 30
+    held = report["heldout"]
+    assert 0 <= held["single-image"]["accuracy"] <= 1 and held["single-image"]["n"] >= 30
+    assert [held[f"sequence {n}"]["n"] for n in (2, 3, 4, 5)] == [5] * 4
+    assert len(json.loads((data / "dev.json").read_text())) >= 15
 
 
 def test_saved_model_reloads_like_a_downloaded_checkpoint(toy_tiny):
@@ -55,13 +60,13 @@ def test_same_seed_same_world_and_weights_and_reuse(toy_tiny, tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stderr
     assert _tree_hash(tmp_path / "data" / "toy" / "images") == _tree_hash(toy_tiny / "data" / "toy" / "images")
-    for f in ("train.json", "heldout.json"):
+    for f in ("train.json", "dev.json", "heldout.json"):
         assert (tmp_path / "data" / "toy" / f).read_bytes() == (toy_tiny / "data" / "toy" / f).read_bytes()
     a = load_file(tmp_path / "models" / "toy-llava" / "model.safetensors")
     b = load_file(toy_tiny / "models" / "toy-llava" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert again.returncode == 0 and "reusing" in again.stdout and "held-out single-image accuracy" in again.stdout
+    assert again.returncode == 0 and "reusing" in again.stdout and "single-image" in again.stdout
 
 
 def test_another_seed_another_world(toy_tiny, tmp_path):
@@ -72,3 +77,22 @@ def test_another_seed_another_world(toy_tiny, tmp_path):
     a = toy.make_row(0, "plain", 1, 0.25)
     assert a == toy.make_row(0, "plain", 1, 0.25)
     assert any(toy.make_row(1, "plain", i, 0.25)["toy"] != toy.make_row(0, "plain", i, 0.25)["toy"] for i in range(5))
+
+
+def test_sequence_examples_ask_about_the_labelled_image(toy_tiny):
+    import importlib
+    import re
+
+    toy = importlib.import_module("00_make_toy")
+    rows = json.loads((toy_tiny / "data" / "toy" / "train.json").read_text())
+    ex = toy.sequence_examples(0, rows, 4, [2, 5], "t")
+    assert ex == toy.sequence_examples(0, rows, 4, [2, 5], "t") and len(ex) == 8
+    for e in ex:
+        n = len(e["images"])
+        assert e["kind"] == f"sequence {n}" and len(set(e["images"])) == n
+        assert e["q"].startswith("".join(f"Image{j}:<image>\n" for j in range(1, n + 1)))
+        k = int(re.search(r"In Image(\d), what", e["q"]).group(1))
+        assert e["a"] == e["per_image"][k - 1]
+        attr = "color" if "shape" in e["q"] else "background"
+        by_path = {r["image"]: r["toy"][attr] for r in rows}
+        assert e["per_image"] == [by_path[p] for p in e["images"]]
