@@ -351,7 +351,7 @@ def main(a):
         shutil.rmtree(model_dir, ignore_errors=True)
         tmp.rename(model_dir)  # the model directory appears whole or not at all
     acc = report["heldout"]
-    print(f"held-out accuracy (greedy, exact match):")
+    print("held-out accuracy (greedy, exact match):")
     for kind, r in acc.items():
         extra = ""
         if "random_image_accuracy" in r:

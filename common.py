@@ -8,6 +8,9 @@ common.py — plumbing shared by the MIA-DPO stages (no method logic lives here)
   prompts: render_prompt / render_pair (the model's own chat template, <image> kept in place),
            build_inputs (questions [+ answers] + images -> padded batch with labels)
   tensors: image_spans, response_logps (LM head only where labels exist), generate (greedy)
+  01-03  : source rows (load_sources: validate, clean the question, dedupe, check images),
+           prompt rewrite (clean_question, lower_first, labelled_turns), companion pools and
+           draws, parallel map, atomic image save, the shared command-line flags
 
 The same build_inputs serves generation (04, 07) and training (06), so the prompt a model is
 trained on can never differ from the prompt it answered — the released code had that bug.
@@ -16,14 +19,19 @@ that only move data (01-03, 05) start in a fraction of a second.
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
+import hashlib
 import json
 import os
 import random
+import re
 import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 IGNORE_INDEX = -100
@@ -497,3 +505,329 @@ def generate(model, processor, questions, images, max_new_tokens=64):
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     new = out[:, batch["input_ids"].shape[1]:]
     return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+
+
+# ---------------------------------------------------------------------------------------------
+# source rows for stages 01-03: single-image LLaVA samples in, multi-image samples out
+# ---------------------------------------------------------------------------------------------
+MARKER = "<image>"
+MAX_ANSWER_CHARS = 512  # the authors skipped samples whose answer was >= 512 characters
+
+
+class SkipRow(Exception):
+    """A row the stage passes over; the message is the reason (`kind: detail`)."""
+
+
+_LABEL_BEFORE = re.compile(r"Image\s*\d+\s*:\s*$", re.I)  # "Image3:" right before the marker
+_IN_IMAGE = re.compile(r"^In\s+Image\s*\d+\s*,\s*", re.I)  # a leading "In Image3, "
+_FIRST_WORD = re.compile(r"[^\W\d_]+(?:['\u2019][^\W\d_]+)?")
+
+
+def clean_question(text):
+    """A human turn -> its bare question: `<image>`, an `ImageK:` label and `In ImageK, ` removed.
+
+    "<image>\\nWhat is it?", "<image>What is it?", "What is it?\\n<image>", "What is it?<image>"
+    and "Image3:<image>\\nIn Image3, what is it?" all -> "What is it?" / "what is it?".
+    Text on both sides of the marker is kept, joined by a newline.
+    """
+    before, marker, after = text.partition(MARKER)
+    if marker:
+        before = _LABEL_BEFORE.sub("", before)
+        text = "\n".join(s for s in (before.strip(), after.strip()) if s)
+    return _IN_IMAGE.sub("", text.strip(), count=1)
+
+
+def lower_first(text):
+    """Lower-case the first letter of a question that will follow `In Image{k}, `.
+
+    Rule: only when the text starts with a word (letters, at most one apostrophe part) that is
+    plainly capitalised — first letter upper case, every other letter lower case — and is not
+    the pronoun "I" ("I", "I'm", "I've", "I'd", "I'll"). Left alone: all-capital words ("OCR",
+    "USA", "TV"), mixed case ("iPhone", "McDonald's", "eBay"), a word glued to digits ("A4"),
+    and text starting with a digit, quote or bracket. Proper nouns cannot be told apart from
+    sentence case without a tagger ("Paris is ..." -> "paris is ..."); questions rarely start so.
+    "What is this?" -> "what is this?";  "A dog?" -> "a dog?";  "OCR the title." unchanged.
+    """
+    m = _FIRST_WORD.match(text)
+    if not m or text[m.end():m.end() + 1].isalnum():
+        return text
+    word = m.group(0)
+    if re.split("['\u2019]", word)[0] == "I" or not word[0].isupper() or word[1:] != word[1:].lower():
+        return text
+    return text[0].lower() + text[1:]
+
+
+def parse_conversation(conv, max_answer_chars=MAX_ANSWER_CHARS):
+    """LLaVA turns -> (questions, answers), questions cleaned; raises SkipRow(reason).
+
+    Pairs are (human, gpt); a trailing unanswered human turn is dropped.
+    """
+    n = conv[0]["value"].count(MARKER)
+    if n == 0:
+        raise SkipRow("no <image> in first human turn")
+    if n > 1:
+        raise SkipRow(f"several <image> in first human turn: {n}")
+    if any(MARKER in t["value"] for t in conv[2::2]):
+        raise SkipRow("<image> in a later human turn")
+    pairs = list(zip(conv[0::2], conv[1::2]))
+    questions = [clean_question(h["value"]) for h, _ in pairs]
+    answers = [g["value"] for _, g in pairs]
+    if not all(q.strip() for q in questions):
+        raise SkipRow("empty question")
+    if not all(a.strip() for a in answers):
+        raise SkipRow("empty answer")
+    if max_answer_chars and len(answers[0]) >= max_answer_chars:
+        raise SkipRow(f"long answer: {len(answers[0])} chars")
+    return questions, answers
+
+
+def labelled_turns(questions, answers, prefixes, head):
+    """Rebuild a conversation: human turn i = `{prefixes[i]}, {question}` (first letter lowered),
+    with `head` (the image markers) in front of the first. -> LLaVA `conversations` list.
+    """
+    turns = []
+    for i, (q, a, p) in enumerate(zip(questions, answers, prefixes)):
+        turns.append({"from": "human", "value": (head if i == 0 else "") + f"{p}, {lower_first(q)}"})
+        turns.append({"from": "gpt", "value": a})
+    return turns
+
+
+def subset_of(path):
+    """Sub-dataset of an image path = its first component ("coco/train2017/x.jpg" -> "coco")."""
+    parts = path.replace("\\", "/").split("/")
+    return parts[0] if len(parts) > 1 else ""
+
+
+def parse_counts(text, allowed):
+    """"2:0.55,3:0.45" -> {2: 0.55, 3: 0.45}; a bare "3" -> {3: 1.0}. Weights need not sum to 1."""
+    out = {}
+    for part in text.split(","):
+        n, _, w = part.strip().partition(":")
+        try:
+            n, w = int(n), float(w or 1)
+        except ValueError:
+            raise ValueError(f"bad count spec {part!r} (want N or N:weight)") from None
+        if n not in allowed or w < 0:
+            raise ValueError(f"count {n} not one of {sorted(allowed)}, or negative weight")
+        out[n] = w
+    if not sum(out.values()) > 0:
+        raise ValueError(f"counts {text!r}: weights sum to 0")
+    return out
+
+
+def draw_companions(rng, exclude, local, everyone, k):
+    """k distinct images, none in `exclude`, uniform from `local` (a sorted list of paths) or,
+    when it holds fewer than k others, from `everyone`. -> (paths, fell_back)."""
+    for pool, fell_back in ((local, False), (everyone, True)):
+        avail = len(pool) - sum(_contains(pool, p) for p in exclude)
+        if avail >= k:
+            out, seen = [], set(exclude)
+            while len(out) < k:  # rejection: uniform without replacement, no O(pool) copy
+                p = pool[rng.randrange(len(pool))]
+                if p not in seen:
+                    seen.add(p)
+                    out.append(p)
+            return out, fell_back
+    raise SkipRow(f"too few images for companions: need {k}, pool holds {len(everyone)}")
+
+
+TOY = Path(__file__).resolve().parent / "data" / "toy"
+_BOXES = re.compile(r"\[\s*-?\d*\.?\d+(?:\s*,\s*-?\d*\.?\d+){3}\s*\]")  # "[0.12, 0.3, 0.5, 0.77]"
+
+
+def fit(w, h, W, H):
+    """Largest (w', h') with the aspect of (w, h) inside W x H: fit(64, 32, 448, 448) -> (448, 224)."""
+    if w * H >= h * W:  # wider than the box: the width binds
+        return W, max(1, min(H, round(h * W / w)))
+    return max(1, min(W, round(w * H / h))), H
+
+
+def has_boxes(texts):
+    """True if any text holds a bounding box like `[0.12, 0.3, 0.5, 0.77]` (meaningless in a collage)."""
+    return any(_BOXES.search(t) for t in texts)
+
+
+@dataclass
+class Source:
+    id: str  # str(row["id"])
+    image: str  # the single image path, relative to the image root
+    subset: str
+    line: int
+    row: dict
+    questions: list
+    answers: list
+
+
+def output_row(new_id, images, turns, src_row, mia):
+    """LLaVA row: id, image list, conversations, the source's other fields unchanged, mia."""
+    extra = {k: v for k, v in src_row.items() if k not in ("id", "image", "conversations", "mia")}
+    return {"id": new_id, "image": images, "conversations": turns, **extra, "mia": mia}
+
+
+def load_sources(args, skips, drop_boxes=False):
+    """Read, validate, de-duplicate, limit and image-check the source rows -> (sources, n_read).
+
+    Sources come back sorted by id. --limit keeps a seeded random subset (smallest
+    row_rng(seed, "limit:id") draws), so it too is independent of the input order.
+    """
+    by_id, n_read = {}, 0
+    for line, row in read_rows(args.data, on_error=args.on_error, skips=skips):
+        n_read += 1
+        rid = row.get("id")
+        try:
+            if "image" not in row:
+                raise SkipRow("text-only row")
+            imgs = check_llava_row(row, args.data, line)
+            if len(imgs) > 1:
+                raise SkipRow(f"multi-image row: {len(imgs)} images")
+            qs, ans = parse_conversation(row["conversations"], args.max_answer_chars)
+            if drop_boxes and subset_of(imgs[0]).lower() == "vg":
+                raise SkipRow("VG sample")
+            if drop_boxes and has_boxes(qs + ans):
+                raise SkipRow("bounding box in text")
+        except DataError as e:
+            if args.on_error != "skip":
+                raise
+            skips.add(rid, f"malformed row: {e.field}: {e.msg}", args.data, line)
+            continue
+        except SkipRow as e:
+            skips.add(rid, str(e), args.data, line)
+            continue
+        src = Source(str(rid), imgs[0], subset_of(imgs[0]), line, row, qs, ans)
+        by_id.setdefault(src.id, []).append(src)
+    sources = []
+    for rid, group in sorted(by_id.items()):
+        group.sort(key=lambda s: json.dumps(s.row, sort_keys=True, ensure_ascii=False))
+        sources.append(group[0])
+        for s in group[1:]:
+            skips.add(rid, "duplicate id", args.data, s.line)
+    if args.limit and len(sources) > args.limit:
+        sources.sort(key=lambda s: row_rng(args.seed, f"limit:{s.id}").random())
+        sources = sorted(sources[: args.limit], key=lambda s: s.id)
+    paths = sorted({s.image for s in sources})
+    check = partial(check_image, args.image_root, full=args.verify == "full")
+    bad = {p: r for p, r in zip(paths, run_parallel(check, paths, args.workers, "check images")) if r}
+    for s in sources:
+        if s.image in bad:
+            skips.add(s.id, bad[s.image], args.data, s.line)
+    return [s for s in sources if s.image not in bad], n_read
+
+
+def check_image(root, rel, full=False):
+    """None if `root/rel` opens as an image (header only, or fully decoded with full=True), else a reason."""
+    from PIL import Image
+
+    path = Path(rel) if os.path.isabs(rel) else Path(root) / rel
+    if not path.is_file():
+        return f"missing image: {rel}"
+    try:
+        if full:
+            load_image(root, rel)
+        else:
+            with Image.open(path) as im:
+                if min(im.size) < 1:
+                    return f"unreadable image: {rel} (empty)"
+    except (ImageError, OSError, ValueError, SyntaxError) as e:
+        return f"unreadable image: {rel} ({e})"
+    return None
+
+
+def build_pools(sources):
+    """Companion pools: {sub-dataset: sorted unique paths, None: all paths}; order-free."""
+    pools = {}
+    for s in sources:
+        pools.setdefault(s.subset, set()).add(s.image)
+    pools = {k: sorted(v) for k, v in pools.items()}
+    pools[None] = sorted({p for v in pools.values() for p in v})
+    return pools
+
+
+def _contains(sorted_list, x):
+    i = bisect.bisect_left(sorted_list, x)
+    return i < len(sorted_list) and sorted_list[i] == x
+
+
+def run_parallel(fn, items, workers=1, desc=None):
+    """[fn(x) for x in items] in item order, over `workers` processes (1: in this process)."""
+    from tqdm import tqdm
+
+    if workers <= 1 or len(items) < 2:
+        return [fn(x) for x in tqdm(items, desc=desc, disable=None, leave=False)]
+    import multiprocessing as mp
+
+    chunk = max(1, min(32, len(items) // (workers * 8)))
+    with mp.Pool(workers) as pool:
+        return list(tqdm(pool.imap(fn, items, chunksize=chunk), total=len(items), desc=desc, disable=None, leave=False))
+
+
+def file_name(row_id, *parts):
+    """A file name for an output image: the id made path-safe + a digest of what it shows, so a
+    re-run with other settings never overwrites an image an older JSONL still points to."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", row_id)[:150]
+    return f"{safe}-{hashlib.sha1(json.dumps([row_id, *parts]).encode()).hexdigest()[:10]}"
+
+
+def save_jpeg(im, path, quality):
+    """Save atomically: a temp name in the same folder, then rename (no half-written images)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        im.save(tmp, "JPEG", quality=quality)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def image_ref(image_out, image_root):
+    """How output rows name the folder of created images: relative to the image root when
+    inside it (one --image-root then resolves every path), else absolute."""
+    out, root = Path(image_out).resolve(), Path(image_root).resolve()
+    return out.relative_to(root).as_posix() if out.is_relative_to(root) else out.as_posix()
+
+
+def resolve_paths(args, name, image_dir=None):
+    """Fill unset --data/--image-root/--out (and --image-out) with the toy world's paths."""
+    if args.data is None:
+        args.data = TOY / f"{args.split}.json"
+        if not args.data.is_file():
+            sys.exit(f"{args.data} not found: build the toy data first with `python 00_make_toy.py`")
+        args.image_root = args.image_root or TOY / "images"
+        args.out = args.out or TOY / (f"{name}.jsonl" if args.split == "train" else f"{name}-{args.split}.jsonl")
+    if args.image_root is None:
+        sys.exit("--image-root is required with --data (the folder the rows' image paths are relative to)")
+    args.out = args.out or Path(args.data).with_name(f"{Path(args.data).stem}-{name}.jsonl")
+    if Path(args.out).resolve() == Path(args.data).resolve():
+        sys.exit("--out would overwrite --data; inputs are never modified")
+    if image_dir is not None and getattr(args, "image_out", None) is None:
+        args.image_out = Path(args.image_root) / image_dir
+
+
+def add_shared_args(p, image_out=None):
+    """The data and system flags of stages 01-03 -> the argument group for method flags."""
+    g = p.add_argument_group("data")
+    g.add_argument("--data", type=Path, help="LLaVA-format JSON list or JSONL (default: toy data/toy/<split>.json)")
+    g.add_argument("--split", default="train", choices=("train", "dev", "heldout"), help="toy split when --data is not given")
+    g.add_argument("--image-root", type=Path, help="folder the rows' image paths are relative to (toy: data/toy/images)")
+    g.add_argument("--out", type=Path, help="output JSONL (toy: data/toy/<format>.jsonl)")
+    if image_out:
+        g.add_argument("--image-out", type=Path, help=f"folder for the created images (default: <image-root>/{image_out})")
+    g.add_argument("--limit", type=int, default=0, help="use a seeded random subset of this many source rows (0: all)")
+    g.add_argument("--max-answer-chars", type=int, default=MAX_ANSWER_CHARS,
+                   help="skip rows whose first answer is this long or longer (0: no limit)")
+    g.add_argument("--first-turn-only", action="store_true", help="keep only the first question/answer (default: all turns)")
+    m = p.add_argument_group("method")
+    m.add_argument("--seed", type=int, default=0, help="with the row id, seeds every random choice of a row")
+    s = p.add_argument_group("system")
+    s.add_argument("--workers", type=int, default=1, help="processes (output is identical for any number)")
+    s.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                   help="malformed line/row: stop naming file:line, or count and skip")
+    s.add_argument("--verify", choices=("header", "full"), default="header",
+                   help="image check before use: read the header (fast), or decode fully (catches truncated files)")
+    return m
+
+
+def summary(name, args, n_written, skips, counts, t0):
+    fmt = lambda v: " ".join(f"{k}:{x}" for k, x in v.items()) if isinstance(v, dict) else v  # noqa: E731
+    extra = " | ".join(f"{k} {fmt(v)}" for k, v in counts.items() if k not in ("rows_read", "rows_written"))
+    return (f"{name}: {counts.get('rows_read', 0)} rows read -> {n_written} written to {args.out} | {extra} | "
+            f"skipped {len(skips)} ({skips.summary()}) | {time.time() - t0:.1f} s")
