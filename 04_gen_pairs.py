@@ -1,7 +1,641 @@
 """
-04_gen_pairs.py — not implemented yet (see the project's open issues).
+04_gen_pairs.py — stage 4: multi-image rows -> the model's own answers -> attention-aware DPO pairs.
+in : JSONL of 01-03 + image root + local model     out: pairs JSONL + candidates JSONL (+ .meta.json sidecars)
+
+  python 04_gen_pairs.py                      # toy: data/toy/{sequence,grid,pip}.jsonl -> data/toy/pairs.jsonl
+  python 04_gen_pairs.py --data seq.jsonl grid.jsonl pip.jsonl --image-root /data/llava \
+      --model /models/llava-1.5-7b-hf --out data/pairs.jsonl --dtype bfloat16 --device cuda --batch-size 16
+  python 04_gen_pairs.py ... --shard 0 --num-shards 4    # -> data/pairs-00-of-04.jsonl (05 merges shards)
+
+Per row (first human/gpt turn only): the model answers greedily, with the prompt training builds
+(common.build_inputs), on images corrupted as the authors did (grid: Gaussian noise std 225 on
+the target cell; pic-in-pic: std 49 on the whole image; sequence: none; in float, clipped).
+A teacher-forced forward over prompt + answer on the same images then measures, at ONE decoder
+layer (default the middle one), the heads-averaged attention of the response rows — the query
+positions that produced the answer's tokens and EOS, i.e. the rows generate() would return — to
+every visual token. A registered attention function runs SDPA as usual and computes softmax
+only for those rows at that layer; all-layer `output_attentions` is never kept. Ratio:
+  sequence   mean attention on the target image / sum over images of their mean attention
+  grid       attention on the target cell / attention on the whole collage
+  pic-in-pic attention on the inset / attention on the whole image
+Cells and inset are pixel boxes (02/03) mapped through the processor's pad / resize / crop onto
+the visual-token grid; a token counts with the fraction of its patch inside the box. (The authors
+cut the map into equal blocks and a fixed 16x16 centre, which ignores label strips, gaps, the
+inset's real size and what a centre crop removes.) --viz N draws the maps (the paper's Fig. 2).
+A row becomes a pair (chosen = ground truth, rejected = answer) when the normalised answer
+differs, both are non-empty, the answer was not cut by --max-new-tokens, PPL > 1.1 (PPL of the
+answer + EOS on the images it was generated from) and the ratio is under THRESHOLDS. Every row
+is kept in the candidates file with its numbers and the reason. Pairs carry ref_chosen_logps /
+ref_rejected_logps: summed response log-probs on the CLEAN images, chosen and rejected in one
+forward, exactly as 06 computes them, with ref_model {path, fingerprint}.
+Resume: finished batches are appended to <candidates>.partial (flushed per batch); a restarted
+run with the same settings skips them. Batches are fixed by the settings, so a killed-and-resumed
+run writes byte-identical files to an uninterrupted one.
 """
+import argparse
+import contextlib
+import json
+import math
+import os
 import sys
+import time
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import common
+from common import DataError, ImageError, atomic_write, check_llava_row, read_rows, row_rng, write_jsonl, write_sidecar
+
+# ---- method: what the paper specifies (edit me) ----
+FORMATS = ("sequence", "grid", "pip")
+# keep as rejected when ratio <= (sequence) / < (grid, pip) the value for the image count
+THRESHOLDS = {"sequence": {2: 0.8, 3: 0.7, 4: 0.6, 5: 0.6},
+              "grid": {2: 0.7, 3: 0.6, 4: 0.5, 6: 0.4, 9: 0.3},
+              "pip": {"*": 0.8}}
+INCLUSIVE = {"sequence": True, "grid": False, "pip": False}
+NOISE_STD = {"sequence": 0.0, "grid": 225.0, "pip": 49.0}
+MIN_PPL = 1.1
+
+
+def normalise(text):
+    """Case and white space do not make an answer different: '  The Bus\\n is RED ' -> 'the bus is red'."""
+    return " ".join(text.lower().split())
+
+
+def perplexity(sum_logps, n_tokens):
+    """exp(-mean log p): two tokens of log-prob -ln 2 each -> 2.0; an empty response -> inf."""
+    return math.exp(-sum_logps / n_tokens) if n_tokens > 0 else math.inf
+
+
+def threshold_for(fmt, n_images, table=THRESHOLDS):
+    """The ratio limit for a format and image count (`"*"` = any count); None when the table has none."""
+    row = table.get(fmt, {})
+    return row.get(n_images, row.get("*"))
+
+
+def select(answer, truth, ppl, ratio, limit, inclusive, min_ppl=MIN_PPL, truncated=False):
+    """One candidate -> 'selected' or the first reason it is not a pair (checked in this order).
+
+    select("red", "blue", 1.5, 0.5, 0.8, True) -> 'selected'
+    select("Blue ", "blue", 1.5, 0.5, 0.8, True) -> 'answer equals ground truth'
+    select("red", "blue", 1.5, 0.7, 0.7, False) -> 'attention ratio above threshold'  (grid: strict <)
+    """
+    if not truth.strip():
+        return "empty ground truth"
+    if not answer.strip():
+        return "empty answer"
+    if normalise(answer) == normalise(truth):
+        return "answer equals ground truth"
+    if truncated:
+        return "answer truncated at --max-new-tokens"
+    if not ppl > min_ppl:
+        return "ppl not above minimum"
+    if limit is None:
+        return "no threshold for this format and image count"
+    if not (ratio <= limit if inclusive else ratio < limit):
+        return "attention ratio above threshold"
+    return "selected"
+
+
+def add_noise(pixels, box, std, rng):
+    """(H, W, 3) uint8 -> copy with N(0, std) added inside box (x0, y0, x1, y1; None = everywhere),
+    in float, rounded and clipped to [0, 255] (the authors' uint8 arithmetic wrapped around).
+    std 0 -> an identical copy; pixels outside the box are never touched."""
+    out = pixels.astype(np.float32)
+    x0, y0, x1, y1 = box if box is not None else (0, 0, pixels.shape[1], pixels.shape[0])
+    region = out[y0:y1, x0:x1]  # a view: noise lands in `out`
+    region += rng.normal(0.0, std, region.shape).astype(np.float32)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def token_affine(image_size, geom, patch):
+    """Original pixel (x, y) -> processed pixel (x * sx + ox, y * sy + oy), and the token grid.
+
+    geom: {"pad": bool, "resize": ("hw", H, W) | ("short", S) | None, "crop": (h, w) | None}, the
+    CLIP/LLaVA image processors' pad-to-square (centred), resize, centre crop, in that order.
+    returns ((sx, sy, ox, oy), (grid_h, grid_w)).
+    toy (squash 64x64, patch 8), 936x488 collage -> ((0.0684, 0.1311, 0, 0), (8, 8))
+    llava-1.5 (short 336, crop 336, patch 14), 936x488 -> resized 644x336, crop left 154:
+        ((0.688, 0.688, -154, 0), (24, 24))
+    """
+    W, H = image_size
+    ox = oy = 0.0
+    if geom["pad"] and W != H:
+        M = max(W, H)
+        ox, oy, W, H = (M - W) // 2, (M - H) // 2, M, M
+    kind = geom["resize"]
+    if kind is None:
+        nw, nh = W, H
+    elif kind[0] == "hw":
+        nh, nw = kind[1], kind[2]
+    else:  # shortest edge -> S, long edge int(S * long / short), as transformers computes it
+        s = kind[1]
+        nw, nh = (s, int(s * H / W)) if W <= H else (int(s * W / H), s)
+    sx, sy = nw / W, nh / H
+    ox, oy = ox * sx, oy * sy
+    if geom["crop"] is not None:
+        ch, cw = geom["crop"]
+        top = (nh - ch) // 2 if nh >= ch else -math.ceil((ch - nh) / 2)
+        left = (nw - cw) // 2 if nw >= cw else -math.ceil((cw - nw) / 2)
+        ox, oy, nw, nh = ox - left, oy - top, cw, ch
+    return (sx, sy, ox, oy), (nh // patch, nw // patch)
+
+
+def box_weights(box, image_size, geom, patch):
+    """Pixel box of the original image -> (grid_h, grid_w) share of each token's patch inside it.
+    toy: the 1x2 collage's left cell (0, 40, 448, 488) of 936x488 -> columns 1, 1, 1, 0.83, 0, ...;
+    rows 0.34 (the label strip), then 1."""
+    (sx, sy, ox, oy), (gh, gw) = token_affine(image_size, geom, patch)
+    x0, y0, x1, y1 = box
+
+    def cover(a, b, n):  # (n,) overlap of [a, b) with each patch [k p, (k+1) p), as a fraction of p
+        k = np.arange(n) * patch
+        return np.clip(np.minimum(b, k + patch) - np.maximum(a, k), 0, patch) / patch
+
+    return np.outer(cover(y0 * sy + oy, y1 * sy + oy, gh), cover(x0 * sx + ox, x1 * sx + ox, gw))
+
+
+def response_attention(query, key, attention_mask, scaling, rows):
+    """The probe: mean over heads and response rows of one layer's attention probabilities.
+
+    query (B, H, T, D) after RoPE, key (B, Hkv, T, D) (Hkv divides H: grouped-query heads are
+    repeated like transformers' repeat_kv), attention_mask None (causal) or (B|1, 1, T, T) bool
+    (True = attend) or float (added), rows: B pairs (start, end) of query positions.
+    returns (B, T) float32: row b = mean_{h, s <= t < end} softmax(q_t k^T * scaling + mask)[h, t, :].
+    Only (H, end - start, T) scores are formed per row — never the (H, T, T) of all positions.
+    """
+    import torch
+
+    B, H, T, D = query.shape
+    key = key.repeat_interleave(H // key.shape[1], dim=1)  # (B, H, T, D)
+    scaling = D ** -0.5 if scaling is None else scaling
+    out = torch.zeros(B, key.shape[2], dtype=torch.float32, device=query.device)
+    for b, (s, e) in enumerate(rows):
+        if e <= s:
+            continue
+        scores = torch.matmul(query[b, :, s:e].float(), key[b].float().transpose(-1, -2)) * scaling  # (H, R, T)
+        if attention_mask is None:
+            cols, qpos = torch.arange(key.shape[2], device=query.device), torch.arange(s, e, device=query.device)
+            allowed = cols[None, :] <= qpos[:, None]  # (R, T)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        else:
+            m = attention_mask[b if attention_mask.shape[0] > 1 else 0, 0, s:e]  # (R, T)
+            scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
+        out[b] = torch.softmax(scores, dim=-1).mean(dim=(0, 1))
+    return out
+
+
+def attention_ratio(fmt, maps, target, weights=None):
+    """Per-image token maps (mean response-row attention, each (grid_h, grid_w)) -> the ratio.
+
+    sequence: mean(maps[target-1]) / sum_i mean(maps[i]); grid, pip: sum(maps[0] * weights) / sum(maps[0]).
+    attention_ratio("sequence", [np.full((2, 2), .1), np.full((2, 2), .3)], 2) -> 0.75
+    """
+    if fmt == "sequence":
+        means = [float(m.mean()) for m in maps]
+        return means[target - 1] / sum(means) if sum(means) > 0 else 0.0
+    total = float(maps[0].sum())
+    return float((maps[0] * weights).sum()) / total if total > 0 else 0.0
+
+
+# ---- plumbing ----
+PROBE_NAME = "mia_probe"
+_PROBE = {"layer": None, "rows": None, "out": None}  # set by probing(); read by the attention function
+
+
+def _probe_attention(module, query, key, value, attention_mask, **kwargs):
+    """SDPA as usual; at the probed layer, while probing(), also the response rows' attention."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if _PROBE["rows"] is not None and getattr(module, "layer_idx", None) == _PROBE["layer"]:
+        _PROBE["out"] = response_attention(query, key, attention_mask, kwargs.get("scaling"), _PROBE["rows"])
+    return out
+
+
+def install_probe(model):
+    """Route the language model's attention through _probe_attention (vision tower unchanged).
+    subtle: a registered function also needs a registered mask builder, else it gets no mask."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(PROBE_NAME, _probe_attention)
+    AttentionMaskInterface.register(PROBE_NAME, sdpa_mask)
+    model.set_attn_implementation({"text_config": PROBE_NAME})
+    return len(model.model.language_model.layers)
+
+
+@contextlib.contextmanager
+def probing(layer, rows):
+    _PROBE.update(layer=layer, rows=rows, out=None)
+    try:
+        yield _PROBE
+    finally:
+        _PROBE.update(layer=None, rows=None)
+
+
+def processor_geometry(processor):
+    """The image processor's pad / resize / crop as token_affine's `geom`, and the patch size."""
+    ip = processor.image_processor
+    get = lambda d, k: (d.get(k) if isinstance(d, dict) else getattr(d, k, None)) if d is not None else None  # noqa: E731
+    size = getattr(ip, "size", None)
+    if not getattr(ip, "do_resize", True) or size is None:
+        resize = None
+    elif get(size, "shortest_edge"):
+        resize = ("short", int(get(size, "shortest_edge")))
+    elif get(size, "height") and get(size, "width"):
+        resize = ("hw", int(get(size, "height")), int(get(size, "width")))
+    else:
+        raise ValueError(f"image processor size {size}: only shortest_edge or height/width resizing is supported")
+    crop = getattr(ip, "crop_size", None)
+    crop = (int(get(crop, "height")), int(get(crop, "width"))) if getattr(ip, "do_center_crop", False) and crop else None
+    patch = getattr(processor, "patch_size", None)
+    if not patch:
+        raise ValueError("the processor has no patch_size: cannot place visual tokens")
+    return {"pad": bool(getattr(ip, "do_pad", False)), "resize": resize, "crop": crop}, int(patch)
+
+
+_NEED = {"sequence": ("n_images", "target"), "grid": ("target", "cells"), "pip": ("target", "inset")}
+
+
+def make_item(row, path, line, index):
+    """A 01-03 row -> the work item 04 needs; bad or missing fields raise DataError naming them."""
+    images = check_llava_row(row, path, line)
+    mia = row.get("mia")
+    if not isinstance(mia, dict):
+        raise DataError(path, line, "mia", "missing: 04 reads the rows 01_make_sequence / 02_make_grid / 03_make_pip write")
+    fmt = mia.get("format")
+    if fmt not in FORMATS:
+        raise DataError(path, line, "mia.format", f"{fmt!r} is not one of {', '.join(FORMATS)}")
+    for k in _NEED[fmt]:
+        if k not in mia:
+            raise DataError(path, line, f"mia.{k}", f"missing (a {fmt} row needs {', '.join(_NEED[fmt])})")
+    prompt, truth = row["conversations"][0]["value"], row["conversations"][1]["value"]
+    if prompt.count("<image>") != len(images):
+        raise DataError(path, line, "conversations[0].value",
+                        f"{prompt.count('<image>')} <image> markers for {len(images)} images")
+    k = mia["target"]
+    n_regions = {"sequence": len(images), "grid": len(mia.get("cells", [])), "pip": 1}[fmt]
+    if not isinstance(k, int) or not 1 <= k <= n_regions:
+        raise DataError(path, line, "mia.target", f"{k!r} is not an index 1..{n_regions}")
+    if fmt != "sequence" and len(images) != 1:
+        raise DataError(path, line, "image", f"a {fmt} row has one image, not {len(images)}")
+    n = len(images) if fmt == "sequence" else (len(mia["cells"]) if fmt == "grid" else mia.get("n_images", 2))
+    return {"i": index, "id": str(row["id"]), "row": row, "image": images, "prompt": prompt, "truth": truth,
+            "format": fmt, "n_images": n, "target": k, "mia": mia, "where": f"{path}:{line}"}
+
+
+def load_items(args):
+    """Rows of every --data file (the first --limit of each), this shard's only, ids unique."""
+    items, seen = [], {}
+    for path in args.data:
+        taken = 0
+        for line, row in read_rows(path):
+            item = make_item(row, path, line, len(items))
+            if item["id"] in seen:
+                raise DataError(path, line, "id", f"{item['id']!r} also at {seen[item['id']]}")
+            seen[item["id"]] = item["where"]
+            if args.num_shards > 1 and zlib.crc32(item["id"].encode()) % args.num_shards != args.shard:
+                continue
+            if args.limit and taken >= args.limit:
+                break
+            item["i"], taken = len(items), taken + 1
+            items.append(item)
+    return items
+
+
+def make_batches(items, batch_size):
+    """Fixed batches (lists of item indices), similar rows together to cut padding: a function of
+    the items alone, so a resumed run re-forms exactly the batches an uninterrupted run forms."""
+    order = sorted(items, key=lambda it: (FORMATS.index(it["format"]), len(it["image"]), it["n_images"], it["i"]))
+    return [[it["i"] for it in order[k:k + batch_size]] for k in range(0, len(order), batch_size)]
+
+
+def corrupt(item, images, args):
+    """The images the model answers from: noise as SPEC on grid (target cell) and pip (whole image)."""
+    std = 0.0 if args.no_noise else {"grid": args.grid_noise, "pip": args.pip_noise}.get(item["format"], 0.0)
+    if not std:
+        return images, 0.0
+    size = item["mia"].get("size")
+    if size is not None and list(images[0].size) != list(size):
+        raise DataError(item["where"], None, "mia.size", f"{size} but the image is {list(images[0].size)}")
+    box = item["mia"]["cells"][item["target"] - 1] if item["format"] == "grid" else None
+    rng = np.random.default_rng(row_rng(args.seed, f"noise:{item['id']}").getrandbits(64))
+    from PIL import Image
+
+    return [Image.fromarray(add_noise(np.asarray(images[0]), box, std, rng))], std
+
+
+def _to(batch, model):
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    if "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+    return batch
+
+
+def probe_forward(model, processor, questions, images, answers, layer):
+    """Teacher-forced forward over prompt + answer with the probe on -> per-row numbers.
+    returns attn (B, T) numpy, spans (B lists of (start, end)), sum_logps (B,), n_tokens (B,)."""
+    import torch
+
+    batch = _to(common.build_inputs(processor, questions, images, answers=answers), model)
+    labels = batch["labels"]
+    rows = []
+    for b in range(labels.shape[0]):  # row t predicts token t+1: rows = labelled positions - 1
+        pos = (labels[b] != common.IGNORE_INDEX).nonzero().flatten()
+        rows.append((int(pos[0]) - 1, int(pos[-1])) if len(pos) else (0, 0))
+    with torch.no_grad(), probing(layer, rows) as probe:
+        sum_lp, _, n_tok = common.response_logps(model, batch)
+        attn = probe["out"]
+    if attn is None:
+        raise RuntimeError(f"the probe did not run at layer {layer}: is the model's attention routed through {PROBE_NAME}?")
+    spans = common.image_spans(batch["input_ids"], common.image_token_id(model), [len(ims) for ims in images])
+    return attn.cpu().numpy(), spans, sum_lp.float().cpu().tolist(), n_tok.cpu().tolist()
+
+
+def row_numbers(item, attn, spans, sizes, geom, patch):
+    """One row's probe output (attn (T,), its image spans, its images' sizes) -> (ratio, per-image
+    attention mass, per-image token maps (grid_h, grid_w))."""
+    maps = []
+    for (s, e), size in zip(spans, sizes):
+        _, (gh, gw) = token_affine(size, geom, patch)
+        if e - s != gh * gw:
+            raise ValueError(f"{item['id']}: {e - s} visual tokens for an image, but the processor's grid is {gh}x{gw}")
+        maps.append(attn[s:e].reshape(gh, gw))
+    fmt, mia = item["format"], item["mia"]
+    box = mia["cells"][item["target"] - 1] if fmt == "grid" else mia["inset"] if fmt == "pip" else None
+    weights = box_weights(box, sizes[0], geom, patch) if box is not None else None
+    return attention_ratio(fmt, maps, item["target"], weights), [float(m.sum()) for m in maps], maps
+
+
+def candidate(it, answer, ratio, masses, ppl, n_tokens, noise_std, args, ctx):
+    """Every row's record: its answer, the probe's numbers and why it is or is not a pair."""
+    limit = threshold_for(it["format"], it["n_images"], ctx["thresholds"])
+    reason = select(answer, it["truth"], ppl, ratio, limit, INCLUSIVE[it["format"]], args.min_ppl,
+                    truncated=n_tokens - 1 >= args.max_new_tokens)  # n_tokens counts the EOS
+    return {"id": it["id"], "format": it["format"], "n_images": it["n_images"], "target": it["target"],
+            "answer": answer, "truth": it["truth"], "correct": normalise(answer) == normalise(it["truth"]),
+            "ratio": round(ratio, 6), "threshold": limit, "attn_images": [round(m, 6) for m in masses],
+            "ppl": round(ppl, 6) if math.isfinite(ppl) else None, "n_tokens": n_tokens, "noise_std": noise_std,
+            "selected": reason == "selected", "reason": reason}
+
+
+def make_pair(it, cand, ref_chosen_logps, ref_rejected_logps, ctx):
+    """A selected candidate -> the pair 05 and 06 read; the source row's extra fields (e.g. `toy`) kept."""
+    extra = {k: v for k, v in it["row"].items() if k not in ("id", "image", "conversations", "mia")}
+    probe = {"layer": ctx["layer"], **{k: cand[k] for k in ("ratio", "threshold", "attn_images", "ppl", "noise_std")}}
+    return {"id": it["id"], "image": it["image"], "prompt": it["prompt"], "chosen": it["truth"], "rejected": cand["answer"],
+            **extra, "mia": it["mia"], "probe": probe, "ref_chosen_logps": ref_chosen_logps,
+            "ref_rejected_logps": ref_rejected_logps, "ref_model": ctx["ref_model"]}
+
+
+def run_batch(model, processor, items, args, ctx):
+    """Answer, probe, select, reference log-probs for one batch -> records {i, candidate, pair}."""
+    import torch
+
+    out, ok, clean, seen, noise = [], [], [], [], []
+    for it in items:
+        try:
+            ims = [common.load_image(args.image_root, p) for p in it["image"]]
+        except ImageError as e:
+            out.append({"i": it["i"], "candidate": {"id": it["id"], "format": it["format"], "selected": False,
+                                                    "reason": f"unreadable image: {e}"}, "pair": None})
+            continue
+        noisy, std = corrupt(it, ims, args)
+        ok.append(it), clean.append(ims), seen.append(noisy), noise.append(std)
+    if not ok:
+        return out, []
+    qs = [it["prompt"] for it in ok]
+    answers = common.generate(model, processor, qs, seen, args.max_new_tokens)
+    attn, spans, sum_lp, n_tok = probe_forward(model, processor, qs, seen, answers, ctx["layer"])
+    recs, viz = [], []
+    for b, it in enumerate(ok):
+        ratio, masses, maps = row_numbers(it, attn[b], spans[b], [im.size for im in clean[b]], ctx["geom"], ctx["patch"])
+        cand = candidate(it, answers[b], ratio, masses, perplexity(sum_lp[b], n_tok[b]), n_tok[b], noise[b], args, ctx)
+        recs.append({"i": it["i"], "candidate": cand, "pair": None})
+        if it["id"] in ctx["viz_ids"]:
+            viz.append((it, seen[b], maps, cand))
+    chosen = [(r, it, ims) for r, it, ims in zip(recs, ok, clean) if r["candidate"]["selected"]]
+    if chosen:  # reference log-probs on the CLEAN images: chosen rows then rejected rows, one forward (as 06)
+        q, ims = [it["prompt"] for _, it, _ in chosen], [im for _, _, im in chosen]
+        answers = [it["truth"] for _, it, _ in chosen] + [r["candidate"]["answer"] for r, _, _ in chosen]
+        with torch.no_grad():
+            lp = common.response_logps(model, _to(common.build_inputs(processor, q + q, ims + ims, answers=answers), model))[0]
+        lp = lp.float().cpu().tolist()
+        for k, (r, it, _) in enumerate(chosen):
+            r["pair"] = make_pair(it, r["candidate"], lp[k], lp[len(chosen) + k], ctx)
+    return out + recs, viz
+
+
+def save_viz(path, images, maps, cand, geom, patch, height=192):
+    """The paper's Fig. 2 picture: each image as the model sees it (after crop), its token map on top."""
+    from PIL import Image, ImageDraw, ImageOps
+
+    peak = max(float(m.max()) for m in maps) or 1.0
+    tiles = []
+    for k, (im, m) in enumerate(zip(images, maps), 1):
+        (sx, sy, ox, oy), (gh, gw) = token_affine(im.size, geom, patch)
+        view = im.crop((round(-ox / sx), round(-oy / sy), round((gw * patch - ox) / sx), round((gh * patch - oy) / sy)))
+        view = view.resize((max(1, round(height * gw / gh)), height))
+        gray = Image.fromarray(np.uint8(255 * m / peak)).resize(view.size, Image.NEAREST)
+        tile = Image.blend(view, ImageOps.colorize(gray, black="navy", mid="yellow", white="red"), 0.55)
+        label = f"Image{k} {m.sum():.3f}" + (" target" if cand["format"] == "sequence" and k == cand["target"] else "")
+        ImageDraw.Draw(tile).text((4, 4), label, fill="white")
+        tiles.append(tile)
+    title = f"{cand['id']}: ratio {cand['ratio']:.3f} | {cand['answer']!r} vs {cand['truth']!r} | {cand['reason']}"
+    width = max(sum(t.width + 4 for t in tiles), int(ImageDraw.Draw(tiles[0]).textlength(title)) + 8)
+    canvas = Image.new("RGB", (width, height + 16), "white")
+    ImageDraw.Draw(canvas).text((2, 2), title, fill="black")
+    for k, t in enumerate(tiles):
+        canvas.paste(t, (sum(u.width + 4 for u in tiles[:k]), 16))
+    with atomic_write(path, "wb") as f:
+        canvas.save(f, format="PNG")
+
+
+def load_partial(path, config, batches):
+    """Records of the batches a killed run finished (a torn last line is ignored); the file is
+    (re)written with a header and exactly those records, so appending continues from a clean state."""
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    try:
+        head = json.loads(lines[0]) if lines else {"resume": config}
+    except json.JSONDecodeError:
+        head = {}
+    if head.get("resume") != config:
+        raise SystemExit(f"04_gen_pairs: {path} was left by a run with other settings or inputs; "
+                         f"delete it to start over, or rerun with the same arguments to resume")
+    recs = {}
+    for n, raw in enumerate(lines[1:], 2):
+        try:
+            r = json.loads(raw)
+        except json.JSONDecodeError:
+            if n == len(lines):
+                break  # the write a kill interrupted
+            raise SystemExit(f"04_gen_pairs: {path}:{n}: corrupt line; delete the file to start over") from None
+        recs[r["i"]] = r
+    done = {i: recs[i] for b in batches if all(i in recs for i in b) for i in b}
+    with atomic_write(path) as f:
+        f.write(json.dumps({"resume": config}) + "\n")
+        f.writelines(json.dumps(done[i], ensure_ascii=False) + "\n" for i in sorted(done))
+    return done
+
+
+def summarise(cands):
+    """Per-format counts, yield and the mean ratio of right vs wrong answers."""
+    table = {}
+    for c in cands:
+        t = table.setdefault(c["format"], {"prompts": 0, "right": 0, "wrong": 0, "pairs": 0, "_rr": [], "_rw": []})
+        t["prompts"] += 1
+        if "ratio" in c:
+            t["right" if c["correct"] else "wrong"] += 1
+            t["_rr" if c["correct"] else "_rw"].append(c["ratio"])
+        t["pairs"] += c["selected"]
+    for t in table.values():
+        t["yield"] = round(t["pairs"] / t["prompts"], 4) if t["prompts"] else 0.0
+        for k, name in (("_rr", "mean_ratio_right"), ("_rw", "mean_ratio_wrong")):
+            vals = t.pop(k)
+            t[name] = round(sum(vals) / len(vals), 4) if vals else None
+    return table
+
+
+def main(args):
+    import torch
+
+    t0 = time.time()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    items = load_items(args)
+    model, processor = common.load_model(args.model, dtype=args.dtype, device=args.device)
+    n_layers = install_probe(model)
+    layer = n_layers // 2 if args.layer is None else args.layer
+    if not 0 <= layer < n_layers:
+        raise SystemExit(f"04_gen_pairs: --layer {layer} outside 0..{n_layers - 1}")
+    geom, patch = processor_geometry(processor)
+    ref_model = {"path": str(args.model), "fingerprint": common.model_fingerprint(model)}
+    viz_ids = {it["id"] for f in FORMATS for it in [x for x in items if x["format"] == f][:args.viz]}
+    ctx = {"layer": layer, "geom": geom, "patch": patch, "thresholds": args.thresholds, "ref_model": ref_model,
+           "viz_ids": viz_ids}
+    config = resume_config(args, layer, ref_model)
+    batches = make_batches(items, args.batch_size)
+    partial = Path(str(args.candidates) + ".partial")
+    done = load_partial(partial, config, batches)
+    by_i = {it["i"]: it for it in items}
+    todo = [b for b in batches if not all(i in done for i in b)]
+    n_sel = sum(r["candidate"]["selected"] for r in done.values())
+    bar = tqdm(total=len(items), initial=len(done), unit="row", desc="04 pairs", disable=None)
+    kill_after = int(os.environ.get("MIA_DPO_04_KILL_AFTER", "0"))  # tests: SIGKILL after N batches
+    with open(partial, "a", encoding="utf-8") as f:
+        for n, b in enumerate(todo, 1):
+            recs, viz = run_batch(model, processor, [by_i[i] for i in b], args, ctx)
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))  # one write per batch
+            f.flush()
+            os.fsync(f.fileno())
+            for it, ims, maps, cand in viz:
+                save_viz(args.viz_dir / f"{it['id']}.png", ims, maps, cand, geom, patch)
+            done.update((r["i"], r) for r in recs)
+            n_sel += sum(r["candidate"]["selected"] for r in recs)
+            bar.update(len(recs))
+            bar.set_postfix(pairs=n_sel, yld=f"{n_sel / max(1, len(done)):.1%}")
+            if kill_after and n >= kill_after:
+                os.kill(os.getpid(), 9)
+    bar.close()
+    return finish(args, items, done, layer, ref_model, partial, t0)
+
+
+def resume_config(args, layer, ref_model):
+    """Everything the output depends on; a .partial left with other settings is refused."""
+    keys = ("image_root", "batch_size", "max_new_tokens", "seed", "limit", "shard", "num_shards", "no_noise",
+            "grid_noise", "pip_noise", "min_ppl", "thresholds", "dtype")
+    cfg = {"data": [[str(p), os.path.getsize(p), os.path.getmtime(p)] for p in args.data], "ref_model": ref_model,
+           "layer": layer, **{k: getattr(args, k) for k in keys}}
+    return json.loads(json.dumps(cfg, default=str))  # as it reads back from the file
+
+
+def finish(args, items, done, layer, ref_model, partial, t0):
+    """Write candidates and pairs in input order (whatever the batching), sidecars, the yield table."""
+    recs = [done[i] for i in sorted(done)]
+    cands = [r["candidate"] for r in recs]
+    pairs = [r["pair"] for r in recs if r["pair"] is not None]
+    table, reasons = summarise(cands), Counter(c["reason"].split(":")[0] for c in cands)
+    counts = {"rows": len(items), "pairs": len(pairs), "by_format": table, "reasons": dict(reasons)}
+    write_jsonl(args.candidates, cands)
+    write_sidecar(args.candidates, args, counts=counts, layer=layer, ref_model=ref_model)
+    write_jsonl(args.out, pairs)
+    write_sidecar(args.out, args, counts=counts, layer=layer, ref_model=ref_model, candidates=str(args.candidates))
+    partial.unlink()
+    fr = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    print(f"{'format':<9} {'prompts':>7} {'right':>6} {'wrong':>6} {'pairs':>6} {'yield':>7} "
+          f"{'ratio right':>11} {'ratio wrong':>11}")
+    for fmt, t in table.items():
+        print(f"{fmt:<9} {t['prompts']:>7} {t['right']:>6} {t['wrong']:>6} {t['pairs']:>6} {t['yield']:>7.1%} "
+              f"{fr(t['mean_ratio_right']):>11} {fr(t['mean_ratio_wrong']):>11}")
+    print(f"04_gen_pairs: {len(items)} rows -> {len(pairs)} pairs in {args.out} (candidates: {args.candidates}) | "
+          f"layer {layer} | {', '.join(f'{n} {r}' for r, n in reasons.most_common())} | {time.time() - t0:.1f} s")
+    return pairs, cands
+
+
+def parse_thresholds(specs):
+    """['grid:9=0.35', 'pip=0.7'] -> a copy of THRESHOLDS with those limits replaced."""
+    table = {f: dict(v) for f, v in THRESHOLDS.items()}
+    for s in specs:
+        key, _, val = s.partition("=")
+        fmt, _, n = key.partition(":")
+        if fmt not in FORMATS or not val:
+            raise ValueError(f"{s!r}: expected FORMAT[:N]=VALUE with FORMAT one of {', '.join(FORMATS)}")
+        table[fmt][int(n) if n else "*"] = float(val)
+    return table
+
+
+def get_args(argv=None):
+    toy = Path("data/toy")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.split("\n")[3:7]))
+    g = p.add_argument_group("data")
+    g.add_argument("--data", type=Path, nargs="+", default=[toy / f"{n}.jsonl" for n in ("sequence", "grid", "pip")],
+                   help="JSONL files written by 01-03")
+    g.add_argument("--image-root", type=Path, default=toy / "images", help="folder the rows' image paths are relative to")
+    g.add_argument("--model", type=Path, default=Path("models/toy-llava"), help="local HF model directory (the DPO reference)")
+    g.add_argument("--out", type=Path, default=toy / "pairs.jsonl", help="pairs JSONL (with --num-shards > 1: -SS-of-NN added)")
+    g.add_argument("--candidates", type=Path, help="every row's answer, numbers and reason (default: <out>.candidates.jsonl)")
+    g.add_argument("--limit", type=int, default=0, help="first N rows of each --data file (of this shard) (0: all)")
+    g.add_argument("--viz", type=int, default=0, help="attention heatmap PNGs for the first N rows of each format")
+    m = p.add_argument_group("method")
+    m.add_argument("--layer", type=int, help="decoder layer probed, 0-based (default: the middle one, n_layers // 2)")
+    m.add_argument("--max-new-tokens", type=int, default=512)
+    m.add_argument("--no-noise", action="store_true", help="answer from the clean images")
+    m.add_argument("--grid-noise", type=float, default=NOISE_STD["grid"], help="noise std on the grid's target cell")
+    m.add_argument("--pip-noise", type=float, default=NOISE_STD["pip"], help="noise std on the whole pic-in-pic image")
+    m.add_argument("--min-ppl", type=float, default=MIN_PPL, help="a rejected needs PPL above this")
+    m.add_argument("--threshold", action="append", default=[], metavar="FORMAT[:N]=VALUE",
+                   help="override a ratio threshold, e.g. grid:9=0.35 or pip=0.7 (repeatable)")
+    m.add_argument("--seed", type=int, default=0, help="with the row id, seeds the noise")
+    s = p.add_argument_group("system")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--dtype", default="auto", choices=common.DTYPES)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    s.add_argument("--shard", type=int, default=0, help="this process's shard (rows by a hash of their id)")
+    s.add_argument("--num-shards", type=int, default=1)
+    a = p.parse_args(argv)
+    if not 0 <= a.shard < a.num_shards:
+        p.error("--shard must be in 0..--num-shards-1")
+    try:
+        a.thresholds = parse_thresholds(a.threshold)
+    except ValueError as e:
+        p.error(f"--threshold: {e}")
+    if a.num_shards > 1:
+        a.out = a.out.with_name(f"{a.out.stem}-{a.shard:02d}-of-{a.num_shards:02d}{a.out.suffix}")
+    a.candidates = a.candidates or a.out.with_name(f"{a.out.stem}.candidates.jsonl")
+    a.viz_dir = a.out.with_name(f"{a.out.stem}.viz")
+    if any(Path(a.out).resolve() == Path(d).resolve() for d in a.data):
+        p.error("--out would overwrite an input")
+    return a
+
 
 if __name__ == "__main__":
-    sys.exit("04_gen_pairs.py: not implemented yet")
+    try:
+        main(get_args())
+    except DataError as e:
+        sys.exit(f"04_gen_pairs.py: {e}")

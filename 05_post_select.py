@@ -1,7 +1,217 @@
 """
-05_post_select.py — not implemented yet (see the project's open issues).
+05_post_select.py — stage 5: pairs -> cleaned pairs (duplicates, perplexity, length ratio, edit distance, balance).
+in : pairs JSONL from 04 (one file or its shards)     out: pairs JSONL (+ .meta.json), optional TRL export
+
+  python 05_post_select.py                    # toy: data/toy/pairs.jsonl -> data/toy/pairs.post.jsonl
+  python 05_post_select.py --data data/pairs-0*-of-04.jsonl --out data/pairs.post.jsonl --balance paper
+  python 05_post_select.py --trl-out data/toy/pairs.trl.jsonl   # also TRL's preference schema
+
+The paper names three filters and released no thresholds for two of them; our defaults, each a flag:
+  duplicates      same images, prompt, chosen and rejected (shards or reruns merged): keep the first.
+  perplexity      keep 1.1 < PPL <= 10 (PPL of the rejected answer + EOS under the model, from 04).
+                  The floor repeats 04's rule (a no-op unless 04 ran with another --min-ppl). The
+                  ceiling: a greedy answer whose tokens average a probability under 1/10 is closer
+                  to babble than to what the model believes, and pushing babble down teaches the
+                  model little. A short wrong answer at chance among ~8 options (answer + EOS:
+                  PPL ~ sqrt(8) ~ 2.8) is kept.
+  length ratio    keep max(words) / min(words) <= 3 (an empty side counts as 1 word). DPO compares
+                  summed log-probs, which grow with length: far beyond 3x the pair mostly says
+                  "be shorter/longer". Within it, 'red' vs 'it is red' is kept.
+  edit distance   keep normalised Levenshtein distance >= 0.05 (rapidfuzz, on lower-cased text with
+                  punctuation and extra spaces removed; 0 = identical, 1 = nothing shared). It drops
+                  pairs equal up to punctuation and typo-level differences (one character in 20),
+                  and keeps a single colour swapped in a sentence of up to ~80 characters — the
+                  hallucinations the method is for.
+  balance         off by default; `equal` cuts every format to the rarest one's count, `paper` to the
+                  authors' final mix (15.1k sequence : 9.3k grid : 4.5k pic-in-pic). Which pairs go
+                  is a seeded draw per id, so the result does not depend on input order.
+Prints a table of how many pairs each filter dropped per format; the sidecar has it and the ids.
 """
+import argparse
+import string
 import sys
+import time
+from pathlib import Path
+
+from common import DataError, Skips, read_rows, row_rng, write_jsonl, write_sidecar
+
+# ---- method: what the paper specifies (edit me) ----
+MIN_PPL, MAX_PPL = 1.1, 10.0
+MAX_LENGTH_RATIO = 3.0
+MIN_EDIT_DISTANCE = 0.05
+MIXES = {"paper": {"sequence": 15.1, "grid": 9.3, "pip": 4.5}, "equal": {"sequence": 1, "grid": 1, "pip": 1}}
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def clean_text(text):
+    """What the edit distance compares: 'The bus is RED.' -> 'the bus is red'."""
+    return " ".join(text.lower().translate(_PUNCT).split())
+
+
+def length_ratio(chosen, rejected):
+    """Longer over shorter side, in words (at least 1): ('red', 'it is red') -> 3.0; ('', 'no') -> 1.0."""
+    a, b = max(1, len(chosen.split())), max(1, len(rejected.split()))
+    return max(a, b) / min(a, b)
+
+
+def edit_distance(chosen, rejected):
+    """Normalised Levenshtein distance of the cleaned texts: ('Red.', 'red') -> 0.0; ('red', 'blue') -> 1.0;
+    ('a red car', 'a blue car') -> 0.4 (4 edits / 10 characters)."""
+    from rapidfuzz.distance import Levenshtein
+
+    return Levenshtein.normalized_distance(clean_text(chosen), clean_text(rejected))
+
+
+def balance_counts(counts, mix):
+    """Pairs per format -> how many to keep so the kept counts follow `mix` as closely as the rarest allows.
+    {'sequence': 100, 'grid': 50, 'pip': 10}, equal -> 10 each; paper -> sequence 33, grid 20, pip 10."""
+    present = {f: n for f, n in counts.items() if n > 0}
+    unknown = set(present) - set(mix)
+    if unknown:
+        raise ValueError(f"no balance weight for format(s) {sorted(unknown)}")
+    scale = min(n / mix[f] for f, n in present.items()) if present else 0
+    return {f: min(n, int(scale * mix[f] + 1e-9)) for f, n in present.items()}
+
+
+def post_select(pairs, min_ppl=MIN_PPL, max_ppl=MAX_PPL, max_length_ratio=MAX_LENGTH_RATIO,
+                min_edit_distance=MIN_EDIT_DISTANCE, balance=None, seed=0):
+    """pairs (dicts as 04 writes them) -> (kept, dropped [(filter, reason, pair)]), filters in this order."""
+    dropped, kept, seen = [], [], set()
+    for p in pairs:
+        key = (tuple(p["image"]), p["prompt"], p["chosen"], p["rejected"])
+        ppl = p["probe"]["ppl"]
+        ppl = float("inf") if ppl is None else ppl
+        lr, ed = length_ratio(p["chosen"], p["rejected"]), edit_distance(p["chosen"], p["rejected"])
+        if key in seen:
+            dropped.append(("duplicates", "duplicate of an earlier pair", p))
+        elif not min_ppl < ppl <= max_ppl:
+            dropped.append(("perplexity", f"ppl {ppl:.3g} outside ({min_ppl}, {max_ppl}]", p))
+        elif lr > max_length_ratio:
+            dropped.append(("length ratio", f"length ratio {lr:.2f} > {max_length_ratio}", p))
+        elif ed < min_edit_distance:
+            dropped.append(("edit distance", f"edit distance {ed:.3f} < {min_edit_distance}", p))
+        else:
+            kept.append(p)
+        seen.add(key)
+    if balance:
+        by_fmt = {}
+        for p in kept:
+            by_fmt.setdefault(p["mia"]["format"], []).append(p)
+        quota = balance_counts({f: len(v) for f, v in by_fmt.items()}, MIXES[balance])
+        keep_ids = set()
+        for f, group in by_fmt.items():  # a seeded draw per id, not input order, decides who stays
+            ranked = sorted(group, key=lambda p: (row_rng(seed, f"balance:{p['id']}").random(), p["id"]))
+            keep_ids |= {p["id"] for p in ranked[:quota[f]]}
+        dropped += [("balance", f"balance {balance}", p) for p in kept if p["id"] not in keep_ids]
+        kept = [p for p in kept if p["id"] in keep_ids]
+    return kept, dropped
+
+
+# ---- plumbing ----
+FILTERS = ("duplicates", "perplexity", "length ratio", "edit distance", "balance")
+
+
+def load_pairs(paths):
+    """All pairs of all files; the fields 05 reads are checked, errors name file, line and field."""
+    pairs = []
+    for path in paths:
+        for line, row in read_rows(path):
+            for f in ("id", "image", "prompt", "chosen", "rejected"):
+                if f not in row:
+                    raise DataError(path, line, f, "missing: 05 reads the pairs 04_gen_pairs.py writes")
+            if not isinstance(row.get("probe"), dict) or "ppl" not in row["probe"]:
+                raise DataError(path, line, "probe.ppl", "missing: 05 reads the pairs 04_gen_pairs.py writes")
+            if not isinstance(row.get("mia"), dict) or "format" not in row["mia"]:
+                raise DataError(path, line, "mia.format", "missing: 05 reads the pairs 04_gen_pairs.py writes")
+            pairs.append(row)
+    return pairs
+
+
+def drop_table(pairs, kept, dropped):
+    """Rows: filters; columns: formats + total -> (text table, nested dict for the sidecar)."""
+    fmts = sorted({p["mia"]["format"] for p in pairs})
+    table = {name: {f: 0 for f in fmts} for name in FILTERS}
+    for name, _, p in dropped:
+        table[name][p["mia"]["format"]] += 1
+    table["in"] = {f: sum(p["mia"]["format"] == f for p in pairs) for f in fmts}
+    table["kept"] = {f: sum(p["mia"]["format"] == f for p in kept) for f in fmts}
+    lines = [f"{'filter':<14}" + "".join(f"{f:>10}" for f in fmts) + f"{'total':>10}"]
+    for name in ("in", *FILTERS, "kept"):
+        row = table[name]
+        lines.append(f"{name:<14}" + "".join(f"{row[f]:>10}" for f in fmts) + f"{sum(row.values()):>10}")
+    return "\n".join(lines), table
+
+
+def to_trl(pairs, processor, image_root):
+    """TRL's standard (not conversational) preference schema: the prompt as the chat template renders
+    it, so the `<image>` markers stay interleaved with their labels (a conversational prompt would
+    let llava-hf templates move every image to the front); chosen / rejected as the template
+    continues the prompt (TRL adds EOS); images as absolute paths (load with datasets and
+    `.cast_column("images", Sequence(Image()))`)."""
+    import common
+
+    rows = []
+    for p in pairs:
+        prompt, chosen = common.render_pair(processor, p["prompt"], p["chosen"])
+        _, rejected = common.render_pair(processor, p["prompt"], p["rejected"])
+        rows.append({"id": p["id"], "prompt": prompt, "chosen": chosen, "rejected": rejected,
+                     "images": [str((Path(image_root) / x).resolve()) for x in p["image"]]})
+    return rows
+
+
+def main(args):
+    t0 = time.time()
+    pairs = load_pairs(args.data)
+    kept, dropped = post_select(pairs, args.min_ppl, args.max_ppl, args.max_length_ratio, args.min_edit_distance,
+                                None if args.balance == "none" else args.balance, args.seed)
+    text, table = drop_table(pairs, kept, dropped)
+    skips = Skips(keep=10000)
+    for name, reason, p in dropped:
+        skips.add(p["id"], f"{name}: {reason}")
+    write_jsonl(args.out, kept)
+    write_sidecar(args.out, args, counts={"in": len(pairs), "kept": len(kept), "table": table}, skips=skips)
+    if args.trl_out:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(args.model, local_files_only=True)
+        write_jsonl(args.trl_out, to_trl(kept, processor, args.image_root))
+        write_sidecar(args.trl_out, args, counts={"pairs": len(kept)}, source=str(args.out))
+    print(text)
+    print(f"05_post_select: {len(pairs)} pairs -> {len(kept)} kept in {args.out}"
+          + (f" (+ TRL schema: {args.trl_out})" if args.trl_out else "") + f" | {time.time() - t0:.1f} s")
+    return kept, dropped
+
+
+def get_args(argv=None):
+    toy = Path("data/toy")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.split("\n")[3:7]))
+    g = p.add_argument_group("data")
+    g.add_argument("--data", type=Path, nargs="+", default=[toy / "pairs.jsonl"],
+                   help="pairs JSONL from 04 (shards are merged)")
+    g.add_argument("--out", type=Path, default=toy / "pairs.post.jsonl", help="kept pairs, same fields as the input")
+    g.add_argument("--trl-out", type=Path, help="also write the kept pairs in TRL's preference schema here")
+    g.add_argument("--model", type=Path, default=Path("models/toy-llava"),
+                   help="with --trl-out: the model whose processor's template renders the prompts")
+    g.add_argument("--image-root", type=Path, default=toy / "images",
+                   help="with --trl-out: the folder image paths are relative to")
+    m = p.add_argument_group("method")
+    m.add_argument("--min-ppl", type=float, default=MIN_PPL, help="keep PPL above this")
+    m.add_argument("--max-ppl", type=float, default=MAX_PPL, help="keep PPL at or below this")
+    m.add_argument("--max-length-ratio", type=float, default=MAX_LENGTH_RATIO,
+                   help="keep longer/shorter word count at or below this")
+    m.add_argument("--min-edit-distance", type=float, default=MIN_EDIT_DISTANCE,
+                   help="keep normalised edit distance at or above this")
+    m.add_argument("--balance", choices=("none", "equal", "paper"), default="none", help="subsample formats to a mix")
+    m.add_argument("--seed", type=int, default=0, help="seeds the balancing draw (with each pair's id)")
+    a = p.parse_args(argv)
+    if any(Path(a.out).resolve() == Path(d).resolve() for d in a.data):
+        p.error("--out would overwrite an input")
+    return a
+
 
 if __name__ == "__main__":
-    sys.exit("05_post_select.py: not implemented yet")
+    try:
+        main(get_args())
+    except DataError as e:
+        sys.exit(f"05_post_select.py: {e}")

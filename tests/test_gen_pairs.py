@@ -1,0 +1,411 @@
+"""04_gen_pairs.py: the probe against eager attentions, geometry, noise, selection, the CLI and resume."""
+import contextlib
+import importlib
+import io
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+from common import DataError
+
+gp = importlib.import_module("04_gen_pairs")
+ROOT = Path(__file__).resolve().parents[1]
+LLAVA15 = {"pad": False, "resize": ("short", 336), "crop": (336, 336)}  # llava-1.5-7b-hf's processor
+TOY = {"pad": False, "resize": ("hw", 64, 64), "crop": None}  # the toy's: squash to 64x64
+
+
+# ---- hand-made 01-03 rows on the tiny toy world (same `mia` records as 01-03 write) ----------
+def _cells(rows, cols, cell=448, gap=40):
+    return [[j * (cell + gap), i * (cell + gap) + gap, j * (cell + gap) + cell, i * (cell + gap) + gap + cell]
+            for i in range(rows) for j in range(cols)]
+
+
+@pytest.fixture(scope="module")
+def world(toy_tiny, tmp_path_factory):
+    """Sequence, grid and pic-in-pic rows built by hand from the tiny toy's images."""
+    toy = Path(toy_tiny) / "data" / "toy"
+    root, out = toy / "images", tmp_path_factory.mktemp("rows")
+    src = json.loads((toy / "train.json").read_text())
+    (root / "t04").mkdir(exist_ok=True)
+    label = re.compile(r"^(Image\d+:)?\s*(In Image\d+, )?")
+    q = lambda r: label.sub("", r["conversations"][0]["value"].replace("<image>", "").strip())  # noqa: E731
+    lower = lambda s: s[0].lower() + s[1:]  # noqa: E731
+    seq, grid, pip = [], [], []
+    for k, r in enumerate(src[:6]):
+        n = 2 + k % 3
+        paths = [src[(k + 7 * j) % len(src)]["image"] for j in range(1, n)]
+        tgt = 1 + k % n
+        paths.insert(tgt - 1, r["image"])
+        prompt = "".join(f"Image{i}:<image>\n" for i in range(1, n + 1)) + f"In Image{tgt}, {lower(q(r))}"
+        turns = [{"from": "human", "value": prompt}, r["conversations"][1]]
+        seq.append({"id": f"seq-{r['id']}", "image": paths, "conversations": turns, "toy": r["toy"],
+                    "mia": {"format": "sequence", "n_images": n, "target": tgt, "sources": [r["id"]]}})
+    for k, r in enumerate(src[6:10]):
+        layout = [(1, 2), (2, 2)][k % 2]
+        cells = _cells(*layout)
+        size = (cells[-1][2], cells[-1][3])
+        canvas = Image.new("RGB", size, "white")
+        tgt = 1 + k % len(cells)
+        for c, cell in enumerate(cells):
+            im = Image.open(root / (r["image"] if c == tgt - 1 else src[(k + 3 * c + 11) % len(src)]["image"])).convert("RGB")
+            canvas.paste(im.resize((448, 448)), cell[:2])
+        canvas.save(root / "t04" / f"grid-{k}.png")
+        grid.append({"id": f"grid-{r['id']}", "image": [f"t04/grid-{k}.png"], "toy": r["toy"],
+                     "conversations": [{"from": "human", "value": f"<image>\nIn Image{tgt}, {lower(q(r))}"},
+                                       r["conversations"][1]],
+                     "mia": {"format": "grid", "n_images": len(cells), "layout": list(layout), "target": tgt,
+                             "size": list(size), "cells": cells, "pasted": cells}})
+    for k, r in enumerate(src[10:14]):
+        bg = Image.open(root / src[(k + 20) % len(src)]["image"]).convert("RGB").resize((128, 96))
+        box = [19, 14, 109, 82]
+        bg.paste(Image.open(root / r["image"]).convert("RGB").resize((90, 68)), box[:2])
+        bg.save(root / "t04" / f"pip-{k}.png")
+        pip.append({"id": f"pip-{r['id']}", "image": [f"t04/pip-{k}.png"], "toy": r["toy"],
+                    "conversations": [{"from": "human", "value": f"<image>\nFor the image in the center, {lower(q(r))}"},
+                                      r["conversations"][1]],
+                    "mia": {"format": "pip", "n_images": 2, "target": 1, "size": [128, 96], "inset": box}})
+    files = []
+    for name, rows in (("sequence", seq), ("grid", grid), ("pip", pip)):
+        common.write_jsonl(out / f"{name}.jsonl", rows)
+        files.append(out / f"{name}.jsonl")
+    return SimpleNamespace(root=root, files=files, model=Path(toy_tiny) / "models" / "toy-llava", out=out,
+                           rows={"sequence": seq, "grid": grid, "pip": pip})
+
+
+@pytest.fixture(scope="module")
+def models(world):
+    probe, processor = common.load_model(world.model)
+    n_layers = gp.install_probe(probe)
+    eager, _ = common.load_model(world.model, attn_implementation="eager")
+    return SimpleNamespace(probe=probe, eager=eager, processor=processor, n_layers=n_layers)
+
+
+def _items(world, names_k):
+    out = []
+    for name, k in names_k:
+        row = world.rows[name][k]
+        out.append(gp.make_item(row, "test", k + 1, len(out)))
+    return out
+
+
+# ---- the probe equals brute force from eager output_attentions -------------------------------
+def _brute(models, batch, layer):
+    """Eager forward, ALL layers' attentions kept; layer L, heads averaged, response rows averaged."""
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "prompt_lens")}
+    with torch.no_grad():
+        att = models.eager.model(**inputs, output_attentions=True).attentions[layer]  # (B, H, T, T)
+    out = []
+    for b in range(att.shape[0]):
+        pos = (batch["labels"][b] != common.IGNORE_INDEX).nonzero().flatten()
+        out.append(att[b].mean(0)[int(pos[0]) - 1:int(pos[-1])].mean(0).numpy())  # rows predicting response tokens
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("layer", [None, 0])
+def test_probe_matches_eager_attentions_in_padded_batch(world, models, layer):
+    layer = models.n_layers // 2 if layer is None else layer
+    items = _items(world, [("sequence", 1), ("grid", 0), ("sequence", 2), ("pip", 0), ("grid", 1), ("sequence", 0)])
+    images = [[common.load_image(world.root, p) for p in it["image"]] for it in items]
+    answers = ["red", "the shape is a blue circle on white", "", "green green green", "no", "it is gray"]
+    qs = [it["prompt"] for it in items]
+    attn, spans, _, _ = gp.probe_forward(models.probe, models.processor, qs, images, answers, layer)
+    batch = common.build_inputs(models.processor, qs, images, answers=answers)
+    assert len(set(batch["attention_mask"].sum(1).tolist())) > 3  # a padded batch of unequal lengths
+    ref = _brute(models, batch, layer)
+    assert np.abs(attn - ref).max() < 1e-5
+    geom, patch = gp.processor_geometry(models.processor)
+    for b, it in enumerate(items):
+        ratio, masses, _ = gp.row_numbers(it, attn[b], spans[b], [im.size for im in images[b]], geom, patch)
+        ratio_ref, masses_ref, _ = gp.row_numbers(it, ref[b], spans[b], [im.size for im in images[b]], geom, patch)
+        assert len(masses) == len(it["image"])
+        assert np.allclose(masses, masses_ref, atol=1e-5) and abs(ratio - ratio_ref) < 1e-5
+        sums = [float(ref[b][s:e].sum()) for s, e in spans[b]]  # per-image share straight from the eager rows
+        assert np.allclose(masses, sums, atol=1e-5)
+
+
+def test_probe_single_unpadded_row_uses_causal_mask(world, models):
+    """One row: the mask builder may skip the mask (pure causal); the probe must rebuild it."""
+    it = _items(world, [("sequence", 2)])
+    images = [[common.load_image(world.root, p) for p in it[0]["image"]]]
+    attn, _, _, _ = gp.probe_forward(models.probe, models.processor, [it[0]["prompt"]], images, ["blue"], 1)
+    batch = common.build_inputs(models.processor, [it[0]["prompt"]], images, answers=["blue"])
+    assert np.abs(attn - _brute(models, batch, 1)).max() < 1e-5
+
+
+def test_probe_leaves_the_model_output_unchanged(world, models):
+    it = _items(world, [("pip", 1), ("sequence", 3)])
+    images = [[common.load_image(world.root, p) for p in x["image"]] for x in it]
+    qs = [x["prompt"] for x in it]
+    _, _, lp, n = gp.probe_forward(models.probe, models.processor, qs, images, ["red", "a b"], 1)
+    with torch.no_grad():
+        ref = common.response_logps(models.eager, common.build_inputs(models.processor, qs, images, answers=["red", "a b"]))
+    assert np.allclose(lp, ref[0].numpy(), atol=1e-4) and n == ref[2].tolist()
+
+
+@pytest.fixture(scope="module")
+def llava_shaped(world, tmp_path_factory):
+    """A model with llava-1.5-7b-hf's image geometry (shortest edge 336, centre crop 336, patch 14 ->
+    576 tokens per image), random weights, the tiny toy's tokenizer, template and text config."""
+    from transformers import (AutoConfig, AutoProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaProcessor)
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    out = tmp_path_factory.mktemp("llava-shaped")
+    toy_proc, toy_cfg = AutoProcessor.from_pretrained(world.model), AutoConfig.from_pretrained(world.model)
+    ip = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, do_center_crop=True)
+    LlavaProcessor(image_processor=ip, tokenizer=toy_proc.tokenizer, patch_size=14, vision_feature_select_strategy="default",
+                   num_additional_image_tokens=1, chat_template=toy_proc.chat_template).save_pretrained(out)
+    vision = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2)
+    cfg = LlavaConfig(vision_config=vision, text_config=toy_cfg.text_config, image_token_index=common.image_token_id(toy_cfg),
+                      vision_feature_select_strategy="default", vision_feature_layer=-1)
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(cfg).save_pretrained(out)
+    return out
+
+
+def test_llava15_geometry_probe_and_stage_unchanged(world, llava_shaped, tmp_path):
+    """Same code on 576 tokens/image with a centre crop: probe == eager, and the stage runs end to end."""
+    model, processor = common.load_model(llava_shaped)
+    gp.install_probe(model)
+    eager, _ = common.load_model(llava_shaped, attn_implementation="eager")
+    assert gp.processor_geometry(processor) == (LLAVA15, 14)
+    items = _items(world, [("grid", 0), ("sequence", 1), ("pip", 1)])
+    images = [[common.load_image(world.root, p) for p in it["image"]] for it in items]
+    qs, answers = [it["prompt"] for it in items], ["a b c", "red", ""]
+    attn, spans, _, _ = gp.probe_forward(model, processor, qs, images, answers, 1)
+    assert [[e - s for s, e in sp] for sp in spans] == [[576], [576] * 3, [576]]
+    ref = _brute(SimpleNamespace(eager=eager), common.build_inputs(processor, qs, images, answers=answers), 1)
+    assert np.abs(attn - ref).max() < 1e-5
+    ratio, _, maps = gp.row_numbers(items[0], attn[0], spans[0], [images[0][0].size], LLAVA15, 14)
+    w = gp.box_weights(items[0]["mia"]["cells"][items[0]["target"] - 1], images[0][0].size, LLAVA15, 14)
+    assert maps[0].shape == (24, 24) and math.isclose(ratio, float((maps[0] * w).sum() / maps[0].sum()))
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        pairs, cands = gp.main(gp.get_args([*_argv(world, tmp_path / "pairs.jsonl"), "--model", str(llava_shaped),
+                                            "--limit", "2", "--max-new-tokens", "3", "--viz", "0"]))
+    assert len(cands) == 6 and all(c["ppl"] for c in cands) and {c["format"] for c in cands} == {"sequence", "grid", "pip"}
+
+
+# ---- geometry: pixel boxes -> visual-token grid ---------------------------------------------
+def test_token_affine_hand_cases():
+    (sx, sy, ox, oy), grid = gp.token_affine((936, 488), TOY, 8)
+    assert grid == (8, 8) and (ox, oy) == (0, 0) and math.isclose(sx, 64 / 936) and math.isclose(sy, 64 / 488)
+    (sx, sy, ox, oy), grid = gp.token_affine((936, 488), LLAVA15, 14)  # 336 x 644, crop 154 px off the left
+    assert grid == (24, 24) and (ox, oy) == (-154, 0) and math.isclose(sx, 644 / 936) and math.isclose(sy, 336 / 488)
+    (_, _, ox, oy), _ = gp.token_affine((100, 50), {"pad": True, "resize": ("hw", 10, 10), "crop": None}, 5)
+    assert (ox, oy) == (0, 2.5)  # padded to 100x100 (25 px on top), scaled by 0.1
+
+
+def test_box_weights_hand_case():
+    w = gp.box_weights((0, 40, 448, 488), (936, 488), TOY, 8)
+    x1 = 448 * 64 / 936  # 30.63 px -> 3 full columns and 0.83 of the 4th
+    assert np.allclose(w[3, :], [1, 1, 1, (x1 - 24) / 8, 0, 0, 0, 0])
+    assert np.allclose(w[:, 0], [(8 - 40 * 64 / 488) / 8] + [1] * 7)
+    assert gp.box_weights((0, 0, 936, 488), (936, 488), TOY, 8).sum() == 64
+
+
+@pytest.mark.parametrize("geom,patch,size,box", [
+    (TOY, 8, (936, 976), (488, 528, 936, 976)),  # 2x2 grid, cell 4
+    (LLAVA15, 14, (936, 488), (488, 40, 936, 488)),  # 1x2 grid, cell 2, centre-cropped
+    (LLAVA15, 14, (640, 480), (96, 72, 544, 408)),  # pic-in-pic inset
+    ({"pad": True, "resize": ("hw", 336, 336), "crop": None}, 14, (936, 488), (488, 40, 936, 488)),  # LLaVA pad-to-square
+])
+def test_box_weights_match_the_real_image_processor(geom, patch, size, box):
+    """Paint the box white on black, run transformers' image processor, compare per-patch brightness."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    size_kw = {"shortest_edge": geom["resize"][1]} if geom["resize"][0] == "short" else \
+        {"height": geom["resize"][1], "width": geom["resize"][2]}
+    kw = dict(size=size_kw, do_center_crop=geom["crop"] is not None, do_normalize=False,
+              crop_size={"height": 336, "width": 336} if geom["crop"] else None)
+    ip = LlavaImageProcessorPil(do_pad=True, image_mean=[0, 0, 0], **kw) if geom["pad"] else CLIPImageProcessorPil(**kw)
+    im = Image.new("RGB", size, "black")
+    im.paste((255, 255, 255), box)
+    px = ip(images=[im], return_tensors="pt")["pixel_values"][0, 0].numpy()  # (H, W) in [0, 1]
+    assert gp.processor_geometry(SimpleNamespace(image_processor=ip, patch_size=patch)) == (geom, patch)
+    gh, gw = px.shape[0] // patch, px.shape[1] // patch
+    bright = px[:gh * patch, :gw * patch].reshape(gh, patch, gw, patch).mean(axis=(1, 3))
+    w = gp.box_weights(box, size, geom, patch)
+    assert w.shape == bright.shape and np.abs(w - bright).max() < 0.12  # resampling blurs the edges a little
+    assert abs(w.sum() - bright.sum()) / w.sum() < 0.02
+
+
+# ---- pure method functions -------------------------------------------------------------------
+def test_attention_ratio_per_format():
+    maps = [np.full((2, 2), 0.1), np.full((2, 2), 0.3)]
+    assert math.isclose(gp.attention_ratio("sequence", maps, 2), 0.75)
+    m = np.arange(16, dtype=float).reshape(4, 4)
+    w = np.zeros((4, 4))
+    w[:2, :2] = 1  # top-left block of a 2x2 grid
+    assert math.isclose(gp.attention_ratio("grid", [m], 1, w), (0 + 1 + 4 + 5) / 120)
+    w[2:, :2] = 0.5
+    assert math.isclose(gp.attention_ratio("pip", [m], 1, w), (10 + 0.5 * (8 + 9 + 12 + 13)) / 120)
+
+
+def test_perplexity_hand_case():
+    assert math.isclose(gp.perplexity(2 * -math.log(2), 2), 2.0)
+    assert gp.perplexity(0.0, 3) == 1.0 and gp.perplexity(0.0, 0) == math.inf
+
+
+@pytest.mark.parametrize("fmt,n,ratio,answer,ppl,want", [
+    ("sequence", 2, 0.8, "red", 1.5, "selected"),  # sequence: <= is inclusive
+    ("sequence", 2, 0.81, "red", 1.5, "attention ratio above threshold"),
+    ("sequence", 3, 0.7, "red", 1.5, "selected"),
+    ("sequence", 5, 0.61, "red", 1.5, "attention ratio above threshold"),
+    ("grid", 2, 0.7, "red", 1.5, "attention ratio above threshold"),  # grid: strict <
+    ("grid", 2, 0.69, "red", 1.5, "selected"),
+    ("grid", 9, 0.29, "red", 1.5, "selected"),
+    ("grid", 6, 0.4, "red", 1.5, "attention ratio above threshold"),
+    ("pip", 2, 0.79, "red", 1.5, "selected"),
+    ("pip", 2, 0.8, "red", 1.5, "attention ratio above threshold"),
+    ("sequence", 2, 0.1, " BLUE\n", 1.5, "answer equals ground truth"),
+    ("sequence", 2, 0.1, "  ", 1.5, "empty answer"),
+    ("sequence", 2, 0.1, "red", 1.1, "ppl not above minimum"),  # PPL must be > 1.1
+    ("sequence", 7, 0.1, "red", 1.5, "no threshold for this format and image count"),
+])
+def test_selection_table(fmt, n, ratio, answer, ppl, want):
+    limit = gp.threshold_for(fmt, n)
+    assert gp.select(answer, "blue", ppl, ratio, limit, gp.INCLUSIVE[fmt]) == want
+
+
+def test_selection_truncated_and_overrides():
+    assert gp.select("red", "blue", 2.0, 0.1, 0.8, True, truncated=True) == "answer truncated at --max-new-tokens"
+    table = gp.parse_thresholds(["grid:9=0.35", "pip=0.7"])
+    assert gp.threshold_for("grid", 9, table) == 0.35 and gp.threshold_for("pip", 2, table) == 0.7
+    assert gp.threshold_for("grid", 9) == 0.3  # the module table is not modified
+    with pytest.raises(ValueError):
+        gp.parse_thresholds(["collage:2=0.5"])
+
+
+def test_noise_lands_only_in_the_target_cell(world):
+    rng = np.random.default_rng(0)
+    px = np.full((976, 936, 3), 250, np.uint8)
+    box = (488, 528, 936, 976)
+    out = gp.add_noise(px, box, 225.0, rng)
+    inside = np.zeros(px.shape[:2], bool)
+    inside[528:976, 488:936] = True
+    assert (out[~inside] == 250).all()
+    assert (out[inside] != 250).mean() > 0.9
+    assert out[inside].mean() > 140  # clipped, not wrapped: uint8 wrap-around would pull it far below
+    bright = gp.add_noise(np.full((50, 50, 3), 250, np.uint8), None, 49.0, np.random.default_rng(1))
+    assert (bright < 100).mean() < 0.01  # wrap-around would put ~45% of pixels below 100
+    # through the stage's own path: a grid row's target cell only, deterministic per (seed, id)
+    it = gp.make_item(world.rows["grid"][1], "test", 1, 0)  # 2x2, target 2
+    im = common.load_image(world.root, it["image"][0])
+    args = SimpleNamespace(no_noise=False, grid_noise=225.0, pip_noise=49.0, seed=0)
+    (noisy,), std = gp.corrupt(it, [im], args)
+    diff = np.abs(np.asarray(noisy, int) - np.asarray(im, int)).sum(-1) > 0
+    x0, y0, x1, y1 = it["mia"]["cells"][it["target"] - 1]
+    assert std == 225.0 and diff[y0:y1, x0:x1].mean() > 0.9 and diff.sum() == diff[y0:y1, x0:x1].sum()
+    assert np.array_equal(np.asarray(gp.corrupt(it, [im], args)[0][0]), np.asarray(noisy))
+    args.no_noise = True
+    assert gp.corrupt(it, [im], args) == ([im], 0.0)
+
+
+def test_make_item_names_missing_fields(world):
+    row = json.loads(json.dumps(world.rows["grid"][0]))
+    del row["mia"]["cells"]
+    with pytest.raises(DataError, match="mia.cells"):
+        gp.make_item(row, "g.jsonl", 3, 0)
+    row = json.loads(json.dumps(world.rows["pip"][0]))
+    row["mia"]["format"] = "collage"
+    with pytest.raises(DataError, match="mia.format"):
+        gp.make_item(row, "p.jsonl", 1, 0)
+    row = json.loads(json.dumps(world.rows["sequence"][0]))
+    row["mia"]["target"] = 9
+    with pytest.raises(DataError, match="mia.target"):
+        gp.make_item(row, "s.jsonl", 1, 0)
+    with pytest.raises(DataError, match="mia"):
+        gp.make_item({k: v for k, v in world.rows["pip"][0].items() if k != "mia"}, "p.jsonl", 1, 0)
+
+
+def test_shards_partition_the_rows(world):
+    ids = []
+    for s in range(3):
+        a = gp.get_args(["--data", *map(str, world.files), "--shard", str(s), "--num-shards", "3",
+                         "--out", str(world.out / "p.jsonl")])
+        assert a.out.name == f"p-{s:02d}-of-03.jsonl"
+        ids += [it["id"] for it in gp.load_items(a)]
+    every = [it["id"] for it in gp.load_items(gp.get_args(["--data", *map(str, world.files)]))]
+    assert sorted(ids) == sorted(every) and len(set(ids)) == len(ids) == 14
+
+
+# ---- the stage end to end: smoke run, reference log-probs, resume after a real kill (command line) -------------------
+def _argv(world, out):
+    return ["--data", *map(str, world.files), "--image-root", str(world.root), "--model", str(world.model),
+            "--out", str(out), "--batch-size", "3", "--max-new-tokens", "6", "--viz", "1"]
+
+
+def _in_process(world, out):
+    """main() in this process: the same code path as the command line, without paying the imports again."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        gp.main(gp.get_args(_argv(world, out)))
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def full_run(world):
+    out = world.out / "full" / "pairs.jsonl"
+    return out, _in_process(world, out)
+
+
+def test_cli_writes_pairs_candidates_and_sidecars(world, full_run):
+    out, stdout = full_run
+    cands = [json.loads(x) for x in out.with_name("pairs.candidates.jsonl").read_text().splitlines()]
+    pairs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [c["id"] for c in cands] == [r["id"] for f in ("sequence", "grid", "pip") for r in world.rows[f]]  # input order
+    assert all({"ratio", "attn_images", "ppl", "answer", "reason", "selected"} <= set(c) for c in cands)
+    assert [p["id"] for p in pairs] == [c["id"] for c in cands if c["selected"]] and pairs
+    assert {p["mia"]["format"] for p in pairs} == {"sequence", "grid", "pip"}  # the barely trained tiny model errs often
+    src = {r["id"]: r for f in world.rows.values() for r in f}
+    for p in pairs:
+        s = src[p["id"]]
+        assert p["prompt"] == s["conversations"][0]["value"] and p["chosen"] == s["conversations"][1]["value"]
+        assert p["image"] == s["image"] and p["mia"] == s["mia"] and p["toy"] == s["toy"] and "conversations" not in p
+        assert gp.normalise(p["rejected"]) != gp.normalise(p["chosen"]) and p["probe"]["ppl"] > 1.1
+        assert p["ref_model"]["path"] == str(world.model) and len(p["ref_model"]["fingerprint"]) == 16
+    meta = json.loads(Path(str(out) + ".meta.json").read_text())
+    assert meta["counts"]["pairs"] == len(pairs) and set(meta["counts"]["by_format"]) == {"sequence", "grid", "pip"}
+    assert "yield" in stdout and not Path(str(out.with_name("pairs.candidates.jsonl")) + ".partial").exists()
+    assert len(list(out.with_name("pairs.viz").glob("*.png"))) == 3  # --viz 1: one per format
+
+
+def test_stored_reference_logps_equal_what_the_trainer_computes(world, models, full_run):
+    pairs = [json.loads(x) for x in full_run[0].read_text().splitlines()]
+    assert pairs[0]["ref_model"]["fingerprint"] == common.model_fingerprint(models.probe)
+    for p in pairs[:4] + pairs[-2:]:  # sequence ... pip; clean images, chosen + rejected in one forward
+        ims = [common.load_image(world.root, x) for x in p["image"]]
+        batch = common.build_inputs(models.processor, [p["prompt"]] * 2, [ims, ims], answers=[p["chosen"], p["rejected"]])
+        with torch.no_grad():
+            lp = common.response_logps(models.eager, batch)[0].tolist()
+        assert abs(lp[0] - p["ref_chosen_logps"]) < 1e-4 and abs(lp[1] - p["ref_rejected_logps"]) < 1e-4
+
+
+def test_resume_after_kill_gives_identical_output(world, full_run):
+    out = world.out / "resumed" / "pairs.jsonl"
+    partial = Path(str(out.with_name("pairs.candidates.jsonl")) + ".partial")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MIA_DPO_04_KILL_AFTER": "2"}
+    killed = subprocess.run([sys.executable, str(ROOT / "04_gen_pairs.py"), *_argv(world, out)],
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert killed.returncode == -9, killed.stderr  # SIGKILL after two batches
+    assert not out.exists() and len(partial.read_text().splitlines()) == 1 + 6  # header + 2 batches of 3
+    with open(partial, "a") as f:
+        f.write('{"i": 9, "candidate": {"id": "torn')  # and a write the kill interrupted
+    assert "04_gen_pairs" in _in_process(world, out)
+    for name in ("pairs.jsonl", "pairs.candidates.jsonl"):
+        assert (out.parent / name).read_bytes() == (full_run[0].parent / name).read_bytes()
+    assert not partial.exists()
