@@ -479,6 +479,7 @@ def response_logps(model, batch):
     import torch
 
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "prompt_lens")}
+    inputs.setdefault("use_cache", False)  # scoring never decodes further: no KV cache to build
     hidden = model.model(**inputs).last_hidden_state  # (B, T, H)
     targets = batch["labels"][:, 1:]  # position t predicts token t+1
     mask = targets != IGNORE_INDEX  # (B, T-1)

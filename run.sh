@@ -24,8 +24,15 @@ setup() {  # $1: requirements file
 case "${1:-}" in
   demo)
     setup requirements.txt
+    # The toy pipeline, stage by stage, each with its defaults (paths under data/toy, models/).
     "$PY" 00_make_toy.py
-    echo "stages 01-07: not implemented yet (open issues 3-7); the demo stops after the toy world."
+    "$PY" 01_make_sequence.py --limit 1000
+    "$PY" 02_make_grid.py --limit 1000
+    "$PY" 03_make_pip.py --limit 1000
+    "$PY" 04_gen_pairs.py
+    "$PY" 05_post_select.py --trl-out data/toy/pairs.trl.jsonl
+    "$PY" 06_train_dpo.py --pairs data/toy/pairs.post.jsonl
+    echo "07_eval.sh (evaluation and the before/after table): not implemented yet (issue 7)."
     ;;
   test)
     setup requirements-test.txt

@@ -1,0 +1,236 @@
+"""
+bench_dpo_step.py — one DPO training step of 06_train_dpo.py against TRL's DPOTrainer.
+
+  pip install -r requirements-test.txt           # TRL (the peer), as for the parity test
+  python bench/bench_dpo_step.py                  # 3 repeats x (1 warm-up + 4 timed steps) per contender
+  python bench/bench_dpo_step.py --repeats 5 --steps 6 --batch-size 2 --images 3
+
+The model: a tiny-width LLaVA (CLIP-style tower, Llama LM, the toy tokenizer and llava-1.5's chat
+template) with LLaVA-1.5's token geometry: 336 px images, patch 14 -> 576 visual tokens per
+image, --images per prompt, answers of ~10-40 tokens. Built in a temporary folder, random weights.
+Both contenders train the same LoRA (r 8 on every language-model linear layer), fp32, no
+activation checkpointing, reference = adapters disabled, on the same pairs, --batch-size pairs
+per step (chosen + rejected = 2x rows), AdamW, clipping.
+
+Each contender runs in its own fresh process (so peak memory is its own), alternating
+ours/trl/ours/trl... for --repeats rounds. Per process: the time of each step after the first
+(ours: the trainer's own per-step `ms`, data loading to optimizer step; TRL: the interval between
+consecutive `on_step_end` callbacks, which likewise spans data loading to optimizer step), and
+ru_maxrss, the process's peak resident memory, minus the resident memory after imports (torch,
+transformers, peft and, for TRL, trl/datasets/accelerate), i.e. the model, data and step.
+Reports medians over processes (each process's median step) and the ratios ours/TRL.
+"""
+import argparse
+import json
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+COLORS = ["red", "green", "blue", "yellow", "purple", "orange"]
+BACKGROUNDS = ["white", "black", "gray", "brown"]
+
+
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# ---- the setting: model + pairs ---------------------------------------------------------------
+def build_model(out, toy_model, width, layers):
+    """Tiny LLaVA with LLaVA-1.5 geometry (336 px, patch 14, 576 tokens/image) -> saved at `out`."""
+    import torch
+    from transformers import (AutoProcessor, CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    tok = AutoProcessor.from_pretrained(toy_model, local_files_only=True)
+    template, tok = tok.chat_template, tok.tokenizer
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=336, patch_size=14, projection_dim=64)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=8192,
+                       tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                      vision_feature_select_strategy="default", vision_feature_layer=-1, image_seq_length=576)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa")
+    proc = LlavaProcessor(image_processor=CLIPImageProcessorPil(size={"height": 336, "width": 336}, do_center_crop=False),
+                          tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, chat_template=template)
+    model.save_pretrained(out)
+    proc.save_pretrained(out)
+
+
+def make_pairs(folder, n, n_images, seed=0):
+    """n pairs of n_images 336 px scenes; answers are sentences of ~10-40 tokens."""
+    from PIL import Image, ImageDraw
+
+    rng, rows = random.Random(seed), []
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        paths, colors = [], []
+        for j in range(n_images):
+            im = Image.new("RGB", (336, 336), tuple(rng.randrange(256) for _ in range(3)))
+            x, y, s = rng.randrange(40, 180), rng.randrange(40, 180), rng.randrange(60, 140)
+            ImageDraw.Draw(im).ellipse((x, y, x + s, y + s), fill=tuple(rng.randrange(256) for _ in range(3)))
+            paths.append(f"images/{i}-{j}.png")
+            im.save(folder / paths[-1])
+            colors.append(rng.choice(COLORS))
+        t = rng.randrange(n_images)
+        labels = "".join(f"Image{j + 1}:<image>\n" for j in range(n_images))
+        bg = rng.choice(BACKGROUNDS)
+        chosen = f"The shape in Image{t + 1} is {colors[t]}, drawn on a {bg} background." + " It is alone." * rng.randrange(3)
+        rejected = f"It is {rng.choice(COLORS)}." + " The background looks plain and the shape is round." * rng.randrange(1, 3)
+        rows.append({"id": f"b{i}", "image": paths, "prompt": f"{labels}In Image{t + 1}, describe the shape.",
+                     "chosen": chosen, "rejected": rejected,
+                     "mia": {"format": "sequence", "n_images": n_images, "target": t + 1}})
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+# ---- the contenders (each in its own process) -------------------------------------------------
+def worker_ours(a):
+    import importlib
+
+    import torch  # noqa: F401  (imports before the baseline, like the TRL worker)
+    import transformers  # noqa: F401
+    import peft  # noqa: F401
+
+    base = rss_mb()
+    dpo = importlib.import_module("06_train_dpo")
+    out = Path(a.data) / f"ours-{time.time_ns()}"
+    dpo.main(dpo.get_args(["--pairs", str(Path(a.data) / "pairs.jsonl"), "--image-root", a.data, "--model", a.model,
+                           "--out", str(out), "--lora-r", "8", "--lora-alpha", "16", "--batch-size", str(a.batch_size),
+                           "--max-steps", str(a.steps + 1), "--warmup-steps", "0", "--lr", "1e-4", "--save-every", "0",
+                           "--threads", str(a.threads), "--max-length", "8192"]))
+    ms = [r["ms"] for _, r in __import__("common").read_rows(out / "log.jsonl")][1:]
+    shutil.rmtree(out, ignore_errors=True)
+    return ms, base
+
+
+def worker_trl(a):
+    import torch
+    import datasets
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    import common
+
+    base = rss_mb()
+    torch.set_num_threads(a.threads)
+    model_tmp, proc = common.load_model(a.model)
+    lm = model_tmp.model.language_model
+    targets = [f"model.language_model.{n}" for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)]
+    del model_tmp, lm
+    tok = proc.tokenizer
+    rows = [r for _, r in common.read_rows(Path(a.data) / "pairs.jsonl")]
+
+    def example(r):  # exactly our tokens (see tests/test_train_dpo.py's parity test)
+        prompt, chosen = common.render_pair(proc, r["prompt"], r["chosen"])
+        _, rejected = common.render_pair(proc, r["prompt"], r["rejected"])
+        return {"prompt": tok.bos_token + prompt, "chosen": chosen + tok.eos_token, "rejected": rejected + tok.eos_token,
+                "images": [common.load_image(a.data, p) for p in r["image"]]}
+
+    ds = datasets.Dataset.from_list([example(r) for r in rows])
+    ends = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            ends.append(time.perf_counter())
+
+    cfg = DPOConfig(output_dir=str(Path(a.data) / f"trl-{time.time_ns()}"), per_device_train_batch_size=a.batch_size,
+                    max_steps=a.steps + 1, learning_rate=1e-4, warmup_steps=0, max_grad_norm=1.0, beta=0.1,
+                    max_length=None, use_cpu=True, bf16=False, gradient_checkpointing=False, optim="adamw_torch",
+                    remove_unused_columns=False, report_to="none", logging_steps=10_000, save_strategy="no",
+                    seed=0, dataloader_num_workers=0, disable_tqdm=True)
+    peft_cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets)
+    trainer = DPOTrainer(model=a.model, args=cfg, train_dataset=ds, processing_class=proc, peft_config=peft_cfg,
+                         callbacks=[Clock()])
+    trainer.train()
+    shutil.rmtree(cfg.output_dir, ignore_errors=True)
+    return [1000 * (t1 - t0) for t0, t1 in zip(ends, ends[1:])], base
+
+
+WORKERS = {"ours": worker_ours, "trl": worker_trl}
+
+
+def run_worker(name, a, data, model):
+    cmd = [sys.executable, __file__, "--worker", name, "--data", str(data), "--model", str(model),
+           "--steps", str(a.steps), "--batch-size", str(a.batch_size), "--threads", str(a.threads)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if res.returncode != 0:
+        raise SystemExit(f"{name} worker failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(a):
+    if a.worker:
+        ms, base = WORKERS[a.worker](a)
+        print(json.dumps({"ms": ms, "base_mb": base, "peak_mb": peak_mb()}))
+        return
+    tmp = Path(a.tmp or tempfile.mkdtemp(prefix="bench_dpo_"))
+    try:
+        build_model(tmp / "model", ROOT / a.toy_model, a.width, a.layers)
+        n_pairs = a.batch_size * (a.steps + 1)  # one epoch = the run: no pair is seen twice
+        make_pairs(tmp / "data", n_pairs, a.images)
+        results = {name: [] for name in WORKERS}
+        for r in range(a.repeats):
+            for name in WORKERS:
+                res = run_worker(name, a, tmp / "data", tmp / "model")
+                results[name].append(res)
+                print(f"repeat {r + 1} {name:4s}: step {statistics.median(res['ms']):7.0f} ms (median of {len(res['ms'])}), "
+                      f"peak RSS {res['peak_mb']:6.0f} MB, over imports {res['peak_mb'] - res['base_mb']:6.0f} MB", flush=True)
+        summary = {}
+        for name, rs in results.items():
+            step = statistics.median(statistics.median(x["ms"]) for x in rs)
+            summary[name] = {"step_ms": step, "pairs_per_s": a.batch_size / step * 1000,
+                             "peak_mb": statistics.median(x["peak_mb"] for x in rs),
+                             "step_mb": statistics.median(x["peak_mb"] - x["base_mb"] for x in rs)}
+        print(f"\n{a.images} images x 576 tokens, {a.batch_size} pairs/step, width {a.width}, {a.layers} layers, "
+              f"{a.repeats} repeats x {a.steps} timed steps")
+        print("| contender | step (ms) | pairs/s | peak RSS (MB) | peak over imports (MB) |\n|---|---|---|---|---|")
+        for name, s in summary.items():
+            print(f"| {name} | {s['step_ms']:.0f} | {s['pairs_per_s']:.2f} | {s['peak_mb']:.0f} | {s['step_mb']:.0f} |")
+        o, t = summary["ours"], summary["trl"]
+        print(f"ours/TRL: pairs/s x{o['pairs_per_s'] / t['pairs_per_s']:.2f}, peak over imports "
+              f"x{o['step_mb'] / t['step_mb']:.2f}, peak RSS x{o['peak_mb'] / t['peak_mb']:.2f}")
+    finally:
+        if not a.tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("setting")
+    g.add_argument("--images", type=int, default=3, help="images per prompt (576 tokens each)")
+    g.add_argument("--batch-size", type=int, default=2, help="pairs per step")
+    g.add_argument("--width", type=int, default=128, help="language model hidden size")
+    g.add_argument("--layers", type=int, default=4)
+    g.add_argument("--toy-model", default="models/toy-llava", help="where the tokenizer and chat template come from")
+    g = p.add_argument_group("measurement")
+    g.add_argument("--repeats", type=int, default=3, help="fresh processes per contender")
+    g.add_argument("--steps", type=int, default=4, help="timed steps per process (after one warm-up step)")
+    g.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process (1: on the shared 2-core machine, faster and steadier than 2)")
+    g.add_argument("--tmp", default=None, help="work folder (kept); default a temporary one, removed")
+    g = p.add_argument_group("internal")
+    g.add_argument("--worker", choices=sorted(WORKERS), default=None, help=argparse.SUPPRESS)
+    g.add_argument("--data", default=None, help=argparse.SUPPRESS)
+    g.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(get_args())

@@ -1,0 +1,363 @@
+"""06_train_dpo.py: the loss on hand cases, log-probs, parity with TRL's DPOTrainer, DDP, resume,
+LoRA merge, reference sources, bad input. Pairs are built by hand from the tiny toy world."""
+import importlib
+import json
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+from conftest import ROOT
+
+dpo = importlib.import_module("06_train_dpo")
+
+
+# ---- fixtures ---------------------------------------------------------------------------------
+def make_pairs(toy_root, n, seed=0, n_images=(2, 3)):
+    """Pairs like 04's: 'In ImageK, what color is the shape?' -> chosen = ImageK's colour,
+    rejected = another image's colour (a sequence-confusion answer). A few rows carry grid /
+    no `mia` record so the log's breakdown has several groups."""
+    rows = json.loads((toy_root / "data" / "toy" / "train.json").read_text())
+    rng, pairs = random.Random(seed), []
+    while len(pairs) < n:
+        k = rng.choice(n_images)
+        pick = rng.sample(rows, k)
+        t = rng.randrange(k)
+        other = [r for j, r in enumerate(pick) if j != t and r["toy"]["color"] != pick[t]["toy"]["color"]]
+        if not other:
+            continue
+        labels = "".join(f"Image{j + 1}:<image>\n" for j in range(k))
+        pair = {"id": f"pair-{len(pairs)}", "image": [r["image"] for r in pick],
+                "prompt": f"{labels}In Image{t + 1}, what color is the shape?",
+                "chosen": pick[t]["toy"]["color"], "rejected": other[0]["toy"]["color"]}
+        if len(pairs) % 4 != 3:
+            pair["mia"] = {"format": "grid" if len(pairs) % 4 == 2 else "sequence", "n_images": k, "target": t + 1}
+        pairs.append(pair)
+    return pairs
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on the shared 2-core machine it is several times faster than two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def toy(toy_tiny, tmp_path_factory):
+    d = tmp_path_factory.mktemp("pairs")
+    return {"root": toy_tiny, "model": toy_tiny / "models" / "toy-llava", "images": toy_tiny / "data" / "toy" / "images",
+            "pairs": write(d / "pairs.jsonl", make_pairs(toy_tiny, 12)), "dir": d}
+
+
+def argv(toy, out, *extra, pairs=None):
+    return ["--pairs", str(pairs or toy["pairs"]), "--image-root", str(toy["images"]), "--model", str(toy["model"]),
+            "--out", str(out), "--lora-r", "8", "--lora-alpha", "16", "--warmup-steps", "0", "--save-every", "0", "--threads", "1", *extra]
+
+
+def run_main(toy, out, *extra, pairs=None):
+    dpo.main(dpo.get_args(argv(toy, out, *extra, pairs=pairs)))
+    return [r for _, r in common.read_rows(out / "log.jsonl")]
+
+
+def sidecar(out):
+    return json.loads((out / "log.jsonl.meta.json").read_text())
+
+
+# ---- the method on hand cases -------------------------------------------------------------------
+def test_dpo_loss_hand_cases():
+    z = torch.zeros(3)
+    losses, cr, rr = dpo.dpo_loss(z - 4, z - 7, z - 4, z - 7, beta=0.1)
+    assert torch.allclose(losses, torch.full((3,), math.log(2))) and not cr.any() and not rr.any()
+    pc, pr, rc, rr_ = map(torch.tensor, ([-1.0], [-3.0], [-2.0], [-2.0]))
+    losses, cr, rr = dpo.dpo_loss(pc, pr, rc, rr_, beta=0.1)  # the docstring's worked example
+    assert cr.item() == pytest.approx(0.1) and rr.item() == pytest.approx(-0.1)
+    assert losses.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.2))), abs=1e-6)
+    assert losses.item() == pytest.approx(0.5981, abs=1e-4)
+    _, cr, rr = dpo.dpo_loss(pc, pr, rc, rr_, beta=0.5)  # rewards = beta x log-ratio
+    assert (cr.item(), rr.item()) == pytest.approx((0.5, -0.5))
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    ls, _, _ = dpo.dpo_loss(pc, pr, rc, rr_, beta=0.1, label_smoothing=0.2)
+    assert ls.item() == pytest.approx(-0.8 * math.log(sig(0.2)) - 0.2 * math.log(sig(-0.2)), abs=1e-6)
+    ipo, cr, _ = dpo.dpo_loss(pc, pr, rc, rr_, beta=0.1, loss_type="ipo")
+    assert ipo.item() == pytest.approx((2 - 1 / 0.2) ** 2) and cr.item() == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="unknown loss_type"):
+        dpo.dpo_loss(pc, pr, rc, rr_, loss_type="hinge")
+    total = dpo.mia_dpo_loss(torch.tensor([0.69]), torch.tensor([-6.0]), torch.tensor([3]), dpo_alpha=1.0, gamma=0.5)
+    assert total.item() == pytest.approx(1.69)
+    assert [dpo.lr_factor(s, 2, 10) for s in (0, 1, 2, 3, 10, 11)] == [0, 0.5, 1, 0.875, 0, 0]
+
+
+def test_pair_order_same_pairs_whatever_the_world_size():
+    n, gb = 23, 4
+    for step in range(12):  # 5 steps per epoch: crosses two epoch boundaries
+        one = dpo.pair_order(n, 7, step, gb, 0, 1, 0, 1)
+        two = [i for r in range(2) for i in dpo.pair_order(n, 7, step, gb, r, 2, 0, 1)]
+        acc = [i for m in range(2) for r in range(2) for i in dpo.pair_order(n, 7, step, gb, r, 2, m, 2)]
+        assert one == two == acc and len(set(one)) == 4
+    epoch = [i for s in range(5) for i in dpo.pair_order(n, 7, s, gb, 0, 1, 0, 1)]
+    assert len(set(epoch)) == 20  # an epoch never repeats a pair (the 3 left over are dropped)
+
+
+# ---- log-probs ------------------------------------------------------------------------------------
+def test_concatenated_logps_equal_per_example(toy):
+    model, proc = common.load_model(toy["model"])
+    pairs, _ = dpo.load_pairs(toy["pairs"], toy["images"], proc, 4096, "raise")
+    batch_pairs = pairs[:3]
+    assert len({p["n_images"] for p in batch_pairs}) > 1  # unequal lengths: padding is exercised
+    with torch.no_grad():
+        sums, n = dpo.make_scorer(model)(dpo.collate(batch_pairs, toy["images"], proc, "cpu", model.dtype))
+        single = []
+        for answer in ("chosen", "rejected"):
+            for p in batch_pairs:
+                ims = [common.load_image(toy["images"], r) for r in p["images"]]
+                b = common.build_inputs(proc, [p["prompt"]], [ims], answers=[p[answer]])
+                single.append(common.response_logps(model, b)[0])
+    assert torch.allclose(sums, torch.cat(single), atol=1e-5)
+    assert (n >= 2).all()  # the answer word(s) and EOS are scored
+
+
+# ---- parity with TRL's DPOTrainer -------------------------------------------------------------------
+def test_first_steps_equal_trl_dpotrainer(toy, tmp_path):
+    """Same model, same 4 pairs (one global batch, so every step sees all of them in both), full
+    fine-tune of every weight, AdamW, linear schedule, clipping: loss, rewards and log-probs of 3
+    steps agree to 1e-4, after checking TRL builds exactly our tokens."""
+    datasets = pytest.importorskip("datasets")
+    from trl import DPOConfig, DPOTrainer
+
+    rows = make_pairs(toy["root"], 4, seed=3)
+    pairs_path = write(tmp_path / "pairs.jsonl", rows)
+    model, proc = common.load_model(toy["model"])
+    tok = proc.tokenizer
+
+    # TRL gets the rendered prompt (its collator tokenises with add_special_tokens=False, so the
+    # BOS our tokenizer adds is written out) and the responses with EOS (its vision path adds none).
+    def example(r):
+        prompt, chosen = common.render_pair(proc, r["prompt"], r["chosen"])
+        _, rejected = common.render_pair(proc, r["prompt"], r["rejected"])
+        return {"prompt": tok.bos_token + prompt, "chosen": chosen + tok.eos_token, "rejected": rejected + tok.eos_token,
+                "images": [common.load_image(toy["images"], p) for p in r["image"]]}
+
+    ds = datasets.Dataset.from_list([example(r) for r in rows])
+    cfg = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-4,
+                    lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, beta=0.1,
+                    max_length=None, use_cpu=True, bf16=False, gradient_checkpointing=False, optim="adamw_torch",
+                    remove_unused_columns=False, report_to="none", logging_steps=1, save_strategy="no", seed=0,
+                    dataloader_num_workers=0, disable_tqdm=True)
+    seen = []
+
+    class Recording(DPOTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            m = self._metrics["train"]
+            seen.append({"loss": loss.item(), **{k: m[k][-1] for k in ("rewards/chosen", "rewards/rejected",
+                                                                       "logps/chosen", "logps/rejected")}})
+            return loss
+
+    trainer = Recording(model=str(toy["model"]), args=cfg, train_dataset=ds, processing_class=proc)
+
+    # 1. tokens: TRL's collated batch == ours, row by row (padding aside), scored positions too
+    theirs = trainer.data_collator([ds[i] for i in range(4)])
+    ours_pairs, _ = dpo.load_pairs(pairs_path, toy["images"], proc, 4096, "raise")
+    ours = dpo.collate(ours_pairs, toy["images"], proc, "cpu", torch.float32)
+    for i in range(8):
+        t_mask, o_mask = theirs["attention_mask"][i].bool(), ours["attention_mask"][i].bool()
+        assert theirs["input_ids"][i][t_mask].tolist() == ours["input_ids"][i][o_mask].tolist(), i
+        assert theirs["completion_mask"][i][t_mask].bool().tolist() == (ours["labels"][i][o_mask] != -100).tolist(), i
+    assert torch.equal(theirs["pixel_values"], ours["pixel_values"])
+
+    # 2. numbers: three steps of each
+    trainer.train()
+    log = run_main(toy, tmp_path / "ours", "--lora-r", "0", "--tune-vision", "--tune-projector", "--batch-size", "4",
+                   "--max-steps", "3", "--lr", "1e-4", "--max-grad-norm", "1.0", pairs=pairs_path)
+    assert len(seen) == len(log) == 3
+    for t, o in zip(seen, log):
+        assert o["loss"] == pytest.approx(t["loss"], abs=1e-4)
+        assert o["reward_chosen"] == pytest.approx(t["rewards/chosen"], abs=1e-4)
+        assert o["reward_rejected"] == pytest.approx(t["rewards/rejected"], abs=1e-4)
+        assert o["logps_chosen"] == pytest.approx(t["logps/chosen"], abs=1e-4)
+        assert o["logps_rejected"] == pytest.approx(t["logps/rejected"], abs=1e-4)
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and abs(log[2]["loss"] - math.log(2)) > 1e-3  # it moved
+    assert sidecar(tmp_path / "ours")["reference"] == "frozen-copy"
+
+
+# ---- distributed, resume, merge ---------------------------------------------------------------------
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_equal_one_process(toy, tmp_path, capsys):
+    """Global batch 2 as 1 process x 2 pairs and as torchrun 2 processes x 1 pair (gloo, with
+    activation checkpointing, which must not change a number): same losses, rewards, log-probs."""
+    common_args = ["--max-steps", "3", "--lr", "5e-3"]
+    a = run_main(toy, tmp_path / "one", "--batch-size", "2", "--plot", *common_args)
+    one = capsys.readouterr().out
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                          str(ROOT / "06_train_dpo.py"), *argv(toy, tmp_path / "two", "--batch-size", "1", "--grad-ckpt", *common_args)],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert two.returncode == 0, two.stdout + two.stderr
+    b = [r for _, r in common.read_rows(tmp_path / "two" / "log.jsonl")]
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        for k in ("loss", "reward_chosen", "reward_rejected", "logps_chosen", "logps_rejected"):
+            assert x[k] == pytest.approx(y[k], abs=1e-4), (x["step"], k)
+        for by in ("by_format", "by_images"):
+            assert {g: (v["n"], v["acc"]) for g, v in x[by].items()} == {g: (v["n"], v["acc"]) for g, v in y[by].items()}
+    assert abs(a[-1]["loss"] - math.log(2)) > 1e-3  # updates happened, so gradients were averaged alike
+    assert "1 process(es) x 2 pairs" in one and "2 process(es) x 1 pairs" in two.stdout
+    assert two.stdout.count("step ") >= 3 and "acc by format" in two.stdout  # rank 0 alone prints
+    assert (tmp_path / "one" / "curves.png").stat().st_size > 1000
+    assert sidecar(tmp_path / "two")["counts"]["world_size"] == 2
+
+
+def test_fsdp_full_finetune_equals_one_process_and_resumes(toy, tmp_path):
+    """Full fine-tune sharded over 2 torchrun processes (FSDP2, gloo): same losses and the same
+    saved weights as one process; resumed from its step-2 checkpoint, the same step 3."""
+    from safetensors.torch import load_file
+
+    args = ["--lora-r", "0", "--max-steps", "3", "--lr", "1e-3"]
+    a = run_main(toy, tmp_path / "one", "--batch-size", "2", *args)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun(out, *extra):
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                              str(_free_port()), str(ROOT / "06_train_dpo.py"),
+                              *argv(toy, out, "--batch-size", "1", "--fsdp", *args, *extra)],
+                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+        assert run.returncode == 0, run.stdout + run.stderr
+        return [r for _, r in common.read_rows(out / "log.jsonl")]
+
+    b = torchrun(tmp_path / "fsdp", "--save-every", "2")
+    c = torchrun(tmp_path / "resumed", "--resume", str(tmp_path / "fsdp" / "checkpoints" / "step-000002"))
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], abs=1e-4)
+    assert [r["step"] for r in c] == [3] and c[0]["loss"] == pytest.approx(b[2]["loss"], abs=1e-6)
+    w = {d: load_file(tmp_path / d / "final" / "model.safetensors") for d in ("one", "fsdp", "resumed")}
+    assert set(w["one"]) == set(w["fsdp"]) == set(w["resumed"])
+    for k in w["one"]:  # subtle: Adam scales tiny gradients up, so their float noise moves a weight by ~1e-5
+        assert torch.allclose(w["one"][k], w["fsdp"][k], atol=1e-4) and torch.allclose(w["fsdp"][k], w["resumed"][k], atol=1e-6)
+    with pytest.raises(SystemExit, match="--fsdp shards a full fine-tune"):
+        run_main(toy, tmp_path / "x", "--fsdp")
+
+
+def test_resume_gives_the_uninterrupted_loss_sequence(toy, tmp_path):
+    full = run_main(toy, tmp_path / "full", "--max-steps", "5", "--save-every", "2", "--keep-checkpoints", "0", "--lr", "5e-3")
+    ck = tmp_path / "full" / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["step-000002", "step-000004", "step-000005"]
+    resumed = run_main(toy, tmp_path / "resumed", "--max-steps", "5", "--lr", "5e-3", "--resume", str(ck / "step-000002"))
+    assert [r["step"] for r in resumed] == [3, 4, 5]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in full[2:]], abs=1e-6)
+    # --resume auto in the same folder: the log is cut back to the checkpoint and continued
+    again = run_main(toy, tmp_path / "full", "--max-steps", "5", "--lr", "5e-3", "--resume", "auto")
+    assert [r["step"] for r in again] == [1, 2, 3, 4, 5]  # step 5's checkpoint is the latest: nothing left to do
+    with pytest.raises(SystemExit, match="not a checkpoint folder"):
+        run_main(toy, tmp_path / "x", "--resume", str(tmp_path))
+
+
+def test_lora_training_save_merge_reload_same_logps(toy, tmp_path):
+    rows = make_pairs(toy["root"], 4, seed=5)
+    pairs_path = write(tmp_path / "pairs.jsonl", rows)
+    log = run_main(toy, tmp_path / "run", "--batch-size", "4", "--max-steps", "8", "--lr", "1e-2", "--merge", pairs=pairs_path)
+    assert log[-1]["loss"] < log[0]["loss"] - 0.05 and log[-1]["acc"] >= log[0]["acc"]  # it learns these 4 pairs
+    from peft import PeftModel
+
+    base, proc = common.load_model(toy["model"])
+    pairs, _ = dpo.load_pairs(pairs_path, toy["images"], proc, 4096, "raise")
+    batch = dpo.collate(pairs, toy["images"], proc, "cpu", torch.float32)
+    with torch.no_grad():
+        ref = common.response_logps(base, batch)[0]
+        adapter = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter").eval()
+        via_adapter = common.response_logps(adapter.get_base_model(), batch)[0]
+        merged, _ = common.load_model(tmp_path / "run" / "final")  # what 04 and 07 load
+        via_merged = common.response_logps(merged, batch)[0]
+    assert not torch.allclose(ref, via_adapter, atol=1e-3)  # training changed the model
+    assert torch.allclose(via_adapter, via_merged, atol=1e-4)
+    assert sidecar(tmp_path / "run")["saved"] == [str(tmp_path / "run" / "adapter"), str(tmp_path / "run" / "final")]
+
+
+# ---- reference sources -----------------------------------------------------------------------------
+def test_reference_sources_agree_and_stored_logps_are_checked(toy, tmp_path):
+    model, proc = common.load_model(toy["model"])
+    fp = common.model_fingerprint(model)
+    pairs, _ = dpo.load_pairs(toy["pairs"], toy["images"], proc, 4096, "raise")
+    with torch.no_grad():
+        sums, _ = dpo.make_scorer(model)(dpo.collate(pairs, toy["images"], proc, "cpu", model.dtype))
+    c, r = sums.chunk(2)
+    rows = [json.loads(x) for x in toy["pairs"].read_text().splitlines()]
+    stored = [{**row, "ref_chosen_logps": float(c[i]), "ref_rejected_logps": float(r[i]),
+               "ref_model": {"path": str(toy["model"]), "fingerprint": fp}} for i, row in enumerate(rows)]
+    stored_path = write(tmp_path / "stored.jsonl", stored)
+    logs = {}
+    for name, extra, pairs_path in (("lora", [], None), ("full", ["--lora-r", "0"], None), ("stored", [], stored_path)):
+        logs[name] = run_main(toy, tmp_path / name, "--max-steps", "2", *extra, pairs=pairs_path)
+    assert {n: sidecar(tmp_path / n)["reference"] for n in logs} == {
+        "lora": "adapters-disabled", "full": "frozen-copy", "stored": "stored"}
+    for step in range(2):
+        for k in ("ref_logps_chosen", "ref_logps_rejected"):
+            assert logs["lora"][step][k] == pytest.approx(logs["full"][step][k], abs=1e-5)
+            assert logs["lora"][step][k] == pytest.approx(logs["stored"][step][k], abs=1e-5)
+    # log-probs from another model: refused, unless told to recompute
+    other = write(tmp_path / "other.jsonl", [{**row, "ref_model": {"path": "x", "fingerprint": "0123abcd"}} for row in stored])
+    with pytest.raises(SystemExit, match="not the loaded model"):
+        run_main(toy, tmp_path / "o", "--max-steps", "1", pairs=other)
+    run_main(toy, tmp_path / "o", "--max-steps", "1", "--ref-logps", "recompute", pairs=other)
+    assert sidecar(tmp_path / "o")["reference"] == "adapters-disabled"
+    mixed = write(tmp_path / "mixed.jsonl", stored[:6] + rows[6:])
+    with pytest.raises(SystemExit, match="lack ref_chosen_logps"):
+        run_main(toy, tmp_path / "m", "--max-steps", "1", pairs=mixed)
+
+
+# ---- bad input --------------------------------------------------------------------------------------
+def test_bad_pairs_are_listed_or_counted_and_long_ones_dropped(toy, tmp_path):
+    rows = [json.loads(x) for x in toy["pairs"].read_text().splitlines()]
+    bad = [dict(r) for r in rows]
+    bad[1]["image"] = bad[1]["image"][:-1]  # one marker too many
+    bad[3]["image"] = ["plain/does-not-exist.png"] + bad[3]["image"][1:]
+    bad[5]["chosen"] = ""
+    bad[7]["ref_chosen_logps"] = 1.0  # half a stored reference
+    path = write(tmp_path / "bad.jsonl", bad)
+    with pytest.raises(SystemExit) as e:
+        run_main(toy, tmp_path / "a", "--max-steps", "1", pairs=path)
+    msg = str(e.value)
+    assert "4 bad pairs" in msg and "bad.jsonl:2: prompt" in msg and "does-not-exist.png" in msg
+    assert "bad.jsonl:6: chosen" in msg and "bad.jsonl:8: ref_chosen_logps" in msg and "--on-error skip" in msg
+    run_main(toy, tmp_path / "b", "--max-steps", "1", "--on-error", "skip", pairs=path)
+    meta = sidecar(tmp_path / "b")
+    assert meta["counts"]["pairs_used"] == 8 and meta["skipped"]["by_reason"] == {"bad pair": 4}
+    # --max-length: the 3-image pairs (3 x 65 visual tokens + text) are dropped and counted, never cut
+    _, proc = common.load_model(toy["model"])
+    kept, skips = dpo.load_pairs(toy["pairs"], toy["images"], proc, 180, "raise")
+    assert kept and all(p["n_images"] == 2 for p in kept) and skips.counts["too long"] == 12 - len(kept)
+    with pytest.raises(SystemExit, match="04_gen_pairs.py"):
+        run_main(toy, tmp_path / "c", pairs=tmp_path / "missing.jsonl")
+
+
+def test_non_finite_loss_stops_after_saving_a_checkpoint(toy, tmp_path, monkeypatch):
+    real, calls = dpo.dpo_loss, []
+
+    def poisoned(*a, **k):
+        losses, cr, rr = real(*a, **k)
+        calls.append(1)
+        return (losses * float("nan") if len(calls) == 3 else losses), cr, rr
+
+    monkeypatch.setattr(dpo, "dpo_loss", poisoned)
+    with pytest.raises(SystemExit, match="non-finite loss at step 3"):
+        run_main(toy, tmp_path / "nan", "--max-steps", "5")
+    assert [r["step"] for _, r in common.read_rows(tmp_path / "nan" / "log.jsonl")] == [1, 2]
+    assert (tmp_path / "nan" / "checkpoints" / "step-000002" / "trainer_state.pt").is_file()
+    assert sidecar(tmp_path / "nan")["status"].startswith("non-finite loss at step 3")
