@@ -282,12 +282,13 @@ def _to_rgb(im):
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def load_model(path, dtype="auto", device="cpu", attn_implementation=None):
+def load_model(path, dtype="auto", device="cpu", attn_implementation=None, adapter=None):
     """Load an image-text-to-text checkpoint and its processor from a LOCAL directory.
 
     Never downloads: `path` must be a directory holding `config.json` (as `save_pretrained` or
     `huggingface-cli download` leave it). `dtype`: one of DTYPES ("auto" = the checkpoint's).
     `attn_implementation`: "eager", "sdpa", "flash_attention_2" or None (transformers' default).
+    `adapter`: a LoRA adapter directory (06's OUT/adapter), merged into the weights on load.
     """
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -303,7 +304,14 @@ def load_model(path, dtype="auto", device="cpu", attn_implementation=None):
     kw = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype), "local_files_only": True}
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
-    model = AutoModelForImageTextToText.from_pretrained(path, **kw).to(device).eval()
+    model = AutoModelForImageTextToText.from_pretrained(path, **kw)
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{adapter}: not a LoRA adapter directory (no adapter_config.json)")
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    model = model.to(device).eval()
     processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     return model, processor
 

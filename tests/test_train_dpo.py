@@ -285,8 +285,11 @@ def test_lora_training_save_merge_reload_same_logps(toy, tmp_path):
         via_adapter = common.response_logps(adapter.get_base_model(), batch)[0]
         merged, _ = common.load_model(tmp_path / "run" / "final")  # what 04 and 07 load
         via_merged = common.response_logps(merged, batch)[0]
+        on_load, _ = common.load_model(toy["model"], adapter=tmp_path / "run" / "adapter")  # merged on load
+        via_on_load = common.response_logps(on_load, batch)[0]
     assert not torch.allclose(ref, via_adapter, atol=1e-3)  # training changed the model
     assert torch.allclose(via_adapter, via_merged, atol=1e-4)
+    assert torch.allclose(via_on_load, via_merged, atol=1e-4)
     assert sidecar(tmp_path / "run")["saved"] == [str(tmp_path / "run" / "adapter"), str(tmp_path / "run" / "final")]
 
 
