@@ -7,7 +7,7 @@ common.py — plumbing shared by the MIA-DPO stages (no method logic lives here)
   model  : load_model (local HF checkpoint, offline), image_token_id, model_fingerprint
   prompts: render_prompt / render_pair (the model's own chat template, <image> kept in place),
            build_inputs (questions [+ answers] + images -> padded batch with labels)
-  tensors: image_spans, response_logps (LM head only where labels exist), generate (greedy)
+  tensors: image_spans, response_logps + logps_at (LM head only where labels exist), generate (greedy)
   01-03  : source rows (load_sources: validate, clean the question, dedupe, check images),
            prompt rewrite (clean_question, lower_first, labelled_turns), companion pools and
            draws, parallel map, atomic image save, the shared command-line flags
@@ -476,6 +476,18 @@ def _split_runs(spans, n, b):
     return out
 
 
+def logps_at(model, hidden, targets):
+    """hidden (N, H) states and targets (N,) next-token ids -> (N,) log-probs, with the LM head
+    (and the model's final logit soft-capping, if it has one) applied to these N rows only."""
+    import torch
+
+    logits = model.get_output_embeddings()(hidden).float()  # (N, V)
+    cap = getattr(getattr(model.config, "text_config", model.config), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
 def response_logps(model, batch):
     """Log-probs of the labelled (response) tokens, LM head applied ONLY at those positions.
 
@@ -491,11 +503,7 @@ def response_logps(model, batch):
     hidden = model.model(**inputs).last_hidden_state  # (B, T, H)
     targets = batch["labels"][:, 1:]  # position t predicts token t+1
     mask = targets != IGNORE_INDEX  # (B, T-1)
-    logits = model.get_output_embeddings()(hidden[:, :-1][mask]).float()  # (N, V)
-    cap = getattr(getattr(model.config, "text_config", model.config), "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    lp = torch.log_softmax(logits, dim=-1).gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)  # (N,)
+    lp = logps_at(model, hidden[:, :-1][mask], targets[mask])  # (N,)
     token_logps = torch.zeros(mask.shape, dtype=lp.dtype, device=lp.device).masked_scatter(mask, lp)
     return token_logps.sum(-1), token_logps, mask.sum(-1)
 

@@ -4,11 +4,17 @@ bench_dpo_step.py — one DPO training step of 06_train_dpo.py against TRL's DPO
   pip install -r requirements-test.txt           # TRL (the peer), as for the parity test
   python bench/bench_dpo_step.py                  # 3 repeats x (1 warm-up + 4 timed steps) per contender
   python bench/bench_dpo_step.py --repeats 5 --steps 6 --batch-size 2 --images 3
+  python bench/bench_dpo_step.py --contenders ours,fast --images 5   # a subset
+
+Contenders: `ours` = 06_train_dpo.py's plain path (chosen and rejected rows each carry the prompt),
+`shared` = --prefix-sharing (one [prompt | chosen | rejected] row per pair, block mask), `fast` =
+--prefix-sharing --encode-images-once (image features computed once per step, no grad, reused by
+policy and reference), `trl` = TRL's DPOTrainer.
 
 The model: a tiny-width LLaVA (CLIP-style tower, Llama LM, the toy tokenizer and llava-1.5's chat
 template) with LLaVA-1.5's token geometry: 336 px images, patch 14 -> 576 visual tokens per
 image, --images per prompt, answers of ~10-40 tokens. Built in a temporary folder, random weights.
-Both contenders train the same LoRA (r 8 on every language-model linear layer), fp32, no
+All contenders train the same LoRA (r 8 on every language-model linear layer), fp32, no
 activation checkpointing, reference = adapters disabled, on the same pairs, --batch-size pairs
 per step (chosen + rejected = 2x rows), AdamW, clipping.
 
@@ -18,7 +24,8 @@ ours/trl/ours/trl... for --repeats rounds. Per process: the time of each step af
 consecutive `on_step_end` callbacks, which likewise spans data loading to optimizer step), and
 ru_maxrss, the process's peak resident memory, minus the resident memory after imports (torch,
 transformers, peft and, for TRL, trl/datasets/accelerate), i.e. the model, data and step.
-Reports medians over processes (each process's median step) and the ratios ours/TRL.
+Reports medians over processes (each process's median step) and the ratios ours/TRL, shared/ours,
+fast/ours and fast/TRL.
 """
 import argparse
 import json
@@ -100,7 +107,7 @@ def make_pairs(folder, n, n_images, seed=0):
 
 
 # ---- the contenders (each in its own process) -------------------------------------------------
-def worker_ours(a):
+def worker_ours(a, extra=()):
     import importlib
 
     import torch  # noqa: F401  (imports before the baseline, like the TRL worker)
@@ -113,7 +120,7 @@ def worker_ours(a):
     dpo.main(dpo.get_args(["--pairs", str(Path(a.data) / "pairs.jsonl"), "--image-root", a.data, "--model", a.model,
                            "--out", str(out), "--lora-r", "8", "--lora-alpha", "16", "--batch-size", str(a.batch_size),
                            "--max-steps", str(a.steps + 1), "--warmup-steps", "0", "--lr", "1e-4", "--save-every", "0",
-                           "--threads", str(a.threads), "--max-length", "8192"]))
+                           "--threads", str(a.threads), "--max-length", "8192", *extra]))
     ms = [r["ms"] for _, r in __import__("common").read_rows(out / "log.jsonl")][1:]
     shutil.rmtree(out, ignore_errors=True)
     return ms, base
@@ -163,7 +170,12 @@ def worker_trl(a):
     return [1000 * (t1 - t0) for t0, t1 in zip(ends, ends[1:])], base
 
 
-WORKERS = {"ours": worker_ours, "trl": worker_trl}
+# issue 6's fast path: prefix sharing alone, and with the images encoded once per step
+FAST = {"shared": ["--prefix-sharing", "--no-encode-images-once"],
+        "fast": ["--prefix-sharing", "--encode-images-once"]}
+WORKERS = {"ours": lambda a: worker_ours(a, ["--no-prefix-sharing", "--no-encode-images-once"]),
+           "shared": lambda a: worker_ours(a, FAST["shared"]),
+           "fast": lambda a: worker_ours(a, FAST["fast"]), "trl": worker_trl}
 
 
 def run_worker(name, a, data, model):
@@ -185,12 +197,15 @@ def main(a):
         build_model(tmp / "model", ROOT / a.toy_model, a.width, a.layers)
         n_pairs = a.batch_size * (a.steps + 1)  # one epoch = the run: no pair is seen twice
         make_pairs(tmp / "data", n_pairs, a.images)
-        results = {name: [] for name in WORKERS}
+        names = a.contenders.split(",")
+        if not names or set(names) - set(WORKERS):
+            raise SystemExit(f"--contenders: choose from {sorted(WORKERS)}")
+        results = {name: [] for name in names}
         for r in range(a.repeats):
-            for name in WORKERS:
+            for name in names:
                 res = run_worker(name, a, tmp / "data", tmp / "model")
                 results[name].append(res)
-                print(f"repeat {r + 1} {name:4s}: step {statistics.median(res['ms']):7.0f} ms (median of {len(res['ms'])}), "
+                print(f"repeat {r + 1} {name:6s}: step {statistics.median(res['ms']):7.0f} ms (median of {len(res['ms'])}), "
                       f"peak RSS {res['peak_mb']:6.0f} MB, over imports {res['peak_mb'] - res['base_mb']:6.0f} MB", flush=True)
         summary = {}
         for name, rs in results.items():
@@ -203,9 +218,11 @@ def main(a):
         print("| contender | step (ms) | pairs/s | peak RSS (MB) | peak over imports (MB) |\n|---|---|---|---|---|")
         for name, s in summary.items():
             print(f"| {name} | {s['step_ms']:.0f} | {s['pairs_per_s']:.2f} | {s['peak_mb']:.0f} | {s['step_mb']:.0f} |")
-        o, t = summary["ours"], summary["trl"]
-        print(f"ours/TRL: pairs/s x{o['pairs_per_s'] / t['pairs_per_s']:.2f}, peak over imports "
-              f"x{o['step_mb'] / t['step_mb']:.2f}, peak RSS x{o['peak_mb'] / t['peak_mb']:.2f}")
+        for x, y in (("ours", "trl"), ("shared", "ours"), ("fast", "ours"), ("fast", "trl")):
+            if x in summary and y in summary:
+                o, t = summary[x], summary[y]
+                print(f"{x}/{y}: pairs/s x{o['pairs_per_s'] / t['pairs_per_s']:.2f}, peak over imports "
+                      f"x{o['step_mb'] / t['step_mb']:.2f}, peak RSS x{o['peak_mb'] / t['peak_mb']:.2f}")
     finally:
         if not a.tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -220,6 +237,9 @@ def get_args(argv=None):
     g.add_argument("--layers", type=int, default=4)
     g.add_argument("--toy-model", default="models/toy-llava", help="where the tokenizer and chat template come from")
     g = p.add_argument_group("measurement")
+    g.add_argument("--contenders", default="ours,shared,fast,trl",
+                   help="comma list: ours (plain path), shared (--prefix-sharing), fast (--prefix-sharing "
+                        "--encode-images-once), trl")
     g.add_argument("--repeats", type=int, default=3, help="fresh processes per contender")
     g.add_argument("--steps", type=int, default=4, help="timed steps per process (after one warm-up step)")
     g.add_argument("--threads", type=int, default=1,

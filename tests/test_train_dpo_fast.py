@@ -1,0 +1,117 @@
+"""06_train_dpo.py's fast path (issue 6): prefix-shared pairs give the plain path's log-probs and
+gradients, fp32, tiny toy model, 1-5 images per prompt, a padded batch of unequal lengths."""
+import importlib
+import random
+
+import pytest
+import torch
+
+import common
+from test_train_dpo import make_pairs, run_main, write
+
+dpo = importlib.import_module("06_train_dpo")
+TOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def toy(toy_tiny):
+    return {"root": toy_tiny, "model": toy_tiny / "models" / "toy-llava", "images": toy_tiny / "data" / "toy" / "images"}
+
+
+def uneven_pairs(toy_root):
+    """Five pairs with 1..5 images (prompts of unequal length) and answers of unequal length
+    (chosen longer in some pairs, rejected in others)."""
+    rng, out = random.Random(1), []
+    for k in range(1, 6):
+        p = make_pairs(toy_root, 1, seed=k, n_images=(max(k, 2),))[0]
+        if k == 1:  # one image: keep the first, rewrite the labels
+            p["image"], p["prompt"] = p["image"][:1], "Image1:<image>\nIn Image1, what color is the shape?"
+        p["chosen"] += " It is the only shape." * rng.randrange(3)
+        p["rejected"] = f"I think it is {p['rejected']}." + " The background is plain." * rng.randrange(3)
+        out.append({"id": p["id"] + f"-{k}", "images": p["image"], "prompt": p["prompt"],
+                    "chosen": p["chosen"], "rejected": p["rejected"]})
+    return out
+
+
+def logps_and_grads(policy, model, batch):
+    """Policy and reference (adapters disabled) summed log-probs, and the gradients of the summed
+    DPO loss w.r.t. the trainable parameters."""
+    policy.zero_grad(set_to_none=True)
+    with torch.no_grad(), policy.disable_adapter():
+        ref, _ = dpo.score_pairs(model, batch)
+    pol, n = dpo.score_pairs(model, batch)
+    pc, pr = pol.chunk(2)
+    rc, rr = ref.chunk(2)
+    losses, _, _ = dpo.dpo_loss(pc, pr, rc, rr, beta=0.1)
+    losses.sum().backward()
+    grads = {k: p.grad.clone() for k, p in policy.named_parameters() if p.requires_grad}
+    return pol.detach(), ref, n, grads
+
+
+@pytest.mark.parametrize("attn,prefix,encode", [("sdpa", True, False), ("eager", True, False),
+                                               ("sdpa", True, True), ("sdpa", False, True)])
+def test_fast_paths_equal_plain_logps_and_grads(toy, attn, prefix, encode):
+    model, proc = common.load_model(toy["model"], dtype="float32", attn_implementation=attn)
+    args = dpo.get_args(["--lora-r", "8", "--lora-alpha", "16"])
+    torch.manual_seed(0)
+    policy, _ = dpo._prepare_policy(model, args, "adapters-disabled")
+    for name, p in policy.named_parameters():  # LoRA B starts at 0: make policy != reference
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    pairs = uneven_pairs(toy["root"])
+    plain = dpo.collate(pairs, toy["images"], proc, "cpu", torch.float32)
+    fast = dpo.collate(pairs, toy["images"], proc, "cpu", torch.float32, prefix_sharing=prefix)
+    if prefix:  # the shared layout really is shorter: one prompt per pair, padded batch of unequal rows
+        assert fast["input_ids"].shape[0] == len(pairs) and plain["input_ids"].shape[0] == 2 * len(pairs)
+        assert fast["input_ids"].numel() < plain["input_ids"].numel()
+        assert fast["pixel_values"].shape[0] == sum(len(p["images"]) for p in pairs)
+    if encode:
+        fast = dpo.encode_images(model, fast)
+        assert "pixel_values" not in fast and "mm_encoder_outputs" in fast
+    pol_a, ref_a, n_a, g_a = logps_and_grads(policy, model, plain)
+    pol_b, ref_b, n_b, g_b = logps_and_grads(policy, model, fast)
+    assert torch.equal(n_a, n_b)
+    torch.testing.assert_close(pol_b, pol_a, atol=TOL, rtol=0)
+    torch.testing.assert_close(ref_b, ref_a, atol=TOL, rtol=0)
+    assert any(g.abs().max() > 1e-3 for g in g_a.values())  # the comparison is not vacuous
+    for k in g_a:
+        torch.testing.assert_close(g_b[k], g_a[k], atol=TOL, rtol=0, msg=lambda m: f"{k}: {m}")
+
+
+def test_shared_prefix_mask_and_positions(toy):
+    """One pair laid out by hand: rejected sees the prompt and itself, never the chosen answer;
+    its positions restart at the prompt end; the first rejected token is scored from p-1."""
+    _, proc = common.load_model(toy["model"])
+    pair = uneven_pairs(toy["root"])[0]
+    plain = dpo.collate([pair], toy["images"], proc, "cpu", torch.float32)
+    fast = dpo.collate([pair], toy["images"], proc, "cpu", torch.float32, prefix_sharing=True)
+    p = int(plain["prompt_lens"][0])
+    c, r = [int(m.sum()) - p for m in plain["attention_mask"]]
+    allowed = fast["attention_mask"][0, 0] == 0  # (T, T)
+    assert allowed.shape == (p + c + r, p + c + r)
+    assert allowed[p + c:, :p].all() and not allowed[p + c:, p:p + c].any()
+    assert torch.equal(allowed[p + c:, p + c:], torch.ones(r, r, dtype=torch.bool).tril())
+    assert torch.equal(fast["position_ids"][0], torch.cat([torch.arange(p + c), torch.arange(p, p + r)]))
+    src = fast["score_src"].tolist()
+    assert src[:c] == list(range(p - 1, p + c - 1)) and src[c] == p - 1 and src[c + 1:] == list(range(p + c, p + c + r - 1))
+
+
+def test_default_fast_training_run_logs_the_plain_losses(toy, tmp_path):
+    pairs = write(tmp_path / "pairs.jsonl", make_pairs(toy["root"], 4, n_images=(1, 3)))
+    toy = {**toy, "pairs": pairs}
+    args = dpo.get_args([])
+    assert args.prefix_sharing and args.encode_images_once  # the fast path is the default
+    plain = run_main(toy, tmp_path / "plain", "--max-steps", "2", "--batch-size", "2", "--no-prefix-sharing",
+                     "--no-encode-images-once")
+    fast = run_main(toy, tmp_path / "fast", "--max-steps", "2", "--batch-size", "2")
+    assert len(plain) == len(fast) == 2
+    for a, b in zip(plain, fast):
+        assert abs(a["loss"] - b["loss"]) < TOL and abs(a["logps_chosen"] - b["logps_chosen"]) < TOL
