@@ -107,7 +107,26 @@ def make_pairs(folder, n, n_images, seed=0):
 
 
 # ---- the contenders (each in its own process) -------------------------------------------------
-def worker_ours(a, extra=()):
+def add_ref_logps(data, model_dir):
+    """data/pairs_ref.jsonl: the pairs plus the reference log-probs 04 would store (same model,
+    plain path, its fingerprint), so the `stored` contender runs no reference forward at all."""
+    import torch
+
+    import common
+
+    model, proc = common.load_model(model_dir, dtype="float32")
+    fp, out = common.model_fingerprint(model), []
+    for _, r in common.read_rows(data / "pairs.jsonl"):
+        ims = [common.load_image(data, p) for p in r["image"]]
+        batch = common.build_inputs(proc, [r["prompt"]] * 2, [ims, ims], answers=[r["chosen"], r["rejected"]])
+        with torch.no_grad():
+            sums = common.response_logps(model, batch)[0]
+        out.append({**r, "ref_chosen_logps": float(sums[0]), "ref_rejected_logps": float(sums[1]),
+                    "ref_model": {"path": str(model_dir), "fingerprint": fp}})
+    common.write_jsonl(data / "pairs_ref.jsonl", out)
+
+
+def worker_ours(a, extra=(), pairs="pairs.jsonl"):
     import importlib
 
     import torch  # noqa: F401  (imports before the baseline, like the TRL worker)
@@ -117,7 +136,7 @@ def worker_ours(a, extra=()):
     base = rss_mb()
     dpo = importlib.import_module("06_train_dpo")
     out = Path(a.data) / f"ours-{time.time_ns()}"
-    dpo.main(dpo.get_args(["--pairs", str(Path(a.data) / "pairs.jsonl"), "--image-root", a.data, "--model", a.model,
+    dpo.main(dpo.get_args(["--pairs", str(Path(a.data) / pairs), "--image-root", a.data, "--model", a.model,
                            "--out", str(out), "--lora-r", "8", "--lora-alpha", "16", "--batch-size", str(a.batch_size),
                            "--max-steps", str(a.steps + 1), "--warmup-steps", "0", "--lr", "1e-4", "--save-every", "0",
                            "--threads", str(a.threads), "--max-length", "8192", *extra]))
@@ -175,7 +194,10 @@ FAST = {"shared": ["--prefix-sharing", "--no-encode-images-once"],
         "fast": ["--prefix-sharing", "--encode-images-once"]}
 WORKERS = {"ours": lambda a: worker_ours(a, ["--no-prefix-sharing", "--no-encode-images-once"]),
            "shared": lambda a: worker_ours(a, FAST["shared"]),
-           "fast": lambda a: worker_ours(a, FAST["fast"]), "trl": worker_trl}
+           "fast": lambda a: worker_ours(a, FAST["fast"]),
+           # + the reference log-probs stored in the pairs (as 04 writes them): no reference forward
+           "stored": lambda a: worker_ours(a, FAST["fast"] + ["--ref-logps", "stored"], pairs="pairs_ref.jsonl"),
+           "trl": worker_trl}
 
 
 def run_worker(name, a, data, model):
@@ -197,6 +219,8 @@ def main(a):
         build_model(tmp / "model", ROOT / a.toy_model, a.width, a.layers)
         n_pairs = a.batch_size * (a.steps + 1)  # one epoch = the run: no pair is seen twice
         make_pairs(tmp / "data", n_pairs, a.images)
+        if "stored" in a.contenders.split(","):
+            add_ref_logps(tmp / "data", tmp / "model")
         names = a.contenders.split(",")
         if not names or set(names) - set(WORKERS):
             raise SystemExit(f"--contenders: choose from {sorted(WORKERS)}")
@@ -237,9 +261,9 @@ def get_args(argv=None):
     g.add_argument("--layers", type=int, default=4)
     g.add_argument("--toy-model", default="models/toy-llava", help="where the tokenizer and chat template come from")
     g = p.add_argument_group("measurement")
-    g.add_argument("--contenders", default="ours,shared,fast,trl",
+    g.add_argument("--contenders", default="ours,shared,fast,stored,trl",
                    help="comma list: ours (plain path), shared (--prefix-sharing), fast (--prefix-sharing "
-                        "--encode-images-once), trl")
+                        "--encode-images-once), stored (fast + reference log-probs stored in the pairs), trl")
     g.add_argument("--repeats", type=int, default=3, help="fresh processes per contender")
     g.add_argument("--steps", type=int, default=4, help="timed steps per process (after one warm-up step)")
     g.add_argument("--threads", type=int, default=1,
