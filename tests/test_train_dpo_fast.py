@@ -7,18 +7,10 @@ import pytest
 import torch
 
 import common
-from test_train_dpo import make_pairs, run_main, write
+from test_train_dpo import make_pairs, one_thread, run_main, write  # noqa: F401  (one_thread: autouse fixture)
 
 dpo = importlib.import_module("06_train_dpo")
 TOL = 1e-4
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
