@@ -371,11 +371,10 @@ def row_numbers(item, attn, spans, sizes, geom, patch):
     return attention_ratio(fmt, maps, item["target"], weights), [float(m.sum()) for m in maps], maps
 
 
-def candidate(it, answer, ratio, masses, ppl, n_tokens, noise_std, args, ctx):
+def candidate(it, answer, ratio, masses, ppl, n_tokens, noise_std, args, ctx, truncated=False):
     """Every row's record: its answer, the probe's numbers and why it is or is not a pair."""
     limit = threshold_for(it["format"], it["n_images"], ctx["thresholds"])
-    reason = select(answer, it["truth"], ppl, ratio, limit, INCLUSIVE[it["format"]], args.min_ppl,
-                    truncated=n_tokens - 1 >= args.max_new_tokens)  # n_tokens counts the EOS
+    reason = select(answer, it["truth"], ppl, ratio, limit, INCLUSIVE[it["format"]], args.min_ppl, truncated=truncated)
     return {"id": it["id"], "format": it["format"], "n_images": it["n_images"], "target": it["target"],
             "answer": answer, "truth": it["truth"], "correct": normalise(answer) == normalise(it["truth"]),
             "ratio": round(ratio, 6), "threshold": limit, "attn_images": [round(m, 6) for m in masses],
@@ -409,12 +408,13 @@ def run_batch(model, processor, items, args, ctx):
     if not ok:
         return out, []
     qs = [it["prompt"] for it in ok]
-    answers = common.generate(model, processor, qs, seen, args.max_new_tokens)
+    answers, finished = common.generate(model, processor, qs, seen, args.max_new_tokens, return_finished=True)
     attn, spans, sum_lp, n_tok = probe_forward(model, processor, qs, seen, answers, ctx["layer"])
     recs, viz = [], []
     for b, it in enumerate(ok):
         ratio, masses, maps = row_numbers(it, attn[b], spans[b], [im.size for im in clean[b]], ctx["geom"], ctx["patch"])
-        cand = candidate(it, answers[b], ratio, masses, perplexity(sum_lp[b], n_tok[b]), n_tok[b], noise[b], args, ctx)
+        cand = candidate(it, answers[b], ratio, masses, perplexity(sum_lp[b], n_tok[b]), n_tok[b], noise[b], args, ctx,
+                         truncated=not finished[b])
         recs.append({"i": it["i"], "candidate": cand, "pair": None})
         if it["id"] in ctx["viz_ids"]:
             viz.append((it, seen[b], maps, cand))

@@ -508,8 +508,11 @@ def response_logps(model, batch):
     return token_logps.sum(-1), token_logps, mask.sum(-1)
 
 
-def generate(model, processor, questions, images, max_new_tokens=64):
-    """Greedy answers for a batch of questions (left-padded, same prompts as training)."""
+def generate(model, processor, questions, images, max_new_tokens=64, return_finished=False):
+    """Greedy answers for a batch of questions (left-padded, same prompts as training).
+
+    With `return_finished`, also a list of bools: did the answer end with EOS (False = it was
+    cut at max_new_tokens)."""
     import torch
 
     batch = build_inputs(processor, questions, images, padding_side="left")
@@ -521,7 +524,12 @@ def generate(model, processor, questions, images, max_new_tokens=64):
         out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     new = out[:, batch["input_ids"].shape[1]:]
-    return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+    texts = [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+    if not return_finished:
+        return texts
+    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tok.eos_token_id
+    eos = torch.tensor(eos if isinstance(eos, list) else [eos], device=new.device)
+    return texts, torch.isin(new, eos).any(dim=1).tolist()
 
 
 # ---------------------------------------------------------------------------------------------

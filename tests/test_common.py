@@ -326,3 +326,17 @@ def test_a_llava15_7b_hf_shaped_checkpoint_loads_and_gives_576_tokens_per_image(
     with torch.no_grad():
         total, _, n = common.response_logps(model, b)
     assert torch.isfinite(total).all() and n.tolist() == [len(tok(" blue", add_special_tokens=False)["input_ids"]) + 1]
+
+
+def test_generate_reports_whether_the_answer_reached_eos(toy):
+    model, proc, root = toy
+    qs = ["<image>\nWhat color is the shape?", "Image1:<image>\nImage2:<image>\nIn Image2, what color is the background?"]
+    ims = [_images(root, 1), _images(root, 2, 1)]
+    for n in (1, 3, 8):
+        texts, finished = common.generate(model, proc, qs, ims, max_new_tokens=n, return_finished=True)
+        assert texts == common.generate(model, proc, qs, ims, max_new_tokens=n)
+        for i in range(2):  # reference: this row alone, EOS looked for in the raw new tokens
+            b = common.build_inputs(proc, [qs[i]], [ims[i]])
+            with torch.no_grad():
+                new = model.generate(**b, do_sample=False, max_new_tokens=n)[0, b["input_ids"].shape[1]:]
+            assert finished[i] == (proc.tokenizer.eos_token_id in new.tolist())
