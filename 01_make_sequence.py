@@ -42,7 +42,7 @@ import time
 from tqdm import tqdm
 
 from common import (MARKER, DataError, SkipRow, Skips, add_shared_args, build_pools, draw_companions, labelled_turns,
-                    load_sources, output_row, parse_counts, resolve_paths, row_rng, summary, write_jsonl, write_sidecar)
+                    finish, load_sources, output_row, parse_counts, resolve_paths, row_rng)
 
 # ---- method: what the paper specifies (edit me) ----
 COUNTS = "2:0.55,3:0.16,4:0.16,5:0.13"  # the authors' mix of 62k sequence samples
@@ -86,15 +86,12 @@ def main(args):
             continue
         rows.append(row)
         n_fallback += fell_back
-    rows.sort(key=lambda r: r["id"])
     n_images = {}
     for r in rows:
         n_images[r["mia"]["n_images"]] = n_images.get(r["mia"]["n_images"], 0) + 1
     counts = {"rows_read": n_read, "rows_written": len(rows), "companions_fallback": n_fallback,
               "n_images": dict(sorted(n_images.items()))}
-    write_jsonl(args.out, rows)
-    write_sidecar(args.out, args, counts=counts, skips=skips)
-    print(summary("01_make_sequence", args, len(rows), skips, counts, t0))
+    finish("01_make_sequence", args, rows, skips, counts, t0)
     return rows, skips, counts
 
 

@@ -45,7 +45,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import common
-from common import DataError, ImageError, Skips, load_image, row_rng, write_jsonl, write_sidecar
+from common import DataError, ImageError, Skips, load_image, row_rng
 
 
 # ---- method: what the paper specifies (edit me) ----
@@ -227,12 +227,9 @@ def main(args):
         rows.append(common.output_row(item["id"], [f"{ref}/{item['file']}"], item["turns"], item["srcs"][0].row, mia))
         n_fallback += item["fell_back"]
         n_images[item["n"]] = n_images.get(item["n"], 0) + 1
-    rows.sort(key=lambda r: r["id"])
     counts = {"rows_read": n_read, "rows_written": len(rows), "sources_used": sum(len(r["mia"]["sources"]) for r in rows),
               "companions_fallback": n_fallback, "n_images": dict(sorted(n_images.items()))}
-    write_jsonl(args.out, rows)  # after every image it references is on disk
-    write_sidecar(args.out, args, counts=counts, skips=skips)
-    print(common.summary("02_make_grid", args, len(rows), skips, counts, t0))
+    common.finish("02_make_grid", args, rows, skips, counts, t0)
     return rows, skips, counts
 
 

@@ -33,7 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import common
-from common import DataError, ImageError, Skips, load_image, row_rng, write_jsonl, write_sidecar
+from common import DataError, ImageError, Skips, load_image, row_rng
 
 
 # ---- method: what the paper specifies (edit me) ----
@@ -122,11 +122,8 @@ def main(args):
                "companions_fallback": item["fell_back"]}
         rows.append(common.output_row(item["id"], [f"{ref}/{item['file']}"], item["turns"], src.row, mia))
         n_fallback += item["fell_back"]
-    rows.sort(key=lambda r: r["id"])
     counts = {"rows_read": n_read, "rows_written": len(rows), "companions_fallback": n_fallback}
-    write_jsonl(args.out, rows)  # after every image it references is on disk
-    write_sidecar(args.out, args, counts=counts, skips=skips)
-    print(common.summary("03_make_pip", args, len(rows), skips, counts, t0))
+    common.finish("03_make_pip", args, rows, skips, counts, t0)
     return rows, skips, counts
 
 

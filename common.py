@@ -259,8 +259,8 @@ def load_image(root, rel):
 def _to_rgb(im):
     from PIL import Image
 
-    if im.mode == "RGB":
-        return im.copy()
+    if im.mode == "RGB":  # exif_transpose already returned a copy detached from the file
+        return im
     if im.mode in ("I;16", "I;16L", "I;16B", "I", "F"):  # scale wide grayscale to 8 bit
         import numpy as np
 
@@ -851,8 +851,13 @@ def add_shared_args(p, image_out=None):
     return m
 
 
-def summary(name, args, n_written, skips, counts, t0):
+def finish(name, args, rows, skips, counts, t0):
+    """End of a stage 01-03 run: rows sorted by id (so output does not depend on input order or
+    workers), JSONL and sidecar written atomically, one summary line printed."""
+    rows.sort(key=lambda r: r["id"])
+    write_jsonl(args.out, rows)  # after every image it references is on disk
+    write_sidecar(args.out, args, counts=counts, skips=skips)
     fmt = lambda v: " ".join(f"{k}:{x}" for k, x in v.items()) if isinstance(v, dict) else v  # noqa: E731
     extra = " | ".join(f"{k} {fmt(v)}" for k, v in counts.items() if k not in ("rows_read", "rows_written"))
-    return (f"{name}: {counts.get('rows_read', 0)} rows read -> {n_written} written to {args.out} | {extra} | "
-            f"skipped {len(skips)} ({skips.summary()}) | {time.time() - t0:.1f} s")
+    print(f"{name}: {counts.get('rows_read', 0)} rows read -> {len(rows)} written to {args.out} | {extra} | "
+          f"skipped {len(skips)} ({skips.summary()}) | {time.time() - t0:.1f} s")

@@ -81,8 +81,8 @@ def main(a):
     T = res["head_only"][0]["T"]
     print(f"batch {a.batch} x {T} tokens ({a.images} images x 576 + text), answers {a.answer_len}+EOS, vocab {a.vocab}, "
           f"{a.threads} threads, {a.repeats} repeats, forward+backward; max |logp difference| {diff:.1e}")
-    print(f"| method | median s | median peak RSS MB | median step MB (peak - after build) |")
-    print(f"|---|---|---|---|")
+    print("| method | median s | median peak RSS MB | median step MB (peak - after build) |")
+    print("|---|---|---|---|")
     med = {m: {k: statistics.median(x[k] for x in res[m]) for k in ("s", "peak_mb", "step_mb")} for m in modes}
     for m in modes:
         print(f"| {m} | {med[m]['s']:.3f} | {med[m]['peak_mb']:.0f} | {med[m]['step_mb']:.0f} |")
