@@ -1,0 +1,218 @@
+"""07_eval.py / 07_eval.sh: scoring, the hallucination breakdown, multiple-choice parsing, the
+toy benchmark through the shell script, resume, and the VLMEvalKit command."""
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import common
+
+ev = importlib.import_module("07_eval")
+ROOT = Path(__file__).resolve().parents[1]
+SCENES = [{"shape": "circle", "color": "red", "background": "gray"},
+          {"shape": "square", "color": "blue", "background": "white"},
+          {"shape": "cross", "color": "red", "background": "black"}]
+
+
+def test_normalise_hand_cases():
+    assert ev.normalise("The Red.") == "red"
+    assert ev.normalise("  light   BLUE!") == "light blue"
+    assert ev.normalise("an apple") == "apple" and ev.normalise("") == ""
+    assert ev.normalise("it's 3:00") == "it's 3:00"  # inner punctuation is kept
+
+
+@pytest.mark.parametrize("answer,choice", [
+    ("B", "B"), ("(B)", "B"), ("B.", "B"), ("b) dog", "B"), ("(c) bird", "C"), ("C: bird", "C"),
+    ("dog", "B"), ("A dog.", "B"),  # "A" here is the article: the text names option B
+    ("a dog", "B"), ("The answer is C.", "C"), ("Dog", "B"),
+    ("cat or dog", None), ("", None), ("E", None), ("A or B", None), ("I think so", None),
+])
+def test_parse_choice_hand_cases(answer, choice):
+    assert ev.parse_choice(answer, ["cat", "dog", "bird"]) == choice
+
+
+def test_mc_prompt_places_images_and_options():
+    p = ev.mc_prompt("Which image shows a dog?", 2, ["the first", "the second"])
+    assert p == ("<image>\n<image>\nWhich image shows a dog?\nA. the first\nB. the second\n"
+                 "Answer with the option's letter from the given choices directly.")
+    assert ev.mc_prompt("<image> vs <image>: same?", 2, ["yes", "no"]).startswith("<image> vs")
+
+
+@pytest.mark.parametrize("answer,target,attr,kind", [
+    ("blue", 0, "color", "sequence confusion"),    # Image2's shape colour, asked about Image1
+    ("red", 1, "color", "sequence confusion"),     # Image1's and Image3's
+    ("gray", 0, "color", "element interference"),  # the target's own background
+    ("white", 0, "color", "element interference"),  # another image's background
+    ("square", 0, "color", "element interference"),  # a shape, not a colour
+    ("green", 0, "color", "other"), ("", 1, "background", "other"),
+    ("gray", 1, "background", "sequence confusion"),
+    ("Blue.", 0, "color", "sequence confusion"),   # normalised first
+])
+def test_hallucination_type_hand_cases(answer, target, attr, kind):
+    assert ev.hallucination_type(answer, SCENES, target, attr) == kind
+
+
+def test_score_and_summarise_hand_case():
+    q = {"key": "f:1", "id": "1", "kind": "open", "group": "sequence 3", "gold": "red", "scenes": SCENES,
+         "target": 0, "attr": "color"}
+    right, conf, other = ev.score(q, "Red"), ev.score(q, "blue"), ev.score(q, "green")
+    assert right["correct"] and right["type"] is None
+    assert right["random_image"] == pytest.approx(2 / 3)  # Image1 and Image3 are red
+    assert (conf["correct"], conf["type"], other["type"]) == (False, "sequence confusion", "other")
+    single = {**q, "key": "f:2", "group": "single", "scenes": SCENES[:1]}
+    recs = [right, conf, other, ev.score(single, "red")]
+    s = ev.summarise(recs)
+    assert list(s) == ["single", "sequence 3", "multi-image"]
+    assert s["sequence 3"] == {"n": 3, "accuracy": pytest.approx(1 / 3), "random_image_accuracy": pytest.approx(2 / 3),
+                               "errors": {"sequence confusion": 1, "element interference": 0, "other": 1}}
+    assert s["multi-image"]["n"] == 3 and s["single"]["accuracy"] == 1.0
+    mc = {"key": "m:1", "id": "1", "kind": "mc", "group": "blink", "gold": "B", "options": ["cat", "dog"]}
+    assert ev.score(mc, "(B)")["correct"] and not ev.score(mc, "cat")["correct"]
+    assert "errors" not in ev.summarise([ev.score(mc, "B")])["blink"]
+
+
+def _row(rid, images, q, a, mia=None):
+    r = {"id": rid, "image": images, "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+    return {**r, "mia": mia} if mia else r
+
+
+def test_row_question_targets_and_groups():
+    scene_of = {"a.png": SCENES[0], "b.png": SCENES[1], "c.png": SCENES[2]}
+    seq = ev.row_question(_row("s", ["b.png", "a.png"], "Image1:<image>\nImage2:<image>\nIn Image2, what color is the background?",
+                               "gray", {"format": "sequence", "n_images": 2, "target": 2}), "f", 1, scene_of)
+    assert (seq["group"], seq["target"], seq["attr"]) == ("sequence 2", 1, "background")
+    grid = ev.row_question(_row("g", ["grid.jpg"], "<image>\nIn Image3, what color is the shape?", "red",
+                                {"format": "grid", "n_images": 3, "target": 3, "cell_images": ["a.png", "b.png", "c.png"]}),
+                           "f", 2, scene_of)
+    assert (grid["group"], grid["target"], len(grid["scenes"])) == ("grid 3", 2, 3)
+    pip = ev.row_question(_row("p", ["pip.jpg"], "<image>\nFor the inset, what color is the shape?", "blue",
+                               {"format": "pip", "n_images": 2, "target": 1, "source_images": ["b.png"], "companions": ["a.png"]}),
+                          "f", 3, scene_of)
+    assert (pip["group"], pip["target"], pip["scenes"][1]) == ("pip 2", 0, SCENES[0])
+    single = ev.row_question(_row("1", "c.png", "Image4:<image>\nIn Image4, what color is the shape?", "red"), "f", 4, scene_of)
+    assert (single["group"], single["target"]) == ("single", 0)  # a labelled single image: still its only image
+    unknown = ev.row_question(_row("u", ["x.png", "y.png"], "<image><image>\nWhich?", "red"), "f", 5, scene_of)
+    assert unknown["group"] == "multi 2" and "scenes" not in unknown
+
+
+def test_mc_rows_and_their_errors(tmp_path):
+    f = tmp_path / "mc.jsonl"
+    rows = [{"id": 1, "images": ["a.png", "b.png"], "question": "Same colour?", "options": ["yes", "no"], "answer": "no"},
+            {"id": 2, "images": "a.png", "question": "Colour?", "options": {"A": "red", "B": "blue"}, "answer": "A", "group": "g"},
+            {"id": 3, "images": ["a.png"], "question": "Colour?", "options": ["red", "blue"], "answer": "green"},
+            {"id": 4, "images": ["a.png"], "question": "Colour?", "options": ["red"], "answer": "A"}]
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(common.DataError, match=r"mc.jsonl:3: answer"):
+        ev.load_questions([f], [], "raise", common.Skips())
+    skips = common.Skips()
+    qs = ev.load_questions([f], [], "skip", skips)
+    assert [(q["gold"], q["group"]) for q in qs] == [("B", "mc"), ("A", "g")]
+    assert len(skips) == 2 and skips.rows[1]["line"] == 4 and "options" in skips.rows[1]["reason"]
+
+
+def test_resolve_model_layouts(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    assert ev.resolve_model(tmp_path / "m") == (tmp_path / "m", None)
+    (tmp_path / "o" / "adapter").mkdir(parents=True)
+    (tmp_path / "o" / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "models/base"}))
+    assert ev.resolve_model(tmp_path / "o") == (Path("models/base"), tmp_path / "o" / "adapter")
+    (tmp_path / "o" / "final").mkdir()
+    (tmp_path / "o" / "final" / "config.json").write_text("{}")
+    assert ev.resolve_model(tmp_path / "o") == (tmp_path / "o" / "final", None)  # merged beats adapter
+    with pytest.raises(FileNotFoundError, match="not a model directory"):
+        ev.resolve_model(tmp_path)
+
+
+def _env():
+    return {**os.environ, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def test_shell_builds_the_benchmark_and_compares_two_models(toy_tiny):
+    run = subprocess.run(["bash", str(ROOT / "07_eval.sh"), "--threads", "1"], cwd=toy_tiny, capture_output=True,
+                         text=True, timeout=300, env={**_env(), "DPO": "models/toy-llava", "OUT": "out/e"})
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads((toy_tiny / "out/e/report.json").read_text())
+    assert list(report) == ["base", "dpo"]
+    groups = report["base"]["groups"]
+    assert {"single", "sequence 2", "sequence 5", "pip 2", "multi-image"} <= set(groups)
+    assert groups["single"]["n"] == 30 and groups["multi-image"]["n"] == 90  # 30 held-out rows, one question each per format
+    assert report["base"]["groups"] == report["dpo"]["groups"]  # the same model twice
+    n_err = sum(sum(g["errors"].values()) for k, g in groups.items() if k != "multi-image")
+    assert n_err == sum(round(g["n"] * (1 - g["accuracy"])) for k, g in groups.items() if k != "multi-image")
+    answers = [json.loads(x) for x in (toy_tiny / "out/e/answers-base.jsonl").read_text().splitlines()]
+    assert len(answers) == 120 and all(set(a) >= {"id", "group", "gold", "answer", "correct"} for a in answers)
+    assert "group" in run.stdout and "wrong answers by type" in run.stdout
+    assert not list((toy_tiny / "out/e").glob("*.partial"))
+
+
+def test_resume_after_a_crash_gives_the_same_answers(toy_tiny, tmp_path, monkeypatch):
+    data = [str(toy_tiny / "data/toy/heldout.json")]
+    args = ["--model", f"m={toy_tiny / 'models/toy-llava'}", "--image-root", str(toy_tiny / "data/toy/images"),
+            "--scenes", *data, "--batch-size", "8", "--threads", "1", "--data", *data]
+    ev.main(ev.get_args(args + ["--out", str(tmp_path / "a")]))
+    calls, real = [], common.generate
+
+    def crash_on_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(common, "generate", crash_on_third)
+    with pytest.raises(RuntimeError, match="killed"):
+        ev.main(ev.get_args(args + ["--out", str(tmp_path / "b")]))
+    partial = tmp_path / "b" / "answers-m.jsonl.partial"
+    assert len(partial.read_text().splitlines()) == 1 + 16  # the config line, two batches of 8
+    monkeypatch.setattr(common, "generate", real)
+    ev.main(ev.get_args(args + ["--out", str(tmp_path / "b")]))
+    assert (tmp_path / "a/answers-m.jsonl").read_text() == (tmp_path / "b/answers-m.jsonl").read_text()
+    assert not partial.exists()
+    partial.write_text(json.dumps({"config": {"model": "another"}}) + "\n")
+    with pytest.raises(SystemExit, match="another model"):
+        ev.main(ev.get_args(args + ["--out", str(tmp_path / "b")]))
+
+
+def test_vlmevalkit_missing_gives_a_clear_message(tmp_path, monkeypatch):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    monkeypatch.setattr(ev.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit, match="VLMEvalKit is not installed.*pip install -e VLMEvalKit"):
+        ev.main(ev.get_args(["--vlmevalkit", "--model", f"dpo={tmp_path / 'm'}", "--out", str(tmp_path / "o")]))
+
+
+def test_vlmevalkit_command_and_config(tmp_path, monkeypatch):
+    kit, lmu, model = tmp_path / "VLMEvalKit", tmp_path / "LMUData", tmp_path / "final"
+    for d in (kit, lmu, model):
+        d.mkdir()
+    (kit / "run.py").write_text("")
+    (model / "config.json").write_text("{}")
+    monkeypatch.setenv("LMUData", str(lmu))
+    argv = ["--vlmevalkit", "--vlmevalkit-dir", str(kit), "--model", f"mia={model}", "--out", str(tmp_path / "o"),
+            "--benchmarks", "BLINK", "MVBench", "--dry-run"]
+    with pytest.raises(SystemExit, match=r"missing under \$LMUData.*BLINK.tsv, MVBench.tsv"):
+        ev.main(ev.get_args(argv))
+    (lmu / "BLINK.tsv").write_text("")
+    (lmu / "MVBench").mkdir()  # a video benchmark is a folder
+    cmd = ev.main(ev.get_args(argv))
+    cfg = tmp_path / "o" / "vlmevalkit" / "config.json"
+    assert cmd == ["torchrun", "--nproc-per-node=8", str(kit / "run.py"), "--config", str(cfg),
+                   "--work-dir", str(tmp_path / "o" / "vlmevalkit"), "--mode", "all"]
+    assert json.loads(cfg.read_text()) == {"model": {"mia": {"class": "LLaVA_HF", "model_path": str(model.resolve())}},
+                                           "data": {"BLINK": {}, "MVBench": {}}}
+    assert ev.main(ev.get_args(argv + ["--nproc", "1"]))[:2] == [sys.executable, str(kit / "run.py")]
+    (tmp_path / "o2" / "adapter").mkdir(parents=True)
+    (tmp_path / "o2" / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(model)}))
+    with pytest.raises(SystemExit, match="--merge"):
+        ev.main(ev.get_args(["--vlmevalkit", "--vlmevalkit-dir", str(kit), "--model", f"d={tmp_path / 'o2'}", "--dry-run"]))
+    assert set(ev.PAPER_BENCHMARKS[:5]) == {"MMMU_DEV_VAL", "BLINK", "MANTIS", "NLVR2", "MVBench"}
+
+
+def test_shell_passes_vlmevalkit_through(tmp_path):
+    run = subprocess.run(["bash", str(ROOT / "07_eval.sh"), "--vlmevalkit", "--model", f"x={tmp_path}"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120, env=_env())
+    assert run.returncode != 0 and "not a model directory" in run.stderr
