@@ -483,20 +483,29 @@ def load_partial(path, config, batches):
 
 
 def summarise(cands):
-    """Per-format counts, yield and the mean ratio of right vs wrong answers."""
+    """Per-format counts, yield, the mean ratio of right vs wrong answers, and the threshold as a
+    hallucination detector: precision = share of flagged answers (ratio under the threshold)
+    that are wrong, recall = share of wrong answers that are flagged."""
     table = {}
     for c in cands:
-        t = table.setdefault(c["format"], {"prompts": 0, "right": 0, "wrong": 0, "pairs": 0, "_rr": [], "_rw": []})
+        t = table.setdefault(c["format"], {"prompts": 0, "right": 0, "wrong": 0, "pairs": 0, "_rr": [], "_rw": [],
+                                           "_flag": 0, "_flag_wrong": 0})
         t["prompts"] += 1
         if "ratio" in c:
             t["right" if c["correct"] else "wrong"] += 1
             t["_rr" if c["correct"] else "_rw"].append(c["ratio"])
+            below = c["ratio"] <= c["threshold"] if INCLUSIVE[c["format"]] else c["ratio"] < c["threshold"]
+            t["_flag"] += below
+            t["_flag_wrong"] += below and not c["correct"]
         t["pairs"] += c["selected"]
     for t in table.values():
         t["yield"] = round(t["pairs"] / t["prompts"], 4) if t["prompts"] else 0.0
         for k, name in (("_rr", "mean_ratio_right"), ("_rw", "mean_ratio_wrong")):
             vals = t.pop(k)
             t[name] = round(sum(vals) / len(vals), 4) if vals else None
+        flag, flag_wrong = t.pop("_flag"), t.pop("_flag_wrong")
+        t["precision"] = round(flag_wrong / flag, 4) if flag else None
+        t["recall"] = round(flag_wrong / t["wrong"], 4) if t["wrong"] else None
     return table
 
 
@@ -567,10 +576,10 @@ def finish(args, items, done, layer, ref_model, partial, t0):
     partial.unlink()
     fr = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     print(f"{'format':<9} {'prompts':>7} {'right':>6} {'wrong':>6} {'pairs':>6} {'yield':>7} "
-          f"{'ratio right':>11} {'ratio wrong':>11}")
+          f"{'ratio right':>11} {'ratio wrong':>11} {'precision':>9} {'recall':>6}")
     for fmt, t in table.items():
         print(f"{fmt:<9} {t['prompts']:>7} {t['right']:>6} {t['wrong']:>6} {t['pairs']:>6} {t['yield']:>7.1%} "
-              f"{fr(t['mean_ratio_right']):>11} {fr(t['mean_ratio_wrong']):>11}")
+              f"{fr(t['mean_ratio_right']):>11} {fr(t['mean_ratio_wrong']):>11} {fr(t['precision']):>9} {fr(t['recall']):>6}")
     print(f"04_gen_pairs: {len(items)} rows -> {len(pairs)} pairs in {args.out} (candidates: {args.candidates}) | "
           f"layer {layer} | {', '.join(f'{n} {r}' for r, n in reasons.most_common())} | {time.time() - t0:.1f} s")
     return pairs, cands

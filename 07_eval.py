@@ -243,11 +243,9 @@ def parse_models(specs):
     return out
 
 
-def answer_all(name, path, questions, args):
+def answer_all(name, path, model, proc, questions, args):
     """Greedy answers of one model -> records. Finished batches go to OUT/answers-<name>.jsonl.partial
     (flushed per batch), so a stopped run resumes; a partial from another model or data is refused."""
-    model_dir, adapter = resolve_model(path)
-    model, proc = common.load_model(model_dir, dtype=args.dtype, device=args.device, adapter=adapter)
     config = {"model": str(path), "fingerprint": common.model_fingerprint(model), "max_new_tokens": args.max_new_tokens,
               "questions": hashlib.sha256("\n".join(q["key"] + "\t" + q["question"] for q in questions).encode()).hexdigest()[:16]}
     final = Path(args.out) / f"answers-{name}.jsonl"
@@ -285,6 +283,56 @@ def answer_all(name, path, questions, args):
     return records, config
 
 
+def mistake_pairs(questions, records):
+    """Held-out preference pairs from one model's mistakes: chosen = the ground truth, rejected =
+    that model's wrong greedy answer (open questions with a non-empty answer)."""
+    qs = {q["key"]: q for q in questions}
+    return [{"key": r["key"], "group": r["group"], "question": qs[r["key"]]["question"], "images": qs[r["key"]]["images"],
+             "chosen": qs[r["key"]]["gold"], "rejected": r["answer"]}
+            for r in records if qs[r["key"]]["kind"] == "open" and not r["correct"] and r["answer"].strip()]
+
+
+def pair_logps(model, proc, pairs, args):
+    """Summed response log-probs (incl. EOS) of chosen and rejected, as 06 scores them -> two lists."""
+    import torch
+
+    chosen, rejected = [], []
+    for i in range(0, len(pairs), args.batch_size):
+        ps = pairs[i : i + args.batch_size]
+        ims = [[common.load_image(args.image_root, p) for p in x["images"]] for x in ps]
+        batch = common.build_inputs(proc, [x["question"] for x in ps] * 2, ims * 2,
+                                    answers=[x["chosen"] for x in ps] + [x["rejected"] for x in ps])
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+        with torch.no_grad():
+            lp = common.response_logps(model, batch)[0].float().tolist()
+        chosen += lp[: len(ps)]
+        rejected += lp[len(ps):]
+    return chosen, rejected
+
+
+def pair_summary(pairs, chosen, rejected, ref=None):
+    """Preference accuracy (logp chosen > logp rejected) and mean log-probs; against a reference
+    model's log-probs also the mean change of each and the DPO reward accuracy
+    ((chosen - ref) > (rejected - ref)), per format and over all pairs."""
+    by = defaultdict(list)
+    for i, x in enumerate(pairs):
+        by[x["group"].rpartition(" ")[0] or x["group"]].append(i)
+        by["all"].append(i)
+    out = {}
+    for g, idx in by.items():
+        s = {"n": len(idx), "preference_accuracy": sum(chosen[i] > rejected[i] for i in idx) / len(idx),
+             "mean_logp_chosen": sum(chosen[i] for i in idx) / len(idx),
+             "mean_logp_rejected": sum(rejected[i] for i in idx) / len(idx)}
+        if ref is not None:
+            rc, rr = ref
+            s["chosen_change"] = sum(chosen[i] - rc[i] for i in idx) / len(idx)
+            s["rejected_change"] = sum(rejected[i] - rr[i] for i in idx) / len(idx)
+            s["reward_accuracy"] = sum(chosen[i] - rc[i] > rejected[i] - rr[i] for i in idx) / len(idx)
+        out[g] = s
+    return dict(sorted(out.items(), key=lambda kv: (kv[0] == "all", _group_order(kv[0]))))
+
+
 def table(report, names):
     """The side-by-side text table: accuracy per group for each model, then the errors by type."""
     groups = list(next(iter(report.values()))["groups"])
@@ -304,6 +352,19 @@ def table(report, names):
         for g in typed:
             cells = ["{sequence confusion}/{element interference}/{other}".format(**report[n]["groups"][g]["errors"]) for n in names]
             lines.append(f"{g:<16}" + "".join(f"{c:>16}" for c in cells))
+    if all("pairs" in report[n] for n in names):
+        first = names[0]
+        lines += ["", f"held-out pairs from {first}'s mistakes (chosen = truth, rejected = its answer):",
+                  f"{'format':<16}{'n':>6}" + "".join(f"{'pref ' + n:>12}" for n in names)
+                  + "".join(f"{'chosen ' + n:>12}{'rejected':>10}{'reward acc':>11}" for n in names[1:])]
+        for g, s0 in report[first]["pairs"].items():
+            row = f"{g:<16}{s0['n']:>6}" + "".join(f"{100 * report[n]['pairs'][g]['preference_accuracy']:>12.1f}" for n in names)
+            for n in names[1:]:
+                s = report[n]["pairs"][g]
+                row += f"{s['chosen_change']:>+12.2f}{s['rejected_change']:>+10.2f}{100 * s['reward_accuracy']:>11.1f}"
+            lines.append(row)
+        lines.append("(pref: % of pairs where the model gives the truth a higher log-prob; chosen / rejected: mean "
+                     f"change of the log-prob against {first}; reward acc: % where chosen rose more than rejected)")
     return "\n".join(lines)
 
 
@@ -321,11 +382,21 @@ def main(args):
     if not questions:
         raise SystemExit(f"no questions in {args.data}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    report, configs = {}, {}
+    report, configs, pairs, ref = {}, {}, None, None
     for name, path in models.items():
         t = time.time()
-        records, configs[name] = answer_all(name, path, questions, args)
-        report[name] = {"model": str(path), "seconds": round(time.time() - t, 1), "groups": summarise(records)}
+        model_dir, adapter = resolve_model(path)
+        model, proc = common.load_model(model_dir, dtype=args.dtype, device=args.device, adapter=adapter)
+        records, configs[name] = answer_all(name, path, model, proc, questions, args)
+        report[name] = {"model": str(path), "groups": summarise(records)}
+        if args.pairs:
+            if pairs is None:  # the first model's mistakes, scored by every model
+                pairs = mistake_pairs(questions, records)
+            if pairs:
+                lp = pair_logps(model, proc, pairs, args)
+                report[name]["pairs"] = pair_summary(pairs, *lp, ref=ref)
+                ref = ref or lp
+        report[name]["seconds"] = round(time.time() - t, 1)
     text = table(report, list(models))
     print(text)
     out = Path(args.out) / "report.json"
@@ -414,6 +485,8 @@ def get_args(argv=None):
     g.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="bad rows: stop naming file:line, or count and skip")
     m = p.add_argument_group("method")
     m.add_argument("--max-new-tokens", type=int, default=16)
+    m.add_argument("--pairs", action=argparse.BooleanOptionalAction, default=True,
+                   help="also score held-out preference pairs made from the first model's mistakes")
     v = p.add_argument_group("VLMEvalKit (the paper's benchmarks; needs GPUs, installed separately)")
     v.add_argument("--vlmevalkit", action="store_true", help="run VLMEvalKit instead of the local evaluation")
     v.add_argument("--benchmarks", nargs="+", default=PAPER_BENCHMARKS, help="VLMEvalKit dataset names")

@@ -75,6 +75,17 @@ def test_score_and_summarise_hand_case():
     assert "errors" not in ev.summarise([ev.score(mc, "B")])["blink"]
 
 
+def test_pair_summary_hand_case():
+    pairs = [{"group": "sequence 2"}, {"group": "sequence 3"}, {"group": "single"}]
+    s = ev.pair_summary(pairs, [-1.0, -3.0, -0.5], [-2.0, -1.0, -0.5], ref=([-2.0, -2.0, -1.0], [-1.0, -1.0, -0.2]))
+    assert list(s) == ["single", "sequence", "all"]
+    assert s["sequence"]["preference_accuracy"] == 0.5 and s["single"]["preference_accuracy"] == 0.0  # a tie is not a win
+    assert s["sequence"]["chosen_change"] == 0.0 and s["sequence"]["rejected_change"] == -0.5
+    assert s["sequence"]["reward_accuracy"] == 0.5  # pair 1: +1 vs -1; pair 2: -1 vs 0
+    assert s["all"]["n"] == 3 and s["all"]["reward_accuracy"] == pytest.approx(2 / 3)  # single: +0.5 vs -0.3
+    assert "chosen_change" not in ev.pair_summary(pairs, [0.0] * 3, [0.0] * 3)["all"]
+
+
 def _row(rid, images, q, a, mia=None):
     r = {"id": rid, "image": images, "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
     return {**r, "mia": mia} if mia else r
@@ -146,7 +157,12 @@ def test_shell_builds_the_benchmark_and_compares_two_models(toy_tiny):
     assert n_err == sum(round(g["n"] * (1 - g["accuracy"])) for k, g in groups.items() if k != "multi-image")
     answers = [json.loads(x) for x in (toy_tiny / "out/e/answers-base.jsonl").read_text().splitlines()]
     assert len(answers) == 120 and all(set(a) >= {"id", "group", "gold", "answer", "correct"} for a in answers)
-    assert "group" in run.stdout and "wrong answers by type" in run.stdout
+    assert "group" in run.stdout and "wrong answers by type" in run.stdout and "held-out pairs" in run.stdout
+    n_wrong = sum(not a["correct"] and a["answer"].strip() != "" for a in answers)
+    pairs = report["dpo"]["pairs"]
+    assert pairs["all"]["n"] == n_wrong and list(pairs)[-1] == "all"
+    assert pairs["all"]["chosen_change"] == 0 and pairs["all"]["reward_accuracy"] == 0  # the same model: nothing moved
+    assert report["base"]["pairs"]["all"]["preference_accuracy"] == pairs["all"]["preference_accuracy"]
     assert not list((toy_tiny / "out/e").glob("*.partial"))
 
 

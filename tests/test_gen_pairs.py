@@ -409,3 +409,17 @@ def test_resume_after_kill_gives_identical_output(world, full_run):
     for name in ("pairs.jsonl", "pairs.candidates.jsonl"):
         assert (out.parent / name).read_bytes() == (full_run[0].parent / name).read_bytes()
     assert not partial.exists()
+
+
+def test_summarise_selection_precision_and_recall_hand_case():
+    c = lambda fmt, ok, ratio, thr, sel=False: {"format": fmt, "correct": ok, "ratio": ratio, "threshold": thr, "selected": sel}  # noqa: E731
+    cands = [c("sequence", False, 0.8, 0.8, True),  # sequence limits are inclusive: flagged, wrong
+             c("sequence", False, 0.9, 0.8),        # wrong, not flagged
+             c("sequence", True, 0.3, 0.8),         # right but flagged
+             c("sequence", True, 0.95, 0.8),
+             c("pip", False, 0.8, 0.8),             # pic-in-pic limits are strict: not flagged
+             {"format": "pip", "correct": False, "selected": False}]  # no ratio (unreadable image): not counted
+    t = gp.summarise(cands)
+    assert (t["sequence"]["precision"], t["sequence"]["recall"]) == (0.5, 0.5)
+    assert (t["sequence"]["mean_ratio_right"], t["sequence"]["mean_ratio_wrong"]) == (0.625, 0.85)
+    assert (t["pip"]["precision"], t["pip"]["recall"], t["pip"]["prompts"], t["pip"]["wrong"]) == (None, 0.0, 2, 1)
