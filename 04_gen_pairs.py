@@ -586,14 +586,18 @@ def finish(args, items, done, layer, ref_model, partial, t0):
 
 
 def parse_thresholds(specs):
-    """['grid:9=0.35', 'pip=0.7'] -> a copy of THRESHOLDS with those limits replaced."""
+    """['grid:9=0.35', 'pip=0.7'] -> a copy of THRESHOLDS with those limits replaced: FORMAT:N sets one
+    image count, FORMAT alone every count (`sequence=inf` keeps every wrong answer: no attention selection)."""
     table = {f: dict(v) for f, v in THRESHOLDS.items()}
     for s in specs:
         key, _, val = s.partition("=")
         fmt, _, n = key.partition(":")
         if fmt not in FORMATS or not val:
             raise ValueError(f"{s!r}: expected FORMAT[:N]=VALUE with FORMAT one of {', '.join(FORMATS)}")
-        table[fmt][int(n) if n else "*"] = float(val)
+        if n:
+            table[fmt][int(n)] = float(val)
+        else:
+            table[fmt] = {"*": float(val)}
     return table
 
 
@@ -618,7 +622,8 @@ def get_args(argv=None):
     m.add_argument("--pip-noise", type=float, default=NOISE_STD["pip"], help="noise std on the whole pic-in-pic image")
     m.add_argument("--min-ppl", type=float, default=MIN_PPL, help="a rejected needs PPL above this")
     m.add_argument("--threshold", action="append", default=[], metavar="FORMAT[:N]=VALUE",
-                   help="override a ratio threshold, e.g. grid:9=0.35 or pip=0.7 (repeatable)")
+                   help="override a ratio threshold, e.g. grid:9=0.35, or grid=0.5 for every count; "
+                        "FORMAT=inf for every wrong answer (repeatable)")
     m.add_argument("--seed", type=int, default=0, help="with the row id, seeds the noise")
     s = p.add_argument_group("system")
     s.add_argument("--batch-size", type=int, default=16)

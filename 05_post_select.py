@@ -25,6 +25,9 @@ The paper names three filters and released no thresholds for two of them; our de
   balance         off by default; `equal` cuts every format to the rarest one's count, `paper` to the
                   authors' final mix (15.1k sequence : 9.3k grid : 4.5k pic-in-pic). Which pairs go
                   is a seeded draw per id, so the result does not depend on input order.
+  sample          off by default; `--sample-like other.jsonl` keeps a seeded random subset with as
+                  many pairs per format as that file: the control of a selection ablation (random
+                  wrong answers vs attention-selected ones, same size and mix).
 Prints a table of how many pairs each filter dropped per format; the sidecar has it and the ids.
 """
 import argparse
@@ -74,8 +77,9 @@ def balance_counts(counts, mix):
 
 
 def post_select(pairs, min_ppl=MIN_PPL, max_ppl=MAX_PPL, max_length_ratio=MAX_LENGTH_RATIO,
-                min_edit_distance=MIN_EDIT_DISTANCE, balance=None, seed=0):
-    """pairs (dicts as 04 writes them) -> (kept, dropped [(filter, reason, pair)]), filters in this order."""
+                min_edit_distance=MIN_EDIT_DISTANCE, balance=None, seed=0, sample=None):
+    """pairs (dicts as 04 writes them) -> (kept, dropped [(filter, reason, pair)]), filters in this order.
+    `sample` ({format: n}): last, keep a seeded random n of each format (an ablation's control set)."""
     dropped, kept, seen = [], [], set()
     for p in pairs:
         key = (tuple(p["image"]), p["prompt"], p["chosen"], p["rejected"])
@@ -94,21 +98,29 @@ def post_select(pairs, min_ppl=MIN_PPL, max_ppl=MAX_PPL, max_length_ratio=MAX_LE
             kept.append(p)
         seen.add(key)
     if balance:
-        by_fmt = {}
+        counts = {}
         for p in kept:
-            by_fmt.setdefault(p["mia"]["format"], []).append(p)
-        quota = balance_counts({f: len(v) for f, v in by_fmt.items()}, MIXES[balance])
-        keep_ids = set()
-        for f, group in by_fmt.items():  # a seeded draw per id, not input order, decides who stays
-            ranked = sorted(group, key=lambda p: (row_rng(seed, f"balance:{p['id']}").random(), p["id"]))
-            keep_ids |= {p["id"] for p in ranked[:quota[f]]}
-        dropped += [("balance", f"balance {balance}", p) for p in kept if p["id"] not in keep_ids]
-        kept = [p for p in kept if p["id"] in keep_ids]
+            counts[p["mia"]["format"]] = counts.get(p["mia"]["format"], 0) + 1
+        kept, dropped = _draw(kept, dropped, balance_counts(counts, MIXES[balance]), seed, "balance", f"balance {balance}")
+    if sample is not None:
+        kept, dropped = _draw(kept, dropped, sample, seed, "sample", "random sample")
     return kept, dropped
 
 
+def _draw(kept, dropped, quota, seed, name, reason):
+    """Keep a seeded random quota[format] of each format's pairs. A draw per id, not input order,
+    decides who stays."""
+    by_fmt, keep_ids = {}, set()
+    for p in kept:
+        by_fmt.setdefault(p["mia"]["format"], []).append(p)
+    for f, group in by_fmt.items():
+        ranked = sorted(group, key=lambda p: (row_rng(seed, f"{name}:{p['id']}").random(), p["id"]))
+        keep_ids |= {p["id"] for p in ranked[: quota.get(f, 0)]}
+    return [p for p in kept if p["id"] in keep_ids], dropped + [(name, reason, p) for p in kept if p["id"] not in keep_ids]
+
+
 # ---- plumbing ----
-FILTERS = ("duplicates", "perplexity", "length ratio", "edit distance", "balance")
+FILTERS = ("duplicates", "perplexity", "length ratio", "edit distance", "balance", "sample")
 
 
 def load_pairs(paths):
@@ -162,8 +174,13 @@ def to_trl(pairs, processor, image_root):
 def main(args):
     t0 = time.time()
     pairs = load_pairs(args.data)
+    sample = None
+    if args.sample_like:  # as many pairs per format as another pair file holds
+        sample = {}
+        for p in load_pairs([args.sample_like]):
+            sample[p["mia"]["format"]] = sample.get(p["mia"]["format"], 0) + 1
     kept, dropped = post_select(pairs, args.min_ppl, args.max_ppl, args.max_length_ratio, args.min_edit_distance,
-                                None if args.balance == "none" else args.balance, args.seed)
+                                None if args.balance == "none" else args.balance, args.seed, sample)
     text, table = drop_table(pairs, kept, dropped)
     skips = Skips(keep=10000)
     for name, reason, p in dropped:
@@ -203,7 +220,9 @@ def get_args(argv=None):
     m.add_argument("--min-edit-distance", type=float, default=MIN_EDIT_DISTANCE,
                    help="keep normalised edit distance at or above this")
     m.add_argument("--balance", choices=("none", "equal", "paper"), default="none", help="subsample formats to a mix")
-    m.add_argument("--seed", type=int, default=0, help="seeds the balancing draw (with each pair's id)")
+    m.add_argument("--sample-like", type=Path, help="finally keep a random subset with as many pairs per format as "
+                   "this pair file (the random-selection control of an ablation)")
+    m.add_argument("--seed", type=int, default=0, help="seeds the balancing and sampling draws (with each pair's id)")
     a = p.parse_args(argv)
     if any(Path(a.out).resolve() == Path(d).resolve() for d in a.data):
         p.error("--out would overwrite an input")

@@ -24,15 +24,38 @@ setup() {  # $1: requirements file
 case "${1:-}" in
   demo)
     setup requirements.txt
-    # The toy pipeline, stage by stage, each with its defaults (paths under data/toy, models/).
-    "$PY" 00_make_toy.py
-    "$PY" 01_make_sequence.py --limit 1000
-    "$PY" 02_make_grid.py --limit 1000
-    "$PY" 03_make_pip.py --limit 1000
-    "$PY" 04_gen_pairs.py
-    "$PY" 05_post_select.py --trl-out data/toy/pairs.trl.jsonl
-    "$PY" 06_train_dpo.py --pairs data/toy/pairs.post.jsonl
-    echo "07_eval.sh (evaluation and the before/after table): not implemented yet (issue 7)."
+    # The toy pipeline, stage by stage, each with its defaults (paths under data/toy, models/, out/).
+    rm -f out/demo-times.tsv; mkdir -p out
+    stage() {  # stage NAME CMD...: run, and note its wall time for the summary
+      local t0=$SECONDS; echo; echo "=== $1"; "${@:2}"; printf '%s\t%s\n' "$1" $((SECONDS - t0)) >> out/demo-times.tsv
+    }
+    stage "00 toy world + base model" "$PY" 00_make_toy.py
+    stage "01 sequence" "$PY" 01_make_sequence.py --limit 1000
+    stage "02 grid" "$PY" 02_make_grid.py --limit 1000
+    stage "03 pic-in-pic" "$PY" 03_make_pip.py --limit 1000
+    stage "04 answers + attention selection" "$PY" 04_gen_pairs.py
+    stage "05 post-selection" "$PY" 05_post_select.py --trl-out data/toy/pairs.trl.jsonl
+    stage "06 DPO" "$PY" 06_train_dpo.py --pairs data/toy/pairs.post.jsonl
+    stage "07 evaluation (held-out)" env PYTHON="$PY" bash 07_eval.sh
+    "$PY" - <<'SUMMARY'
+import json
+print("\n=== summary: base vs MIA-DPO on the toy world's held-out split (out/eval-heldout/report.txt)")
+print(open("out/eval-heldout/report.txt").read())
+sel = json.load(open("data/toy/pairs.jsonl.meta.json"))["counts"]["by_format"]
+post = json.load(open("data/toy/pairs.post.jsonl.meta.json"))["counts"]
+print("selection on the training prompts (04): attention ratio of the target, right vs wrong answers")
+print(f"{'format':<10}{'prompts':>8}{'wrong':>7}{'ratio right':>12}{'ratio wrong':>12}{'precision':>10}{'recall':>8}{'pairs 04':>9}")
+for f, t in sel.items():
+    fr = lambda v: "-" if v is None else f"{v:.3f}"
+    print(f"{f:<10}{t['prompts']:>8}{t['wrong']:>7}{fr(t['mean_ratio_right']):>12}{fr(t['mean_ratio_wrong']):>12}"
+          f"{fr(t['precision']):>10}{fr(t['recall']):>8}{t['pairs']:>9}")
+print("pairs per format after 05: " + ", ".join(f"{f} {n}" for f, n in post["table"]["kept"].items()) + f" (total {post['kept']})")
+print("\nstage wall times (s):")
+times = [line.rstrip("\n").split("\t") for line in open("out/demo-times.tsv")]
+for name, s in times:
+    print(f"  {name:<36}{s:>6}")
+print(f"  {'total':<36}{sum(int(s) for _, s in times):>6}")
+SUMMARY
     ;;
   test)
     setup requirements-test.txt

@@ -286,6 +286,10 @@ def test_selection_truncated_and_overrides():
     table = gp.parse_thresholds(["grid:9=0.35", "pip=0.7"])
     assert gp.threshold_for("grid", 9, table) == 0.35 and gp.threshold_for("pip", 2, table) == 0.7
     assert gp.threshold_for("grid", 9) == 0.3  # the module table is not modified
+    table = gp.parse_thresholds(["sequence=inf", "grid=0.5", "grid:9=0.1"])  # a whole format, then one count
+    assert [gp.threshold_for("sequence", n, table) for n in (2, 5)] == [float("inf")] * 2
+    assert (gp.threshold_for("grid", 2, table), gp.threshold_for("grid", 9, table)) == (0.5, 0.1)
+    assert gp.select("red", "blue", 1.5, 0.99, float("inf"), False) == "selected"
     with pytest.raises(ValueError):
         gp.parse_thresholds(["collage:2=0.5"])
 

@@ -126,3 +126,27 @@ def test_trl_export_keeps_images_interleaved(tmp_path, toy_tiny):
     assert rows[1]["prompt"].startswith("USER: Image1:<image>\nImage2:<image>\nIn Image2")  # labels stay before their images
     assert rows[0]["chosen"].strip() == "blue" and rows[0]["rejected"].strip() == "red"
     assert rows[1]["images"] == [str((tmp_path / "img" / p).resolve()) for p in ("a/1.png", "mia_pip/x.jpg")]
+
+
+def test_sample_keeps_a_seeded_subset_per_format():
+    pairs = [pair(i, fmt="sequence" if i < 6 else "grid") for i in range(10)]
+    kept, dropped = ps.post_select(pairs, sample={"sequence": 2, "grid": 3})
+    assert sorted(p["mia"]["format"] for p in kept) == ["grid"] * 3 + ["sequence"] * 2
+    assert {d[0] for d in dropped} == {"sample"} and len(dropped) == 5
+    again, _ = ps.post_select(list(reversed(pairs)), sample={"sequence": 2, "grid": 3})
+    assert {p["id"] for p in again} == {p["id"] for p in kept}  # input order does not matter
+    other, _ = ps.post_select(pairs, sample={"sequence": 2, "grid": 3}, seed=1)
+    assert {p["id"] for p in other} != {p["id"] for p in kept}
+    assert ps.post_select(pairs, sample={"sequence": 50})[0] == pairs[:6]  # fewer than asked: all, no grid
+
+
+def test_sample_like_through_the_command_line(tmp_path):
+    src, like = tmp_path / "all.jsonl", tmp_path / "like.jsonl"
+    src.write_text("".join(json.dumps(pair(i, fmt="sequence" if i < 6 else "pip")) + "\n" for i in range(10)))
+    like.write_text("".join(json.dumps(pair(100 + i, fmt=f)) + "\n" for i, f in enumerate(["sequence", "pip", "pip"])))
+    run = subprocess.run([sys.executable, str(ROOT / "05_post_select.py"), "--data", str(src), "--out", str(tmp_path / "o.jsonl"),
+                          "--sample-like", str(like)], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    kept = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert sorted(p["mia"]["format"] for p in kept) == ["pip", "pip", "sequence"]
+    assert "sample" in run.stdout
