@@ -147,6 +147,129 @@ def _lower_first(q):
     return q[0].lower() + q[1:]
 
 
+def span_text(rng, n_tokens, scene):
+    """A text stand-in for an image: n_tokens colour words in raster order over a square grid,
+    the background word everywhere except a rectangle of the shape's colour word (the shape's
+    patches) — the way the image's visual tokens lay out the scene."""
+    g = max(1, int(round(math.sqrt(n_tokens))))
+    words = [scene["background"]] * (g * g)
+    if n_tokens < 4:  # curriculum's short spans: one shape word among background words
+        words = [scene["background"]] * n_tokens
+        words[rng.randrange(n_tokens)] = scene["color"]
+        return " ".join(words)
+    if g == 2:
+        words[rng.randrange(4)] = scene["color"]
+    else:
+        h, w = rng.randint(max(1, g // 2), max(1, g - 1)), rng.randint(max(1, g // 2), max(1, g - 1))
+        y0, x0 = rng.randint(0, g - h), rng.randint(0, g - w)
+        for y in range(y0, y0 + h):
+            for x in range(x0, x0 + w):
+                words[y * g + x] = scene["color"]
+    return " ".join(words[:n_tokens])
+
+
+def text_prior_example(rng, n_items, n_tokens):
+    """One text-only span-binding example in the visual prompts' format: `Image1: <span>\n...
+    In ImageK, what color is the shape?` -> item K's attribute; n_items 1 also as `<span>\nQ`."""
+    scenes = [{"color": rng.choice(list(SHAPE_COLORS)), "background": rng.choice(list(BACKGROUNDS))}
+              for _ in range(n_items)]
+    spans = [span_text(rng, n_tokens, sc) for sc in scenes]
+    k, attr = rng.randint(1, n_items), rng.choice(list(QUESTIONS))
+    q = rng.choice(QUESTIONS[attr])
+    if n_items == 1 and rng.random() < 0.5:
+        return {"q": spans[0] + "\n" + q, "a": scenes[0][attr], "n": 1, "scenes": scenes}
+    q = "".join(f"Image{j}: {sp}\n" for j, sp in enumerate(spans, 1)) + f"In Image{k}, " + _lower_first(q)
+    return {"q": q, "a": scenes[k - 1][attr], "n": n_items, "scenes": scenes}
+
+
+def text_batch(proc, rng, n_max, size, n_tokens, n_questions=1):
+    """A text-only batch: half the examples with n_max items, the rest 1..n_max. With
+    n_questions > 1, further turns ask about other items of the same prompt
+    (`... ASSISTANT: red</s> USER: In Image1, what color is the background? ASSISTANT: white</s>`).
+    -> (batch with labels on answer tokens + EOS, examples, [(row, position of a first answer token, n items)])."""
+    import torch
+
+    tok = proc.tokenizer
+    rows, firsts = [], []
+    ex = [text_prior_example(rng, n_max if i % 2 == 0 else rng.randint(1, n_max), n_tokens) for i in range(size)]
+    for i, e in enumerate(ex):
+        prompt, resp = common.render_pair(proc, e["q"], e["a"])
+        ids = tok(prompt)["input_ids"]
+        lab = [common.IGNORE_INDEX] * len(ids)
+        turns = [(None, resp)]
+        if e["n"] > 1:
+            for _ in range(n_questions - 1):
+                k, attr = rng.randint(1, e["n"]), rng.choice(list(QUESTIONS))
+                turns.append((f" USER: In Image{k}, " + _lower_first(rng.choice(QUESTIONS[attr])) + " ASSISTANT:",
+                              " " + e["scenes"][k - 1][attr]))
+        for q, r in turns:
+            if q is not None:
+                qi = tok(q, add_special_tokens=False)["input_ids"]
+                ids, lab = ids + qi, lab + [common.IGNORE_INDEX] * len(qi)
+            ri = tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            firsts.append((i, len(ids), e["n"]))
+            ids, lab = ids + ri, lab + ri
+        rows.append((ids, lab))
+    T = max(len(r[0]) for r in rows)
+    pad = tok.pad_token_id
+    b = {"input_ids": torch.tensor([r[0] + [pad] * (T - len(r[0])) for r in rows]),
+         "attention_mask": torch.tensor([[1] * len(r[0]) + [0] * (T - len(r[0])) for r in rows]),
+         "labels": torch.tensor([r[1] + [common.IGNORE_INDEX] * (T - len(r[1])) for r in rows])}
+    return b, ex, firsts
+
+
+def first_answer_accuracy(logits, batch, firsts, n_max):
+    """Share of first answer tokens (of examples with n_max items) that are the argmax one position before."""
+    sel = [(i, pos) for i, pos, n in firsts if n == n_max]
+    if not sel:
+        return float("nan")
+    ok = [int(logits[i, pos - 1].argmax()) == int(batch["input_ids"][i, pos]) for i, pos in sel]
+    return sum(ok) / len(ok)
+
+
+def train_text_prior(model, proc, a):
+    """Language prior before any visual training: the LM learns to bind `ImageK:` to the span of
+    words after it (answer-only loss), with a curriculum over the number of items: start at 2,
+    add one when the training accuracy on the largest count reaches 0.9 (up to --max-images)."""
+    import random
+
+    import torch
+
+    n_tokens = a.span_tokens or (a.image_size // a.patch) ** 2
+    rng = random.Random(a.seed + 17)
+    params = [p for n, p in model.named_parameters() if "language_model" in n or "lm_head" in n]
+    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
+    lengths = [L for L in (2, 4, 9, 16, 25, 36, 64) if L < n_tokens] + [n_tokens]
+    li = 0 if a.span_curriculum else len(lengths) - 1
+    n_max, t0, log, hist = 2, time.time(), [], []
+    model.train()
+    for step in range(a.text_prior_steps):
+        batch, ex, firsts = text_batch(proc, rng, n_max, a.text_batch_size, lengths[li], a.text_questions)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            acc = first_answer_accuracy(out.logits.detach(), batch, firsts, n_max)
+        hist = (hist + [acc])[-10:]
+        if len(hist) == 10 and sum(hist) / 10 >= 0.9 and (n_max < a.max_images or li < len(lengths) - 1):
+            if n_max < a.max_images:
+                n_max = n_max + 1
+            else:  # all counts learned at this span length: longer spans, back to 2 items first
+                li, n_max = li + 1, 2 if a.span_curriculum == "reset" else n_max
+            hist = []
+            print(f"text prior: step {step}: now up to {n_max} items of {lengths[li]} words ({time.time() - t0:.0f} s)", flush=True)
+        if step % 50 == 0 or step == a.text_prior_steps - 1:
+            log.append({"step": step, "loss": round(out.loss.item(), 4), "n_max": n_max, "span": lengths[li], "acc": round(acc, 3),
+                        "s": round(time.time() - t0, 1)})
+            print(f"text prior {step:5d} | loss {out.loss.item():.4f} | items {n_max} x {lengths[li]} words | acc@max {acc:.2f} | "
+                  f"{time.time() - t0:6.1f} s", flush=True)
+    return log
+
+
 def build_tokenizer(texts):
     """Byte-level BPE trained in-process on the world's text (like LLaVA's Llama tokenizer:
     every string encodes, "Image3" is two tokens), wrapped for transformers."""
@@ -250,20 +373,31 @@ def train(model, data, a):
     """SFT, loss on answer tokens only: AdamW, linear warm-up, cosine decay."""
     import torch
 
+    import random
+
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / a.warmup) * 0.5 * (1 + math.cos(math.pi * min(s / a.steps, 1.0))))
     g = torch.Generator().manual_seed(a.seed)
     n, model = data["input_ids"].shape[0], model.train()
     t0, log = time.time(), []
+    lm = [p for name, p in model.named_parameters() if "language_model" in name or "lm_head" in name]
+    trng, n_tokens = random.Random(a.seed + 29), a.span_tokens or (a.image_size // a.patch) ** 2
+    n_text = round(a.batch_size * a.text_mix)
     for step in range(a.steps):
+        frozen = step < a.freeze_lm_steps  # LLaVA stage 1: only the vision side learns, the LM stays as the prior left it
+        for p in lm:
+            p.requires_grad_(not frozen)
         idx = torch.randint(n, (a.batch_size,), generator=g)
         T = int(data["attention_mask"][idx].sum(1).max())  # trim shared right padding
         batch = {k: data[k][idx, :T] for k in ("input_ids", "attention_mask", "labels")}
         batch["pixel_values"] = torch.cat([data["pixel_values"][i] for i in idx.tolist()])
         loss = model(**batch).loss
+        if n_text and not frozen:  # text-only span-binding examples keep the prior alive
+            tb, _, _ = text_batch(a._proc, trng, a.max_images, n_text, n_tokens, a.text_questions)
+            loss = loss + a.text_mix * model(input_ids=tb["input_ids"], attention_mask=tb["attention_mask"], labels=tb["labels"]).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
         opt.step()
         sched.step()
         if step % 50 == 0 or step == a.steps - 1:
@@ -319,15 +453,34 @@ def main(a):
     if a.multi_share > 0:  # curriculum: a share of SFT examples are multi-image sequences
         n_multi = round(len(train_ex) * a.multi_share / (1 - a.multi_share))
         train_ex += sequence_examples(a.seed, rows["train"], max(1, n_multi // len(counts)), counts, "train")
-    eval_ex = [e for r in rows["heldout"] for e in turn_examples(r)]
-    eval_ex += sequence_examples(a.seed, rows["heldout"], a.n_eval_sequences, counts, "heldout")
+    eval_ex = [e for r in rows[a.eval_split] for e in turn_examples(r)]
+    eval_ex += sequence_examples(a.seed, rows[a.eval_split], a.n_eval_sequences, counts, a.eval_split)
     report_path = model_dir / "toy_report.json"
+    committed = None if a.retrain or a.force else committed_base(a)
     if not a.force and (model_dir / "config.json").is_file() and report_path.is_file():
         report = json.loads(report_path.read_text())
         print(f"model: reusing {model_dir} (--force rebuilds)")
+    elif committed is not None:
+        tmp = model_dir.with_name(model_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(committed, tmp)
+        shutil.rmtree(model_dir, ignore_errors=True)
+        tmp.rename(model_dir)
+        report = json.loads(report_path.read_text())
+        print(f"model: copied the committed base {committed} -> {model_dir}: it was trained with exactly these "
+              f"settings in {sum(report['seconds'].values()):.0f} s (`--retrain` trains it again)")
     else:
         texts = [e["q"] + " " + e["a"] for e in train_ex] + [PROMPT_WORDS] * 20
+        if a.text_prior_steps or a.text_mix:  # span words become whole tokens too
+            import random
+            prng = random.Random(a.seed + 5)
+            texts += [e["q"] + " " + e["a"] for e in (text_prior_example(prng, prng.randint(1, a.max_images), a.span_tokens or (a.image_size // a.patch) ** 2) for _ in range(2000))]
         model, proc = build_model(build_tokenizer(texts), a)
+        a._proc = proc
+        prior_log, t_prior = [], time.time()
+        if a.text_prior_steps:
+            prior_log = train_text_prior(model, proc, a)
+        t_prior = time.time() - t_prior
         n_params = sum(p.numel() for p in model.parameters())
         print(f"model: tiny LLaVA, {n_params / 1e6:.2f}M parameters, {(a.image_size // a.patch) ** 2} tokens/image; "
               f"{len(train_ex)} training examples")
@@ -340,9 +493,10 @@ def main(a):
         single = [v for k, v in acc.items() if not k.startswith("sequence")]
         acc["single-image"] = {"accuracy": sum(v["accuracy"] * v["n"] for v in single) / sum(v["n"] for v in single),
                                "n": sum(v["n"] for v in single)}
-        report = {"heldout": acc, "parameters": n_params, "train_log": log,
-                  "seconds": {"encode": round(t_enc, 1), "train": round(t_train, 1), "eval": round(time.time() - t, 1)},
-                  "settings": {k: v for k, v in vars(a).items() if k not in ("force",)}}
+        report = {a.eval_split: acc, "parameters": n_params, "train_log": log, "text_prior_log": prior_log,
+                  "seconds": {"text_prior": round(t_prior, 1), "encode": round(t_enc, 1), "train": round(t_train, 1),
+                              "eval": round(time.time() - t, 1)},
+                  "settings": {k: v for k, v in vars(a).items() if k not in ("force", "_proc")}}
         tmp = model_dir.with_name(model_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
@@ -350,8 +504,9 @@ def main(a):
         (tmp / "toy_report.json").write_text(json.dumps(report, indent=1))
         shutil.rmtree(model_dir, ignore_errors=True)
         tmp.rename(model_dir)  # the model directory appears whole or not at all
-    acc = report["heldout"]
-    print("held-out accuracy (greedy, exact match):")
+    split = next(k for k in ("heldout", "dev") if k in report)
+    acc = report[split]
+    print(f"{split} accuracy (greedy, exact match):")
     for kind, r in acc.items():
         extra = ""
         if "random_image_accuracy" in r:
@@ -362,6 +517,25 @@ def main(a):
     return report
 
 
+# subtle: only these settings decide the base's weights; output paths, threads and the end-of-stage
+# evaluation do not, so a run differing only in those may start from the committed base.
+WEIGHT_SETTINGS = ("seed", "n_train", "max_images", "image_size", "labelled_share", "multi_share", "patch",
+                   "vision_width", "vision_layers", "width", "layers", "steps", "batch_size", "lr", "warmup",
+                   "text_prior_steps", "span_tokens", "text_batch_size", "text_questions", "span_curriculum",
+                   "text_mix", "freeze_lm_steps")
+COMMITTED_BASE = Path(__file__).resolve().parent / "checkpoints" / "toy-llava"
+
+
+def committed_base(a):
+    """The base kept in the repository (checkpoints/toy-llava), if it was trained with the same
+    weight-deciding settings as this run; else None (and the base is trained here)."""
+    report = COMMITTED_BASE / "toy_report.json"
+    if not report.is_file():
+        return None
+    settings = json.loads(report.read_text()).get("settings", {})
+    return COMMITTED_BASE if all(settings.get(k) == getattr(a, k) for k in WEIGHT_SETTINGS) else None
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("output")
@@ -369,22 +543,37 @@ def get_args(argv=None):
     g.add_argument("--data-out", default=None, help="data directory (default ROOT/data/toy)")
     g.add_argument("--model-out", default=None, help="model directory (default ROOT/models/toy-llava)")
     g.add_argument("--force", action="store_true", help="rebuild data and model even if they exist")
+    g.add_argument("--retrain", action="store_true",
+                   help="train the base here even when checkpoints/toy-llava was trained with these settings")
     g = p.add_argument_group("world")
     g.add_argument("--n-train", type=int, default=6000, help="single-image training samples")
     g.add_argument("--n-dev", type=int, default=600, help="dev samples, for tuning later stages (disjoint scenes)")
     g.add_argument("--n-heldout", type=int, default=600, help="held-out samples, for final numbers only (disjoint scenes)")
     g.add_argument("--n-eval-sequences", type=int, default=100, help="held-out multi-image sequences per image count, evaluated at the end")
+    g.add_argument("--eval-split", default="heldout", choices=("dev", "heldout"), help="split of the end-of-stage evaluation (tune on dev)")
     g.add_argument("--max-images", type=int, default=5, help="largest image count of sequences (evaluated, and trained with --multi-share)")
     g.add_argument("--image-size", type=int, default=64)
     g.add_argument("--labelled-share", type=float, default=0.25, help="share of prompts written `ImageK:<image>\\nIn ImageK, ...`")
     g.add_argument("--multi-share", type=float, default=0.0,
                    help="curriculum: share of SFT examples that are 2..max-images sequences (0: single images only, like LLaVA)")
     g = p.add_argument_group("model")
-    g.add_argument("--patch", type=int, default=8, help="vision patch size: (image-size/patch)^2 tokens per image")
+    g.add_argument("--patch", type=int, default=32, help="vision patch size: (image-size/patch)^2 tokens per image")
     g.add_argument("--vision-width", type=int, default=64)
     g.add_argument("--vision-layers", type=int, default=2)
     g.add_argument("--width", type=int, default=128, help="language model hidden size")
     g.add_argument("--layers", type=int, default=4, help="language model layers")
+    g = p.add_argument_group("language prior (before visual SFT)")
+    g.add_argument("--text-prior-steps", type=int, default=700,
+                   help="first train the LM on text-only span binding (`Image1: <span>\\n...In ImageK, ...`), 2->max-images items")
+    g.add_argument("--span-tokens", type=int, default=0, help="words per text span (0: the image token count)")
+    g.add_argument("--text-batch-size", type=int, default=64)
+    g.add_argument("--text-questions", type=int, default=4, help="questions (turns) per text-prior example with >= 2 items")
+    g.add_argument("--span-curriculum", choices=("", "keep", "reset"), default="keep",
+                   help="grow the span 2 -> 4 -> 9 -> 16 words once all item counts are learned ('reset': back to 2 items; '': full spans from the start)")
+    g.add_argument("--text-mix", type=float, default=0.25,
+                   help="during visual SFT, add a text-prior batch of this share of --batch-size per step (weight = the share)")
+    g.add_argument("--freeze-lm-steps", type=int, default=150,
+                   help="first N visual SFT steps train only the vision tower + projector (LLaVA stage 1)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=600)
     g.add_argument("--batch-size", type=int, default=32)
@@ -398,6 +587,8 @@ def get_args(argv=None):
     if a.tiny:
         a.n_train, a.n_dev, a.n_heldout, a.n_eval_sequences = 90, 15, 30, 5
         a.steps, a.width, a.layers, a.warmup = 20, 64, 2, 5
+        a.text_prior_steps, a.text_batch_size, a.freeze_lm_steps = 6, 8, 3  # every phase runs, briefly
+        a.text_mix = a.text_mix or 0.25
     a.data_out = a.data_out or str(Path(a.root) / "data" / "toy")
     a.model_out = a.model_out or str(Path(a.root) / "models" / "toy-llava")
     return a

@@ -25,6 +25,7 @@ The paper names three filters and released no thresholds for two of them; our de
   balance         off by default; `equal` cuts every format to the rarest one's count, `paper` to the
                   authors' final mix (15.1k sequence : 9.3k grid : 4.5k pic-in-pic). Which pairs go
                   is a seeded draw per id, so the result does not depend on input order.
+  formats         off by default; `--formats sequence` keeps one format's pairs (counted as dropped).
   sample          off by default; `--sample-like other.jsonl` keeps a seeded random subset with as
                   many pairs per format as that file: the control of a selection ablation (random
                   wrong answers vs attention-selected ones, same size and mix).
@@ -77,10 +78,14 @@ def balance_counts(counts, mix):
 
 
 def post_select(pairs, min_ppl=MIN_PPL, max_ppl=MAX_PPL, max_length_ratio=MAX_LENGTH_RATIO,
-                min_edit_distance=MIN_EDIT_DISTANCE, balance=None, seed=0, sample=None):
+                min_edit_distance=MIN_EDIT_DISTANCE, balance=None, seed=0, sample=None, formats=None):
     """pairs (dicts as 04 writes them) -> (kept, dropped [(filter, reason, pair)]), filters in this order.
-    `sample` ({format: n}): last, keep a seeded random n of each format (an ablation's control set)."""
+    `formats`: first, keep only these formats. `sample` ({format: n}): last, keep a seeded random n
+    of each format (an ablation's control set)."""
     dropped, kept, seen = [], [], set()
+    if formats is not None:
+        dropped += [("format", f"format {p['mia']['format']} not kept", p) for p in pairs if p["mia"]["format"] not in formats]
+        pairs = [p for p in pairs if p["mia"]["format"] in formats]
     for p in pairs:
         key = (tuple(p["image"]), p["prompt"], p["chosen"], p["rejected"])
         ppl = p["probe"]["ppl"]
@@ -120,7 +125,7 @@ def _draw(kept, dropped, quota, seed, name, reason):
 
 
 # ---- plumbing ----
-FILTERS = ("duplicates", "perplexity", "length ratio", "edit distance", "balance", "sample")
+FILTERS = ("format", "duplicates", "perplexity", "length ratio", "edit distance", "balance", "sample")
 
 
 def load_pairs(paths):
@@ -180,7 +185,7 @@ def main(args):
         for p in load_pairs([args.sample_like]):
             sample[p["mia"]["format"]] = sample.get(p["mia"]["format"], 0) + 1
     kept, dropped = post_select(pairs, args.min_ppl, args.max_ppl, args.max_length_ratio, args.min_edit_distance,
-                                None if args.balance == "none" else args.balance, args.seed, sample)
+                                None if args.balance == "none" else args.balance, args.seed, sample, args.formats)
     text, table = drop_table(pairs, kept, dropped)
     skips = Skips(keep=10000)
     for name, reason, p in dropped:
@@ -220,6 +225,7 @@ def get_args(argv=None):
     m.add_argument("--min-edit-distance", type=float, default=MIN_EDIT_DISTANCE,
                    help="keep normalised edit distance at or above this")
     m.add_argument("--balance", choices=("none", "equal", "paper"), default="none", help="subsample formats to a mix")
+    m.add_argument("--formats", nargs="+", help="keep only pairs of these formats (default: all)")
     m.add_argument("--sample-like", type=Path, help="finally keep a random subset with as many pairs per format as "
                    "this pair file (the random-selection control of an ablation)")
     m.add_argument("--seed", type=int, default=0, help="seeds the balancing and sampling draws (with each pair's id)")

@@ -2,6 +2,7 @@
 # run.sh — the README's two commands. Each sets up .venv on first use, then:
 #   bash run.sh demo    the toy pipeline end to end on the CPU (the embedded default)
 #   bash run.sh test    the test suite
+#   bash run.sh effect  the ablation (attention vs all wrong vs random pairs) over seeds, behind the README's numbers
 # On a GPU machine, create .venv and install your own CUDA build of torch first; this
 # script only installs torch (the CPU build it was tested with) when none is importable.
 set -euo pipefail
@@ -57,13 +58,67 @@ for name, s in times:
 print(f"  {'total':<36}{sum(int(s) for _, s in times):>6}")
 SUMMARY
     ;;
+  effect)
+    setup requirements.txt
+    # The ablation behind the README's results: for each seed, a whole toy world and base, then
+    # DPO on three pair sets of the same prompts — attention-selected rejected answers (the
+    # method), every wrong answer, and a random subset of every wrong answer with the
+    # attention set's size and format mix — all scored side by side on held-out and dev.
+    # SEEDS="0 1" TOY_FLAGS="..." DPO_FLAGS="..." bash run.sh effect
+    HERE=$(pwd)
+    for S in ${SEEDS:-0 1}; do
+      R="$HERE/runs/effect-s$S"; T="$R/data/toy"; M="$R/models/toy-llava"
+      echo; echo "=== seed $S -> $R"
+      "$PY" 00_make_toy.py --root "$R" --seed "$S" ${TOY_FLAGS:-}
+      for f in 01_make_sequence:sequence 02_make_grid:grid 03_make_pip:pip; do
+        [ -f "$T/${f#*:}.jsonl" ] || "$PY" "${f%%:*}.py" --data "$T/train.json" --image-root "$T/images" \
+            --limit 1000 --seed "$S" --out "$T/${f#*:}.jsonl"
+      done
+      gen=("$PY" 04_gen_pairs.py --data "$T/sequence.jsonl" "$T/grid.jsonl" "$T/pip.jsonl" --image-root "$T/images"
+           --model "$M" --seed "$S")
+      [ -f "$T/pairs.jsonl" ] || "${gen[@]}" --out "$T/pairs.jsonl"
+      [ -f "$T/pairs-all.jsonl" ] || "${gen[@]}" --out "$T/pairs-all.jsonl" \
+          --threshold sequence=inf --threshold grid=inf --threshold pip=inf
+      "$PY" 05_post_select.py --data "$T/pairs.jsonl" --out "$T/pairs.post.jsonl"
+      "$PY" 05_post_select.py --data "$T/pairs-all.jsonl" --out "$T/pairs-all.post.jsonl"
+      "$PY" 05_post_select.py --data "$T/pairs-all.jsonl" --out "$T/pairs-random.post.jsonl" \
+          --sample-like "$T/pairs.post.jsonl" --seed "$S"
+      for arm in attention:pairs all-wrong:pairs-all random:pairs-random; do
+        [ -f "$R/out/${arm%%:*}/adapter/adapter_config.json" ] || "$PY" 06_train_dpo.py --model "$M" \
+            --pairs "$T/${arm#*:}.post.jsonl" --image-root "$T/images" --out "$R/out/${arm%%:*}" --seed "$S" \
+            --save-every 0 ${DPO_FLAGS:-}
+      done
+      for split in dev heldout; do
+        (cd "$R" && PYTHON="$PY" SPLIT=$split OUT="$R/out/eval-$split" bash "$HERE/07_eval.sh" --model "base=$M" \
+            --model "attention=$R/out/attention" --model "all-wrong=$R/out/all-wrong" --model "random=$R/out/random")
+      done
+    done
+    "$PY" - ${SEEDS:-0 1} <<'SUMMARY'
+import json, statistics, sys
+seeds = sys.argv[1:]
+for split in ("dev", "heldout"):
+    reps = {s: json.load(open(f"runs/effect-s{s}/out/eval-{split}/report.json")) for s in seeds}
+    arms = list(reps[seeds[0]])
+    print(f"\n=== {split}: accuracy (%) by arm, seeds {' '.join(seeds)}; pairs trained on in brackets")
+    print(f"{'arm':<12}" + "".join(f"{'single s' + s:>11}{'multi s' + s:>10}" for s in seeds) + f"{'multi mean':>12}{'change':>8}")
+    base = statistics.mean(reps[s][arms[0]]["groups"]["multi-image"]["accuracy"] for s in seeds)
+    for a in arms:
+        multi = [reps[s][a]["groups"]["multi-image"]["accuracy"] for s in seeds]
+        row = f"{a:<12}" + "".join(f"{100 * reps[s][a]['groups']['single']['accuracy']:>11.1f}{100 * m:>10.1f}" for s, m in zip(seeds, multi))
+        print(row + f"{100 * statistics.mean(multi):>12.1f}{100 * (statistics.mean(multi) - base):>+8.1f}")
+for s in seeds:
+    n = {a: json.load(open(f"runs/effect-s{s}/data/toy/{f}.post.jsonl.meta.json"))["counts"]["table"]["kept"]
+         for a, f in (("attention", "pairs"), ("all-wrong", "pairs-all"), ("random", "pairs-random"))}
+    print(f"pairs, seed {s}: " + "; ".join(f"{a} " + ", ".join(f"{k} {v}" for k, v in t.items()) for a, t in n.items()))
+SUMMARY
+    ;;
   test)
     setup requirements-test.txt
     shift
     "$PY" -m pytest -q tests "$@"
     ;;
   *)
-    echo "usage: bash run.sh demo | test [pytest args]" >&2
+    echo "usage: bash run.sh demo | test [pytest args] | effect" >&2
     exit 2
     ;;
 esac

@@ -150,3 +150,12 @@ def test_sample_like_through_the_command_line(tmp_path):
     kept = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert sorted(p["mia"]["format"] for p in kept) == ["pip", "pip", "sequence"]
     assert "sample" in run.stdout
+
+
+def test_formats_keeps_only_those_and_counts_the_rest():
+    pairs = [pair(1), pair(2, fmt="grid"), pair(3, fmt="pip"), pair(4, ppl=50.0)]
+    kept, dropped = ps.post_select(pairs, formats=["sequence"])
+    assert [p["id"] for p in kept] == ["p1"]
+    assert sorted((d[0], d[2]["id"]) for d in dropped) == [("format", "p2"), ("format", "p3"), ("perplexity", "p4")]
+    text, table = ps.drop_table(pairs, kept, dropped)
+    assert table["format"] == {"grid": 1, "pip": 1, "sequence": 0} and text.splitlines()[2].startswith("format")
