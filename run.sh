@@ -22,6 +22,12 @@ setup() {  # $1: requirements file
   fi
 }
 
+# The toy's DPO recipe (tuned on dev, see README "What the toy shows"): sequence pairs only (at 4
+# tokens per image a grid cell is smaller than one token), full fine-tune, lr 2e-4, an SFT term
+# on chosen (gamma 1; gamma 0 = the paper's pure DPO hurts the toy), 6 epochs of 16 pairs a step.
+TOY_SEQUENCE=(--limit 4000 --counts 2:1,3:1,4:1,5:1)
+TOY_DPO=(--lora-r 0 --lr 2e-4 --gamma 1 --epochs 6 --batch-size 16 --save-every 0)
+
 case "${1:-}" in
   demo)
     setup requirements.txt
@@ -31,12 +37,12 @@ case "${1:-}" in
       local t0=$SECONDS; echo; echo "=== $1"; "${@:2}"; printf '%s\t%s\n' "$1" $((SECONDS - t0)) >> out/demo-times.tsv
     }
     stage "00 toy world + base model" "$PY" 00_make_toy.py
-    stage "01 sequence" "$PY" 01_make_sequence.py --limit 1000
+    stage "01 sequence" "$PY" 01_make_sequence.py "${TOY_SEQUENCE[@]}"
     stage "02 grid" "$PY" 02_make_grid.py --limit 1000
     stage "03 pic-in-pic" "$PY" 03_make_pip.py --limit 1000
     stage "04 answers + attention selection" "$PY" 04_gen_pairs.py
-    stage "05 post-selection" "$PY" 05_post_select.py --trl-out data/toy/pairs.trl.jsonl
-    stage "06 DPO" "$PY" 06_train_dpo.py --pairs data/toy/pairs.post.jsonl
+    stage "05 post-selection" "$PY" 05_post_select.py --formats sequence --trl-out data/toy/pairs.trl.jsonl
+    stage "06 DPO" "$PY" 06_train_dpo.py --pairs data/toy/pairs.post.jsonl "${TOY_DPO[@]}"
     stage "07 evaluation (held-out)" env PYTHON="$PY" bash 07_eval.sh
     "$PY" - <<'SUMMARY'
 import json
@@ -60,37 +66,36 @@ SUMMARY
     ;;
   effect)
     setup requirements.txt
-    # The ablation behind the README's results: for each seed, a whole toy world and base, then
-    # DPO on three pair sets of the same prompts — attention-selected rejected answers (the
-    # method), every wrong answer, and a random subset of every wrong answer with the
-    # attention set's size and format mix — all scored side by side on held-out and dev.
-    # SEEDS="0 1" TOY_FLAGS="..." DPO_FLAGS="..." bash run.sh effect
+    # The ablation behind the README's results: for each seed, a toy world and base (seed 0: the
+    # committed one), then the toy recipe on three pair sets from the same sequence prompts —
+    # attention-selected rejected answers (04 and 05 defaults: the method), every wrong answer
+    # (no attention or perplexity selection), and a random subset of every wrong answer with the
+    # method's size — plus an SFT-only control on the method's pairs (--dpo-alpha 0); all scored
+    # side by side on dev and held-out.   SEEDS="0 1" bash run.sh effect
     HERE=$(pwd)
     for S in ${SEEDS:-0 1}; do
       R="$HERE/runs/effect-s$S"; T="$R/data/toy"; M="$R/models/toy-llava"
       echo; echo "=== seed $S -> $R"
       "$PY" 00_make_toy.py --root "$R" --seed "$S" ${TOY_FLAGS:-}
-      for f in 01_make_sequence:sequence 02_make_grid:grid 03_make_pip:pip; do
-        [ -f "$T/${f#*:}.jsonl" ] || "$PY" "${f%%:*}.py" --data "$T/train.json" --image-root "$T/images" \
-            --limit 1000 --seed "$S" --out "$T/${f#*:}.jsonl"
-      done
-      gen=("$PY" 04_gen_pairs.py --data "$T/sequence.jsonl" "$T/grid.jsonl" "$T/pip.jsonl" --image-root "$T/images"
-           --model "$M" --seed "$S")
+      [ -f "$T/sequence.jsonl" ] || "$PY" 01_make_sequence.py --data "$T/train.json" --image-root "$T/images" \
+          "${TOY_SEQUENCE[@]}" --seed "$S" --out "$T/sequence.jsonl"
+      gen=("$PY" 04_gen_pairs.py --data "$T/sequence.jsonl" --image-root "$T/images" --model "$M" --seed "$S")
       [ -f "$T/pairs.jsonl" ] || "${gen[@]}" --out "$T/pairs.jsonl"
-      [ -f "$T/pairs-all.jsonl" ] || "${gen[@]}" --out "$T/pairs-all.jsonl" \
-          --threshold sequence=inf --threshold grid=inf --threshold pip=inf
-      "$PY" 05_post_select.py --data "$T/pairs.jsonl" --out "$T/pairs.post.jsonl"
-      "$PY" 05_post_select.py --data "$T/pairs-all.jsonl" --out "$T/pairs-all.post.jsonl"
-      "$PY" 05_post_select.py --data "$T/pairs-all.jsonl" --out "$T/pairs-random.post.jsonl" \
-          --sample-like "$T/pairs.post.jsonl" --seed "$S"
-      for arm in attention:pairs all-wrong:pairs-all random:pairs-random; do
-        [ -f "$R/out/${arm%%:*}/adapter/adapter_config.json" ] || "$PY" 06_train_dpo.py --model "$M" \
+      [ -f "$T/pairs-all.jsonl" ] || "${gen[@]}" --out "$T/pairs-all.jsonl" --threshold sequence=inf --min-ppl 0
+      "$PY" 05_post_select.py --data "$T/pairs.jsonl" --out "$T/pairs.post.jsonl" --formats sequence
+      "$PY" 05_post_select.py --data "$T/pairs-all.jsonl" --out "$T/pairs-all.post.jsonl" --formats sequence --min-ppl 0 --max-ppl inf
+      "$PY" 05_post_select.py --data "$T/pairs-all.jsonl" --out "$T/pairs-random.post.jsonl" --formats sequence \
+          --min-ppl 0 --max-ppl inf --sample-like "$T/pairs.post.jsonl" --seed "$S"
+      for arm in attention:pairs all-wrong:pairs-all random:pairs-random sft-only:pairs; do
+        extra=(); [ "${arm%%:*}" = sft-only ] && extra=(--dpo-alpha 0)
+        [ -f "$R/out/${arm%%:*}/final/config.json" ] || "$PY" 06_train_dpo.py --model "$M" \
             --pairs "$T/${arm#*:}.post.jsonl" --image-root "$T/images" --out "$R/out/${arm%%:*}" --seed "$S" \
-            --save-every 0 ${DPO_FLAGS:-}
+            "${TOY_DPO[@]}" "${extra[@]}" ${DPO_FLAGS:-}
       done
       for split in dev heldout; do
         (cd "$R" && PYTHON="$PY" SPLIT=$split OUT="$R/out/eval-$split" bash "$HERE/07_eval.sh" --model "base=$M" \
-            --model "attention=$R/out/attention" --model "all-wrong=$R/out/all-wrong" --model "random=$R/out/random")
+            --model "attention=$R/out/attention" --model "all-wrong=$R/out/all-wrong" --model "random=$R/out/random" \
+            --model "sft-only=$R/out/sft-only")
       done
     done
     "$PY" - ${SEEDS:-0 1} <<'SUMMARY'
@@ -99,17 +104,24 @@ seeds = sys.argv[1:]
 for split in ("dev", "heldout"):
     reps = {s: json.load(open(f"runs/effect-s{s}/out/eval-{split}/report.json")) for s in seeds}
     arms = list(reps[seeds[0]])
-    print(f"\n=== {split}: accuracy (%) by arm, seeds {' '.join(seeds)}; pairs trained on in brackets")
-    print(f"{'arm':<12}" + "".join(f"{'single s' + s:>11}{'multi s' + s:>10}" for s in seeds) + f"{'multi mean':>12}{'change':>8}")
-    base = statistics.mean(reps[s][arms[0]]["groups"]["multi-image"]["accuracy"] for s in seeds)
+    print(f"\n=== {split}: accuracy (%), seeds {' '.join(seeds)}")
+    cols = ("single", "sequence", "multi-image")
+    print(f"{'arm':<11}" + "".join(f"{c + ' s' + s:>15}" for s in seeds for c in cols) + f"{'seq mean':>10}{'change':>8}")
+    def seq(r):  # sequences 2-5 pooled
+        g = [v for k, v in r["groups"].items() if k.startswith("sequence ")]
+        return sum(v["accuracy"] * v["n"] for v in g) / sum(v["n"] for v in g)
+    base = statistics.mean(seq(reps[s][arms[0]]) for s in seeds)
     for a in arms:
-        multi = [reps[s][a]["groups"]["multi-image"]["accuracy"] for s in seeds]
-        row = f"{a:<12}" + "".join(f"{100 * reps[s][a]['groups']['single']['accuracy']:>11.1f}{100 * m:>10.1f}" for s, m in zip(seeds, multi))
-        print(row + f"{100 * statistics.mean(multi):>12.1f}{100 * (statistics.mean(multi) - base):>+8.1f}")
+        row = f"{a:<11}"
+        for s in seeds:
+            r = reps[s][a]
+            row += f"{100 * r['groups']['single']['accuracy']:>15.1f}{100 * seq(r):>15.1f}{100 * r['groups']['multi-image']['accuracy']:>15.1f}"
+        m = statistics.mean(seq(reps[s][a]) for s in seeds)
+        print(row + f"{100 * m:>10.1f}{100 * (m - base):>+8.1f}")
 for s in seeds:
-    n = {a: json.load(open(f"runs/effect-s{s}/data/toy/{f}.post.jsonl.meta.json"))["counts"]["table"]["kept"]
+    n = {a: json.load(open(f"runs/effect-s{s}/data/toy/{f}.post.jsonl.meta.json"))["counts"]["kept"]
          for a, f in (("attention", "pairs"), ("all-wrong", "pairs-all"), ("random", "pairs-random"))}
-    print(f"pairs, seed {s}: " + "; ".join(f"{a} " + ", ".join(f"{k} {v}" for k, v in t.items()) for a, t in n.items()))
+    print(f"sequence pairs trained on, seed {s}: " + ", ".join(f"{a} {v}" for a, v in n.items()))
 SUMMARY
     ;;
   test)
