@@ -2,20 +2,34 @@
 00_make_toy.py — the embedded default: a synthetic single-image QA world and a tiny LLaVA
 trained on it from scratch, on the CPU, so that every later stage has data and a model.
 
-out: data/toy/{train,heldout}.json + data/toy/images/<subset>/<id>.png   (LLaVA-665k format)
+out: data/toy/{train,dev,heldout}.json + data/toy/images/<subset>/<id>.png   (LLaVA-665k format)
      models/toy-llava/   (save_pretrained: LlavaForConditionalGeneration + LlavaProcessor)
-     models/toy-llava/toy_report.json   (held-out accuracy, timings, settings)
-  python 00_make_toy.py                        # a few minutes on 2 CPU cores
+     models/toy-llava/toy_report.json   (accuracy, timings, settings)
+  python 00_make_toy.py                        # seconds: the data, and the committed base (checkpoints/toy-llava)
+  python 00_make_toy.py --retrain --force      # train that base again: ~13 min on one CPU core
   python 00_make_toy.py --tiny --root /tmp/t   # seconds: what the tests run
-  python 00_make_toy.py --steps 3000 --model-out models/toy-llava-long   # a longer-trained base
 
 The world: a 64x64 image holds one coloured shape on a coloured background; three visual
 styles play the part of LLaVA's sub-datasets (coco, gqa, ...): `plain`, `speckled`, `striped`.
 Questions ask the shape's or the background's colour; answers are one word, checked exactly.
 A share of prompts already use the multi-image syntax with a single image
-(`Image3:<image>\\nIn Image3, what color is the shape?`): the model knows the words but has
+(`Image3:<image>\nIn Image3, what color is the shape?`): the model knows the words but has
 never had to pick one image among several — like a real LLaVA trained on single images,
-which is what MIA-DPO starts from. Existing outputs are reused unless --force.
+which is what MIA-DPO starts from.
+
+The base is trained the way LLaVA is, in miniature (each phase a flag):
+1. a language prior (--text-prior-steps): the language model alone learns to bind a label to
+   the span after it, on text stand-ins of the prompts (`Image1: gray red\nImage2: ...\nIn
+   Image2, what color is the shape?`), item count grown 2 -> 5 as it learns. A real LLaVA
+   inherits this skill from its language model; a from-scratch toy has to be given it, and
+   without it the toy answers multi-image prompts at chance whatever DPO does (TOY.md);
+2. alignment (--freeze-lm-steps): vision tower and projector learn, the language model frozen;
+3. single-image instruction tuning, with a share of text-prior examples mixed in (--text-mix)
+   so the prior survives. No multi-image visual example is ever shown (--multi-share 0).
+At 4 tokens per image (patch 32) the prior is learnable in ~10 minutes; at 16 or 64 it was not
+within the time tried (README). The result is kept in checkpoints/toy-llava and copied when a
+run's weight-deciding settings equal its own (WEIGHT_SETTINGS); otherwise the base is trained
+here. Existing outputs are reused unless --force.
 """
 import argparse
 import json
@@ -587,8 +601,10 @@ def get_args(argv=None):
     if a.tiny:
         a.n_train, a.n_dev, a.n_heldout, a.n_eval_sequences = 90, 15, 30, 5
         a.steps, a.width, a.layers, a.warmup = 20, 64, 2, 5
-        a.text_prior_steps, a.text_batch_size, a.freeze_lm_steps = 6, 8, 3  # every phase runs, briefly
-        a.text_mix = a.text_mix or 0.25
+        # subtle: 20 steps are too few for the prior's phases (the model then answers nothing);
+        # tests/test_make_toy.py runs them on a tiny build of their own
+        a.text_prior_steps, a.text_batch_size, a.freeze_lm_steps, a.text_mix = 0, 8, 0, 0.0
+        a.patch = 8  # 64 tokens per image: an 8x8 grid the tests map grid cells and insets onto
     a.data_out = a.data_out or str(Path(a.root) / "data" / "toy")
     a.model_out = a.model_out or str(Path(a.root) / "models" / "toy-llava")
     return a

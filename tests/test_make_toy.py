@@ -1,9 +1,11 @@
 """00_make_toy.py through its command line: files, reload, determinism, reuse."""
 import hashlib
+import importlib
 import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -97,3 +99,44 @@ def test_sequence_examples_ask_about_the_labelled_image(toy_tiny):
         attr = "color" if "shape" in e["q"] else "background"
         by_path = {r["image"]: r["toy"][attr] for r in rows}
         assert e["per_image"] == [by_path[p] for p in e["images"]]
+
+
+def test_text_prior_examples_bind_the_label_to_its_span():
+    import random
+
+    toy = importlib.import_module("00_make_toy")
+    rng = random.Random(0)
+    for n_tokens in (2, 4, 16):
+        for _ in range(20):
+            ex = toy.text_prior_example(rng, 3, n_tokens)
+            lines = ex["q"].split("\n")
+            k = int(lines[-1].split(",")[0].removeprefix("In Image"))
+            span = lines[k - 1].split(": ", 1)[1].split()
+            assert lines[k - 1].startswith(f"Image{k}: ") and len(span) == n_tokens
+            scene = ex["scenes"][k - 1]
+            assert ex["a"] == (scene["background"] if "background" in lines[-1] else scene["color"])
+            assert scene["color"] in span and (n_tokens < 4 or span.count(scene["background"]) >= 1)
+
+
+def test_every_training_phase_runs_and_is_logged(tmp_path):
+    """The language prior, the frozen-LM alignment steps and the text mix, briefly, on a tiny build."""
+    toy = importlib.import_module("00_make_toy")
+    a = toy.get_args(["--tiny", "--root", str(tmp_path), "--threads", "1"])
+    a.text_prior_steps, a.freeze_lm_steps, a.text_mix, a.text_questions = 4, 3, 0.25, 2
+    assert toy.committed_base(a) is None  # tiny settings: never the committed base
+    report = toy.main(a)
+    assert [r["step"] for r in report["text_prior_log"]] == [0, 3]
+    assert report["settings"]["text_prior_steps"] == 4 and (tmp_path / "models/toy-llava/config.json").is_file()
+
+
+def test_committed_base_is_used_only_for_its_own_settings():
+    toy = importlib.import_module("00_make_toy")
+    a = toy.get_args([])
+    if not (toy.COMMITTED_BASE / "config.json").is_file():
+        pytest.skip("no committed base in this checkout")
+    assert toy.committed_base(a) == toy.COMMITTED_BASE
+    settings = json.loads((toy.COMMITTED_BASE / "toy_report.json").read_text())["settings"]
+    assert all(settings[k] == getattr(a, k) for k in toy.WEIGHT_SETTINGS)
+    a.lr = a.lr * 2
+    assert toy.committed_base(a) is None
+    assert toy.committed_base(toy.get_args(["--seed", "1"])) is None
