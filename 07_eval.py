@@ -185,7 +185,7 @@ def load_questions(files, scene_files, on_error, skips):
         for _, r in common.read_rows(sf):
             if isinstance(r.get("toy"), dict) and isinstance(r.get("image"), str):
                 scene_of[r["image"]] = r["toy"]
-    out = []
+    out, seen = [], set()
     for f in files:
         for line, row in common.read_rows(f, on_error=on_error, skips=skips):
             try:
@@ -196,6 +196,13 @@ def load_questions(files, scene_files, on_error, skips):
                 skips.add(row.get("id") if isinstance(row, dict) else None, f"{e.field}: {e.msg}", f, line)
                 continue
             q["key"] = f"{Path(f).name}:{q['id']}"
+            if q["key"] in seen:  # answers are matched to questions by id: it must be unique
+                err = common.DataError(f, line, "id", f"{q['id']!r} repeats an earlier row's id")
+                if on_error == "raise":
+                    raise err
+                skips.add(q["id"], f"id: {err.msg}", f, line)
+                continue
+            seen.add(q["key"])
             out.append(q)
     return out
 

@@ -115,14 +115,16 @@ def test_mc_rows_and_their_errors(tmp_path):
     rows = [{"id": 1, "images": ["a.png", "b.png"], "question": "Same colour?", "options": ["yes", "no"], "answer": "no"},
             {"id": 2, "images": "a.png", "question": "Colour?", "options": {"A": "red", "B": "blue"}, "answer": "A", "group": "g"},
             {"id": 3, "images": ["a.png"], "question": "Colour?", "options": ["red", "blue"], "answer": "green"},
-            {"id": 4, "images": ["a.png"], "question": "Colour?", "options": ["red"], "answer": "A"}]
+            {"id": 4, "images": ["a.png"], "question": "Colour?", "options": ["red"], "answer": "A"},
+            {"id": 2, "images": ["b.png"], "question": "Again?", "options": ["red", "blue"], "answer": "B"}]
     f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     with pytest.raises(common.DataError, match=r"mc.jsonl:3: answer"):
         ev.load_questions([f], [], "raise", common.Skips())
     skips = common.Skips()
     qs = ev.load_questions([f], [], "skip", skips)
     assert [(q["gold"], q["group"]) for q in qs] == [("B", "mc"), ("A", "g")]
-    assert len(skips) == 2 and skips.rows[1]["line"] == 4 and "options" in skips.rows[1]["reason"]
+    assert len(skips) == 3 and skips.rows[1]["line"] == 4 and "options" in skips.rows[1]["reason"]
+    assert skips.rows[2]["line"] == 5 and "repeats an earlier row's id" in skips.rows[2]["reason"]
 
 
 def test_resolve_model_layouts(tmp_path):
