@@ -171,7 +171,7 @@ def test_shell_builds_the_benchmark_and_compares_two_models(toy_tiny):
 def test_resume_after_a_crash_gives_the_same_answers(toy_tiny, tmp_path, monkeypatch):
     data = [str(toy_tiny / "data/toy/heldout.json")]
     args = ["--model", f"m={toy_tiny / 'models/toy-llava'}", "--image-root", str(toy_tiny / "data/toy/images"),
-            "--scenes", *data, "--batch-size", "8", "--threads", "1", "--data", *data]
+            "--scenes", *data, "--batch-size", "8", "--data", *data]
     ev.main(ev.get_args(args + ["--out", str(tmp_path / "a")]))
     calls, real = [], common.generate
 

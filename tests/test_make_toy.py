@@ -121,7 +121,7 @@ def test_text_prior_examples_bind_the_label_to_its_span():
 def test_every_training_phase_runs_and_is_logged(tmp_path):
     """The language prior, the frozen-LM alignment steps and the text mix, briefly, on a tiny build."""
     toy = importlib.import_module("00_make_toy")
-    a = toy.get_args(["--tiny", "--root", str(tmp_path), "--threads", "1"])
+    a = toy.get_args(["--tiny", "--root", str(tmp_path)])
     a.text_prior_steps, a.freeze_lm_steps, a.text_mix, a.text_questions = 4, 3, 0.25, 2
     assert toy.committed_base(a) is None  # tiny settings: never the committed base
     report = toy.main(a)
