@@ -7,7 +7,7 @@
 # script only installs torch (the CPU build it was tested with) when none is importable.
 set -euo pipefail
 cd "$(dirname "$0")"
-VENV=${VENV:-.venv}
+VENV=$(realpath -m "${VENV:-.venv}")  # absolute: stages also run from other directories
 PY="$VENV/bin/python"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
