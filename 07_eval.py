@@ -361,14 +361,15 @@ def table(report, names):
             lines.append(f"{g:<16}" + "".join(f"{c:>16}" for c in cells))
     if all("pairs" in report[n] for n in names):
         first = names[0]
+        w = {n: max(12, len(n) + 7) for n in names}  # column widths that fit "pref <name>"
         lines += ["", f"held-out pairs from {first}'s mistakes (chosen = truth, rejected = its answer):",
-                  f"{'format':<16}{'n':>6}" + "".join(f"{'pref ' + n:>12}" for n in names)
-                  + "".join(f"{'chosen ' + n:>12}{'rejected':>10}{'reward acc':>11}" for n in names[1:])]
+                  f"{'format':<16}{'n':>6}" + "".join(f"{'pref ' + n:>{w[n]}}" for n in names)
+                  + "".join(f"{'chosen ' + n:>{w[n] + 2}}{'rejected':>10}{'reward acc':>12}" for n in names[1:])]
         for g, s0 in report[first]["pairs"].items():
-            row = f"{g:<16}{s0['n']:>6}" + "".join(f"{100 * report[n]['pairs'][g]['preference_accuracy']:>12.1f}" for n in names)
+            row = f"{g:<16}{s0['n']:>6}" + "".join(f"{100 * report[n]['pairs'][g]['preference_accuracy']:>{w[n]}.1f}" for n in names)
             for n in names[1:]:
                 s = report[n]["pairs"][g]
-                row += f"{s['chosen_change']:>+12.2f}{s['rejected_change']:>+10.2f}{100 * s['reward_accuracy']:>11.1f}"
+                row += f"{s['chosen_change']:>+{w[n] + 2}.2f}{s['rejected_change']:>+10.2f}{100 * s['reward_accuracy']:>12.1f}"
             lines.append(row)
         lines.append("(pref: % of pairs where the model gives the truth a higher log-prob; chosen / rejected: mean "
                      f"change of the log-prob against {first}; reward acc: % where chosen rose more than rejected)")
