@@ -34,6 +34,7 @@ here. Existing outputs are reused unless --force.
 import argparse
 import json
 import math
+import random
 import shutil
 import time
 from pathlib import Path
@@ -165,12 +166,12 @@ def span_text(rng, n_tokens, scene):
     """A text stand-in for an image: n_tokens colour words in raster order over a square grid,
     the background word everywhere except a rectangle of the shape's colour word (the shape's
     patches) — the way the image's visual tokens lay out the scene."""
-    g = max(1, int(round(math.sqrt(n_tokens))))
-    words = [scene["background"]] * (g * g)
     if n_tokens < 4:  # curriculum's short spans: one shape word among background words
         words = [scene["background"]] * n_tokens
         words[rng.randrange(n_tokens)] = scene["color"]
         return " ".join(words)
+    g = int(round(math.sqrt(n_tokens)))
+    words = [scene["background"]] * (g * g)
     if g == 2:
         words[rng.randrange(4)] = scene["color"]
     else:
@@ -200,7 +201,7 @@ def text_batch(proc, rng, n_max, size, n_tokens, n_questions=1):
     """A text-only batch: half the examples with n_max items, the rest 1..n_max. With
     n_questions > 1, further turns ask about other items of the same prompt
     (`... ASSISTANT: red</s> USER: In Image1, what color is the background? ASSISTANT: white</s>`).
-    -> (batch with labels on answer tokens + EOS, examples, [(row, position of a first answer token, n items)])."""
+    -> (batch with labels on answer tokens + EOS, [(row, position of a first answer token, n items)])."""
     import torch
 
     tok = proc.tokenizer
@@ -229,7 +230,17 @@ def text_batch(proc, rng, n_max, size, n_tokens, n_questions=1):
     b = {"input_ids": torch.tensor([r[0] + [pad] * (T - len(r[0])) for r in rows]),
          "attention_mask": torch.tensor([[1] * len(r[0]) + [0] * (T - len(r[0])) for r in rows]),
          "labels": torch.tensor([r[1] + [common.IGNORE_INDEX] * (T - len(r[1])) for r in rows])}
-    return b, ex, firsts
+    return b, firsts
+
+
+def span_length(a):
+    """Words per text-prior span: --span-tokens, or as many as an image has tokens."""
+    return a.span_tokens or (a.image_size // a.patch) ** 2
+
+
+def lm_params(model):
+    """The language model's parameters (decoder and LM head): what the prior trains and stage 1 freezes."""
+    return [p for name, p in model.named_parameters() if "language_model" in name or "lm_head" in name]
 
 
 def first_answer_accuracy(logits, batch, firsts, n_max):
@@ -245,13 +256,11 @@ def train_text_prior(model, proc, a):
     """Language prior before any visual training: the LM learns to bind `ImageK:` to the span of
     words after it (answer-only loss), with a curriculum over the number of items: start at 2,
     add one when the training accuracy on the largest count reaches 0.9 (up to --max-images)."""
-    import random
-
     import torch
 
-    n_tokens = a.span_tokens or (a.image_size // a.patch) ** 2
+    n_tokens = span_length(a)
     rng = random.Random(a.seed + 17)
-    params = [p for n, p in model.named_parameters() if "language_model" in n or "lm_head" in n]
+    params = lm_params(model)
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
     lengths = [L for L in (2, 4, 9, 16, 25, 36, 64) if L < n_tokens] + [n_tokens]
@@ -259,7 +268,7 @@ def train_text_prior(model, proc, a):
     n_max, t0, log, hist = 2, time.time(), [], []
     model.train()
     for step in range(a.text_prior_steps):
-        batch, ex, firsts = text_batch(proc, rng, n_max, a.text_batch_size, lengths[li], a.text_questions)
+        batch, firsts = text_batch(proc, rng, n_max, a.text_batch_size, lengths[li], a.text_questions)
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -383,19 +392,18 @@ def encode_all(proc, examples, image_root, chunk=256):
             "pixel_values": [pv for p in parts for pv in p["pixel_values"]]}  # per example: (n_images, 3, H, W)
 
 
-def train(model, data, a):
-    """SFT, loss on answer tokens only: AdamW, linear warm-up, cosine decay."""
+def train(model, proc, data, a):
+    """SFT, loss on answer tokens only: AdamW, linear warm-up, cosine decay; the first
+    --freeze-lm-steps train only the vision side; --text-mix adds text-prior examples."""
     import torch
-
-    import random
 
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / a.warmup) * 0.5 * (1 + math.cos(math.pi * min(s / a.steps, 1.0))))
     g = torch.Generator().manual_seed(a.seed)
     n, model = data["input_ids"].shape[0], model.train()
     t0, log = time.time(), []
-    lm = [p for name, p in model.named_parameters() if "language_model" in name or "lm_head" in name]
-    trng, n_tokens = random.Random(a.seed + 29), a.span_tokens or (a.image_size // a.patch) ** 2
+    lm = lm_params(model)
+    trng, n_tokens = random.Random(a.seed + 29), span_length(a)
     n_text = round(a.batch_size * a.text_mix)
     for step in range(a.steps):
         frozen = step < a.freeze_lm_steps  # LLaVA stage 1: only the vision side learns, the LM stays as the prior left it
@@ -407,7 +415,7 @@ def train(model, data, a):
         batch["pixel_values"] = torch.cat([data["pixel_values"][i] for i in idx.tolist()])
         loss = model(**batch).loss
         if n_text and not frozen:  # text-only span-binding examples keep the prior alive
-            tb, _, _ = text_batch(a._proc, trng, a.max_images, n_text, n_tokens, a.text_questions)
+            tb, _ = text_batch(proc, trng, a.max_images, n_text, n_tokens, a.text_questions)
             loss = loss + a.text_mix * model(input_ids=tb["input_ids"], attention_mask=tb["attention_mask"], labels=tb["labels"]).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -486,11 +494,10 @@ def main(a):
     else:
         texts = [e["q"] + " " + e["a"] for e in train_ex] + [PROMPT_WORDS] * 20
         if a.text_prior_steps or a.text_mix:  # span words become whole tokens too
-            import random
             prng = random.Random(a.seed + 5)
-            texts += [e["q"] + " " + e["a"] for e in (text_prior_example(prng, prng.randint(1, a.max_images), a.span_tokens or (a.image_size // a.patch) ** 2) for _ in range(2000))]
+            texts += [e["q"] + " " + e["a"] for e in (text_prior_example(prng, prng.randint(1, a.max_images), span_length(a))
+                                                      for _ in range(2000))]
         model, proc = build_model(build_tokenizer(texts), a)
-        a._proc = proc
         prior_log, t_prior = [], time.time()
         if a.text_prior_steps:
             prior_log = train_text_prior(model, proc, a)
@@ -501,7 +508,7 @@ def main(a):
         t = time.time()
         data = encode_all(proc, train_ex, image_root)
         t_enc, t = time.time() - t, time.time()
-        model, log = train(model, data, a)
+        model, log = train(model, proc, data, a)
         t_train, t = time.time() - t, time.time()
         acc = evaluate(model, proc, eval_ex, image_root)
         single = [v for k, v in acc.items() if not k.startswith("sequence")]
@@ -510,7 +517,7 @@ def main(a):
         report = {a.eval_split: acc, "parameters": n_params, "train_log": log, "text_prior_log": prior_log,
                   "seconds": {"text_prior": round(t_prior, 1), "encode": round(t_enc, 1), "train": round(t_train, 1),
                               "eval": round(time.time() - t, 1)},
-                  "settings": {k: v for k, v in vars(a).items() if k not in ("force", "_proc")}}
+                  "settings": {k: v for k, v in vars(a).items() if k != "force"}}
         tmp = model_dir.with_name(model_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)

@@ -329,19 +329,12 @@ def corrupt(item, images, args):
     return [Image.fromarray(add_noise(np.asarray(images[0]), box, std, rng))], std
 
 
-def _to(batch, model):
-    batch = {k: v.to(model.device) for k, v in batch.items()}
-    if "pixel_values" in batch:
-        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
-    return batch
-
-
 def probe_forward(model, processor, questions, images, answers, layer):
     """Teacher-forced forward over prompt + answer with the probe on -> per-row numbers.
     returns attn (B, T) numpy, spans (B lists of (start, end)), sum_logps (B,), n_tokens (B,)."""
     import torch
 
-    batch = _to(common.build_inputs(processor, questions, images, answers=answers), model)
+    batch = common.to_model(common.build_inputs(processor, questions, images, answers=answers), model)
     labels = batch["labels"]
     rows = []
     for b in range(labels.shape[0]):  # row t predicts token t+1: rows = labelled positions - 1
@@ -393,8 +386,6 @@ def make_pair(it, cand, ref_chosen_logps, ref_rejected_logps, ctx):
 
 def run_batch(model, processor, items, args, ctx):
     """Answer, probe, select, reference log-probs for one batch -> records {i, candidate, pair}."""
-    import torch
-
     out, ok, clean, seen, noise = [], [], [], [], []
     for it in items:
         try:
@@ -421,12 +412,10 @@ def run_batch(model, processor, items, args, ctx):
     chosen = [(r, it, ims) for r, it, ims in zip(recs, ok, clean) if r["candidate"]["selected"]]
     if chosen:  # reference log-probs on the CLEAN images: chosen rows then rejected rows, one forward (as 06)
         q, ims = [it["prompt"] for _, it, _ in chosen], [im for _, _, im in chosen]
-        answers = [it["truth"] for _, it, _ in chosen] + [r["candidate"]["answer"] for r, _, _ in chosen]
-        with torch.no_grad():
-            lp = common.response_logps(model, _to(common.build_inputs(processor, q + q, ims + ims, answers=answers), model))[0]
-        lp = lp.float().cpu().tolist()
+        lp_c, lp_r = common.pair_logps(model, processor, q, ims, [it["truth"] for _, it, _ in chosen],
+                                       [r["candidate"]["answer"] for r, _, _ in chosen])
         for k, (r, it, _) in enumerate(chosen):
-            r["pair"] = make_pair(it, r["candidate"], lp[k], lp[len(chosen) + k], ctx)
+            r["pair"] = make_pair(it, r["candidate"], lp_c[k], lp_r[k], ctx)
     return out + recs, viz
 
 

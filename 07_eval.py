@@ -301,20 +301,13 @@ def mistake_pairs(questions, records):
 
 def pair_logps(model, proc, pairs, args):
     """Summed response log-probs (incl. EOS) of chosen and rejected, as 06 scores them -> two lists."""
-    import torch
-
     chosen, rejected = [], []
     for i in range(0, len(pairs), args.batch_size):
         ps = pairs[i : i + args.batch_size]
         ims = [[common.load_image(args.image_root, p) for p in x["images"]] for x in ps]
-        batch = common.build_inputs(proc, [x["question"] for x in ps] * 2, ims * 2,
-                                    answers=[x["chosen"] for x in ps] + [x["rejected"] for x in ps])
-        batch = {k: v.to(model.device) for k, v in batch.items()}
-        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
-        with torch.no_grad():
-            lp = common.response_logps(model, batch)[0].float().tolist()
-        chosen += lp[: len(ps)]
-        rejected += lp[len(ps):]
+        c, r = common.pair_logps(model, proc, [x["question"] for x in ps], ims, [x["chosen"] for x in ps],
+                                 [x["rejected"] for x in ps])
+        chosen, rejected = chosen + c, rejected + r
     return chosen, rejected
 
 

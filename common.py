@@ -508,6 +508,25 @@ def response_logps(model, batch):
     return token_logps.sum(-1), token_logps, mask.sum(-1)
 
 
+def to_model(batch, model):
+    """A build_inputs batch on the model's device, pixel values in the model's dtype."""
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    if "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+    return batch
+
+
+def pair_logps(model, processor, questions, images, chosen, rejected):
+    """Summed response log-probs (incl. EOS) of B chosen and B rejected answers, in ONE forward of
+    2B rows [chosen; rejected] as 06 trains on them -> (chosen (B,), rejected (B,)) float lists."""
+    import torch
+
+    batch = to_model(build_inputs(processor, questions * 2, images * 2, answers=list(chosen) + list(rejected)), model)
+    with torch.no_grad():
+        lp = response_logps(model, batch)[0].float().cpu().tolist()
+    return lp[: len(questions)], lp[len(questions):]
+
+
 def generate(model, processor, questions, images, max_new_tokens=64, return_finished=False):
     """Greedy answers for a batch of questions (left-padded, same prompts as training).
 
@@ -515,10 +534,7 @@ def generate(model, processor, questions, images, max_new_tokens=64, return_fini
     cut at max_new_tokens)."""
     import torch
 
-    batch = build_inputs(processor, questions, images, padding_side="left")
-    batch = {k: v.to(model.device) for k, v in batch.items()}
-    if "pixel_values" in batch:
-        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+    batch = to_model(build_inputs(processor, questions, images, padding_side="left"), model)
     tok = processor.tokenizer
     with torch.no_grad():
         out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
