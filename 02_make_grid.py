@@ -19,7 +19,7 @@ the strip (drawn at the authors' y = cell_y - 40, the "g" of this font would dip
 cell); the font is Pillow's bundled default (DejaVu-derived, FreeType) at size 36.
 
 Prompt: `<image>\\nIn Image{k}, {question, first letter lower-cased}`; later turns `In Image{k}, ...`
-(question cleaning and lower-casing rule: 01_make_sequence.py). VG samples and samples whose
+(question cleaning, lower-casing rule and companion draw: imported from 01_make_sequence.py). VG samples and samples whose
 text holds a bounding box `[x0, y0, x1, y1]` are skipped unless --keep-boxes. With --merge P a
 fraction P of collages holds 2-3 source samples, each with its own `In Image{k_i}, ` turns
 (ids joined with `_`); the first source is the collage's `target`.
@@ -33,19 +33,23 @@ order. Images are written (atomically) before the JSONL that references them; a 
 name carries a digest of its content plan, so a re-run never changes an image an older JSONL
 points to. Skips as in 01, plus "unreadable companion" when a companion passed the header check
 but fails to decode (use --verify full to catch those up front).
+Recipes (flags left unset): `toy` takes a 1000-row subset of the toy world's data, `paper` every
+row; `--recipe auto` picks toy for files 00_make_toy.py wrote.
 """
 import argparse
 import functools
-import sys
+import importlib
+import re
 import time
 from functools import partial
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
-from tqdm import tqdm
 
 import common
-from common import DataError, ImageError, Skips, load_image, row_rng
+from common import ImageError, SkipRow, Skips, load_image, row_rng
+
+seq = importlib.import_module("01_make_sequence")  # the question rewrite and companion draw 01-03 share
 
 
 # ---- method: what the paper specifies (edit me) ----
@@ -53,6 +57,25 @@ CELL, GAP = 448, 40  # cell side; gap between cells = height of the label strip 
 LAYOUTS = {2: (1, 2), 3: (1, 3), 4: (2, 2), 6: (2, 3), 9: (3, 3)}  # n -> (rows, cols)
 COUNTS = "2:0.34,3:0.165,4:0.165,6:0.165,9:0.165"
 LABEL_X, FONT_SIZE = 20, 36
+RECIPES = {"toy": {"limit": 1000}, "paper": {"limit": 0}}
+_BOXES = re.compile(r"\[\s*-?\d*\.?\d+(?:\s*,\s*-?\d*\.?\d+){3}\s*\]")  # "[0.12, 0.3, 0.5, 0.77]"
+
+
+def has_boxes(texts):
+    """True if any text holds a bounding box like `[0.12, 0.3, 0.5, 0.77]` (meaningless in a collage)."""
+    return any(_BOXES.search(t) for t in texts)
+
+
+def composite_turns(conv, image, max_answer_chars, keep_boxes=False):
+    """01's source_turns, plus the authors' rule for collages and insets (02 and 03): VG samples
+    and samples whose text holds a bounding box are skipped, since coordinates of the source
+    image mean nothing once it is pasted somewhere else."""
+    qs, ans = seq.source_turns(conv, image, max_answer_chars)
+    if not keep_boxes and common.subset_of(image).lower() == "vg":
+        raise SkipRow("VG sample")
+    if not keep_boxes and has_boxes(qs + ans):
+        raise SkipRow("bounding box in text")
+    return qs, ans
 
 
 def grid_geometry(n, cell=CELL, gap=GAP):
@@ -145,14 +168,14 @@ def plan_grid(srcs, pools, weights, rng, same_subset=False, first_turn_only=Fals
     n = rng.choices(list(allowed), weights=list(allowed.values()))[0]
     own = [s.image for s in srcs]
     local = pools.get(srcs[0].subset, []) if same_subset else pools[None]
-    companions, fell_back = common.draw_companions(rng, set(own), local, pools[None], n - len(srcs))
+    companions, fell_back = seq.draw_companions(rng, set(own), local, pools[None], n - len(srcs))
     cells = own + companions
     rng.shuffle(cells)
     targets = [cells.index(p) + 1 for p in own]
     turns = []
     for s, k in zip(srcs, targets):
         qs, ans = (s.questions[:1], s.answers[:1]) if first_turn_only else (s.questions, s.answers)
-        turns += common.labelled_turns(qs, ans, [f"In Image{k}"] * len(qs), "" if turns else common.MARKER + "\n")
+        turns += seq.labelled_turns(qs, ans, [f"In Image{k}"] * len(qs), "" if turns else common.MARKER + "\n")
     return {"id": "grid-" + "_".join(s.id for s in srcs), "n": n, "cells": cells, "targets": targets,
             "sources": [s.id for s in srcs], "source_images": own, "turns": turns, "fell_back": fell_back}
 
@@ -186,16 +209,18 @@ def render(item, image_root, image_out, quality):
 
 def main(args):
     t0 = time.time()
+    common.apply_recipe(args, RECIPES, common.is_toy_data(args.data), "02_make_grid")
     common.resolve_paths(args, "grid", image_dir="mia_grid")
     weights = common.parse_counts(args.counts, allowed=set(LAYOUTS))
     get_font()  # fail before any work if the font cannot render
     skips = Skips()
-    sources, n_read = common.load_sources(args, skips, drop_boxes=not args.keep_boxes)
+    sources, n_read = common.load_sources(args, skips, partial(composite_turns, max_answer_chars=args.max_answer_chars,
+                                                                keep_boxes=args.keep_boxes))
     pools = common.build_pools(sources)
     max_group = min(3, max(n for n, w in weights.items() if w > 0))
     groups = group_sources([s.id for s in sources], [s.image for s in sources], args.merge, args.seed, max_group)
     items = []
-    for g in tqdm(groups, desc="plan", disable=None, leave=False):
+    for g in groups:
         srcs = [sources[i] for i in g]
         gid = "_".join(s.id for s in srcs)
         try:
@@ -237,6 +262,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n")[1])
     m = common.add_shared_args(p, image_out="mia_grid")
+    seq.add_source_flags(m)
     m.add_argument("--counts", default=COUNTS, help="images per collage with weights, drawn per row (N or N:w,...; N in 2,3,4,6,9)")
     m.add_argument("--companions", choices=("subset", "any"), default="any",
                    help="draw companions from all images (authors) or from the row's sub-dataset")
@@ -254,7 +280,4 @@ def get_args(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args())
-    except DataError as e:  # bad input, located: no traceback needed
-        sys.exit(f"02_make_grid.py: {e}")
+    common.run_stage(main, get_args)

@@ -12,9 +12,11 @@ centred on a background drawn uniformly from all other usable images (--companio
 from the row's sub-dataset). The composite keeps the background's size.
 Prompt: `<image>\\n{phrase}, {question, first letter lower-cased}` and `{phrase}, ...` on later
 turns, a phrase drawn per turn from PHRASES (64 of our own: 8 openings x 8 ways to name the
-inset). Question cleaning and the lower-casing rule: 01_make_sequence.py. VG samples and
-samples with bounding boxes in the text are skipped unless --keep-boxes (coordinates of the
-source image mean nothing on the composite).
+inset). Question cleaning, the lower-casing rule and the companion draw: imported from
+01_make_sequence.py. VG samples and samples with bounding boxes in the text are skipped unless
+--keep-boxes (coordinates of the source image mean nothing on the composite; the rule is
+02_make_grid.py's composite_turns). Recipes: `toy` takes a 1000-row subset of the toy world's
+data, `paper` every row (`--recipe auto` picks toy for files 00_make_toy.py wrote).
 
 Output rows: id "pip-<source id>", image [<image-out relative to image-root>/<name>.jpg],
 conversations, the source's other top-level fields, and `mia` = {format, n_images 2 (the
@@ -24,20 +26,23 @@ pasted target), companions_fallback}. Rows sorted by id: byte-identical for any 
 input order; images written atomically before the JSONL; skips as in 01 and 02.
 """
 import argparse
-import sys
+import importlib
 import time
 from functools import partial
 from pathlib import Path
 
 from PIL import Image
-from tqdm import tqdm
 
 import common
-from common import DataError, ImageError, Skips, load_image, row_rng
+from common import ImageError, Skips, load_image, row_rng
+
+seq = importlib.import_module("01_make_sequence")  # the question rewrite and companion draw 01-03 share
+grid = importlib.import_module("02_make_grid")  # the rule for composites: no VG, no bounding boxes
 
 
 # ---- method: what the paper specifies (edit me) ----
 SCALE = 0.7  # the inset fits 0.7 x the background in both dimensions
+RECIPES = {"toy": {"limit": 1000}, "paper": {"limit": 0}}
 _OPENINGS = ("In", "For", "Regarding", "Looking at", "Considering", "As for", "Focusing on", "With respect to")
 _INSETS = ("the central image", "the image in the center", "the inset picture", "the picture in the middle",
            "the middle plot", "the central subplot", "the inset subplot", "the small image in the center")
@@ -67,10 +72,10 @@ def compose_pip(target, background, scale=SCALE):
 def plan_pip(src, pools, rng, same_subset=False, first_turn_only=False):
     """One source -> plan (background, conversation). rng draws, in order: background, phrases."""
     local = pools.get(src.subset, []) if same_subset else pools[None]
-    (background,), fell_back = common.draw_companions(rng, {src.image}, local, pools[None], 1)
+    (background,), fell_back = seq.draw_companions(rng, {src.image}, local, pools[None], 1)
     qs, ans = (src.questions[:1], src.answers[:1]) if first_turn_only else (src.questions, src.answers)
     phrases = [rng.choice(PHRASES) for _ in qs]
-    turns = common.labelled_turns(qs, ans, phrases, common.MARKER + "\n")
+    turns = seq.labelled_turns(qs, ans, phrases, common.MARKER + "\n")
     return {"id": f"pip-{src.id}", "target": src.image, "background": background, "turns": turns, "fell_back": fell_back}
 
 
@@ -92,12 +97,14 @@ def render(item, image_root, image_out, quality, scale):
 
 def main(args):
     t0 = time.time()
+    common.apply_recipe(args, RECIPES, common.is_toy_data(args.data), "03_make_pip")
     common.resolve_paths(args, "pip", image_dir="mia_pip")
     skips = Skips()
-    sources, n_read = common.load_sources(args, skips, drop_boxes=not args.keep_boxes)
+    sources, n_read = common.load_sources(args, skips, partial(grid.composite_turns, max_answer_chars=args.max_answer_chars,
+                                                                keep_boxes=args.keep_boxes))
     pools = common.build_pools(sources)
     items = []
-    for src in tqdm(sources, desc="plan", disable=None, leave=False):
+    for src in sources:
         try:
             item = plan_pip(src, pools, row_rng(args.seed, src.id), args.companions == "subset", args.first_turn_only)
         except common.SkipRow as e:
@@ -131,6 +138,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n")[1])
     m = common.add_shared_args(p, image_out="mia_pip")
+    seq.add_source_flags(m)
     m.add_argument("--scale", type=float, default=SCALE, help="the inset fits this fraction of the background's width and height")
     m.add_argument("--companions", choices=("subset", "any"), default="any",
                    help="draw the background from all images or from the row's sub-dataset")
@@ -143,7 +151,4 @@ def get_args(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args())
-    except DataError as e:  # bad input, located: no traceback needed
-        sys.exit(f"03_make_pip.py: {e}")
+    common.run_stage(main, get_args)

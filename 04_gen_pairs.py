@@ -28,26 +28,26 @@ answer + EOS on the images it was generated from) and the ratio is under THRESHO
 is kept in the candidates file with its numbers and the reason. Pairs carry ref_chosen_logps /
 ref_rejected_logps: summed response log-probs on the CLEAN images, chosen and rejected in one
 forward, exactly as 06 computes them, with ref_model {path, fingerprint}.
-Resume: finished batches are appended to <candidates>.partial (flushed per batch); a restarted
-run with the same settings skips them. Batches are fixed by the settings, so a killed-and-resumed
-run writes byte-identical files to an uninterrupted one.
+Resume: finished batches are appended to <candidates>.partial (common.ResumeFile, flushed per
+batch); a restarted run with the same settings skips them. Batches are fixed by the settings, so
+a killed-and-resumed run writes byte-identical files to an uninterrupted one. "The same answer"
+is common.normalise_answer's rule, the one 05 and 07 use ("The red." = "red").
 """
 import argparse
 import contextlib
 import json
 import math
 import os
-import sys
 import time
 import zlib
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 import common
-from common import DataError, ImageError, atomic_write, check_llava_row, read_rows, row_rng, write_jsonl, write_sidecar
+from common import (DataError, ImageError, atomic_write, check_llava_row, normalise_answer, read_rows, row_rng,
+                    write_jsonl, write_sidecar)
 
 # ---- method: what the paper specifies (edit me) ----
 FORMATS = ("sequence", "grid", "pip")
@@ -58,11 +58,6 @@ THRESHOLDS = {"sequence": {2: 0.8, 3: 0.7, 4: 0.6, 5: 0.6},
 INCLUSIVE = {"sequence": True, "grid": False, "pip": False}
 NOISE_STD = {"sequence": 0.0, "grid": 225.0, "pip": 49.0}
 MIN_PPL = 1.1
-
-
-def normalise(text):
-    """Case and white space do not make an answer different: '  The Bus\\n is RED ' -> 'the bus is red'."""
-    return " ".join(text.lower().split())
 
 
 def perplexity(sum_logps, n_tokens):
@@ -80,14 +75,14 @@ def select(answer, truth, ppl, ratio, limit, inclusive, min_ppl=MIN_PPL, truncat
     """One candidate -> 'selected' or the first reason it is not a pair (checked in this order).
 
     select("red", "blue", 1.5, 0.5, 0.8, True) -> 'selected'
-    select("Blue ", "blue", 1.5, 0.5, 0.8, True) -> 'answer equals ground truth'
+    select("The blue.", "blue", 1.5, 0.5, 0.8, True) -> 'answer equals ground truth'  (common.normalise_answer)
     select("red", "blue", 1.5, 0.7, 0.7, False) -> 'attention ratio above threshold'  (grid: strict <)
     """
     if not truth.strip():
         return "empty ground truth"
     if not answer.strip():
         return "empty answer"
-    if normalise(answer) == normalise(truth):
+    if normalise_answer(answer) == normalise_answer(truth):
         return "answer equals ground truth"
     if truncated:
         return "answer truncated at --max-new-tokens"
@@ -369,7 +364,7 @@ def candidate(it, answer, ratio, masses, ppl, n_tokens, noise_std, args, ctx, tr
     limit = threshold_for(it["format"], it["n_images"], ctx["thresholds"])
     reason = select(answer, it["truth"], ppl, ratio, limit, INCLUSIVE[it["format"]], args.min_ppl, truncated=truncated)
     return {"id": it["id"], "format": it["format"], "n_images": it["n_images"], "target": it["target"],
-            "answer": answer, "truth": it["truth"], "correct": normalise(answer) == normalise(it["truth"]),
+            "answer": answer, "truth": it["truth"], "correct": normalise_answer(answer) == normalise_answer(it["truth"]),
             "ratio": round(ratio, 6), "threshold": limit, "attn_images": [round(m, 6) for m in masses],
             "ppl": round(ppl, 6) if math.isfinite(ppl) else None, "n_tokens": n_tokens, "noise_std": noise_std,
             "selected": reason == "selected", "reason": reason}
@@ -444,33 +439,6 @@ def save_viz(path, images, maps, cand, geom, patch, height=192):
         canvas.save(f, format="PNG")
 
 
-def load_partial(path, config, batches):
-    """Records of the batches a killed run finished (a torn last line is ignored); the file is
-    (re)written with a header and exactly those records, so appending continues from a clean state."""
-    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
-    try:
-        head = json.loads(lines[0]) if lines else {"resume": config}
-    except json.JSONDecodeError:
-        head = {}
-    if head.get("resume") != config:
-        raise SystemExit(f"04_gen_pairs: {path} was left by a run with other settings or inputs; "
-                         f"delete it to start over, or rerun with the same arguments to resume")
-    recs = {}
-    for n, raw in enumerate(lines[1:], 2):
-        try:
-            r = json.loads(raw)
-        except json.JSONDecodeError:
-            if n == len(lines):
-                break  # the write a kill interrupted
-            raise SystemExit(f"04_gen_pairs: {path}:{n}: corrupt line; delete the file to start over") from None
-        recs[r["i"]] = r
-    done = {i: recs[i] for b in batches if all(i in recs for i in b) for i in b}
-    with atomic_write(path) as f:
-        f.write(json.dumps({"resume": config}) + "\n")
-        f.writelines(json.dumps(done[i], ensure_ascii=False) + "\n" for i in sorted(done))
-    return done
-
-
 def summarise(cands):
     """Per-format counts, yield, the mean ratio of right vs wrong answers, and the threshold as a
     hallucination detector: precision = share of flagged answers (ratio under the threshold)
@@ -499,11 +467,8 @@ def summarise(cands):
 
 
 def main(args):
-    import torch
-
     t0 = time.time()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    common.set_threads(args.threads)
     items = load_items(args)
     model, processor = common.load_model(args.model, dtype=args.dtype, device=args.device)
     n_layers = install_probe(model)
@@ -517,29 +482,20 @@ def main(args):
            "viz_ids": viz_ids}
     config = resume_config(args, layer, ref_model)
     batches = make_batches(items, args.batch_size)
-    partial = Path(str(args.candidates) + ".partial")
-    done = load_partial(partial, config, batches)
+    partial = common.ResumeFile(str(args.candidates) + ".partial", config, key="i")
+    partial.keep([i for b in batches if all(i in partial.done for i in b) for i in b])  # whole batches only
     by_i = {it["i"]: it for it in items}
-    todo = [b for b in batches if not all(i in done for i in b)]
-    n_sel = sum(r["candidate"]["selected"] for r in done.values())
-    bar = tqdm(total=len(items), initial=len(done), unit="row", desc="04 pairs", disable=None)
-    kill_after = int(os.environ.get("MIA_DPO_04_KILL_AFTER", "0"))  # tests: SIGKILL after N batches
-    with open(partial, "a", encoding="utf-8") as f:
-        for n, b in enumerate(todo, 1):
+    todo = [b for b in batches if not all(i in partial.done for i in b)]
+    n_sel = sum(r["candidate"]["selected"] for r in partial.done.values())
+    with common.Progress(len(items), "04 pairs", initial=len(partial.done)) as bar:
+        for b in todo:
             recs, viz = run_batch(model, processor, [by_i[i] for i in b], args, ctx)
-            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))  # one write per batch
-            f.flush()
-            os.fsync(f.fileno())
+            partial.add(recs)
             for it, ims, maps, cand in viz:
                 save_viz(args.viz_dir / f"{it['id']}.png", ims, maps, cand, geom, patch)
-            done.update((r["i"], r) for r in recs)
             n_sel += sum(r["candidate"]["selected"] for r in recs)
-            bar.update(len(recs))
-            bar.set_postfix(pairs=n_sel, yld=f"{n_sel / max(1, len(done)):.1%}")
-            if kill_after and n >= kill_after:
-                os.kill(os.getpid(), 9)
-    bar.close()
-    return finish(args, items, done, layer, ref_model, partial, t0)
+            bar.update(len(recs), pairs=n_sel, yld=f"{n_sel / len(partial.done):.1%}")
+    return finish(args, items, partial, layer, ref_model, t0)
 
 
 def resume_config(args, layer, ref_model):
@@ -551,9 +507,9 @@ def resume_config(args, layer, ref_model):
     return json.loads(json.dumps(cfg, default=str))  # as it reads back from the file
 
 
-def finish(args, items, done, layer, ref_model, partial, t0):
+def finish(args, items, partial, layer, ref_model, t0):
     """Write candidates and pairs in input order (whatever the batching), sidecars, the yield table."""
-    recs = [done[i] for i in sorted(done)]
+    recs = [partial.done[i] for i in sorted(partial.done)]
     cands = [r["candidate"] for r in recs]
     pairs = [r["pair"] for r in recs if r["pair"] is not None]
     table, reasons = summarise(cands), Counter(c["reason"].split(":")[0] for c in cands)
@@ -562,7 +518,7 @@ def finish(args, items, done, layer, ref_model, partial, t0):
     write_sidecar(args.candidates, args, counts=counts, layer=layer, ref_model=ref_model)
     write_jsonl(args.out, pairs)
     write_sidecar(args.out, args, counts=counts, layer=layer, ref_model=ref_model, candidates=str(args.candidates))
-    partial.unlink()
+    partial.remove()
     fr = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     print(f"{'format':<9} {'prompts':>7} {'right':>6} {'wrong':>6} {'pairs':>6} {'yield':>7} "
           f"{'ratio right':>11} {'ratio wrong':>11} {'precision':>9} {'recall':>6}")
@@ -618,7 +574,7 @@ def get_args(argv=None):
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--dtype", default="auto", choices=common.DTYPES)
     s.add_argument("--device", default="cpu")
-    s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    common.add_threads_flag(s)
     s.add_argument("--shard", type=int, default=0, help="this process's shard (rows by a hash of their id)")
     s.add_argument("--num-shards", type=int, default=1)
     a = p.parse_args(argv)
@@ -638,7 +594,4 @@ def get_args(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args())
-    except DataError as e:
-        sys.exit(f"04_gen_pairs.py: {e}")
+    common.run_stage(main, get_args)

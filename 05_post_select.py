@@ -3,8 +3,12 @@
 in : pairs JSONL from 04 (one file or its shards)     out: pairs JSONL (+ .meta.json), optional TRL export
 
   python 05_post_select.py                    # toy: data/toy/pairs.jsonl -> data/toy/pairs.post.jsonl
-  python 05_post_select.py --data data/pairs-0*-of-04.jsonl --out data/pairs.post.jsonl --balance paper
+  python 05_post_select.py --data data/pairs-0*-of-04.jsonl --out data/pairs.post.jsonl --recipe paper
   python 05_post_select.py --trl-out data/toy/pairs.trl.jsonl   # also TRL's preference schema
+
+Recipes (flags left unset): `paper` keeps every format; `toy` keeps the sequence pairs only (at
+4 visual tokens per toy image a grid cell is smaller than one token, README). `--recipe auto`
+picks toy when the pairs came from a model 00 built (their ref_model.path), paper otherwise.
 
 The paper names three filters and released no thresholds for two of them; our defaults, each a flag:
   duplicates      same images, prompt, chosen and rejected (shards or reruns merged): keep the first.
@@ -17,39 +21,34 @@ The paper names three filters and released no thresholds for two of them; our de
   length ratio    keep max(words) / min(words) <= 3 (an empty side counts as 1 word). DPO compares
                   summed log-probs, which grow with length: far beyond 3x the pair mostly says
                   "be shorter/longer". Within it, 'red' vs 'it is red' is kept.
-  edit distance   keep normalised Levenshtein distance >= 0.05 (rapidfuzz, on lower-cased text with
-                  punctuation and extra spaces removed; 0 = identical, 1 = nothing shared). It drops
+  edit distance   keep normalised Levenshtein distance >= 0.05 (rapidfuzz, on common.normalise_answer's
+                  text: lower case, no articles, no punctuation at word edges, single spaces — the rule
+                  04 and 07 judge "the same answer" by; 0 = identical, 1 = nothing shared). It drops
                   pairs equal up to punctuation and typo-level differences (one character in 20),
                   and keeps a single colour swapped in a sentence of up to ~80 characters — the
                   hallucinations the method is for.
   balance         off by default; `equal` cuts every format to the rarest one's count, `paper` to the
                   authors' final mix (15.1k sequence : 9.3k grid : 4.5k pic-in-pic). Which pairs go
                   is a seeded draw per id, so the result does not depend on input order.
-  formats         off by default; `--formats sequence` keeps one format's pairs (counted as dropped).
+  formats         the recipe's (toy: sequence, paper: all); the pairs of other formats are counted as dropped.
   sample          off by default; `--sample-like other.jsonl` keeps a seeded random subset with as
                   many pairs per format as that file: the control of a selection ablation (random
                   wrong answers vs attention-selected ones, same size and mix).
 Prints a table of how many pairs each filter dropped per format; the sidecar has it and the ids.
 """
 import argparse
-import string
-import sys
 import time
 from pathlib import Path
 
-from common import DataError, Skips, read_rows, row_rng, write_jsonl, write_sidecar
+import common
+from common import DataError, Skips, normalise_answer, read_rows, row_rng, write_jsonl, write_sidecar
 
 # ---- method: what the paper specifies (edit me) ----
 MIN_PPL, MAX_PPL = 1.1, 10.0
 MAX_LENGTH_RATIO = 3.0
 MIN_EDIT_DISTANCE = 0.05
 MIXES = {"paper": {"sequence": 15.1, "grid": 9.3, "pip": 4.5}, "equal": {"sequence": 1, "grid": 1, "pip": 1}}
-_PUNCT = str.maketrans("", "", string.punctuation)
-
-
-def clean_text(text):
-    """What the edit distance compares: 'The bus is RED.' -> 'the bus is red'."""
-    return " ".join(text.lower().translate(_PUNCT).split())
+RECIPES = {"toy": {"formats": ["sequence"]}, "paper": {"formats": ["sequence", "grid", "pip"]}}
 
 
 def length_ratio(chosen, rejected):
@@ -59,11 +58,11 @@ def length_ratio(chosen, rejected):
 
 
 def edit_distance(chosen, rejected):
-    """Normalised Levenshtein distance of the cleaned texts: ('Red.', 'red') -> 0.0; ('red', 'blue') -> 1.0;
-    ('a red car', 'a blue car') -> 0.4 (4 edits / 10 characters)."""
+    """Normalised Levenshtein distance of the normalised answers: ('The red.', 'red') -> 0.0;
+    ('red', 'blue') -> 1.0; ('a red car', 'a blue car') -> 0.5 ('red car' vs 'blue car': 4 edits / 8)."""
     from rapidfuzz.distance import Levenshtein
 
-    return Levenshtein.normalized_distance(clean_text(chosen), clean_text(rejected))
+    return Levenshtein.normalized_distance(normalise_answer(chosen), normalise_answer(rejected))
 
 
 def balance_counts(counts, mix):
@@ -133,9 +132,7 @@ def load_pairs(paths):
     pairs = []
     for path in paths:
         for line, row in read_rows(path):
-            for f in ("id", "image", "prompt", "chosen", "rejected"):
-                if f not in row:
-                    raise DataError(path, line, f, "missing: 05 reads the pairs 04_gen_pairs.py writes")
+            common.check_pair_row(row, path, line)
             if not isinstance(row.get("probe"), dict) or "ppl" not in row["probe"]:
                 raise DataError(path, line, "probe.ppl", "missing: 05 reads the pairs 04_gen_pairs.py writes")
             if not isinstance(row.get("mia"), dict) or "format" not in row["mia"]:
@@ -179,6 +176,8 @@ def to_trl(pairs, processor, image_root):
 def main(args):
     t0 = time.time()
     pairs = load_pairs(args.data)
+    source = next((p.get("ref_model", {}).get("path") for p in pairs), None)
+    common.apply_recipe(args, RECIPES, common.is_toy_model(source), "05_post_select", why=f"pairs from {source}")
     sample = None
     if args.sample_like:  # as many pairs per format as another pair file holds
         sample = {}
@@ -225,7 +224,9 @@ def get_args(argv=None):
     m.add_argument("--min-edit-distance", type=float, default=MIN_EDIT_DISTANCE,
                    help="keep normalised edit distance at or above this")
     m.add_argument("--balance", choices=("none", "equal", "paper"), default="none", help="subsample formats to a mix")
-    m.add_argument("--formats", nargs="+", help="keep only pairs of these formats (default: all)")
+    m.add_argument("--recipe", choices=("auto", "toy", "paper"), default="auto",
+                   help="where unset flags come from: auto = toy for pairs a toy model made, else paper")
+    m.add_argument("--formats", nargs="+", help="keep only pairs of these formats (toy: sequence; paper: all)")
     m.add_argument("--sample-like", type=Path, help="finally keep a random subset with as many pairs per format as "
                    "this pair file (the random-selection control of an ablation)")
     m.add_argument("--seed", type=int, default=0, help="seeds the balancing and sampling draws (with each pair's id)")
@@ -236,7 +237,4 @@ def get_args(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args())
-    except DataError as e:
-        sys.exit(f"05_post_select.py: {e}")
+    common.run_stage(main, get_args)

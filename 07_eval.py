@@ -10,7 +10,8 @@ out: OUT/report.json (+ .meta.json), OUT/answers-<name>.jsonl (every answer, for
 
 Two kinds of rows, told apart per row:
 - open questions in LLaVA format (`image`, `conversations`; 01-03's rows, the toy splits): the
-  first turn is asked, the greedy answer is compared with the first answer after `normalise`.
+  first turn is asked, the greedy answer is compared with the first answer after
+  common.normalise_answer (the rule 04 and 05 use too: "The red." counts as "red").
 - multiple choice `{id, images, question, options, answer}` (BLINK or Mantis converted
   offline): options are shown as `A. ...`, the letter is read back by `parse_choice`.
 Groups: `single`, or `<format> <n_images>` from 01-03's `mia` record, or a multiple-choice row's
@@ -46,18 +47,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import common
+from common import normalise_answer  # one rule for "the same answer" in 04, 05 and 07
 
 # ---- method: scoring (edit me) --------------------------------------------------------------
-_ARTICLES = {"a", "an", "the"}
-
-
-def normalise(text):
-    """Lower-case, drop punctuation at the ends and the articles, squeeze spaces.
-    "The Red." -> "red";  " light  blue " -> "light blue"."""
-    words = str(text).lower().strip().strip(string.punctuation + " ").split()
-    return " ".join(w for w in words if w not in _ARTICLES)
-
-
 def parse_choice(answer, options):
     """The option letter a free-text answer picks, or None.
 
@@ -71,7 +63,7 @@ def parse_choice(answer, options):
     m = re.match(r"^(?:\(([A-Za-z])\)|([A-Za-z])(?:[).:]|$))", a)
     if m and (m.group(1) or m.group(2)).upper() in letters:
         return (m.group(1) or m.group(2)).upper()
-    hits = [letters[i] for i, o in enumerate(options) if normalise(o) and normalise(o) == normalise(a)]
+    hits = [letters[i] for i, o in enumerate(options) if normalise_answer(o) and normalise_answer(o) == normalise_answer(a)]
     if len(hits) == 1:
         return hits[0]
     alone = set(re.findall(rf"\b([{letters}])\b", a))
@@ -93,10 +85,10 @@ def hallucination_type(answer, scenes, target, attr):
 
     scenes=[{color: red, background: gray}, {color: blue, background: white}], target=0, attr=color:
     "blue" -> sequence confusion, "gray" -> element interference, "green" -> other."""
-    a = normalise(answer)
-    if any(normalise(s[attr]) == a for j, s in enumerate(scenes) if j != target):
+    a = normalise_answer(answer)
+    if any(normalise_answer(s[attr]) == a for j, s in enumerate(scenes) if j != target):
         return "sequence confusion"
-    if any(normalise(v) == a for s in scenes for k, v in s.items() if k != attr):
+    if any(normalise_answer(v) == a for s in scenes for k, v in s.items() if k != attr):
         return "element interference"
     return "other"
 
@@ -172,7 +164,7 @@ def row_question(row, path, line, scene_of):
             m = TARGET.search(q["question"])  # "In Image3, ..." names it; a merged grid's later turns differ
             target = int(m.group(1)) - 1 if m else int(mia.get("target", 1)) - 1
         if 0 <= target < len(scenes):
-            attr = next((k for k, v in scenes[target].items() if normalise(v) == normalise(q["gold"])), None)
+            attr = next((k for k, v in scenes[target].items() if normalise_answer(v) == normalise_answer(q["gold"])), None)
             if attr is not None:
                 q.update(scenes=scenes, target=target, attr=attr)
     return q
@@ -214,11 +206,11 @@ def score(q, answer):
         r["choice"] = parse_choice(answer, q["options"])
         r["correct"] = r["choice"] == q["gold"]
         return r
-    r["correct"] = normalise(answer) == normalise(q["gold"])
+    r["correct"] = normalise_answer(answer) == normalise_answer(q["gold"])
     if "scenes" in q:
         sc, t, a = q["scenes"], q["target"], q["attr"]
         r["type"] = None if r["correct"] else hallucination_type(answer, sc, t, a)
-        r["random_image"] = sum(normalise(s[a]) == normalise(q["gold"]) for s in sc) / len(sc)
+        r["random_image"] = sum(normalise_answer(s[a]) == normalise_answer(q["gold"]) for s in sc) / len(sc)
     return r
 
 
@@ -256,37 +248,22 @@ def answer_all(name, path, model, proc, questions, args):
     config = {"model": str(path), "fingerprint": common.model_fingerprint(model), "max_new_tokens": args.max_new_tokens,
               "questions": hashlib.sha256("\n".join(q["key"] + "\t" + q["question"] for q in questions).encode()).hexdigest()[:16]}
     final = Path(args.out) / f"answers-{name}.jsonl"
-    partial = Path(str(final) + ".partial")
-    done = {}
-    if partial.exists():
-        lines = partial.read_text(encoding="utf-8").splitlines()
-        if not lines or json.loads(lines[0]).get("config") != config:
-            raise SystemExit(f"{partial}: left by a run with another model, data or settings; delete it to start over")
-        for ln in lines[1:]:
-            try:
-                r = json.loads(ln)
-            except json.JSONDecodeError:  # torn last line of a killed run
-                break
-            done[r["key"]] = r
-        print(f"[{name}] resuming: {len(done)} of {len(questions)} answers already in {partial}")
-    todo = [q for q in questions if q["key"] not in done]
+    partial = common.ResumeFile(str(final) + ".partial", config, key="key")
+    if partial.done:
+        print(f"[{name}] resuming: {len(partial.done)} of {len(questions)} answers already in {partial.path}")
+    todo = [q for q in questions if q["key"] not in partial.done]
     todo.sort(key=lambda q: (len(q["images"]), len(q["question"])))  # similar lengths batch together
-    from tqdm import tqdm
-
-    with open(partial, "a", encoding="utf-8") as f:
-        if not done:
-            f.write(json.dumps({"config": config}) + "\n")
-        for i in tqdm(range(0, len(todo), args.batch_size), desc=f"07 {name}", disable=None):
+    with common.Progress(len(questions), f"07 {name}", unit="answer", initial=len(partial.done)) as bar:
+        for i in range(0, len(todo), args.batch_size):
             qs = todo[i : i + args.batch_size]
             ims = [[common.load_image(args.image_root, p) for p in q["images"]] for q in qs]
             answers = common.generate(model, proc, [q["question"] for q in qs], ims, max_new_tokens=args.max_new_tokens)
-            for q, a in zip(qs, answers):
-                done[q["key"]] = score(q, a)
-                f.write(json.dumps(done[q["key"]]) + "\n")
-            f.flush()
+            partial.add([score(q, a) for q, a in zip(qs, answers)])
+            bar.update(len(qs))
+    done = partial.done
     records = [done[q["key"]] for q in questions]
     common.write_jsonl(final, records)
-    partial.unlink()
+    partial.remove()
     return records, config
 
 
@@ -371,6 +348,7 @@ def table(report, names):
 
 def main(args):
     t0 = time.time()
+    common.set_threads(args.threads)
     models = parse_models(args.model)
     if args.vlmevalkit:
         return run_vlmevalkit(args, models)
@@ -500,16 +478,12 @@ def get_args(argv=None):
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--dtype", default="auto", choices=common.DTYPES)
     s.add_argument("--device", default="cpu")
-    s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    common.add_threads_flag(s)
     args = p.parse_args(argv)
     if not args.model:
         args.model = ["base=models/toy-llava", "dpo=out/dpo-toy"]
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     return args
 
 
 if __name__ == "__main__":
-    main(get_args())
+    common.run_stage(main, get_args)

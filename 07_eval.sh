@@ -25,7 +25,7 @@ ROOT=data/toy/images
 
 if [[ ! -f $BENCH/pip.jsonl ]]; then  # built once; the files are written atomically, pip last
   echo "07: building the $SPLIT benchmark in $BENCH"
-  common=(--data "data/toy/$SPLIT.json" --image-root "$ROOT" --first-turn-only --seed 1)
+  common=(--data "data/toy/$SPLIT.json" --image-root "$ROOT" --first-turn-only --seed 1 --limit 0)  # every row
   "$PY" "$HERE/01_make_sequence.py" "${common[@]}" --counts 2:1,3:1,4:1,5:1 --out "$BENCH/sequence.jsonl"
   "$PY" "$HERE/02_make_grid.py" "${common[@]}" --out "$BENCH/grid.jsonl" --image-out "$ROOT/eval_${SPLIT}_grid"
   "$PY" "$HERE/03_make_pip.py" "${common[@]}" --out "$BENCH/pip.jsonl" --image-out "$ROOT/eval_${SPLIT}_pip"

@@ -8,9 +8,15 @@ common.py — plumbing shared by the MIA-DPO stages (no method logic lives here)
   prompts: render_prompt / render_pair (the model's own chat template, <image> kept in place),
            build_inputs (questions [+ answers] + images -> padded batch with labels)
   tensors: image_spans, response_logps + logps_at (LM head only where labels exist), generate (greedy)
-  01-03  : source rows (load_sources: validate, clean the question, dedupe, check images),
-           prompt rewrite (clean_question, lower_first, labelled_turns), companion pools and
-           draws, parallel map, atomic image save, the shared command-line flags
+  pairs  : check_pair_row (the fields 05 and 06 read)
+  answers: normalise_answer (one rule for "the same answer" in 04, 05 and 07)
+  loops  : Progress (a bar on a terminal, a line every 30 s in a log), ResumeFile (resumable JSONL)
+  recipes: apply_recipe (unset flags from the toy or the paper recipe), is_toy_model / is_toy_data
+  01-03  : source rows (load_sources: read, validate, dedupe, --limit, check images; the stage
+           says which rows it can use), companion pools, parallel map, atomic image save,
+           the shared data/system flags. The method of 01-03 (question rewrite, companion
+           draw, the 512-character and bounding-box rules) lives in 01_make_sequence.py and
+           02_make_grid.py.
 
 The same build_inputs serves generation (04, 07) and training (06), so the prompt a model is
 trained on can never differ from the prompt it answered — the released code had that bug.
@@ -19,13 +25,13 @@ that only move data (01-03, 05) start in a fraction of a second.
 """
 from __future__ import annotations
 
-import bisect
 import contextlib
 import hashlib
 import json
 import os
 import random
 import re
+import string
 import sys
 import tempfile
 import time
@@ -229,6 +235,223 @@ def write_sidecar(out_path, args=None, counts=None, skips=None, **extra):
 
 
 # ---------------------------------------------------------------------------------------------
+# data: pair rows (04 writes them, 05 filters them, 06 trains on them, 07 scores them)
+# ---------------------------------------------------------------------------------------------
+def check_pair_row(row, path=None, line=None):
+    """Check the fields every reader of a pair relies on; raise DataError naming the field.
+
+    Needs `id`, `image` (a path or a list of paths), non-empty `prompt` / `chosen` / `rejected`
+    strings, one `<image>` marker in the prompt per image, and a `rejected` that is a different
+    answer (after normalise_answer). Stored reference log-probs, if present, must be two finite
+    numbers with `ref_model.fingerprint`. Returns the image paths as a list.
+    """
+    import math
+
+    def bad(field, msg):
+        raise DataError(path, line, field, msg)
+
+    if not isinstance(row.get("id"), (str, int)) or row.get("id") == "":
+        bad("id", "missing or not a string/integer")
+    imgs = [row["image"]] if isinstance(row.get("image"), str) else row.get("image")
+    if not isinstance(imgs, list) or not imgs or not all(isinstance(x, str) and x for x in imgs):
+        bad("image", "missing, or not a path / list of paths")
+    for f in ("prompt", "chosen", "rejected"):
+        if not isinstance(row.get(f), str) or not row[f].strip():
+            bad(f, "missing, empty or not a string")
+    if row["prompt"].count(MARKER) != len(imgs):
+        bad("prompt", f"{row['prompt'].count(MARKER)} <image> markers for {len(imgs)} images")
+    if normalise_answer(row["chosen"]) == normalise_answer(row["rejected"]):
+        bad("rejected", f"the same answer as chosen ({row['rejected']!r} vs {row['chosen']!r})")
+    if "ref_chosen_logps" in row or "ref_rejected_logps" in row:
+        ref = (row.get("ref_chosen_logps"), row.get("ref_rejected_logps"))
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in ref):
+            bad("ref_chosen_logps", "ref_chosen_logps / ref_rejected_logps must both be finite numbers")
+        if not isinstance(row.get("ref_model"), dict) or not row["ref_model"].get("fingerprint"):
+            bad("ref_model", "stored reference log-probs without ref_model.fingerprint")
+    return imgs
+
+
+# ---------------------------------------------------------------------------------------------
+# answers: one rule for "the same answer", used by 04 (is it wrong?), 05 and 07 (is it right?)
+# ---------------------------------------------------------------------------------------------
+MARKER = "<image>"
+_ARTICLES = frozenset(("a", "an", "the"))
+_EDGE_PUNCT = string.punctuation + "\u2018\u2019\u201c\u201d"
+
+
+def normalise_answer(text):
+    """Case, white space, punctuation at the edges of words and the articles a/an/the do not make an
+    answer different: "The Red." -> "red";  " light  blue " -> "light blue";  "It's red!" -> "it's red";
+    "3.5" -> "3.5" (inner punctuation stays: 3.5 is not 35); an answer of articles only keeps them ("A" -> "a")."""
+    words = [w.strip(_EDGE_PUNCT) for w in str(text).lower().split()]
+    kept = [w for w in words if w and w not in _ARTICLES]
+    return " ".join(kept or [w for w in words if w])
+
+
+# ---------------------------------------------------------------------------------------------
+# long loops: progress that also reaches a log file, and resumable output
+# ---------------------------------------------------------------------------------------------
+class Progress:
+    """Progress of a long loop: a tqdm bar on a terminal; when stdout is a file or a pipe (a
+    cluster job's log), one line every `every` seconds (default $MIA_PROGRESS_SECONDS or 30):
+      `04 pairs: 1200/4000 rows (30.0%) | 11.8 rows/s | ETA 3m57s | pairs 210`
+    Use as a context manager; update(n, **postfix) after each batch."""
+
+    def __init__(self, total, desc, unit="row", initial=0, every=None, stream=None):
+        self.total, self.desc, self.unit, self.n, self.postfix = total, desc, unit, initial, {}
+        self.stream = stream or sys.stdout
+        self.every = float(os.environ.get("MIA_PROGRESS_SECONDS", 30)) if every is None else every
+        self.t0 = self.last = time.time()
+        self.start_n, self.bar = initial, None
+        if self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit=unit, desc=desc, leave=False, file=self.stream)
+
+    def update(self, n=1, **postfix):
+        self.n += n
+        self.postfix.update(postfix)
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix(**self.postfix)
+        elif time.time() - self.last >= self.every:
+            self.last = time.time()
+            print(self.line(), file=self.stream, flush=True)
+
+    def line(self):
+        rate = (self.n - self.start_n) / max(time.time() - self.t0, 1e-9)
+        left = (self.total - self.n) / rate if rate > 0 and self.total else float("nan")
+        eta = "?" if left != left else f"{int(left // 60)}m{int(left % 60):02d}s"
+        post = "".join(f" | {k} {v}" for k, v in self.postfix.items())
+        share = f" ({100 * self.n / self.total:.1f}%)" if self.total else ""
+        return f"{self.desc}: {self.n}/{self.total} {self.unit}s{share} | {rate:.3g} {self.unit}s/s | ETA {eta}{post}"
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ResumeFile:
+    """Finished records of a long stage (04's pairs, 07's answers), one JSONL line each behind a
+    header line `{"resume": config}`; a killed run restarts where it stopped.
+
+    Opening reads what an earlier run left: a torn last line (the write a kill interrupted) is
+    dropped, a file left with another `config` (other inputs or settings) is refused with a
+    SystemExit naming it. `done` maps record[key] -> record. keep(keys) rewrites the file with
+    the header and only those records (atomically); add(records) appends, flushed and fsynced,
+    so everything add() returned from survives a kill; remove() deletes the file at the end.
+    """
+
+    def __init__(self, path, config, key):
+        self.path, self.config, self.key, self.done, self._f = Path(path), config, key, {}, None
+        lines = self.path.read_text(encoding="utf-8").splitlines() if self.path.is_file() else []
+        try:
+            head = json.loads(lines[0]) if lines else {"resume": config}
+        except json.JSONDecodeError:
+            head = {}
+        if head.get("resume") != config:
+            raise SystemExit(f"{self.path}: left by a run with other inputs or settings; delete it to start "
+                             f"over, or rerun with the same arguments to resume")
+        for n, raw in enumerate(lines[1:], 2):
+            try:
+                rec = json.loads(raw)
+            except json.JSONDecodeError:
+                if n == len(lines):
+                    break  # the write a kill interrupted
+                raise SystemExit(f"{self.path}:{n}: corrupt line; delete the file to start over") from None
+            self.done[rec[key]] = rec
+        self.keep(self.done)
+
+    def keep(self, keys):
+        self.done = {k: self.done[k] for k in keys}
+        with atomic_write(self.path) as f:
+            f.write(json.dumps({"resume": self.config}) + "\n")
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in self.done.values())
+
+    def add(self, records):
+        if self._f is None:
+            self._f = open(self.path, "a", encoding="utf-8")
+        self._f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))  # one write per batch
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self.done.update((r[self.key], r) for r in records)
+
+    def remove(self):
+        if self._f is not None:
+            self._f.close()
+        self.path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# recipes: toy defaults for the embedded demo, the paper's for a real checkpoint
+# ---------------------------------------------------------------------------------------------
+def is_toy_model(path):
+    """True for a model 00 built (its directory holds toy_report.json); never for a real checkpoint."""
+    return path is not None and (Path(path) / "toy_report.json").is_file()
+
+
+def is_toy_data(path):
+    """True for a file in a folder 00_make_toy.py wrote (its sidecar train.json.meta.json says so),
+    and for None (a stage's --data left unset reads the toy world)."""
+    if path is None:
+        return True
+    meta = Path(path).parent / "train.json.meta.json"
+    try:
+        return json.loads(meta.read_text()).get("script") == "00_make_toy.py"
+    except (OSError, ValueError):
+        return False
+
+
+def apply_recipe(args, recipes, toy, stage, why="", quiet=False):
+    """Fill every flag left unset (None) from a named recipe: args.recipe "toy" or "paper", or
+    "auto" = "toy" when the stage's input is the toy world (`toy`), else "paper" — so a real
+    checkpoint never silently gets the toy's settings. Explicit flags always win. Prints which
+    recipe and values were used; args.recipe and args.recipe_values land in the sidecar."""
+    name = args.recipe if args.recipe != "auto" else ("toy" if toy else "paper")
+    filled = {k: v for k, v in recipes[name].items() if getattr(args, k) is None}
+    for k, v in filled.items():
+        setattr(args, k, v)
+    how = "--recipe" if args.recipe != "auto" else f"auto: {why or ('toy input' if toy else 'not the toy world')}"
+    args.recipe, args.recipe_values = name, filled
+    flag = lambda k, v: f"--{'' if v else 'no-'}{k}" if isinstance(v, bool) else f"--{k} {v}"  # noqa: E731
+    shown = " ".join(flag(k.replace("_", "-"), v) for k, v in filled.items())
+    if not quiet:
+        print(f"{stage}: recipe {name} ({how}){': ' + shown if shown else ''}", flush=True)
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# system
+# ---------------------------------------------------------------------------------------------
+def run_stage(main, get_args):
+    """What `python 0N_stage.py` runs: main(get_args()), and bad input (a DataError, located as
+    file:line: field) ends the run with that one line instead of a traceback."""
+    try:
+        main(get_args())
+    except DataError as e:
+        sys.exit(f"{Path(sys.argv[0]).name}: {e}")
+
+
+def add_threads_flag(group):
+    group.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, one per core)")
+
+
+def set_threads(n):
+    """--threads: torch's intra-op threads for this process (0 leaves torch's default)."""
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------------------------------
 # images
 # ---------------------------------------------------------------------------------------------
 class ImageError(OSError):
@@ -291,7 +514,7 @@ def load_model(path, dtype="auto", device="cpu", attn_implementation=None, adapt
     `adapter`: a LoRA adapter directory (06's OUT/adapter), merged into the weights on load.
     """
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -312,8 +535,97 @@ def load_model(path, dtype="auto", device="cpu", attn_implementation=None, adapt
             raise FileNotFoundError(f"{adapter}: not a LoRA adapter directory (no adapter_config.json)")
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     model = model.to(device).eval()
-    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    processor = load_processor(path)
     return model, processor
+
+
+def load_processor(path):
+    """The processor of a LOCAL checkpoint: `AutoProcessor.from_pretrained(path)`, also where
+    torchvision cannot be imported.
+
+    In transformers 5.23 the Qwen2/2.5/3-VL, Qwen3.5, LLaVA-OneVision, InternVL, SmolVLM and
+    Gemma 4 processors hold a video processor, and every video processor needs torchvision. On a
+    machine where torchvision imports (a GPU user's), this IS AutoProcessor, video processor
+    included. Where it does not (PyPI's torchvision is a CUDA build that fails beside a CPU torch),
+    such a processor is built from the same files, as the same class, with the PIL image processor
+    and, for the video part, its saved settings only (a dict, readable as attributes: SmolVLM's
+    apply_chat_template reads `.num_frames`; save_pretrained writes it back): text and images are
+    processed exactly as AutoProcessor would, and a call with videos raises. Processors without
+    a video part load through AutoProcessor either way (it then picks the PIL image processor).
+      load_processor("models/qwen2-vl")  ->  Qwen2VLProcessor (.video_processor: settings only here)
+    """
+    import inspect
+
+    from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES, processor_class_from_name
+    from transformers.utils import is_torchvision_available
+
+    path = Path(path)
+
+    def torchvision_imports():
+        if not is_torchvision_available():  # not installed: transformers uses its PIL processors
+            return False
+        try:  # installed, but a build that does not match torch fails here, not at install time
+            import torchvision.transforms.v2.functional  # noqa: F401
+        except (ImportError, OSError, RuntimeError, AttributeError):
+            return False
+        return True
+
+    def read(name):
+        f = path / name
+        return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+
+    def processor_class():  # where AutoProcessor looks for it, in the same order
+        for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+            if read(name).get("processor_class"):
+                return processor_class_from_name(read(name)["processor_class"])
+        name = PROCESSOR_MAPPING_NAMES.get(read("config.json").get("model_type"))
+        return processor_class_from_name(name) if name else None
+
+    works = torchvision_imports()
+    broken = is_torchvision_available() and not works  # installed, yet transformers' torchvision paths fail
+    cls = processor_class()
+    if works or cls is None or (not broken and "video_processor" not in cls.get_attributes()):
+        return AutoProcessor.from_pretrained(path, local_files_only=True)
+
+    class VideoSettings(dict):
+        """The video processor's saved settings, standing in for it; processing a video raises."""
+        _auto_class, model_input_names = None, []  # what ProcessorMixin reads of every part
+
+        def __getattr__(self, name):  # settings as attributes; unset ones None, like the class defaults
+            if name.startswith("_"):
+                raise AttributeError(name)
+            return self.get(name)
+
+        def __call__(self, *args, **kwargs):
+            raise RuntimeError(f"{path}: {cls.__name__} cannot process videos on this machine: its video "
+                               f"processor needs torchvision, which does not import here")
+
+    # No usable torchvision: each part loaded the way AutoProcessor loads it, the video part as settings.
+    settings, _ = cls.get_processor_dict(path, local_files_only=True)  # processor_config.json + chat template
+    parts = []
+    for attr in cls.get_attributes():
+        if attr == "tokenizer":
+            parts.append(AutoTokenizer.from_pretrained(path, local_files_only=True))
+        elif attr == "image_processor":
+            parts.append(AutoImageProcessor.from_pretrained(path, local_files_only=True, backend="pil"))
+        elif attr in ("feature_extractor", "audio_processor"):
+            parts.append(AutoFeatureExtractor.from_pretrained(path, local_files_only=True))
+        elif attr == "video_processor":
+            parts.append(VideoSettings(settings.get(attr) or read("video_preprocessor_config.json")))
+        else:
+            raise ValueError(f"{path}: {cls.__name__} needs a {attr}, which cannot be loaded without torchvision")
+    accepted = {p.name for p in inspect.signature(cls.__init__).parameters.values()
+                if p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in cls.get_attributes()}
+    processor = cls.__new__(cls)
+    # subtle: ProcessorMixin.__init__ type-checks every part, the video one against VideoProcessorMixin,
+    # which transformers does not define without torchvision. For this one call, the settings pass.
+    real_check = cls.check_argument_for_proper_class
+    processor.check_argument_for_proper_class = (
+        lambda attr, arg: None if isinstance(arg, VideoSettings) else real_check(processor, attr, arg))
+    processor.__init__(*parts, **{k: v for k, v in settings.items() if k in accepted})
+    del processor.check_argument_for_proper_class
+    return processor
 
 
 def model_fingerprint(model):
@@ -551,86 +863,10 @@ def generate(model, processor, questions, images, max_new_tokens=64, return_fini
 # ---------------------------------------------------------------------------------------------
 # source rows for stages 01-03: single-image LLaVA samples in, multi-image samples out
 # ---------------------------------------------------------------------------------------------
-MARKER = "<image>"
-MAX_ANSWER_CHARS = 512  # the authors skipped samples whose answer was >= 512 characters
 
 
 class SkipRow(Exception):
     """A row the stage passes over; the message is the reason (`kind: detail`)."""
-
-
-_LABEL_BEFORE = re.compile(r"Image\s*\d+\s*:\s*$", re.I)  # "Image3:" right before the marker
-_IN_IMAGE = re.compile(r"^In\s+Image\s*\d+\s*,\s*", re.I)  # a leading "In Image3, "
-_FIRST_WORD = re.compile(r"[^\W\d_]+(?:['\u2019][^\W\d_]+)?")
-
-
-def clean_question(text):
-    """A human turn -> its bare question: `<image>`, an `ImageK:` label and `In ImageK, ` removed.
-
-    "<image>\\nWhat is it?", "<image>What is it?", "What is it?\\n<image>", "What is it?<image>"
-    and "Image3:<image>\\nIn Image3, what is it?" all -> "What is it?" / "what is it?".
-    Text on both sides of the marker is kept, joined by a newline.
-    """
-    before, marker, after = text.partition(MARKER)
-    if marker:
-        before = _LABEL_BEFORE.sub("", before)
-        text = "\n".join(s for s in (before.strip(), after.strip()) if s)
-    return _IN_IMAGE.sub("", text.strip(), count=1)
-
-
-def lower_first(text):
-    """Lower-case the first letter of a question that will follow `In Image{k}, `.
-
-    Rule: only when the text starts with a word (letters, at most one apostrophe part) that is
-    plainly capitalised — first letter upper case, every other letter lower case — and is not
-    the pronoun "I" ("I", "I'm", "I've", "I'd", "I'll"). Left alone: all-capital words ("OCR",
-    "USA", "TV"), mixed case ("iPhone", "McDonald's", "eBay"), a word glued to digits ("A4"),
-    and text starting with a digit, quote or bracket. Proper nouns cannot be told apart from
-    sentence case without a tagger ("Paris is ..." -> "paris is ..."); questions rarely start so.
-    "What is this?" -> "what is this?";  "A dog?" -> "a dog?";  "OCR the title." unchanged.
-    """
-    m = _FIRST_WORD.match(text)
-    if not m or text[m.end():m.end() + 1].isalnum():
-        return text
-    word = m.group(0)
-    if re.split("['\u2019]", word)[0] == "I" or not word[0].isupper() or word[1:] != word[1:].lower():
-        return text
-    return text[0].lower() + text[1:]
-
-
-def parse_conversation(conv, max_answer_chars=MAX_ANSWER_CHARS):
-    """LLaVA turns -> (questions, answers), questions cleaned; raises SkipRow(reason).
-
-    Pairs are (human, gpt); a trailing unanswered human turn is dropped.
-    """
-    n = conv[0]["value"].count(MARKER)
-    if n == 0:
-        raise SkipRow("no <image> in first human turn")
-    if n > 1:
-        raise SkipRow(f"several <image> in first human turn: {n}")
-    if any(MARKER in t["value"] for t in conv[2::2]):
-        raise SkipRow("<image> in a later human turn")
-    pairs = list(zip(conv[0::2], conv[1::2]))
-    questions = [clean_question(h["value"]) for h, _ in pairs]
-    answers = [g["value"] for _, g in pairs]
-    if not all(q.strip() for q in questions):
-        raise SkipRow("empty question")
-    if not all(a.strip() for a in answers):
-        raise SkipRow("empty answer")
-    if max_answer_chars and len(answers[0]) >= max_answer_chars:
-        raise SkipRow(f"long answer: {len(answers[0])} chars")
-    return questions, answers
-
-
-def labelled_turns(questions, answers, prefixes, head):
-    """Rebuild a conversation: human turn i = `{prefixes[i]}, {question}` (first letter lowered),
-    with `head` (the image markers) in front of the first. -> LLaVA `conversations` list.
-    """
-    turns = []
-    for i, (q, a, p) in enumerate(zip(questions, answers, prefixes)):
-        turns.append({"from": "human", "value": (head if i == 0 else "") + f"{p}, {lower_first(q)}"})
-        turns.append({"from": "gpt", "value": a})
-    return turns
 
 
 def subset_of(path):
@@ -656,24 +892,7 @@ def parse_counts(text, allowed):
     return out
 
 
-def draw_companions(rng, exclude, local, everyone, k):
-    """k distinct images, none in `exclude`, uniform from `local` (a sorted list of paths) or,
-    when it holds fewer than k others, from `everyone`. -> (paths, fell_back)."""
-    for pool, fell_back in ((local, False), (everyone, True)):
-        avail = len(pool) - sum(_contains(pool, p) for p in exclude)
-        if avail >= k:
-            out, seen = [], set(exclude)
-            while len(out) < k:  # rejection: uniform without replacement, no O(pool) copy
-                p = pool[rng.randrange(len(pool))]
-                if p not in seen:
-                    seen.add(p)
-                    out.append(p)
-            return out, fell_back
-    raise SkipRow(f"too few images for companions: need {k}, pool holds {len(everyone)}")
-
-
 TOY = Path(__file__).resolve().parent / "data" / "toy"
-_BOXES = re.compile(r"\[\s*-?\d*\.?\d+(?:\s*,\s*-?\d*\.?\d+){3}\s*\]")  # "[0.12, 0.3, 0.5, 0.77]"
 
 
 def fit(w, h, W, H):
@@ -681,11 +900,6 @@ def fit(w, h, W, H):
     if w * H >= h * W:  # wider than the box: the width binds
         return W, max(1, min(H, round(h * W / w)))
     return max(1, min(W, round(w * H / h))), H
-
-
-def has_boxes(texts):
-    """True if any text holds a bounding box like `[0.12, 0.3, 0.5, 0.77]` (meaningless in a collage)."""
-    return any(_BOXES.search(t) for t in texts)
 
 
 @dataclass
@@ -705,11 +919,14 @@ def output_row(new_id, images, turns, src_row, mia):
     return {"id": new_id, "image": images, "conversations": turns, **extra, "mia": mia}
 
 
-def load_sources(args, skips, drop_boxes=False):
+def load_sources(args, skips, parse):
     """Read, validate, de-duplicate, limit and image-check the source rows -> (sources, n_read).
 
-    Sources come back sorted by id. --limit keeps a seeded random subset (smallest
-    row_rng(seed, "limit:id") draws), so it too is independent of the input order.
+    `parse(conversations, image) -> (questions, answers)` is the stage's own rule for which
+    single-image rows it can use (it raises SkipRow with the reason otherwise); rows that are
+    text-only, multi-image or malformed are passed over here. Sources come back sorted by id.
+    --limit keeps a seeded random subset (smallest row_rng(seed, "limit:id") draws), so it too
+    is independent of the input order.
     """
     by_id, n_read = {}, 0
     for line, row in read_rows(args.data, on_error=args.on_error, skips=skips):
@@ -721,11 +938,7 @@ def load_sources(args, skips, drop_boxes=False):
             imgs = check_llava_row(row, args.data, line)
             if len(imgs) > 1:
                 raise SkipRow(f"multi-image row: {len(imgs)} images")
-            qs, ans = parse_conversation(row["conversations"], args.max_answer_chars)
-            if drop_boxes and subset_of(imgs[0]).lower() == "vg":
-                raise SkipRow("VG sample")
-            if drop_boxes and has_boxes(qs + ans):
-                raise SkipRow("bounding box in text")
+            qs, ans = parse(row["conversations"], imgs[0])
         except DataError as e:
             if args.on_error != "skip":
                 raise
@@ -783,22 +996,24 @@ def build_pools(sources):
     return pools
 
 
-def _contains(sorted_list, x):
-    i = bisect.bisect_left(sorted_list, x)
-    return i < len(sorted_list) and sorted_list[i] == x
-
-
 def run_parallel(fn, items, workers=1, desc=None):
     """[fn(x) for x in items] in item order, over `workers` processes (1: in this process)."""
-    from tqdm import tqdm
+    out = []
+    with Progress(len(items), desc or "items", unit="item") as bar:
+        if workers <= 1 or len(items) < 2:
+            results = map(fn, items)
+        else:
+            import multiprocessing as mp
 
-    if workers <= 1 or len(items) < 2:
-        return [fn(x) for x in tqdm(items, desc=desc, disable=None, leave=False)]
-    import multiprocessing as mp
-
-    chunk = max(1, min(32, len(items) // (workers * 8)))
-    with mp.Pool(workers) as pool:
-        return list(tqdm(pool.imap(fn, items, chunksize=chunk), total=len(items), desc=desc, disable=None, leave=False))
+            pool = mp.Pool(workers)
+            results = pool.imap(fn, items, chunksize=max(1, min(32, len(items) // (workers * 8))))
+        for r in results:
+            out.append(r)
+            bar.update()
+        if workers > 1 and len(items) >= 2:
+            pool.close()
+            pool.join()
+    return out
 
 
 def file_name(row_id, *parts):
@@ -852,11 +1067,11 @@ def add_shared_args(p, image_out=None):
     g.add_argument("--out", type=Path, help="output JSONL (toy: data/toy/<format>.jsonl)")
     if image_out:
         g.add_argument("--image-out", type=Path, help=f"folder for the created images (default: <image-root>/{image_out})")
-    g.add_argument("--limit", type=int, default=0, help="use a seeded random subset of this many source rows (0: all)")
-    g.add_argument("--max-answer-chars", type=int, default=MAX_ANSWER_CHARS,
-                   help="skip rows whose first answer is this long or longer (0: no limit)")
-    g.add_argument("--first-turn-only", action="store_true", help="keep only the first question/answer (default: all turns)")
+    g.add_argument("--limit", type=int, help="use a seeded random subset of this many source rows; 0: all "
+                   "(default: the recipe's, toy: a few thousand, paper: all)")
     m = p.add_argument_group("method")
+    m.add_argument("--recipe", choices=("auto", "toy", "paper"), default="auto",
+                   help="where unset flags come from: auto = toy for the toy world's data, paper for any other")
     m.add_argument("--seed", type=int, default=0, help="with the row id, seeds every random choice of a row")
     s = p.add_argument_group("system")
     s.add_argument("--workers", type=int, default=1, help="processes (output is identical for any number)")

@@ -22,27 +22,25 @@ setup() {  # $1: requirements file
   fi
 }
 
-# The toy's DPO recipe (tuned on dev, see README "What the toy shows"): sequence pairs only (at 4
-# tokens per image a grid cell is smaller than one token), full fine-tune, lr 2e-4, an SFT term
-# on chosen (gamma 1; gamma 0 = the paper's pure DPO hurts the toy), 6 epochs of 16 pairs a step.
-TOY_SEQUENCE=(--limit 4000 --counts 2:1,3:1,4:1,5:1)
-TOY_DPO=(--lora-r 0 --lr 2e-4 --gamma 1 --epochs 6 --batch-size 16 --save-every 0)
-
+# Every stage's defaults are the toy demo: with no flags a stage reads the toy world and takes
+# its `toy` recipe (06: full fine-tune, lr 2e-4, an SFT term on chosen, 6 epochs of 16 pairs; 05:
+# sequence pairs only; 01-03: a few thousand rows), printed at its start. A real checkpoint or
+# data set gets the `paper` recipe instead (each stage's RECIPES, README "Paper scale").
 case "${1:-}" in
   demo)
     setup requirements.txt
-    # The toy pipeline, stage by stage, each with its defaults (paths under data/toy, models/, out/).
+    # The toy pipeline: each stage with no arguments (paths under data/toy, models/, out/).
     rm -f out/demo-times.tsv; mkdir -p out
     stage() {  # stage NAME CMD...: run, and note its wall time for the summary
       local t0=$SECONDS; echo; echo "=== $1"; "${@:2}"; printf '%s\t%s\n' "$1" $((SECONDS - t0)) >> out/demo-times.tsv
     }
     stage "00 toy world + base model" "$PY" 00_make_toy.py
-    stage "01 sequence" "$PY" 01_make_sequence.py "${TOY_SEQUENCE[@]}"
-    stage "02 grid" "$PY" 02_make_grid.py --limit 1000
-    stage "03 pic-in-pic" "$PY" 03_make_pip.py --limit 1000
+    stage "01 sequence" "$PY" 01_make_sequence.py
+    stage "02 grid" "$PY" 02_make_grid.py
+    stage "03 pic-in-pic" "$PY" 03_make_pip.py
     stage "04 answers + attention selection" "$PY" 04_gen_pairs.py
-    stage "05 post-selection" "$PY" 05_post_select.py --formats sequence --trl-out data/toy/pairs.trl.jsonl
-    stage "06 DPO" "$PY" 06_train_dpo.py --pairs data/toy/pairs.post.jsonl "${TOY_DPO[@]}"
+    stage "05 post-selection" "$PY" 05_post_select.py
+    stage "06 DPO" "$PY" 06_train_dpo.py
     stage "07 evaluation (held-out)" env PYTHON="$PY" bash 07_eval.sh
     "$PY" - <<'SUMMARY'
 import json
@@ -78,19 +76,19 @@ SUMMARY
       echo; echo "=== seed $S -> $R"
       "$PY" 00_make_toy.py --root "$R" --seed "$S" ${TOY_FLAGS:-}
       [ -f "$T/sequence.jsonl" ] || "$PY" 01_make_sequence.py --data "$T/train.json" --image-root "$T/images" \
-          "${TOY_SEQUENCE[@]}" --seed "$S" --out "$T/sequence.jsonl"
+          --seed "$S" --out "$T/sequence.jsonl"
       gen=("$PY" 04_gen_pairs.py --data "$T/sequence.jsonl" --image-root "$T/images" --model "$M" --seed "$S")
       [ -f "$T/pairs.jsonl" ] || "${gen[@]}" --out "$T/pairs.jsonl"
       [ -f "$T/pairs-all.jsonl" ] || "${gen[@]}" --out "$T/pairs-all.jsonl" --threshold sequence=inf --min-ppl 0
-      "$PY" 05_post_select.py --data "$T/pairs.jsonl" --out "$T/pairs.post.jsonl" --formats sequence
-      "$PY" 05_post_select.py --data "$T/pairs-all.jsonl" --out "$T/pairs-all.post.jsonl" --formats sequence --min-ppl 0 --max-ppl inf
-      "$PY" 05_post_select.py --data "$T/pairs-all.jsonl" --out "$T/pairs-random.post.jsonl" --formats sequence \
+      "$PY" 05_post_select.py --data "$T/pairs.jsonl" --out "$T/pairs.post.jsonl"
+      "$PY" 05_post_select.py --data "$T/pairs-all.jsonl" --out "$T/pairs-all.post.jsonl" --min-ppl 0 --max-ppl inf
+      "$PY" 05_post_select.py --data "$T/pairs-all.jsonl" --out "$T/pairs-random.post.jsonl" \
           --min-ppl 0 --max-ppl inf --sample-like "$T/pairs.post.jsonl" --seed "$S"
       for arm in attention:pairs all-wrong:pairs-all random:pairs-random sft-only:pairs; do
         extra=(); [ "${arm%%:*}" = sft-only ] && extra=(--dpo-alpha 0)
         [ -f "$R/out/${arm%%:*}/final/config.json" ] || "$PY" 06_train_dpo.py --model "$M" \
             --pairs "$T/${arm#*:}.post.jsonl" --image-root "$T/images" --out "$R/out/${arm%%:*}" --seed "$S" \
-            "${TOY_DPO[@]}" "${extra[@]}" ${DPO_FLAGS:-}
+            "${extra[@]}" ${DPO_FLAGS:-}
       done
       for split in dev heldout; do
         (cd "$R" && PYTHON="$PY" SPLIT=$split OUT="$R/out/eval-$split" bash "$HERE/07_eval.sh" --model "base=$M" \

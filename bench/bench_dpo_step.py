@@ -137,7 +137,8 @@ def worker_ours(a, extra=(), pairs="pairs.jsonl"):
     dpo = importlib.import_module("06_train_dpo")
     out = Path(a.data) / f"ours-{time.time_ns()}"
     dpo.main(dpo.get_args(["--pairs", str(Path(a.data) / pairs), "--image-root", a.data, "--model", a.model,
-                           "--out", str(out), "--lora-r", "8", "--lora-alpha", "16", "--batch-size", str(a.batch_size),
+                           "--out", str(out), "--recipe", "paper", "--dtype", "float32", "--no-grad-ckpt",
+                           "--grad-accum", "1", "--no-merge", "--lora-r", "8", "--lora-alpha", "16", "--batch-size", str(a.batch_size),
                            "--max-steps", str(a.steps + 1), "--warmup-steps", "0", "--lr", "1e-4", "--save-every", "0",
                            "--threads", str(a.threads), "--max-length", "8192", *extra]))
     ms = [r["ms"] for _, r in __import__("common").read_rows(out / "log.jsonl")][1:]

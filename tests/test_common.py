@@ -155,6 +155,15 @@ def toy(toy_tiny):
     return model, proc, toy_tiny / "data" / "toy" / "images"
 
 
+def _with_template(proc, template):
+    """A copy of the shared processor with another chat template (the fixture stays as loaded)."""
+    import copy
+
+    proc = copy.deepcopy(proc)
+    proc.chat_template = template
+    return proc
+
+
 def _images(root, n, offset=0):
     names = sorted(p.relative_to(root).as_posix() for p in root.glob("*/*.png"))
     return [common.load_image(root, names[offset + i]) for i in range(n)]
@@ -171,8 +180,7 @@ def _images(root, n, offset=0):
     ("Compare <image> with <image>, then <image>.", "USER: Compare <image> with <image>, then <image>. ASSISTANT:"),
 ])
 def test_render_prompt_keeps_images_in_place_with_the_real_llava15_template(toy, question, expected):
-    _, proc, _ = toy
-    proc.chat_template = REAL_LLAVA15_TEMPLATE
+    proc = _with_template(toy[1], REAL_LLAVA15_TEMPLATE)
     assert common.render_prompt(proc, question) == expected
     prompt, response = common.render_pair(proc, question, "  Red. ")
     assert prompt == expected and response == " Red."
@@ -180,16 +188,15 @@ def test_render_prompt_keeps_images_in_place_with_the_real_llava15_template(toy,
 
 def test_the_trap_image_items_move_to_the_front(toy):
     """Why render_prompt passes one text item: image items would all be rendered first."""
-    _, proc, _ = toy
-    proc.chat_template = REAL_LLAVA15_TEMPLATE
+    proc = _with_template(toy[1], REAL_LLAVA15_TEMPLATE)
     msgs = [{"role": "user", "content": [{"type": "text", "text": "Image1: "}, {"type": "image"},
                                          {"type": "text", "text": "Image2: "}, {"type": "image"}]}]
     naive = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     assert naive == "USER: <image>\n<image>\nImage1:  Image2:  ASSISTANT:"
 
 
-def test_toy_model_ships_the_real_llava15_template(toy):
-    _, proc, _ = toy
+def test_toy_model_ships_the_real_llava15_template(toy_tiny):
+    _, proc = common.load_model(toy_tiny / "models" / "toy-llava")  # fresh from disk: no other test's edits
     assert proc.chat_template == REAL_LLAVA15_TEMPLATE
 
 

@@ -4,10 +4,7 @@ import importlib
 import io
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,7 +17,6 @@ import common
 from common import DataError
 
 gp = importlib.import_module("04_gen_pairs")
-ROOT = Path(__file__).resolve().parents[1]
 LLAVA15 = {"pad": False, "resize": ("short", 336), "crop": (336, 336)}  # llava-1.5-7b-hf's processor
 TOY = {"pad": False, "resize": ("hw", 64, 64), "crop": None}  # the toy's: squash to 64x64
 
@@ -380,7 +376,7 @@ def test_cli_writes_pairs_candidates_and_sidecars(world, full_run):
         s = src[p["id"]]
         assert p["prompt"] == s["conversations"][0]["value"] and p["chosen"] == s["conversations"][1]["value"]
         assert p["image"] == s["image"] and p["mia"] == s["mia"] and p["toy"] == s["toy"] and "conversations" not in p
-        assert gp.normalise(p["rejected"]) != gp.normalise(p["chosen"]) and p["probe"]["ppl"] > 1.1
+        assert common.normalise_answer(p["rejected"]) != common.normalise_answer(p["chosen"]) and p["probe"]["ppl"] > 1.1
         assert p["ref_model"]["path"] == str(world.model) and len(p["ref_model"]["fingerprint"]) == 16
     meta = json.loads(Path(str(out) + ".meta.json").read_text())
     assert meta["counts"]["pairs"] == len(pairs) and set(meta["counts"]["by_format"]) == {"sequence", "grid", "pip"}
@@ -399,13 +395,24 @@ def test_stored_reference_logps_equal_what_the_trainer_computes(world, models, f
         assert abs(lp[0] - p["ref_chosen_logps"]) < 1e-4 and abs(lp[1] - p["ref_rejected_logps"]) < 1e-4
 
 
-def test_resume_after_kill_gives_identical_output(world, full_run):
+@pytest.mark.slow
+def test_resume_after_kill_gives_identical_output(world, full_run, monkeypatch):
+    """Stopped after two batches (what a kill leaves: their records flushed, nothing else), plus a
+    torn last line; the rerun finishes the rest and writes the uninterrupted run's bytes."""
     out = world.out / "resumed" / "pairs.jsonl"
     partial = Path(str(out.with_name("pairs.candidates.jsonl")) + ".partial")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MIA_DPO_04_KILL_AFTER": "2"}
-    killed = subprocess.run([sys.executable, str(ROOT / "04_gen_pairs.py"), *_argv(world, out)],
-                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-    assert killed.returncode == -9, killed.stderr  # SIGKILL after two batches
+    real, calls = gp.run_batch, []
+
+    def dies_on_the_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(gp, "run_batch", dies_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        _in_process(world, out)
+    monkeypatch.setattr(gp, "run_batch", real)
     assert not out.exists() and len(partial.read_text().splitlines()) == 1 + 6  # header + 2 batches of 3
     with open(partial, "a") as f:
         f.write('{"i": 9, "candidate": {"id": "torn')  # and a write the kill interrupted
@@ -413,6 +420,11 @@ def test_resume_after_kill_gives_identical_output(world, full_run):
     for name in ("pairs.jsonl", "pairs.candidates.jsonl"):
         assert (out.parent / name).read_bytes() == (full_run[0].parent / name).read_bytes()
     assert not partial.exists()
+    other = world.out / "other" / "pairs.jsonl"  # a partial left by other settings is refused, not mixed in
+    other.parent.mkdir()
+    Path(str(other.with_name("pairs.candidates.jsonl")) + ".partial").write_text('{"resume": {"seed": 99}}\n')
+    with pytest.raises(SystemExit, match="other inputs or settings"):
+        _in_process(world, other)
 
 
 def test_summarise_selection_precision_and_recall_hand_case():

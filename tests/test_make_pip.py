@@ -53,14 +53,20 @@ def test_inset_box_properties():
             assert abs((x1 - x0) * h - (y1 - y0) * w) <= max(w, h) / 2
 
 
-def test_phrases():
-    assert len(set(pip.PHRASES)) == len(pip.PHRASES) >= 50
-    assert all(p[0].isupper() and p[-1].isalpha() and "," not in p for p in pip.PHRASES)
-    assert any("subplot" in p for p in pip.PHRASES) and any("plot" in p for p in pip.PHRASES)
-    assert any("picture" in p for p in pip.PHRASES) and any("image" in p for p in pip.PHRASES)
+def test_every_phrase_makes_a_prompt_the_later_stages_read_as_pic_in_pic():
+    """A phrase must not name an image by number: 07 would read `In Image2,` as a sequence or grid
+    target and 01's rewrite would strip it as a label. Each one opens the question: capitalised,
+    no comma of its own (the prompt is `{phrase}, {question}`)."""
+    ev = importlib.import_module("07_eval")
+    seq = importlib.import_module("01_make_sequence")
+    assert len(set(pip.PHRASES)) == len(pip.PHRASES)
+    for phrase in pip.PHRASES:
+        prompt = f"<image>\n{phrase}, {seq.lower_first('What color is the shape?')}"
+        assert ev.TARGET.search(prompt) is None, phrase
+        assert seq.clean_question(prompt) == f"{phrase}, what color is the shape?", phrase
+        assert phrase[0].isupper() and "," not in phrase and prompt.count("<image>") == 1
 
 
-# ---- the stage on the test set ----
 def test_composites_pixelwise(ds, pip_run):
     rows, _ = pip_run
     for r in rows:

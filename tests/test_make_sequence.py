@@ -90,23 +90,23 @@ def run(mod, ds, out, *argv):
     ('"Stop" sign?', '"Stop" sign?'), ("Über?", "über?"), ("what now?", "what now?"), ("", ""),
 ])
 def test_lower_first(text, expected):
-    assert common.lower_first(text) == expected
+    assert seq.lower_first(text) == expected
 
 
 @pytest.mark.parametrize("turn", QUESTIONS + ["What color is the shape? <image>", "  <image> \nWhat color is the shape?  ",
                                               "Image12: <image>\nin image12, What color is the shape?"])
 def test_clean_question_strips_marker_and_labels(turn):
-    q = common.clean_question(turn)
+    q = seq.clean_question(turn)
     assert q.lower() == "what color is the shape?" and "<image>" not in q
 
 
 def test_clean_question_keeps_text_on_both_sides():
-    assert common.clean_question("Look here.\n<image>\nWhat is it?") == "Look here.\nWhat is it?"
+    assert seq.clean_question("Look here.\n<image>\nWhat is it?") == "Look here.\nWhat is it?"
 
 
 def _source(questions, answers, image="a/x.png"):
     conv = [t for q, a in zip(questions, answers) for t in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
-    qs, ans = common.parse_conversation(conv)
+    qs, ans = seq.source_turns(conv)
     return common.Source("s1", image, common.subset_of(image), 1, {"id": "s1", "image": image, "conversations": conv, "toy": 1}, qs, ans)
 
 
@@ -137,21 +137,21 @@ def test_sequence_prompt_multi_turn():
 def test_parse_conversation_rejects(conv, reason):
     turns = [t for q, a in conv for t in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
     with pytest.raises(common.SkipRow, match=reason):
-        common.parse_conversation(turns)
+        seq.source_turns(turns)
 
 
 def test_draw_companions_uniform_never_own_and_fallback():
     local, everyone = ["a/1", "a/2", "a/3"], ["a/1", "a/2", "a/3", "b/1", "b/2"]
     seen = set()
     for s in range(300):
-        got, fb = common.draw_companions(random.Random(s), {"a/2"}, local, everyone, 2)
+        got, fb = seq.draw_companions(random.Random(s), {"a/2"}, local, everyone, 2)
         assert not fb and "a/2" not in got and len(set(got)) == 2 and set(got) <= {"a/1", "a/3"}
-        got, fb = common.draw_companions(random.Random(s), {"a/2"}, local, everyone, 3)
+        got, fb = seq.draw_companions(random.Random(s), {"a/2"}, local, everyone, 3)
         assert fb and "a/2" not in got and len(set(got)) == 3
         seen.update(got)
     assert seen == {"a/1", "a/3", "b/1", "b/2"}
     with pytest.raises(common.SkipRow, match="too few images"):
-        common.draw_companions(random.Random(0), {"a/1"}, local, everyone, 5)
+        seq.draw_companions(random.Random(0), {"a/1"}, local, everyone, 5)
 
 
 def test_count_mix_follows_weights():
@@ -244,3 +244,18 @@ def test_missing_toy_data_says_how_to_build_it(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "TOY", tmp_path / "no-toy")
     with pytest.raises(SystemExit, match="00_make_toy.py"):
         seq.main(seq.get_args([]))
+
+
+def test_recipe_toy_for_the_toy_world_paper_otherwise(ds, tmp_path):
+    """Data 00_make_toy.py wrote gets the toy recipe (equal image counts, a 4000-row subset); any
+    other data the paper's (all rows, the authors' mix); a flag given wins."""
+    toy = tmp_path / "toy"
+    toy.mkdir()
+    (toy / "train.json").write_bytes(ds["data"].read_bytes())
+    (toy / "train.json.meta.json").write_text(json.dumps({"script": "00_make_toy.py"}))
+    _, meta = run(seq, {**ds, "data": toy / "train.json"}, tmp_path / "t.jsonl")
+    assert (meta["args"]["recipe"], meta["args"]["counts"], meta["args"]["limit"]) == ("toy", "2:1,3:1,4:1,5:1", 4000)
+    _, meta = run(seq, ds, tmp_path / "p.jsonl")
+    assert (meta["args"]["recipe"], meta["args"]["counts"], meta["args"]["limit"]) == ("paper", seq.COUNTS, 0)
+    _, meta = run(seq, {**ds, "data": toy / "train.json"}, tmp_path / "f.jsonl", "--counts", "2", "--recipe", "paper")
+    assert (meta["args"]["recipe"], meta["args"]["counts"], meta["args"]["limit"]) == ("paper", "2", 0)

@@ -16,15 +16,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def pair(i, chosen="blue", rejected="red", ppl=2.0, fmt="sequence", image=None,
          prompt="Image1:<image>\nIn Image1, what color?"):
     return {"id": f"p{i}", "image": image or [f"a/{i}.png"], "prompt": prompt, "chosen": chosen, "rejected": rejected,
-            "mia": {"format": fmt}, "probe": {"ppl": ppl, "ratio": 0.3}, "ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0}
+            "mia": {"format": fmt}, "probe": {"ppl": ppl, "ratio": 0.3}, "ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0,
+            "ref_model": {"path": "models/x", "fingerprint": "0123abcd"}}
 
 
 def test_pure_measures_hand_cases():
-    assert ps.clean_text("  The bus is RED. ") == "the bus is red"
     assert ps.length_ratio("red", "it is red") == 3.0 and ps.length_ratio("", "no") == 1.0
     assert ps.length_ratio("a b c d e f", "x y") == 3.0
-    assert ps.edit_distance("Red.", "red") == 0.0 and ps.edit_distance("red", "blue") == 1.0
-    assert abs(ps.edit_distance("a red car", "a blue car") - 0.4) < 1e-9
+    assert ps.edit_distance("The red.", "red") == 0.0 and ps.edit_distance("red", "blue") == 1.0
+    assert abs(ps.edit_distance("a red car", "a blue car") - 0.5) < 1e-9  # 'red car' vs 'blue car': 4 edits / 8
 
 
 def test_balance_counts_hand_cases():
@@ -159,3 +159,19 @@ def test_formats_keeps_only_those_and_counts_the_rest():
     assert sorted((d[0], d[2]["id"]) for d in dropped) == [("format", "p2"), ("format", "p3"), ("perplexity", "p4")]
     text, table = ps.drop_table(pairs, kept, dropped)
     assert table["format"] == {"grid": 1, "pip": 1, "sequence": 0} and text.splitlines()[2].startswith("format")
+
+
+def test_recipe_keeps_sequences_for_toy_pairs_and_every_format_otherwise(tmp_path, toy_tiny, capsys):
+    toy_model = str(Path(toy_tiny) / "models" / "toy-llava")
+    rows = [pair(1), pair(2, fmt="grid"), pair(3, fmt="pip")]
+    for name, path in (("toy", toy_model), ("real", "models/llava-1.5-7b-hf")):
+        src = tmp_path / f"{name}.jsonl"
+        src.write_text("".join(json.dumps({**r, "ref_model": {"path": path, "fingerprint": "f"}}) + "\n" for r in rows))
+        kept, _ = ps.main(ps.get_args(["--data", str(src), "--out", str(tmp_path / f"{name}.post.jsonl")]))
+        meta = json.loads((tmp_path / f"{name}.post.jsonl.meta.json").read_text())
+        assert meta["args"]["recipe"] == ("toy" if name == "toy" else "paper")
+        assert [p["mia"]["format"] for p in kept] == (["sequence"] if name == "toy" else ["sequence", "grid", "pip"])
+    assert "05_post_select: recipe toy (auto: pairs from " in capsys.readouterr().out
+    kept, _ = ps.main(ps.get_args(["--data", str(tmp_path / "toy.jsonl"), "--out", str(tmp_path / "x.jsonl"),
+                                   "--formats", "grid"]))  # a flag wins over the recipe
+    assert [p["mia"]["format"] for p in kept] == ["grid"]

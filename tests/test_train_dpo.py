@@ -64,8 +64,12 @@ def toy(toy_tiny, tmp_path_factory):
 
 
 def argv(toy, out, *extra, pairs=None):
+    """The paper's recipe in float32 without checkpointing, a tiny LoRA and global batch 2 (tests
+    spell out what they change after these)."""
     return ["--pairs", str(pairs or toy["pairs"]), "--image-root", str(toy["images"]), "--model", str(toy["model"]),
-            "--out", str(out), "--lora-r", "8", "--lora-alpha", "16", "--warmup-steps", "0", "--save-every", "0", "--threads", "1", *extra]
+            "--out", str(out), "--recipe", "paper", "--dtype", "float32", "--no-grad-ckpt", "--no-merge", "--batch-size", "2",
+            "--grad-accum", "1", "--lora-r", "8", "--lora-alpha", "16", "--warmup-steps", "0", "--save-every", "0",
+            "--threads", "1", *extra]
 
 
 def run_main(toy, out, *extra, pairs=None):
@@ -94,6 +98,12 @@ def test_dpo_loss_hand_cases():
     assert ls.item() == pytest.approx(-0.8 * math.log(sig(0.2)) - 0.2 * math.log(sig(-0.2)), abs=1e-6)
     ipo, cr, _ = dpo.dpo_loss(pc, pr, rc, rr_, beta=0.1, loss_type="ipo")
     assert ipo.item() == pytest.approx((2 - 1 / 0.2) ** 2) and cr.item() == pytest.approx(0.1)
+    # IPO on per-token averages: chosen over 2 tokens, rejected over 4 -> h = (-0.5 + 1) - (-0.75 + 0.5) = 0.75
+    n2, n4 = torch.tensor([2]), torch.tensor([4])
+    ipo, cr, rr = dpo.dpo_loss(pc, pr, rc, rr_, beta=0.1, loss_type="ipo", chosen_n_tokens=n2, rejected_n_tokens=n4)
+    assert ipo.item() == pytest.approx((0.75 - 5) ** 2) and (cr.item(), rr.item()) == pytest.approx((0.05, -0.025))
+    same, _, _ = dpo.dpo_loss(pc, pr, rc, rr_, beta=0.1, chosen_n_tokens=n2, rejected_n_tokens=n4)
+    assert same.item() == pytest.approx(0.5981, abs=1e-4)  # the sigmoid loss ignores lengths
     with pytest.raises(ValueError, match="unknown loss_type"):
         dpo.dpo_loss(pc, pr, rc, rr_, loss_type="hinge")
     total = dpo.mia_dpo_loss(torch.tensor([0.69]), torch.tensor([-6.0]), torch.tensor([3]), dpo_alpha=1.0, gamma=0.5)
@@ -119,7 +129,8 @@ def test_concatenated_logps_equal_per_example(toy):
     batch_pairs = pairs[:3]
     assert len({p["n_images"] for p in batch_pairs}) > 1  # unequal lengths: padding is exercised
     with torch.no_grad():
-        sums, n = dpo.make_scorer(model)(dpo.collate(batch_pairs, toy["images"], proc, "cpu", model.dtype))
+        chosen, rejected, n_chosen, n_rejected = dpo.make_scorer(model)(dpo.collate(batch_pairs, toy["images"], proc, "cpu", model.dtype))
+        sums, n = torch.cat([chosen, rejected]), torch.cat([n_chosen, n_rejected])
         single = []
         for answer in ("chosen", "rejected"):
             for p in batch_pairs:
@@ -131,6 +142,7 @@ def test_concatenated_logps_equal_per_example(toy):
 
 
 # ---- parity with TRL's DPOTrainer -------------------------------------------------------------------
+@pytest.mark.slow
 def test_first_steps_equal_trl_dpotrainer(toy, tmp_path):
     """Same model, same 4 pairs (one global batch, so every step sees all of them in both), full
     fine-tune of every weight, AdamW, linear schedule, clipping: loss, rewards and log-probs of 3
@@ -201,6 +213,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one_process(toy, tmp_path, capsys):
     """Global batch 2 as 1 process x 2 pairs and as torchrun 2 processes x 1 pair (gloo, with
     activation checkpointing, which must not change a number): same losses, rewards, log-probs."""
@@ -226,6 +239,7 @@ def test_torchrun_two_processes_equal_one_process(toy, tmp_path, capsys):
     assert sidecar(tmp_path / "two")["counts"]["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_fsdp_full_finetune_equals_one_process_and_resumes(toy, tmp_path):
     """Full fine-tune sharded over 2 torchrun processes (FSDP2, gloo): same losses and the same
     saved weights as one process; resumed from its step-2 checkpoint, the same step 3."""
@@ -299,8 +313,7 @@ def test_reference_sources_agree_and_stored_logps_are_checked(toy, tmp_path):
     fp = common.model_fingerprint(model)
     pairs, _ = dpo.load_pairs(toy["pairs"], toy["images"], proc, 4096, "raise")
     with torch.no_grad():
-        sums, _ = dpo.make_scorer(model)(dpo.collate(pairs, toy["images"], proc, "cpu", model.dtype))
-    c, r = sums.chunk(2)
+        c, r, _, _ = dpo.make_scorer(model)(dpo.collate(pairs, toy["images"], proc, "cpu", model.dtype))
     rows = [json.loads(x) for x in toy["pairs"].read_text().splitlines()]
     stored = [{**row, "ref_chosen_logps": float(c[i]), "ref_rejected_logps": float(r[i]),
                "ref_model": {"path": str(toy["model"]), "fingerprint": fp}} for i, row in enumerate(rows)]
@@ -364,3 +377,32 @@ def test_non_finite_loss_stops_after_saving_a_checkpoint(toy, tmp_path, monkeypa
     assert [r["step"] for _, r in common.read_rows(tmp_path / "nan" / "log.jsonl")] == [1, 2]
     assert (tmp_path / "nan" / "checkpoints" / "step-000002" / "trainer_state.pt").is_file()
     assert sidecar(tmp_path / "nan")["status"].startswith("non-finite loss at step 3")
+
+
+# ---- recipes ----------------------------------------------------------------------------------------
+def test_recipe_toy_for_a_toy_model_paper_for_any_other_and_flags_win(toy, tmp_path, capsys):
+    """With no flags, a model 00 built gets the toy recipe and any other checkpoint the paper's
+    (never the toy's full fine-tune at lr 2e-4); flags given on the command line always win."""
+    import shutil
+
+    real = tmp_path / "real-model"  # the same weights without 00's toy_report.json: "a real checkpoint"
+    shutil.copytree(toy["model"], real, ignore=shutil.ignore_patterns("toy_report.json"))
+    cases = {"toy": [], "real": ["--model", str(real)], "forced": ["--model", str(real), "--recipe", "toy"],
+             "flag": ["--model", str(real), "--lr", "1e-3", "--no-grad-ckpt"]}
+    got = {}
+    for name, extra in cases.items():
+        args = dpo.get_args(["--model", str(toy["model"]), *extra])
+        common.apply_recipe(args, dpo.RECIPES, common.is_toy_model(args.model), "06_train_dpo")
+        got[name] = args
+    assert {n: a.recipe for n, a in got.items()} == {"toy": "toy", "real": "paper", "forced": "toy", "flag": "paper"}
+    assert (got["toy"].lora_r, got["toy"].lr, got["toy"].gamma, got["toy"].epochs) == (0, 2e-4, 1.0, 6)
+    assert (got["real"].lora_r, got["real"].lora_alpha, got["real"].lr, got["real"].gamma) == (128, 256, 5e-5, 0.0)
+    assert got["real"].dtype == "bfloat16" and got["real"].grad_ckpt and got["real"].grad_accum == 8
+    assert got["flag"].lr == 1e-3 and got["flag"].grad_ckpt is False and "lr" not in got["flag"].recipe_values
+    out = capsys.readouterr().out
+    assert "06_train_dpo: recipe paper (auto: not the toy world): --lora-r 128 --lora-alpha 256" in out
+    assert "--dtype bfloat16 --grad-ckpt --save-every 100 --merge" in out
+    # the recipe a run used is in its sidecar
+    run_main(toy, tmp_path / "run", "--max-steps", "1")
+    meta = sidecar(tmp_path / "run")
+    assert meta["args"]["recipe"] == "paper" and meta["args"]["lr"] == 5e-5

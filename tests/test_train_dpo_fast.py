@@ -38,14 +38,12 @@ def logps_and_grads(policy, model, batch):
     DPO loss w.r.t. the trainable parameters."""
     policy.zero_grad(set_to_none=True)
     with torch.no_grad(), policy.disable_adapter():
-        ref, _ = dpo.score_pairs(model, batch)
-    pol, n = dpo.score_pairs(model, batch)
-    pc, pr = pol.chunk(2)
-    rc, rr = ref.chunk(2)
+        rc, rr, _, _ = dpo.pair_forward(model, batch)
+    pc, pr, nc, nr = dpo.pair_forward(model, batch)
     losses, _, _ = dpo.dpo_loss(pc, pr, rc, rr, beta=0.1)
     losses.sum().backward()
     grads = {k: p.grad.clone() for k, p in policy.named_parameters() if p.requires_grad}
-    return pol.detach(), ref, n, grads
+    return torch.cat([pc, pr]).detach(), torch.cat([rc, rr]), torch.cat([nc, nr]), grads
 
 
 @pytest.mark.parametrize("attn,prefix,encode", [("sdpa", True, False), ("eager", True, False),
@@ -54,13 +52,13 @@ def test_fast_paths_equal_plain_logps_and_grads(toy, attn, prefix, encode):
     model, proc = common.load_model(toy["model"], dtype="float32", attn_implementation=attn)
     args = dpo.get_args(["--lora-r", "8", "--lora-alpha", "16"])
     torch.manual_seed(0)
-    policy, _ = dpo._prepare_policy(model, args, "adapters-disabled")
+    policy, _ = dpo.prepare_policy(model, args, "adapters-disabled")
     for name, p in policy.named_parameters():  # LoRA B starts at 0: make policy != reference
         if "lora_B" in name:
             p.data.normal_(0, 0.05)
     pairs = uneven_pairs(toy["root"])
     plain = dpo.collate(pairs, toy["images"], proc, "cpu", torch.float32)
-    fast = dpo.collate(pairs, toy["images"], proc, "cpu", torch.float32, prefix_sharing=prefix)
+    fast = dpo.build_shared_prefix_batch(plain, torch.float32) if prefix else plain
     if prefix:  # the shared layout really is shorter: one prompt per pair, padded batch of unequal rows
         assert fast["input_ids"].shape[0] == len(pairs) and plain["input_ids"].shape[0] == 2 * len(pairs)
         assert fast["input_ids"].numel() < plain["input_ids"].numel()
@@ -84,7 +82,7 @@ def test_shared_prefix_mask_and_positions(toy):
     _, proc = common.load_model(toy["model"])
     pair = uneven_pairs(toy["root"])[0]
     plain = dpo.collate([pair], toy["images"], proc, "cpu", torch.float32)
-    fast = dpo.collate([pair], toy["images"], proc, "cpu", torch.float32, prefix_sharing=True)
+    fast = dpo.build_shared_prefix_batch(plain, torch.float32)
     p = int(plain["prompt_lens"][0])
     c, r = [int(m.sum()) - p for m in plain["attention_mask"]]
     allowed = fast["attention_mask"][0, 0] == 0  # (T, T)
