@@ -14,10 +14,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def toy_tiny(tmp_path_factory):
-    """A tiny toy world built once per session through 00_make_toy.py's command line:
-    returns the root holding data/toy and models/toy-llava."""
+    """A tiny toy world and base built once per session through the command lines of 00_make_toy.py
+    (the world) and 00_train_toy.py (the base): returns the root holding data/toy and models/toy-llava."""
     root = tmp_path_factory.mktemp("toy")
-    run = subprocess.run([sys.executable, str(ROOT / "00_make_toy.py"), "--tiny", "--root", str(root)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
+    for script in ("00_make_toy.py", "00_train_toy.py"):
+        run = subprocess.run([sys.executable, str(ROOT / script), "--tiny", "--root", str(root)],
+                             capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert run.returncode == 0, run.stdout + run.stderr
     return root
