@@ -6,7 +6,7 @@ out: OUT/report.json (+ .meta.json), OUT/answers-<name>.jsonl (every answer, for
   python 07_eval.py --model base=models/toy-llava --model dpo=out/dpo-toy \\
       --data data/toy/heldout.json data/toy/eval-heldout/*.jsonl --scenes data/toy/heldout.json
   python 07_eval.py --model dpo=out/mia-dpo/final --data blink_mc.jsonl --image-root /data/blink
-  python 07_eval.py --vlmevalkit --model dpo=out/mia-dpo/final --dry-run   # the paper's benchmarks
+  bash 07_eval.sh --vlmevalkit | --lmms-eval ...   # the paper's benchmarks: 07_harness.py
 
 Two kinds of rows, told apart per row:
 - open questions in LLaVA format (`image`, `conversations`; 01-03's rows, the toy splits): the
@@ -26,22 +26,16 @@ rows, or any row once `--scenes` maps each image path to its attributes):
 `random-image` is the accuracy of answering the asked attribute of a random image of the
 prompt: the level a model that ignores the label sits at.
 
-With --vlmevalkit the paper's own benchmarks run through VLMEvalKit (installed separately,
-benchmark files already under $LMUData): this script writes its config and runs (or, with
---dry-run, prints) the command.
+The paper's benchmarks run through VLMEvalKit or lmms-eval: 07_harness.py
+(07_eval.sh --vlmevalkit / --lmms-eval).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
-import os
 import re
-import shlex
 import string
-import subprocess
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -105,7 +99,7 @@ def summarise(records):
     for g, rs in by.items():
         n, right = len(rs), sum(r["correct"] for r in rs)
         s = {"n": n, "accuracy": right / n}
-        typed = [r for r in rs if r.get("type")]
+        typed = [r for r in rs if "type" in r]  # every scored toy row: right ones have type None
         if typed:
             wrong = [r for r in typed if not r["correct"]]
             s["errors"] = {t: sum(r["type"] == t for r in wrong)
@@ -350,8 +344,6 @@ def main(args):
     t0 = time.time()
     common.set_threads(args.threads)
     models = parse_models(args.model)
-    if args.vlmevalkit:
-        return run_vlmevalkit(args, models)
     if not args.data:
         raise SystemExit("--data: give at least one question file (07_eval.sh builds the toy benchmark)")
     skips = common.Skips()
@@ -390,66 +382,6 @@ def main(args):
     return report
 
 
-# ---- the paper's benchmarks through VLMEvalKit ---------------------------------------------------
-PAPER_BENCHMARKS = ["MMMU_DEV_VAL", "BLINK", "MANTIS", "NLVR2", "MVBench",  # multi-image (the paper's table)
-                    "MMStar", "ScienceQA_TEST", "MMVet", "POPE", "MMBench_DEV_EN", "MathVista_MINI", "AI2D_TEST"]  # single-image
-
-
-def vlmevalkit_command(run_py, config_path, work_dir, nproc):
-    """The command that runs VLMEvalKit on our config: torchrun for several GPUs, python for one."""
-    launch = ["torchrun", f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable]
-    return launch + [str(run_py), "--config", str(config_path), "--work-dir", str(work_dir), "--mode", "all"]
-
-
-def vlmevalkit_config(models, benchmarks, model_class):
-    """VLMEvalKit's --config JSON: each model as `model_class` on its local directory; each
-    benchmark with VLMEvalKit's own settings ({} = its defaults)."""
-    return {"model": {name: {"class": model_class, "model_path": str(Path(p).resolve())} for name, p in models.items()},
-            "data": {b: {} for b in benchmarks}}
-
-
-def find_vlmevalkit(root=None):
-    """-> run.py of an installed VLMEvalKit, or SystemExit with what to do."""
-    if root:
-        run_py = Path(root) / "run.py"
-    else:
-        spec = importlib.util.find_spec("vlmeval")
-        if spec is None or not spec.origin:
-            raise SystemExit("VLMEvalKit is not installed. It is not on PyPI: git clone "
-                             "https://github.com/open-compass/VLMEvalKit && pip install -e VLMEvalKit "
-                             "(then pass --vlmevalkit-dir VLMEvalKit, or run from an editable install)")
-        run_py = Path(spec.origin).parent.parent / "run.py"  # an editable install: <repo>/vlmeval/__init__.py
-    if not run_py.is_file():
-        raise SystemExit(f"{run_py}: VLMEvalKit's run.py is not there; pass --vlmevalkit-dir <your VLMEvalKit clone>")
-    return run_py
-
-
-def run_vlmevalkit(args, models):
-    for name, p in models.items():  # VLMEvalKit loads a full checkpoint: 06's merged OUT/final
-        d, adapter = resolve_model(p)
-        if adapter is not None:
-            raise SystemExit(f"--model {name}={p}: VLMEvalKit needs a merged checkpoint; rerun 06 with --merge (OUT/final)")
-        models[name] = d
-    run_py = find_vlmevalkit(args.vlmevalkit_dir)
-    lmu = Path(os.environ.get("LMUData", Path.home() / "LMUData"))
-    missing = [b for b in args.benchmarks if not ((lmu / f"{b}.tsv").is_file() or (lmu / b).is_dir())]
-    if missing and not args.allow_download:
-        raise SystemExit(f"benchmark files missing under $LMUData={lmu}: {', '.join(m + '.tsv' for m in missing)}. "
-                         f"Place them there (VLMEvalKit's own download, on a machine with network), "
-                         f"or pass --allow-download to let VLMEvalKit fetch them.")
-    work = Path(args.out) / "vlmevalkit"
-    work.mkdir(parents=True, exist_ok=True)
-    cfg = work / "config.json"
-    with common.atomic_write(cfg) as f:
-        json.dump(vlmevalkit_config(models, args.benchmarks, args.vlmevalkit_class), f, indent=1)
-    cmd = vlmevalkit_command(run_py, cfg, work, args.nproc)
-    print(" ".join(shlex.quote(c) for c in cmd))
-    if args.dry_run:
-        return cmd
-    subprocess.run(cmd, check=True, cwd=run_py.parent, env={**os.environ, "LMUData": str(lmu)})
-    return cmd
-
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
@@ -466,14 +398,6 @@ def get_args(argv=None):
     m.add_argument("--max-new-tokens", type=int, default=16)
     m.add_argument("--pairs", action=argparse.BooleanOptionalAction, default=True,
                    help="also score held-out preference pairs made from the first model's mistakes")
-    v = p.add_argument_group("VLMEvalKit (the paper's benchmarks; needs GPUs, installed separately)")
-    v.add_argument("--vlmevalkit", action="store_true", help="run VLMEvalKit instead of the local evaluation")
-    v.add_argument("--benchmarks", nargs="+", default=PAPER_BENCHMARKS, help="VLMEvalKit dataset names")
-    v.add_argument("--vlmevalkit-dir", help="your VLMEvalKit clone (default: where `vlmeval` is installed from)")
-    v.add_argument("--vlmevalkit-class", default="LLaVA_HF", help="VLMEvalKit model class for a llava-hf checkpoint")
-    v.add_argument("--nproc", type=int, default=8, help="GPUs (torchrun processes)")
-    v.add_argument("--allow-download", action="store_true", help="let VLMEvalKit download missing benchmark files")
-    v.add_argument("--dry-run", action="store_true", help="write the config and print the command, do not run it")
     s = p.add_argument_group("system")
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--dtype", default="auto", choices=common.DTYPES)
