@@ -4,6 +4,7 @@
 #   SPLIT=dev bash 07_eval.sh                # the dev benchmark (tune on this one, never on held-out)
 #   BASE=models/toy-llava DPO=out/dpo-x OUT=out/eval-x bash 07_eval.sh
 #   bash 07_eval.sh --vlmevalkit --model base=llava-1.5-7b-hf --model dpo=out/mia-dpo/final   # the paper's benchmarks
+#   bash 07_eval.sh --lmms-eval --model base=llava-1.5-7b-hf --model dpo=out/mia-dpo/final    # ... through lmms-eval
 #
 # The toy benchmark is made by the same stages as the training data, from the split's scenes:
 # one first-turn question per source row in each format — sequences of 2-5 images (equal
@@ -14,7 +15,7 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)  # the scripts; data and models are found from the current directory
 PY=${PYTHON:-python}
-if [[ " $* " == *" --vlmevalkit "* ]]; then exec "$PY" "$HERE/07_eval.py" "$@"; fi
+if [[ " $* " == *" --vlmevalkit "* || " $* " == *" --lmms-eval "* ]]; then exec "$PY" "$HERE/07_harness.py" "$@"; fi
 
 SPLIT=${SPLIT:-heldout}
 BASE=${BASE:-models/toy-llava}

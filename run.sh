@@ -22,6 +22,14 @@ setup() {  # $1: requirements file
   fi
 }
 
+harness_setup() {  # lmms-eval for tests/test_harness.py; --no-deps: its own requirements pull torchvision
+  local stamp="$VENV/.installed-harness" want; want=$(sha256sum < requirements-harness.txt | cut -c1-16)
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    "$PY" -m pip install -q -r requirements-harness.txt && "$PY" -m pip install -q --no-deps lmms-eval==0.7.3
+    echo "$want" > "$stamp"
+  fi
+}
+
 # Every stage's defaults are the toy demo: with no flags a stage reads the toy world and takes
 # its `toy` recipe (06: full fine-tune, lr 2e-4, an SFT term on chosen, 6 epochs of 16 pairs; 05:
 # sequence pairs only; 01-03: a few thousand rows), printed at its start. A real checkpoint or
@@ -34,7 +42,8 @@ case "${1:-}" in
     stage() {  # stage NAME CMD...: run, and note its wall time for the summary
       local t0=$SECONDS; echo; echo "=== $1"; "${@:2}"; printf '%s\t%s\n' "$1" $((SECONDS - t0)) >> out/demo-times.tsv
     }
-    stage "00 toy world + base model" "$PY" 00_make_toy.py
+    stage "00 toy world" "$PY" 00_make_toy.py
+    stage "00 toy base model" "$PY" 00_train_toy.py
     stage "01 sequence" "$PY" 01_make_sequence.py
     stage "02 grid" "$PY" 02_make_grid.py
     stage "03 pic-in-pic" "$PY" 03_make_pip.py
@@ -74,7 +83,8 @@ SUMMARY
     for S in ${SEEDS:-0 1}; do
       R="$HERE/runs/effect-s$S"; T="$R/data/toy"; M="$R/models/toy-llava"
       echo; echo "=== seed $S -> $R"
-      "$PY" 00_make_toy.py --root "$R" --seed "$S" ${TOY_FLAGS:-}
+      "$PY" 00_make_toy.py --root "$R" --seed "$S"
+      "$PY" 00_train_toy.py --root "$R" ${TOY_FLAGS:-}
       [ -f "$T/sequence.jsonl" ] || "$PY" 01_make_sequence.py --data "$T/train.json" --image-root "$T/images" \
           --seed "$S" --out "$T/sequence.jsonl"
       gen=("$PY" 04_gen_pairs.py --data "$T/sequence.jsonl" --image-root "$T/images" --model "$M" --seed "$S")
@@ -124,6 +134,7 @@ SUMMARY
     ;;
   test)
     setup requirements-test.txt
+    harness_setup
     shift
     "$PY" -m pytest -q tests "$@"
     ;;
