@@ -191,6 +191,9 @@ def atomic_write(path, mode="w"):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private (0600); the result is an ordinary file
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
@@ -520,7 +523,7 @@ def load_model(path, dtype="auto", device="cpu", attn_implementation=None, adapt
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"{path}: not a local model directory (no config.json). This toolkit never downloads "
-            f"weights; fetch the checkpoint yourself, or run 00_make_toy.py for the toy model."
+            f"weights; fetch the checkpoint yourself, or run 00_make_toy.py and 00_train_toy.py for the toy model."
         )
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")

@@ -1,0 +1,1246 @@
+"""
+tests/tiny_families.py — tiny random-weight checkpoints of the VLM families people align, built offline.
+
+  from tiny_families import FAMILIES, build
+  out = build("qwen2_5_vl", tmp / "qwen2_5_vl")   # a save_pretrained folder: model + processor
+  model, processor = common.load_model(out)        # loads offline, as the family's real classes
+  python tests/tiny_families.py /tmp/tiny [family ...]   # build from the command line
+  def test_x(tiny_dirs): d = tiny_dirs("gemma3")   # pytest fixture: one cached build per family and session
+
+Each checkpoint has the family's REAL model class, processor class and image-processor class
+(transformers 5.23), the processor settings and chat template of one released checkpoint
+(Family.release), a BPE tokenizer trained here in a fraction of a second with that checkpoint's
+tokenizer class and special tokens in the release's order (so token ids are small and differ
+from the release), and random weights: hidden 32, 2 layers, 32-64 px base views of 4 visual
+tokens each (Gemma 4: about 60-70 per image, the least its processor allows), so a family builds
+in a fraction of a second once transformers is imported. What is kept from the release is what
+decides WHERE image tokens go and HOW the model attends to them: placeholder strings and their
+wrappers, tiling / anyres / merging / pooling mechanics, M-RoPE, sliding-window and
+bidirectional-image attention, end-of-turn tokens. Sizes are scaled down; the ratios (merge 2x2,
+pool to 2x2, pixel shuffle 2x2, anyres grids in base-size steps) are the release's.
+
+The chat templates at the bottom are facts (the released templates, reproduced); each names
+its source. The video processor of a family that has one is written into processor_config.json
+(so torchvision users get it) but not built here: see common.load_processor.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    release: str  # the checkpoint whose layout, processor settings and template are mirrored
+    model_class: str
+    processor_class: str
+    image_processor_class: str  # the PIL class this CPU machine gets (the torchvision twin drops "Pil")
+    make: object = field(repr=False, compare=False)  # () -> _Parts, under build()'s torch seed
+
+
+@dataclass
+class _Parts:
+    model: object
+    tokenizer: object
+    image_processor: object
+    template: str
+    settings: dict  # the processor's own keyword settings, as its processor_config.json holds them
+    eos: list  # tokens generation stops at (generation_config.json eos_token_id)
+    video: dict | None = None  # the video processor's config (built only where torchvision imports)
+    feature_extractor: object = None
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizers: the family's tokenizer class, vocabulary trained here
+# ---------------------------------------------------------------------------------------------
+_CORPUS = [
+    "Image1: a red circle on a blue background.", "Image2: a green square on a white background.",
+    "In Image2, what color is the shape?", "In Image1, what color is the background?",
+    "The answer is yellow. It is purple, orange, gray, black or brown.",
+    "Describe the picture in one word. Yes, no, maybe.", "You are a helpful assistant.",
+    "What is shown in this image? There is a cat and a dog.", "0 1 2 3 4 5 6 7 8 9 10 100",
+    "user assistant system model Assistant User: ASSISTANT: USER:", "Frame from 00:01: Picture 1: Video 1:",
+    "user\nImage1:\nImage2:\n\nIn Image1, what is it?\n\n", "model\nblue\n", "assistant\nred\n\n", "\n\n\n",
+]
+
+
+def _train_bpe(cls, specials, size=420, byte_level=True, byte_fallback=False, **kw):
+    """(vocab, merges) trained on _CORPUS with `cls`'s own normalizer and pre-tokenizer.
+    byte_fallback: add the <0x00>..<0xFF> pieces a SentencePiece-style BPE falls back to."""
+    from tokenizers import Regex, pre_tokenizers, trainers
+
+    backend = cls(**kw)._tokenizer  # an empty tokenizer of the right kind
+    if byte_fallback:  # SentencePiece pieces never span a word or a line break: train on words, as it does
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(r"\n+"), behavior="isolated"),
+            pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)])
+    alphabet = pre_tokenizers.ByteLevel.alphabet() if byte_level else []
+    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=list(specials), initial_alphabet=alphabet,
+                                  show_progress=False)
+    backend.train_from_iterator(_CORPUS * 4, trainer)
+    bpe = json.loads(backend.to_str())["model"]
+    vocab = dict(bpe["vocab"])
+    if byte_fallback:
+        for b in range(256):
+            vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in bpe["merges"]]
+    # a blank line is one token in every released vocabulary ("ĊĊ" = 271 in Qwen's): where a prompt
+    # ends in "\n" and the answer starts with one, the split at the boundary then differs, as it does
+    # for the real tokenizer
+    nl = "\u010a" if byte_level else "\n"
+    for a, b in ((nl, nl), (nl * 2, nl)):
+        if a in vocab and b in vocab and a + b not in vocab:
+            vocab[a + b] = len(vocab)
+            merges.append((a, b))
+    return vocab, merges
+
+
+def _tokenizer(cls, base, added=(), named=None, byte_level=True, byte_fallback=False, **kw):
+    """A `cls` tokenizer: `base` special tokens first (ids 0..), then `added` special tokens in
+    the release's order, `named` ones also as attributes (tokenizer.image_token, ...)."""
+    vocab, merges = _train_bpe(cls, base, byte_level=byte_level, byte_fallback=byte_fallback)
+    if named:  # v5 names model-specific tokens this way: tokenizer.image_token etc., saved in tokenizer_config
+        kw["extra_special_tokens"] = dict(named)
+    tok = cls(vocab=vocab, merges=merges, **kw)
+    new = [t for t in list(added) + list((named or {}).values()) if t not in tok.get_vocab()]
+    tok.add_special_tokens({"extra_special_tokens": list(dict.fromkeys(new))}, replace_extra_special_tokens=False)
+    return tok
+
+
+def _qwen_tokens():
+    return ["<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+            "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+            "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def _qwen2_tokenizer(extra=(), named=None, cls_name="Qwen2Tokenizer", vl=True):
+    """Qwen's tokenizer: <|endoftext|>, then the chat (and with `vl`, the Qwen-VL) tokens, then `extra`.
+    vl=False is the text-only Qwen2 list that LLaVA-OneVision extends with <image> and <video>."""
+    import transformers
+
+    cls = getattr(transformers, cls_name)
+    added = _qwen_tokens() if vl else _qwen_tokens()[:2]
+    return _tokenizer(cls, ["<|endoftext|>"], added + list(extra), named,
+                      eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None)
+
+
+def _llama_tokenizer(added=(), named=None, **kw):
+    from transformers import LlamaTokenizer
+
+    return _tokenizer(LlamaTokenizer, ["<unk>", "<s>", "</s>"], added, named, byte_level=False, byte_fallback=True,
+                      add_bos_token=True, **kw)
+
+
+def _ids(tok, *tokens):
+    return [tok.convert_tokens_to_ids(t) for t in tokens]
+
+
+# ---------------------------------------------------------------------------------------------
+# the families
+# ---------------------------------------------------------------------------------------------
+H, L = 32, 2  # hidden width and layer count of every tower
+
+
+def _text_kw(tok, **kw):
+    base = dict(vocab_size=len(tok), hidden_size=H, intermediate_size=2 * H, num_hidden_layers=L,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    base.update(kw)
+    return base
+
+
+def _siglip(image_size, patch_size):
+    from transformers import SiglipVisionConfig
+
+    return SiglipVisionConfig(hidden_size=H, intermediate_size=2 * H, num_hidden_layers=L, num_attention_heads=2,
+                              image_size=image_size, patch_size=patch_size)
+
+
+def _clip(image_size, patch_size):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=H, intermediate_size=2 * H, num_hidden_layers=L, num_attention_heads=2,
+                            image_size=image_size, patch_size=patch_size, projection_dim=H)
+
+
+def _llava():
+    """llava-hf/llava-1.5-7b-hf: CLIP-L/336 (patch 14 -> 576 tokens) here 32 px / patch 16 -> 4."""
+    from transformers import CLIPImageProcessorPil, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    tok = _llama_tokenizer(["<image>", "<pad>"], {"image_token": "<image>"}, pad_token="<pad>")
+    text = LlamaConfig(**_text_kw(tok, pad_token_id=tok.pad_token_id))
+    cfg = LlavaConfig(vision_config=_clip(32, 16), text_config=text,
+                      image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+                      vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    ip = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True,
+                               resample=3)
+    settings = dict(patch_size=16, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                    image_token="<image>")
+    return _Parts(LlavaForConditionalGeneration(cfg), tok, ip, LLAVA15_TEMPLATE, settings, ["</s>"])
+
+
+def _llava_next():
+    """llava-hf/llava-v1.6-mistral-7b-hf: anyres over 336-px tiles, here 32-px tiles."""
+    from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil,
+                              MistralConfig)
+
+    tok = _llama_tokenizer(["<image>", "<pad>"], {"image_token": "<image>"}, pad_token="<pad>")
+    pinpoints = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]  # the release's, in units of 336 -> 32
+    text = MistralConfig(**_text_kw(tok, pad_token_id=tok.pad_token_id, sliding_window=None))
+    cfg = LlavaNextConfig(vision_config=_clip(32, 16), text_config=text,
+                          image_token_index=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=pinpoints,
+                          vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=4)
+    ip = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                    image_grid_pinpoints=pinpoints, do_center_crop=True, do_pad=True, resample=3)
+    settings = dict(patch_size=16, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                    image_token="<image>")
+    return _Parts(LlavaNextForConditionalGeneration(cfg), tok, ip, LLAVA_NEXT_MISTRAL_TEMPLATE, settings, ["</s>"])
+
+
+def _llava_onevision():
+    """llava-hf/llava-onevision-qwen2-0.5b-ov-hf: SigLIP 384/14 (729 tokens) + anyres_max_9 on a
+    6x6 grid of 384-px tiles; here 32 px / patch 16 (4 tokens), the same 6x6 grid of 32-px tiles."""
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              LlavaOnevisionImageProcessorPil, Qwen2Config)
+
+    tok = _qwen2_tokenizer(["<image>", "<video>"], {"image_token": "<image>", "video_token": "<video>"}, vl=False)
+    pinpoints = [[32 * i, 32 * j] for i in range(1, 7) for j in range(1, 7)]
+    cfg = LlavaOnevisionConfig(vision_config=_siglip(32, 16), text_config=Qwen2Config(**_text_kw(tok)),
+                               image_token_index=tok.image_token_id, video_token_index=tok.video_token_id,
+                               image_grid_pinpoints=pinpoints, vision_feature_layer=-1,
+                               vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9")
+    ip = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints,
+                                         image_mean=[0.5] * 3, image_std=[0.5] * 3, do_pad=True, resample=3)
+    settings = dict(num_image_tokens=4, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+                    image_token="<image>", video_token="<video>")
+    video = {"video_processor_type": "LlavaOnevisionVideoProcessor", "size": {"height": 32, "width": 32},
+             "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "resample": 3}
+    return _Parts(LlavaOnevisionForConditionalGeneration(cfg), tok, ip, ONEVISION_TEMPLATE, settings,
+                  ["<|im_end|>"], video)
+
+
+def _qwen_image_processor(patch, max_tokens=8):
+    """Qwen's smart_resize: sides rounded to patch*merge, area within [min, max]_pixels; here at
+    most `max_tokens` merged tokens per image (the releases allow up to 16384 / 1280)."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    unit = (patch * 2) ** 2
+    mean = [0.5] * 3 if patch == 16 else None
+    kw = dict(image_mean=mean, image_std=mean) if mean else {}
+    return Qwen2VLImageProcessorPil(size={"shortest_edge": unit, "longest_edge": unit * max_tokens},
+                                    patch_size=patch, merge_size=2, temporal_patch_size=2, **kw)
+
+
+def _qwen_video(processor_type, ip):
+    return {"video_processor_type": processor_type, "patch_size": ip.patch_size, "merge_size": ip.merge_size,
+            "temporal_patch_size": ip.temporal_patch_size, "size": dict(ip.size),
+            "image_mean": list(ip.image_mean), "image_std": list(ip.image_std)}
+
+
+def _qwen_ids(tok):
+    return dict(image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+                video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+                vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+                vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
+
+
+def _qwen_text(tok, **kw):
+    # head_dim 8 -> 4 rotary frequencies split over (t, h, w) like the release's [16, 24, 24] of 64
+    return _text_kw(tok, rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 1, 1], **kw},
+                    bos_token_id=None, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                    pad_token_id=tok.pad_token_id)
+
+
+def _qwen2_vl():
+    """Qwen/Qwen2-VL-2B-Instruct: ViT patch 14, 2x2 merge, M-RoPE, dynamic resolution."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    tok = _qwen2_tokenizer()
+    vision = dict(depth=L, embed_dim=H, hidden_size=H, num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2)
+    cfg = Qwen2VLConfig(text_config=_qwen_text(tok), vision_config=vision, **_qwen_ids(tok))
+    ip = _qwen_image_processor(14)
+    return _Parts(Qwen2VLForConditionalGeneration(cfg), tok, ip, QWEN2_VL_TEMPLATE, {},
+                  ["<|im_end|>", "<|endoftext|>"], _qwen_video("Qwen2VLVideoProcessor", ip))
+
+
+def _qwen2_5_vl():
+    """Qwen/Qwen2.5-VL-3B-Instruct: Qwen2-VL plus window attention in the ViT (112 px windows,
+    full attention in blocks 7/15/23/31), here a 56-px window and full attention in the last block."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tok = _qwen2_tokenizer()
+    vision = dict(depth=L, hidden_size=H, intermediate_size=2 * H, num_heads=2, out_hidden_size=H, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[L - 1],
+                  tokens_per_second=2)
+    cfg = Qwen2_5_VLConfig(text_config=_qwen_text(tok), vision_config=vision, **_qwen_ids(tok))
+    ip = _qwen_image_processor(14)
+    return _Parts(Qwen2_5_VLForConditionalGeneration(cfg), tok, ip, QWEN2_VL_TEMPLATE, {},
+                  ["<|im_end|>", "<|endoftext|>"], _qwen_video("Qwen2VLVideoProcessor", ip))
+
+
+def _qwen3_vl():
+    """Qwen/Qwen3-VL-8B-Instruct: ViT patch 16, 2x2 merge, interleaved M-RoPE, DeepStack (ViT
+    layers 8/16/24 added to the first LM layers), here ViT layer 0 into LM layer 0."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    tok = _qwen2_tokenizer()
+    vision = dict(depth=L, hidden_size=H, intermediate_size=2 * H, num_heads=2, out_hidden_size=H, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0])
+    text = _qwen_text(tok, mrope_interleaved=True)
+    text.update(head_dim=8)
+    cfg = Qwen3VLConfig(text_config=text, vision_config=vision, **_qwen_ids(tok))
+    ip = _qwen_image_processor(16)
+    return _Parts(Qwen3VLForConditionalGeneration(cfg), tok, ip, QWEN3_VL_TEMPLATE, {},
+                  ["<|im_end|>", "<|endoftext|>"], _qwen_video("Qwen3VLVideoProcessor", ip))
+
+
+def _qwen3_5():
+    """Qwen/Qwen3.5-27B layout (Qwen3_5ForConditionalGeneration): Qwen3-VL's ViT without
+    DeepStack, a hybrid LM of Gated-DeltaNet (linear attention) and gated full-attention layers
+    (3:1 in the release, 1:1 here), thinking chat template."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    tok = _qwen2_tokenizer(["<think>", "</think>"], cls_name="Qwen3_5Tokenizer")
+    vision = dict(depth=L, hidden_size=H, intermediate_size=2 * H, num_heads=2, out_hidden_size=H, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64)
+    text = _qwen_text(tok, mrope_interleaved=True, partial_rotary_factor=0.25)
+    text.update(head_dim=16, layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                linear_num_value_heads=2, linear_key_head_dim=8, linear_value_head_dim=8)
+    cfg = Qwen3_5Config(text_config=text, vision_config=vision, **_qwen_ids(tok))
+    ip = _qwen_image_processor(16)
+    return _Parts(Qwen3_5ForConditionalGeneration(cfg), tok, ip, QWEN3_5_TEMPLATE, {},
+                  ["<|im_end|>", "<|endoftext|>"], _qwen_video("Qwen3VLVideoProcessor", ip))
+
+
+def _internvl():
+    """OpenGVLab/InternVL3-1B-hf: InternViT 448/14 + pixel shuffle 0.5 (256 tokens per tile),
+    up to 12 aspect-ratio tiles + a thumbnail; here 32 px / patch 8 -> 4 tokens per tile."""
+    from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration, Qwen2Config
+
+    named = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+             "video_token": "<video>"}
+    tok = _qwen2_tokenizer(["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>",
+                            "</box>"], named)
+    vision = dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=2, intermediate_size=2 * H,
+                  image_size=[32, 32], patch_size=[8, 8])
+    cfg = InternVLConfig(vision_config=vision, text_config=Qwen2Config(**_text_kw(tok)),
+                         image_token_id=tok.context_image_token_id, image_seq_length=4, downsample_ratio=0.5,
+                         vision_feature_layer=-1, vision_feature_select_strategy="default")
+    ip = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=False, min_patches=1,
+                                  max_patches=12, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    video = {"video_processor_type": "InternVLVideoProcessor", "size": {"height": 32, "width": 32},
+             "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+    return _Parts(InternVLForConditionalGeneration(cfg), tok, ip, INTERNVL_TEMPLATE, {"image_seq_length": 4},
+                  ["<|im_end|>"], video)
+
+
+def _gemma_tokenizer(added, named, add_bos):
+    from transformers import GemmaTokenizer
+
+    return _tokenizer(GemmaTokenizer, ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"], added, named, byte_level=False,
+                      byte_fallback=True, add_bos_token=add_bos)
+
+
+def _gemma3():
+    """google/gemma-3-4b-it: SigLIP 896/14 (64x64 patches) average-pooled 4x4 -> 256 tokens; LM
+    with 5 sliding-window (1024) layers per global one and bidirectional attention inside images.
+    Here 32 px / patch 4 (8x8 patches) pooled 4x4 -> 4 tokens; window 16, 1:1."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3TextConfig
+
+    named = {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
+    tok = _gemma_tokenizer(["<start_of_turn>", "<end_of_turn>"], named, add_bos=True)
+    text = Gemma3TextConfig(**_text_kw(tok, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+                                       sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                                       pad_token_id=tok.pad_token_id, eos_token_id=_ids(tok, "<eos>", "<end_of_turn>"),
+                                       bos_token_id=tok.bos_token_id))
+    cfg = Gemma3Config(text_config=text, vision_config=_siglip(32, 4), mm_tokens_per_image=4,
+                       boi_token_index=tok.boi_token_id, eoi_token_index=tok.eoi_token_id,
+                       image_token_index=tok.image_token_id)
+    ip = Gemma3ImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                                 resample=2, do_pan_and_scan=None)
+    return _Parts(Gemma3ForConditionalGeneration(cfg), tok, ip, GEMMA3_TEMPLATE, {"image_seq_length": 4},
+                  ["<eos>", "<end_of_turn>"])
+
+
+def _gemma4():
+    """google/gemma-4-31B-it layout (no audio tower): variable-resolution ViT (patch 16, pooled
+    3x3; every image resized to fill a budget of 280 soft tokens, 70 the smallest the processor
+    accepts), LM with sliding-window and global layers and bidirectional attention over vision
+    tokens. Here patch 8, pooled 3x3, 70 soft tokens per image: the one family above 4 per view."""
+    from transformers import (Gemma4AudioFeatureExtractor, Gemma4Config, Gemma4ForConditionalGeneration,
+                              Gemma4ImageProcessorPil, Gemma4TextConfig, Gemma4VisionConfig)
+
+    named = {"image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>", "audio_token": "<|audio|>",
+             "boa_token": "<|audio>", "eoa_token": "<audio|>", "sot_token": "<|turn>", "eot_token": "<turn|>",
+             "soc_token": "<|channel>", "eoc_token": "<channel|>", "think_token": "<|think|>", "escape_token": '<|"|>',
+             "str_token": "<|tool_response>", "etr_token": "<tool_response|>", "stc_token": "<|tool_call>",
+             "etc_token": "<tool_call|>", "std_token": "<|tool>", "etd_token": "<tool|>"}
+    tok = _gemma_tokenizer(["<|video|>"], named, add_bos=False)
+    text = Gemma4TextConfig(**_text_kw(tok, num_key_value_heads=1, head_dim=16, global_head_dim=16, sliding_window=16,
+                                       layer_types=["sliding_attention", "full_attention"],
+                                       hidden_size_per_layer_input=0, use_bidirectional_attention="vision",
+                                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                       eos_token_id=_ids(tok, "<eos>", "<turn|>"),
+                                       final_logit_softcapping=30.0))
+    vision = Gemma4VisionConfig(hidden_size=H, intermediate_size=2 * H, num_hidden_layers=L, num_attention_heads=2,
+                                num_key_value_heads=2, head_dim=16, patch_size=8, pooling_kernel_size=3,
+                                position_embedding_size=256)
+    cfg = Gemma4Config(text_config=text, vision_config=vision, audio_config=None, image_token_id=tok.image_token_id,
+                       boi_token_id=tok.boi_token_id, eoi_token_id=tok.eoi_token_id,
+                       video_token_id=tok.convert_tokens_to_ids("<|video|>"), audio_token_id=tok.audio_token_id,
+                       boa_token_id=tok.boa_token_id, eoa_token_index=tok.eoa_token_id)
+    ip = Gemma4ImageProcessorPil(patch_size=8, max_soft_tokens=70, pooling_kernel_size=3, do_normalize=False)
+    video = {"video_processor_type": "Gemma4VideoProcessor", "patch_size": 8, "max_soft_tokens": 70,
+             "pooling_kernel_size": 3, "do_normalize": False}
+    return _Parts(Gemma4ForConditionalGeneration(cfg), tok, ip, GEMMA4_TEMPLATE, {"image_seq_length": 70},
+                  ["<eos>", "<turn|>", "<|tool_response>"], video, Gemma4AudioFeatureExtractor())
+
+
+def _idefics_tokens():
+    return ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"] + [
+        f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+
+
+def _idefics3():
+    """HuggingFaceM4/Idefics3-8B-Llama3: SigLIP 364/14 + pixel shuffle 2x2 -> 169 tokens per
+    tile, the image resized to <= 4x364 and cut into 364-px tiles plus a global view, each tile
+    framed by <fake_token_around_image><row_i_col_j>. Here 32-px tiles, 4 tokens each, <= 64 px."""
+    from tokenizers import processors
+    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil, LlamaConfig,
+                              PreTrainedTokenizerFast, Qwen2Tokenizer)
+
+    # Llama 3's tokenizer: byte-level BPE after a regex split (Qwen2's is the same but for digit runs),
+    # saved as a plain PreTrainedTokenizerFast whose post-processor writes <|begin_of_text|>
+    vocab, merges = _train_bpe(Qwen2Tokenizer, ["<|begin_of_text|>", "<|end_of_text|>"])
+    backend = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None)._tokenizer
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B", special_tokens=[("<|begin_of_text|>", 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
+                                  pad_token="<|end_of_text|>")
+    tok.add_special_tokens({"extra_special_tokens": _idefics_tokens()}, replace_extra_special_tokens=False)
+    vision = dict(hidden_size=H, intermediate_size=2 * H, num_hidden_layers=L, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    cfg = Idefics3Config(vision_config=vision, text_config=LlamaConfig(**_text_kw(tok, pad_token_id=tok.pad_token_id)),
+                         image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2)
+    ip = Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
+                                   image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return _Parts(Idefics3ForConditionalGeneration(cfg), tok, ip, IDEFICS3_TEMPLATE, {"image_seq_len": 4},
+                  ["<end_of_utterance>", "<|end_of_text|>"])
+
+
+def _smolvlm():
+    """HuggingFaceTB/SmolVLM2-2.2B-Instruct: Idefics3's tiling (384-px tiles, 81 tokens each after
+    a 3x3 pixel shuffle) on a SmolLM2 LM. Here 32-px tiles, pixel shuffle 2x2 -> 4 tokens."""
+    from transformers import GPT2Tokenizer, LlamaConfig, SmolVLMConfig, SmolVLMForConditionalGeneration
+    from transformers import SmolVLMImageProcessorPil
+
+    tok = _tokenizer(GPT2Tokenizer, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], _idefics_tokens(),
+                     bos_token="<|im_start|>", eos_token="<end_of_utterance>", pad_token="<|im_end|>",
+                     unk_token="<|endoftext|>")
+    vision = dict(hidden_size=H, intermediate_size=2 * H, num_hidden_layers=L, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    cfg = SmolVLMConfig(vision_config=vision, text_config=LlamaConfig(**_text_kw(tok, pad_token_id=tok.pad_token_id)),
+                        image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2)
+    ip = SmolVLMImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
+                                  image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    video = {"video_processor_type": "SmolVLMVideoProcessor", "size": {"longest_edge": 32},
+             "max_image_size": {"longest_edge": 32}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+             "fps": 1, "num_frames": 64, "do_sample_frames": True}
+    return _Parts(SmolVLMForConditionalGeneration(cfg), tok, ip, SMOLVLM_TEMPLATE, {"image_seq_len": 4},
+                  ["<end_of_utterance>"], video)
+
+
+# ---------------------------------------------------------------------------------------------
+# build
+# ---------------------------------------------------------------------------------------------
+def build(family, out_dir, seed=0):
+    """Write a tiny checkpoint of `family` (one of FAMILIES) to `out_dir` -> out_dir.
+
+    The folder is what `save_pretrained` leaves (config.json, model.safetensors,
+    generation_config.json, tokenizer files, processor_config.json, chat_template.jinja) and
+    loads with `common.load_model(out_dir)` offline. Same family and seed -> same weights.
+      build("gemma3", "/tmp/g3")  ->  Path("/tmp/g3")
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    if family not in _BY_NAME:
+        raise ValueError(f"unknown family {family!r}; one of: {', '.join(FAMILIES)}")
+    fam, out = _BY_NAME[family], Path(out_dir)
+    torch.manual_seed(seed)
+    try:
+        parts = fam.make()
+    except Exception as e:  # name the family: a transformers error alone does not say which builder broke
+        raise RuntimeError(f"tiny {family} ({fam.release} layout): {type(e).__name__}: {e}") from e
+    model, tok = parts.model.eval(), parts.tokenizer
+    eos = _ids(tok, *parts.eos)
+    if None in eos or tok.unk_token_id in eos:
+        raise RuntimeError(f"tiny {family}: an end-of-turn token of {parts.eos} is not in its tokenizer")
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
+                                               eos_token_id=eos if len(eos) > 1 else eos[0])
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    # processor_config.json is written here, as ProcessorMixin.save_pretrained would write it: building the
+    # processor object itself would need the video processor, i.e. torchvision (common.load_processor reads it)
+    proc = {"processor_class": fam.processor_class, "image_processor": parts.image_processor.to_dict(),
+            **parts.settings}
+    if parts.video is not None:
+        proc["video_processor"] = parts.video
+    if parts.feature_extractor is not None:  # numpy scalars -> numbers, as ProcessorMixin.to_dict does
+        proc["feature_extractor"] = {k: v.tolist() if hasattr(v, "tolist") else v
+                                     for k, v in parts.feature_extractor.to_dict().items()}
+    (out / "processor_config.json").write_text(json.dumps(proc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (out / "chat_template.jinja").write_text(parts.template, encoding="utf-8")
+    # the tokenizer names its processor, as a released tokenizer_config.json does
+    tc = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    tc["processor_class"] = fam.processor_class
+    (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# pytest: one build per family per session
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """A session cache: tiny_dirs(family) -> the folder of its tiny checkpoint, built on first use."""
+    root, cache = tmp_path_factory.mktemp("tiny_families"), {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = build(family, root / family)
+        return cache[family]
+
+    return get
+
+
+# ---------------------------------------------------------------------------------------------
+# chat templates of the releases (facts, reproduced)
+# ---------------------------------------------------------------------------------------------
+# llava-hf/llava-1.5-7b-hf chat_template.json (also tests/test_common.py: REAL_LLAVA15_TEMPLATE)
+LLAVA15_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{% generation %}"
+    "{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+# llava-hf/llava-v1.6-mistral-7b-hf chat_template.json (no generation-prompt branch: a prompt ends at " [/INST]")
+LLAVA_NEXT_MISTRAL_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ '<<SYS>>\n' + message['content'][0]['text'] + '\n<</SYS>>\n\n' }}{% elif message['role'] == 'user' %}"
+    "{{ '[INST] ' }}{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] }}{% endfor %}{{' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ ' ' + message['content'][0]['text'] + '</s> '}}{% else %}"
+    "{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+
+# llava-hf/llava-onevision-qwen2-0.5b-ov-hf chat_template.json (as in transformers'
+# tests/models/llava_onevision/test_processing_llava_onevision.py). Turns open with
+# '<|im_start|>' + role + ' ', the generation prompt is '<|im_start|>assistant\n'.
+ONEVISION_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}{# Render all images first #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{# Render all video then #}{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}"
+    "{{ '<video>' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\n' + content['text'] }}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{% generation %}"
+    "{{ '\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}{{'<|im_end|>'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Qwen/Qwen2-VL-7B-Instruct chat_template.json = Qwen/Qwen2.5-VL-*-Instruct's (as in transformers'
+# tests/models/qwen2_vl/test_processor_qwen2_vl.py): default system prompt, each image item ->
+# <|vision_start|><|image_pad|><|vision_end|> (optionally "Picture k: " first, add_vision_id).
+QWEN2_VL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: "
+    "{% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% endif %}"
+)
+
+# Qwen/Qwen3-VL-8B-Instruct chat_template.json (no default system prompt)
+QWEN3_VL_TEMPLATE = """{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0].role == 'system' %}
+        {%- if messages[0].content is string %}
+            {{- messages[0].content }}
+        {%- else %}
+            {%- for content in messages[0].content %}
+                {%- if 'text' in content %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '\\n\\n' }}
+    {%- endif %}
+    {{- "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\\n' }}
+        {%- if messages[0].content is string %}
+            {{- messages[0].content }}
+        {%- else %}
+            {%- for content in messages[0].content %}
+                {%- if 'text' in content %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set image_count = namespace(value=0) %}
+{%- set video_count = namespace(value=0) %}
+{%- for message in messages %}
+    {%- if message.role == "user" %}
+        {{- '<|im_start|>' + message.role + '\\n' }}
+        {%- if message.content is string %}
+            {{- message.content }}
+        {%- else %}
+            {%- for content in message.content %}
+                {%- if content.type == 'image' or 'image' in content or 'image_url' in content %}
+                    {%- set image_count.value = image_count.value + 1 %}
+                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}
+                    <|vision_start|><|image_pad|><|vision_end|>
+                {%- elif content.type == 'video' or 'video' in content %}
+                    {%- set video_count.value = video_count.value + 1 %}
+                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}
+                    <|vision_start|><|video_pad|><|vision_end|>
+                {%- elif 'text' in content %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role + '\\n' }}
+        {%- if message.content is string %}
+            {{- message.content }}
+        {%- else %}
+            {%- for content_item in message.content %}
+                {%- if 'text' in content_item %}
+                    {{- content_item.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and message.content) or (not loop.first) %}
+                    {{- '\\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' }}
+        {%- if message.content is string %}
+            {{- message.content }}
+        {%- else %}
+            {%- for content in message.content %}
+                {%- if content.type == 'image' or 'image' in content or 'image_url' in content %}
+                    {%- set image_count.value = image_count.value + 1 %}
+                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}
+                    <|vision_start|><|image_pad|><|vision_end|>
+                {%- elif content.type == 'video' or 'video' in content %}
+                    {%- set video_count.value = video_count.value + 1 %}
+                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}
+                    <|vision_start|><|video_pad|><|vision_end|>
+                {%- elif 'text' in content %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '\\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+
+# Qwen/Qwen3.5-27B chat template (tokenizer_config.json): thinking by default, so the generation
+# prompt ends '<|im_start|>assistant\n<think>\n' and an answer after the last user turn is
+# rendered '<think>\n\n</think>\n\n' + answer.
+QWEN3_5_TEMPLATE = """{%- set image_count = namespace(value=0) %}
+{%- set video_count = namespace(value=0) %}
+{%- macro render_content(content, do_vision_count, is_system_content=false) %}
+    {%- if content is string %}
+        {{- content }}
+    {%- elif content is iterable and content is not mapping %}
+        {%- for item in content %}
+            {%- if 'image' in item or 'image_url' in item or item.type == 'image' %}
+                {%- if is_system_content %}
+                    {{- raise_exception('System message cannot contain images.') }}
+                {%- endif %}
+                {%- if do_vision_count %}
+                    {%- set image_count.value = image_count.value + 1 %}
+                {%- endif %}
+                {%- if add_vision_id %}
+                    {{- 'Picture ' ~ image_count.value ~ ': ' }}
+                {%- endif %}
+                {{- '<|vision_start|><|image_pad|><|vision_end|>' }}
+            {%- elif 'video' in item or item.type == 'video' %}
+                {%- if is_system_content %}
+                    {{- raise_exception('System message cannot contain videos.') }}
+                {%- endif %}
+                {%- if do_vision_count %}
+                    {%- set video_count.value = video_count.value + 1 %}
+                {%- endif %}
+                {%- if add_vision_id %}
+                    {{- 'Video ' ~ video_count.value ~ ': ' }}
+                {%- endif %}
+                {{- '<|vision_start|><|video_pad|><|vision_end|>' }}
+            {%- elif 'text' in item %}
+                {{- item.text }}
+            {%- else %}
+                {{- raise_exception('Unexpected item type in content.') }}
+            {%- endif %}
+        {%- endfor %}
+    {%- elif content is none or content is undefined %}
+        {{- '' }}
+    {%- else %}
+        {{- raise_exception('Unexpected content type.') }}
+    {%- endif %}
+{%- endmacro %}
+{%- if not messages %}
+    {{- raise_exception('No messages provided.') }}
+{%- endif %}
+{%- if tools and tools is iterable and tools is not mapping %}
+    {{- '<|im_start|>system\\n' }}
+    {{- "# Tools\\n\\nYou have access to the following functions:\\n\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools>" }}
+    {{- '\\n\\nIf you choose to call a function ONLY reply in the following format with NO suffix:\\n\\n<tool_call>\\n<function=example_function_name>\\n<parameter=example_parameter_1>\\nvalue_1\\n</parameter>\\n<parameter=example_parameter_2>\\nThis is the value for the second parameter\\nthat can span\\nmultiple lines\\n</parameter>\\n</function>\\n</tool_call>\\n\\n<IMPORTANT>\\nReminder:\\n- Function calls MUST follow the specified format: an inner <function=...></function> block must be nested within <tool_call></tool_call> XML tags\\n- Required parameters MUST be specified\\n- You may provide optional reasoning for your function call in natural language BEFORE the function call, but NOT after\\n- If there is no function call available, answer the question like normal with your current knowledge and do not tell the user about function calls\\n</IMPORTANT>' }}
+    {%- if messages[0].role == 'system' %}
+        {%- set content = render_content(messages[0].content, false, true)|trim %}
+        {%- if content %}
+            {{- '\\n\\n' + content }}
+        {%- endif %}
+    {%- endif %}
+    {{- '<|im_end|>\\n' }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {%- set content = render_content(messages[0].content, false, true)|trim %}
+        {{- '<|im_start|>system\\n' + content + '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" %}
+        {%- set content = render_content(message.content, false)|trim %}
+        {%- if not(content.startswith('<tool_response>') and content.endswith('</tool_response>')) %}
+            {%- set ns.multi_step_tool = false %}
+            {%- set ns.last_query_index = index %}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if ns.multi_step_tool %}
+    {{- raise_exception('No user query found in messages.') }}
+{%- endif %}
+{%- for message in messages %}
+    {%- set content = render_content(message.content, true)|trim %}
+    {%- if message.role == "system" %}
+        {%- if not loop.first %}
+            {{- raise_exception('System message must be at the beginning.') }}
+        {%- endif %}
+    {%- elif message.role == "user" %}
+        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in content %}
+                {%- set reasoning_content = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}
+                {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+            {%- endif %}
+        {%- endif %}
+        {%- set reasoning_content = reasoning_content|trim %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content + '\\n</think>\\n\\n' + content }}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\\n' + content }}
+        {%- endif %}
+        {%- if message.tool_calls and message.tool_calls is iterable and message.tool_calls is not mapping %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if tool_call.function is defined %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {%- if loop.first %}
+                    {%- if content|trim %}
+                        {{- '\\n\\n<tool_call>\\n<function=' + tool_call.name + '>\\n' }}
+                    {%- else %}
+                        {{- '<tool_call>\\n<function=' + tool_call.name + '>\\n' }}
+                    {%- endif %}
+                {%- else %}
+                    {{- '\\n<tool_call>\\n<function=' + tool_call.name + '>\\n' }}
+                {%- endif %}
+                {%- if tool_call.arguments is defined %}
+                    {%- for args_name, args_value in tool_call.arguments|items %}
+                        {{- '<parameter=' + args_name + '>\\n' }}
+                        {%- set args_value = args_value | tojson | safe if args_value is mapping or (args_value is sequence and args_value is not string) else args_value | string %}
+                        {{- args_value }}
+                        {{- '\\n</parameter>\\n' }}
+                    {%- endfor %}
+                {%- endif %}
+                {{- '</function>\\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.previtem and loop.previtem.role != "tool" %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' }}
+        {{- content }}
+        {{- '\\n</tool_response>' }}
+        {%- if not loop.last and loop.nextitem.role != "tool" %}
+            {{- '<|im_end|>\\n' }}
+        {%- elif loop.last %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- else %}
+        {{- raise_exception('Unexpected message role.') }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\\n\\n</think>\\n\\n' }}
+    {%- else %}
+        {{- '<think>\\n' }}
+    {%- endif %}
+{%- endif %}"""
+
+# OpenGVLab/InternVL3-1B-hf, as transformers' models/internvl/convert_internvl_weights_to_hf.py writes it. An
+# image item renders '<IMG_CONTEXT>\n' (early revisions of that script wrote '<image>\n', which
+# InternVLProcessor, whose image_token is <IMG_CONTEXT>, refuses: "0 <IMG_CONTEXT> tokens and 2 images").
+INTERNVL_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "{{ '<IMG_CONTEXT>\n' }}{% elif content['type'] == 'video' %}{{ '<video>\n' }}{% elif content['type'] == 'text' %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# google/gemma-3-4b-it chat_template.json
+GEMMA3_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\\n'}}
+{%- endif -%}
+"""
+
+# HuggingFaceM4/Idefics3-8B-Llama3 chat_template.json
+IDEFICS3_TEMPLATE = (
+    "<|begin_of_text|>{% for message in messages %}{{message['role'].capitalize()}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+# HuggingFaceTB/SmolVLM2-2.2B-Instruct (= DEFAULT_CHAT_TEMPLATE of transformers' models/smolvlm/processing_smolvlm.py)
+SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% elif line['type'] == 'video' %}{{ '<video>' }}{% endif %}"
+    "{% endfor %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+# Gemma 4's chat_template.jinja as ggml-org/llama.cpp keeps it (models/templates/gemma4.jinja; its copy of the
+# 31B's, google-gemma-4-31B-it-interleaved.jinja, renders images, turns and the generation prompt identically).
+# An image item renders "\n\n<|image|>\n\n"; the generation prompt is '<|turn>model\n' plus, unless
+# enable_thinking, an empty thought channel '<|channel>thought\n<channel|>' that a rendered answer lacks.
+GEMMA4_TEMPLATE = r"""{%- macro format_parameters(properties, required) -%}
+    {%- set standard_keys = ['description', 'type', 'properties', 'required', 'nullable'] -%}
+    {%- set ns = namespace(found_first=false) -%}
+    {%- for key, value in properties | dictsort -%}
+        {%- set add_comma = false -%}
+        {%- if key not in standard_keys -%}
+            {%- if ns.found_first %},{% endif -%}
+            {%- set ns.found_first = true -%}
+            {{ key }}:{
+            {%- if value['description'] -%}
+                description:<|"|>{{ value['description'] }}<|"|>
+                {%- set add_comma = true -%}
+            {%- endif -%}
+            {%- if value['nullable'] %}
+                {%- if add_comma %},{%- else -%} {%- set add_comma = true -%} {% endif -%}
+                nullable:true
+            {%- endif -%}
+            {%- set value_type = value['type'] if value['type'] is string else value['type'][0] -%}
+            {%- if value_type | upper == 'STRING' -%}
+                {%- if value['enum'] -%}
+                    {%- if add_comma %},{%- else -%} {%- set add_comma = true -%} {% endif -%}
+                    enum:{{ format_argument(value['enum']) }}
+                {%- endif -%}
+            {%- elif value_type | upper == 'OBJECT' -%}
+                ,properties:{
+                {%- if value['properties'] is defined and value['properties'] is mapping -%}
+                    {{- format_parameters(value['properties'], value['required'] | default([])) -}}
+                {%- elif value is mapping -%}
+                    {{- format_parameters(value, value['required'] | default([])) -}}
+                {%- endif -%}
+                }
+                {%- if value['required'] -%}
+                    ,required:[
+                    {%- for item in value['required'] | default([]) -%}
+                        <|"|>{{- item -}}<|"|>
+                        {%- if not loop.last %},{% endif -%}
+                    {%- endfor -%}
+                    ]
+                {%- endif -%}
+            {%- elif value_type | upper == 'ARRAY' -%}
+                {%- if value['items'] is mapping and value['items'] -%}
+                    ,items:{
+                    {%- set ns_items = namespace(found_first=false) -%}
+                    {%- for item_key, item_value in value['items'] | dictsort -%}
+                        {%- if item_value is not none -%}
+                            {%- if ns_items.found_first %},{% endif -%}
+                            {%- set ns_items.found_first = true -%}
+                            {%- if item_key == 'properties' -%}
+                                properties:{
+                                {%- if item_value is mapping -%}
+                                    {{- format_parameters(item_value, value['items']['required'] | default([])) -}}
+                                {%- endif -%}
+                                }
+                            {%- elif item_key == 'required' -%}
+                                required:[
+                                {%- for req_item in item_value -%}
+                                    <|"|>{{- req_item -}}<|"|>
+                                    {%- if not loop.last %},{% endif -%}
+                                {%- endfor -%}
+                                ]
+                            {%- elif item_key == 'type' -%}
+                                {%- if item_value is string -%}
+                                    type:{{ format_argument(item_value | upper) }}
+                                {%- else -%}
+                                    type:{{ format_argument(item_value | map('upper') | list) }}
+                                {%- endif -%}
+                            {%- else -%}
+                                {{ item_key }}:{{ format_argument(item_value) }}
+                            {%- endif -%}
+                        {%- endif -%}
+                    {%- endfor -%}
+                    }
+                {%- endif -%}
+            {%- endif -%}
+            {%- if add_comma %},{%- else -%} {%- set add_comma = true -%} {% endif -%}
+            type:<|"|>{{ value_type | upper }}<|"|>}
+        {%- endif -%}
+    {%- endfor -%}
+{%- endmacro -%}
+{%- macro format_function_declaration(tool_data) -%}
+    declaration:{{- tool_data['function']['name'] -}}{description:<|"|>{{- tool_data['function']['description'] -}}<|"|>
+    {%- set params = tool_data['function']['parameters'] -%}
+    {%- if params -%}
+        ,parameters:{
+        {%- if params['properties'] -%}
+            properties:{ {{- format_parameters(params['properties'], params['required']) -}} },
+        {%- endif -%}
+        {%- if params['required'] -%}
+            required:[
+            {%- for item in params['required'] -%}
+                <|"|>{{- item -}}<|"|>
+                {{- ',' if not loop.last -}}
+            {%- endfor -%}
+            ],
+        {%- endif -%}
+        {%- if params['type'] -%}
+            type:<|"|>{{- params['type'] | upper -}}<|"|>}
+        {%- endif -%}
+    {%- endif -%}
+    {%- if 'response' in tool_data['function'] -%}
+        {%- set response_declaration = tool_data['function']['response'] -%}
+        ,response:{
+        {%- if response_declaration['description'] -%}
+            description:<|"|>{{- response_declaration['description'] -}}<|"|>,
+        {%- endif -%}
+        {%- if response_declaration['type'] | upper == 'OBJECT' -%}
+            type:<|"|>{{- response_declaration['type'] | upper -}}<|"|>}
+        {%- endif -%}
+    {%- endif -%}
+    }
+{%- endmacro -%}
+{%- macro format_argument(argument, escape_keys=True) -%}
+    {%- if argument is string -%}
+        {{- '<|"|>' + argument + '<|"|>' -}}
+    {%- elif argument is boolean -%}
+        {{- 'true' if argument else 'false' -}}
+    {%- elif argument is mapping -%}
+        {{- '{' -}}
+        {%- set ns = namespace(found_first=false) -%}
+        {%- for key, value in argument | dictsort -%}
+            {%- if ns.found_first %},{% endif -%}
+            {%- set ns.found_first = true -%}
+            {%- if escape_keys -%}
+                {{- '<|"|>' + key + '<|"|>' -}}
+            {%- else -%}
+                {{- key -}}
+            {%- endif -%}
+            :{{- format_argument(value, escape_keys=escape_keys) -}}
+        {%- endfor -%}
+        {{- '}' -}}
+    {%- elif argument is sequence -%}
+        {{- '[' -}}
+        {%- for item in argument -%}
+            {{- format_argument(item, escape_keys=escape_keys) -}}
+            {%- if not loop.last %},{% endif -%}
+        {%- endfor -%}
+        {{- ']' -}}
+    {%- else -%}
+        {{- argument -}}
+    {%- endif -%}
+{%- endmacro -%}
+{%- macro strip_thinking(text) -%}
+    {%- set ns = namespace(result='') -%}
+    {%- for part in text.split('<channel|>') -%}
+        {%- if '<|channel>' in part -%}
+            {%- set ns.result = ns.result + part.split('<|channel>')[0] -%}
+        {%- else -%}
+            {%- set ns.result = ns.result + part -%}
+        {%- endif -%}
+    {%- endfor -%}
+    {{- ns.result | trim -}}
+{%- endmacro -%}
+
+{%- set ns = namespace(prev_message_type=None) -%}
+{%- set loop_messages = messages -%}
+{{ bos_token }}
+{#- Handle System/Tool Definitions Block -#}
+{%- if (enable_thinking is defined and enable_thinking) or tools or messages[0]['role'] in ['system', 'developer'] -%}
+    {{- '<|turn>system\n' -}}
+
+    {#- Inject Thinking token at the very top of the FIRST system turn -#}
+    {%- if enable_thinking is defined and enable_thinking -%}
+        {{- '<|think|>' -}}
+        {%- set ns.prev_message_type = 'think' -%}
+    {%- endif -%}
+
+    {%- if messages[0]['role'] in ['system', 'developer'] -%}
+        {{- messages[0]['content'] | trim -}}
+        {%- set loop_messages = messages[1:] -%}
+    {%- endif -%}
+
+    {%- if tools -%}
+        {%- for tool in tools %}
+            {{- '<|tool>' -}}
+            {{- format_function_declaration(tool) | trim -}}
+            {{- '<tool|>' -}}
+        {%- endfor %}
+        {%- set ns.prev_message_type = 'tool' -%}
+    {%- endif -%}
+
+    {{- '<turn|>\n' -}}
+{%- endif %}
+
+{#- Loop through messages -#}
+{%- for message in loop_messages -%}
+    {%- set ns.prev_message_type = None -%}
+    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+        {{- '<|turn>' + role + '\n' }}
+
+            {%- if message['tool_calls'] -%}
+                {%- for tool_call in message['tool_calls'] -%}
+                    {%- set function = tool_call['function'] -%}
+                    {{- '<|tool_call>call:' + function['name'] + '{' -}}
+                    {%- if function['arguments'] is mapping -%}
+                        {%- set ns_args = namespace(found_first=false) -%}
+                        {%- for key, value in function['arguments'] | dictsort -%}
+                            {%- if ns_args.found_first %},{% endif -%}
+                            {%- set ns_args.found_first = true -%}
+                            {{- key -}}:{{- format_argument(value, escape_keys=False) -}}
+                        {%- endfor -%}
+                    {%- elif function['arguments'] is string -%}
+                        {{- function['arguments'] -}}
+                    {%- endif -%}
+                    {{- '}<tool_call|>' -}}
+                {%- endfor -%}
+                {%- set ns.prev_message_type = 'tool_call' -%}
+            {%- endif -%}
+
+            {%- if message['tool_responses'] -%}
+                {#- Tool Response handling -#}
+                {%- for tool_response in message['tool_responses'] -%}
+                    {{- '<|tool_response>' -}}
+                    {%- if tool_response['response'] is mapping -%}
+                        {{- 'response:' + tool_response['name'] | default('unknown') + '{' -}}
+                        {%- for key, value in tool_response['response'] | dictsort -%}
+                            {{- key -}}:{{- format_argument(value, escape_keys=False) -}}
+                            {%- if not loop.last %},{% endif -%}
+                        {%- endfor -%}
+                        {{- '}' -}}
+                    {%- else -%}
+                        {{- 'response:' + tool_response['name'] | default('unknown') + '{value:' + format_argument(tool_response['response'], escape_keys=False) + '}' -}}
+                    {%- endif -%}
+                    {{- '<tool_response|>' -}}
+                {%- endfor -%}
+                {%- set ns.prev_message_type = 'tool_response' -%}
+            {%- endif -%}
+
+            {%- if message['content'] is string -%}
+                {%- if role == 'model' -%}
+                    {{- strip_thinking(message['content']) -}}
+                {%- else -%}
+                    {{- message['content'] | trim -}}
+                {%- endif -%}
+            {%- elif message['content'] is sequence -%}
+                {%- for item in message['content'] -%}
+                    {%- if item['type'] == 'text' -%}
+                        {%- if role == 'model' -%}
+                            {{- strip_thinking(item['text']) -}}
+                        {%- else -%}
+                            {{- item['text'] | trim -}}
+                        {%- endif -%}
+                    {%- elif item['type'] == 'image' -%}
+                        {{- '\n\n<|image|>\n\n' -}}
+                        {%- set ns.prev_message_type = 'image' -%}
+                    {%- elif item['type'] == 'audio' -%}
+                        {{- '<|audio|>' -}}
+                        {%- set ns.prev_message_type = 'audio' -%}
+                    {%- elif item['type'] == 'video' -%}
+                        {{- '\n\n<|video|>\n\n' -}}
+                        {%- set ns.prev_message_type = 'video' -%}
+                    {%- endif -%}
+                {%- endfor -%}
+            {%- endif -%}
+
+        {%- if not (message['tool_responses'] and not message['content']) -%}
+            {{- '<turn|>\n' -}}
+        {%- endif -%}
+{%- endfor -%}
+
+{%- if add_generation_prompt -%}
+    {%- if ns.prev_message_type != 'tool_response' -%}
+        {{- '<|turn>model\n' -}}
+    {%- endif -%}
+    {%- if not enable_thinking | default(false) -%}
+        {{- '<|channel>thought\n<channel|>' -}}
+    {%- endif -%}
+{%- endif -%}
+"""
+
+FAMILIES_SPEC = [
+    Family("llava", "llava-hf/llava-1.5-7b-hf", "LlavaForConditionalGeneration", "LlavaProcessor",
+           "CLIPImageProcessorPil", _llava),
+    Family("llava_next", "llava-hf/llava-v1.6-mistral-7b-hf", "LlavaNextForConditionalGeneration",
+           "LlavaNextProcessor", "LlavaNextImageProcessorPil", _llava_next),
+    Family("llava_onevision", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "LlavaOnevisionForConditionalGeneration",
+           "LlavaOnevisionProcessor", "LlavaOnevisionImageProcessorPil", _llava_onevision),
+    Family("qwen2_vl", "Qwen/Qwen2-VL-2B-Instruct", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor",
+           "Qwen2VLImageProcessorPil", _qwen2_vl),
+    Family("qwen2_5_vl", "Qwen/Qwen2.5-VL-3B-Instruct", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor",
+           "Qwen2VLImageProcessorPil", _qwen2_5_vl),
+    Family("qwen3_vl", "Qwen/Qwen3-VL-8B-Instruct", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor",
+           "Qwen2VLImageProcessorPil", _qwen3_vl),
+    Family("qwen3_5", "Qwen/Qwen3.5-27B", "Qwen3_5ForConditionalGeneration", "Qwen3VLProcessor",
+           "Qwen2VLImageProcessorPil", _qwen3_5),
+    Family("internvl", "OpenGVLab/InternVL3-1B-hf", "InternVLForConditionalGeneration", "InternVLProcessor",
+           "GotOcr2ImageProcessorPil", _internvl),
+    Family("gemma3", "google/gemma-3-4b-it", "Gemma3ForConditionalGeneration", "Gemma3Processor",
+           "Gemma3ImageProcessorPil", _gemma3),
+    Family("gemma4", "google/gemma-4-31B-it", "Gemma4ForConditionalGeneration", "Gemma4Processor",
+           "Gemma4ImageProcessorPil", _gemma4),
+    Family("idefics3", "HuggingFaceM4/Idefics3-8B-Llama3", "Idefics3ForConditionalGeneration", "Idefics3Processor",
+           "Idefics3ImageProcessorPil", _idefics3),
+    Family("smolvlm", "HuggingFaceTB/SmolVLM2-2.2B-Instruct", "SmolVLMForConditionalGeneration", "SmolVLMProcessor",
+           "SmolVLMImageProcessorPil", _smolvlm),
+]
+_BY_NAME = {f.name: f for f in FAMILIES_SPEC}
+FAMILIES = [f.name for f in FAMILIES_SPEC]
+
+
+if __name__ == "__main__":
+    import time
+
+    if len(sys.argv) < 2:
+        sys.exit(f"usage: python {Path(__file__).name} OUT_DIR [family ...]   (families: {' '.join(FAMILIES)})")
+    for name in sys.argv[2:] or FAMILIES:
+        t0 = time.time()
+        print(f"{name}: {build(name, Path(sys.argv[1]) / name)} ({time.time() - t0:.1f} s)", flush=True)
