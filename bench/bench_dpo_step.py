@@ -190,7 +190,7 @@ def worker_trl(a):
     return [1000 * (t1 - t0) for t0, t1 in zip(ends, ends[1:])], base
 
 
-# issue 6's fast path: prefix sharing alone, and with the images encoded once per step
+# the fast path: prefix sharing alone, and with the images encoded once per step
 FAST = {"shared": ["--prefix-sharing", "--no-encode-images-once"],
         "fast": ["--prefix-sharing", "--encode-images-once"]}
 WORKERS = {"ours": lambda a: worker_ours(a, ["--no-prefix-sharing", "--no-encode-images-once"]),

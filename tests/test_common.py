@@ -1,5 +1,6 @@
 """common.py on hand-made cases: data I/O, images, prompts, spans, log-probs, generation."""
 import json
+import os
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from PIL import Image
 
 import common
 
-# llava-hf/llava-1.5-7b-hf's chat_template, copied here independently of 00_make_toy.py.
+# llava-hf/llava-1.5-7b-hf's chat_template, copied here independently of 00_train_toy.py.
 REAL_LLAVA15_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
     "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
@@ -88,6 +89,12 @@ def test_atomic_write_survives_exception_mid_write(tmp_path):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["out.jsonl"]  # no temp file left behind
     common.write_sidecar(p, counts={"rows": 1})
     assert json.loads(common.sidecar_path(p).read_text())["counts"] == {"rows": 1}
+    umask = os.umask(0o022)
+    try:
+        common.write_jsonl(p, [{"a": 3}])
+    finally:
+        os.umask(umask)
+    assert p.stat().st_mode & 0o777 == 0o644  # an ordinary file, not the temp file's private 0600
 
 
 def test_row_rng_is_per_row_and_seeded():
@@ -347,3 +354,40 @@ def test_generate_reports_whether_the_answer_reached_eos(toy):
             with torch.no_grad():
                 new = model.generate(**b, do_sample=False, max_new_tokens=n)[0, b["input_ids"].shape[1]:]
             assert finished[i] == (proc.tokenizer.eos_token_id in new.tolist())
+
+
+# ---- long loops ------------------------------------------------------------------------------
+def test_progress_writes_lines_to_a_log_and_nothing_between_intervals():
+    import io
+
+    log = io.StringIO()  # not a terminal, like a cluster job's stdout
+    with common.Progress(40, "04 pairs", every=0, stream=log) as bar:
+        for _ in range(4):
+            bar.update(10, pairs=3)
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 4 and lines[-1].startswith("04 pairs: 40/40 rows (100.0%) | ")
+    assert "rows/s | ETA 0m00s | pairs 3" in lines[-1] and "ETA" in lines[0]
+    quiet = io.StringIO()
+    with common.Progress(40, "07 base", every=3600, stream=quiet) as bar:
+        bar.update(40)
+    assert quiet.getvalue() == ""  # within the interval: silent, never a line per item
+
+
+def test_resume_file_keeps_finished_records_drops_a_torn_line_and_refuses_other_settings(tmp_path):
+    path = tmp_path / "out.jsonl.partial"
+    f = common.ResumeFile(path, {"seed": 1}, key="i")
+    f.add([{"i": 0, "x": "a"}, {"i": 1, "x": "b"}])
+    f.add([{"i": 2, "x": "c"}])
+    with open(path, "a") as h:
+        h.write('{"i": 3, "x": "tor')  # the write a kill interrupted
+    again = common.ResumeFile(path, {"seed": 1}, key="i")
+    assert again.done == {0: {"i": 0, "x": "a"}, 1: {"i": 1, "x": "b"}, 2: {"i": 2, "x": "c"}}
+    again.keep([0, 1])  # e.g. only whole batches
+    assert common.ResumeFile(path, {"seed": 1}, key="i").done.keys() == {0, 1}
+    with pytest.raises(SystemExit, match="other inputs or settings"):
+        common.ResumeFile(path, {"seed": 2}, key="i")
+    path.write_text('{"resume": {"seed": 1}}\n{broken\n{"i": 5}\n')
+    with pytest.raises(SystemExit, match=r"out.jsonl.partial:2: corrupt line"):
+        common.ResumeFile(path, {"seed": 1}, key="i")
+    again.remove()
+    assert not path.exists()

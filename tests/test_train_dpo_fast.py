@@ -1,4 +1,4 @@
-"""06_train_dpo.py's fast path (issue 6): prefix-shared pairs give the plain path's log-probs and
+"""06_train_dpo.py's fast path: prefix-shared pairs give the plain path's log-probs and
 gradients, fp32, tiny toy model, 1-5 images per prompt, a padded batch of unequal lengths."""
 import importlib
 import random
