@@ -313,6 +313,7 @@ def test_dry_run_writes_a_valid_config(tmp_path):
     assert f"--work-dir {tmp_path / 'o' / 'vlmevalkit' / 'work'}" in run.stdout and "--judge exact_matching" in run.stdout
 
 
+@pytest.mark.slow
 def test_torchvision_stand_in_keeps_transformers_on_pil(toy_tiny):
     """Where torchvision does not import, VLMEvalKit-style module-level uses work and transformers still
     loads the toy's PIL image processor; a real call fails naming torchvision."""
