@@ -5,7 +5,8 @@ common.py — plumbing shared by the MIA-DPO stages (no method logic lives here)
            atomic_write / write_jsonl / write_sidecar, row_rng
   images : load_image (EXIF orientation, any mode -> RGB, errors name the path)
   model  : load_model (local HF checkpoint, offline), image_token_id, model_fingerprint
-  prompts: render_prompt / render_pair (the model's own chat template, <image> kept in place),
+  prompts: image_placeholder / render_prompt / render_pair (the family's own chat template: its
+           image item in place of each <image>, the answer turn up to its end-of-turn token),
            build_inputs (questions [+ answers] + images -> padded batch with labels)
   tensors: image_spans, response_logps + logps_at (LM head only where labels exist), generate (greedy)
   pairs  : check_pair_row (the fields 05 and 06 read)
@@ -659,45 +660,105 @@ def image_token_id(model_or_config):
 # ---------------------------------------------------------------------------------------------
 # prompts: the model's own chat template, with every <image> kept where the question puts it
 # ---------------------------------------------------------------------------------------------
-def render_prompt(processor, question):
-    """LLaVA-format question (with inline `<image>` markers) -> the model's prompt text.
+# Passed to every chat template (a template that does not read a variable ignores it): thinking
+# models (Qwen3.5, Gemma 4) are aligned and evaluated in their non-thinking mode, where the
+# answer follows the generation prompt directly.
+TEMPLATE_KWARGS = {"enable_thinking": False}
+_PLACEHOLDERS = {}  # (id(processor), template) -> image placeholder text
 
-    subtle: llava-hf templates render a message's image items first and its text after, which
-    would pull every `<image>` away from its `ImageK:` label. The question is therefore passed
-    as ONE text item with its markers inline; the template then only wraps it, e.g. for
-    llava-1.5-7b-hf: `USER: Image1:<image>\\nIn Image1, what ...? ASSISTANT:`.
-    """
-    question = _image_markers(processor, question)
+
+def _chat(processor, messages, **kw):
+    # subtle: transformers treats a variable the template does not read as a processor argument (and warns)
+    template = processor.chat_template
+    extra = {k: v for k, v in TEMPLATE_KWARGS.items() if isinstance(template, str) and k in template}
+    return processor.apply_chat_template(messages, tokenize=False, **extra, **kw)
+
+
+def image_placeholder(processor):
+    """What the family's chat template writes for ONE image item, wrappers included, outer white
+    space stripped: the difference between a user message with and without a leading image.
+      llava-1.5: "<image>"   Qwen2.5-VL: "<|vision_start|><|image_pad|><|vision_end|>"
+      InternVL: "<IMG_CONTEXT>"   Gemma 3: "<start_of_image>"   (the processor expands each one)
+    Without a chat template: the processor's image token. A template whose image item does not
+    contain the processor's image token is refused (nothing would mark the image)."""
+    token = getattr(processor, "image_token", None) or MARKER
     template = getattr(processor, "chat_template", None)
     if not template:
+        return token
+    key = (id(processor), template)
+    if key not in _PLACEHOLDERS:
+        def render(content):
+            return _chat(processor, [{"role": "user", "content": content}], add_generation_prompt=True)
+
+        a, b = render([{"type": "text", "text": "Q"}]), render([{"type": "image"}, {"type": "text", "text": "Q"}])
+        pre = len(os.path.commonprefix([a, b]))
+        post = len(os.path.commonprefix([a[pre:][::-1], b[pre:][::-1]]))
+        found = b[pre:len(b) - post].strip()
+        if token not in found:
+            raise ValueError(f"{type(processor).__name__}: its chat template renders an image item as {found!r}, "
+                             f"which lacks the processor's image token {token!r}")
+        _PLACEHOLDERS[key] = found
+    return _PLACEHOLDERS[key]
+
+
+def render_prompt(processor, question):
+    """LLaVA-format question (with inline `<image>` markers) -> the model's generation prompt.
+
+    Each `<image>` becomes image_placeholder(processor), in place. subtle: llava-hf templates
+    render a message's image items first and its text after, which would pull every image away
+    from its `ImageK:` label. The question is therefore passed as ONE text item with the
+    placeholders inline; the template only wraps it, e.g. for llava-1.5-7b-hf:
+    `USER: Image1:<image>\\nIn Image1, what ...? ASSISTANT:`; for Qwen2.5-VL:
+    `...<|im_start|>user\\nImage1:<|vision_start|><|image_pad|><|vision_end|>\\nIn Image1, ...`.
+    """
+    question = question.replace(MARKER, image_placeholder(processor))
+    if not getattr(processor, "chat_template", None):
         return FALLBACK_TEMPLATE.format(question=question)
     msgs = [{"role": "user", "content": [{"type": "text", "text": question}]}]
-    return processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    return _chat(processor, msgs, add_generation_prompt=True)
+
+
+def special_tokens(tokenizer):
+    """The tokenizer's special-token strings (EOS, end-of-turn markers, ...)."""
+    found = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    return found | set(tokenizer.all_special_tokens)
 
 
 def render_pair(processor, question, answer):
-    """-> (prompt_text, response_text): the template's full conversation split at the prompt.
+    """-> (prompt_text, response_text): the generation prompt, and what the model must generate
+    after it for this answer, as the template writes the answer turn.
 
-    The response is what the template puts after the prompt for this answer, trailing white
-    space removed (llava-1.5's template ends every turn with a space); the caller adds EOS.
+    The answer turn is found in the full conversation (rendered with a stand-in answer), not by
+    assuming the generation prompt is a prefix of it: LLaVA-OneVision's template opens a rendered
+    answer turn with `assistant \\n` but prompts with `assistant\\n`; Gemma 4's prompt ends with an
+    empty thought channel a rendered turn lacks. The response is the answer, preceded by what the
+    conversation puts between the prompt and the answer when the prompt IS its prefix (llava-1.5:
+    " "), and followed by the template's text up to and including its first special token (the
+    end-of-turn token generation stops at: `<|im_end|>`, `<end_of_turn>`, `</s>`). A template that
+    writes no end token (llava-1.5) gives the bare answer; build_inputs then appends EOS.
+      llava-1.5 : ("USER: <image>\\nQ ASSISTANT:", " blue")
+      Qwen2.5-VL: ("...<|im_start|>assistant\\n", "blue<|im_end|>")
     """
     prompt = render_prompt(processor, question)
-    template = getattr(processor, "chat_template", None)
-    if not template:
-        return prompt, " " + answer.strip()
-    msgs = [
-        {"role": "user", "content": [{"type": "text", "text": _image_markers(processor, question)}]},
-        {"role": "assistant", "content": [{"type": "text", "text": answer.strip()}]},
-    ]
-    full = processor.apply_chat_template(msgs, tokenize=False)
-    if not full.startswith(prompt):
-        raise ValueError("chat template: the rendered conversation does not start with the rendered prompt")
-    return prompt, full[len(prompt):].rstrip()
-
-
-def _image_markers(processor, question):
-    token = getattr(processor, "image_token", None) or "<image>"
-    return question if token == "<image>" else question.replace("<image>", token)
+    answer = answer.strip()
+    if not getattr(processor, "chat_template", None):
+        return prompt, " " + answer
+    stand_in = "\u2063MIA-DPO-ANSWER\u2063"  # text no template rewrites
+    msgs = [{"role": "user", "content": [{"type": "text", "text": question.replace(MARKER, image_placeholder(processor))}]},
+            {"role": "assistant", "content": [{"type": "text", "text": stand_in}]}]
+    full = _chat(processor, msgs)
+    if full.count(stand_in) != 1:
+        raise ValueError(f"{type(processor).__name__}: its chat template does not write the answer turn's text once")
+    head, tail = full.split(stand_in)
+    user_turn = prompt[: len(os.path.commonprefix([prompt, head]))]
+    if question.split(MARKER)[-1].strip() not in user_turn:
+        raise ValueError(f"{type(processor).__name__}: its chat template renders the question differently "
+                         f"in a prompt and in a conversation")
+    gap = head[len(prompt):] if head.startswith(prompt) else ""
+    gap = gap if answer or gap.strip() else ""  # an empty answer: the model stopped at once (llava's " " is not said)
+    ends = sorted((i, -len(s)) for s in special_tokens(processor.tokenizer) if (i := tail.find(s)) >= 0)
+    tail = tail[: ends[0][0] - ends[0][1]] if ends else tail.rstrip()  # through the first (longest) one
+    return prompt, gap + answer + tail
 
 
 def build_inputs(processor, questions, images, answers=None, padding_side="right", add_eos=True):
@@ -706,52 +767,58 @@ def build_inputs(processor, questions, images, answers=None, padding_side="right
     questions : list of B LLaVA-format questions with inline `<image>` markers
     images    : list of B lists of PIL images, one per marker, in marker order
     answers   : None for generation prompts; else B answers -> `labels` (prompt and padding
-                masked with -100, response + EOS kept)
+                masked with -100; the response of render_pair kept, + EOS where the template
+                writes no end token and `add_eos`)
     returns   : dict of tensors the model takes (input_ids (B, T), attention_mask (B, T),
-                pixel_values, ...) plus `labels` (B, T) and `prompt_lens` (B,) when answers given.
+                pixel_values, image_grid_thw, token_type_ids, ... whatever the processor makes)
+                plus `labels` (B, T) and `prompt_lens` (B,) when answers are given.
+    The prompt's tokens are always those of the generation prompt, processed alone; the
+    response's tokens follow them: the continuation of the joint tokenisation where the prompt's
+    tokens survive it, else the response tokenised on its own (Qwen-style BPE merges "\\n" + "\\n").
     Use padding_side="left" for generation, "right" for training/scoring.
     """
     import torch
 
     tok = processor.tokenizer
-    if answers is None:
-        texts, prompts = [render_prompt(processor, q) for q in questions], None
-    else:
-        pairs = [render_pair(processor, q, a) for q, a in zip(questions, answers)]
-        eos = tok.eos_token if add_eos else ""
-        prompts = [p for p, _ in pairs]
-        texts = [p + (r if not eos or r.endswith(eos) else r + eos) for p, r in pairs]
     for i, (q, ims) in enumerate(zip(questions, images)):
-        n = q.count("<image>")
+        n = q.count(MARKER)
         if n != len(ims):
             raise ValueError(f"row {i}: question has {n} <image> markers but {len(ims)} images")
-    has_images = any(len(ims) for ims in images)
+    prompts = [render_prompt(processor, q) for q in questions]
     # subtle: a template that writes the BOS itself must not get a second one from the tokenizer
-    special = not (tok.bos_token and texts[0].startswith(tok.bos_token))
-    enc = processor(text=texts, images=[list(ims) for ims in images] if has_images else None,
-                    padding=True, padding_side=padding_side, return_tensors="pt", add_special_tokens=special)
-    batch = dict(enc)
+    special = not (tok.bos_token and prompts[0].startswith(tok.bos_token))
+    has_images = any(len(ims) for ims in images)
+    enc = dict(processor(text=prompts, images=[list(ims) for ims in images] if has_images else None, padding=True,
+                         padding_side="right" if answers is not None else padding_side, return_tensors="pt",
+                         add_special_tokens=special))
     if answers is None:
-        return batch
-    # Prompt length in the expanded sequence = its unexpanded token count + what the
-    # processor added when it expanded each <image> into visual tokens (same for full text).
-    p_ids = tok(prompts, add_special_tokens=special)["input_ids"]
-    f_ids = tok(texts, add_special_tokens=special)["input_ids"]
-    mask = batch["attention_mask"]
-    labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
-    prompt_lens = []
-    for i in range(len(texts)):
-        if f_ids[i][: len(p_ids[i])] != p_ids[i]:
-            raise ValueError(f"row {i}: prompt tokens change when the answer follows them; "
-                             f"the template and tokenizer split at the prompt/answer boundary")
-        expanded = int(mask[i].sum())
-        plen = len(p_ids[i]) + expanded - len(f_ids[i])
-        start = 0 if padding_side == "right" else mask.shape[1] - expanded
-        labels[i, start + plen : start + expanded] = batch["input_ids"][i, start + plen : start + expanded]
-        prompt_lens.append(plen)
-    batch["labels"] = labels
-    batch["prompt_lens"] = torch.tensor(prompt_lens)
-    return batch
+        return enc
+    stops = special_tokens(tok)
+    responses = [render_pair(processor, q, a)[1] for q, a in zip(questions, answers)]
+    responses = [r + tok.eos_token if add_eos and not any(r.endswith(s) for s in stops) else r for r in responses]
+    resp_ids = []
+    for p, r in zip(prompts, responses):
+        p_ids, f_ids = tok(p, add_special_tokens=special)["input_ids"], tok(p + r, add_special_tokens=special)["input_ids"]
+        resp_ids.append(f_ids[len(p_ids):] if f_ids[: len(p_ids)] == p_ids else tok(r, add_special_tokens=False)["input_ids"])
+    # re-lay every per-token tensor as [prompt | response | padding] (or padding first, on the left)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    per_token = [k for k, v in enc.items() if torch.is_tensor(v) and v.shape == ids.shape and k != "input_ids"]
+    lens = mask.sum(1).tolist()
+    T = max(n + len(r) for n, r in zip(lens, resp_ids))
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    out = {"input_ids": torch.full((len(prompts), T), pad_id, dtype=ids.dtype),
+           **{k: torch.zeros((len(prompts), T), dtype=enc[k].dtype) for k in per_token}}
+    labels = torch.full((len(prompts), T), IGNORE_INDEX, dtype=ids.dtype)
+    for i, (n, r) in enumerate(zip(lens, resp_ids)):
+        m = n + len(r)
+        at = slice(0, m) if padding_side == "right" else slice(T - m, T)
+        r = torch.tensor(r, dtype=ids.dtype)
+        out["input_ids"][i, at] = torch.cat([ids[i, :n], r])
+        labels[i, at] = torch.cat([torch.full((n,), IGNORE_INDEX, dtype=ids.dtype), r])
+        for k in per_token:  # the response is text: attended to (mask 1), of token type 0
+            fill = torch.full((len(r),), 1 if k == "attention_mask" else 0, dtype=enc[k].dtype)
+            out[k][i, at] = torch.cat([enc[k][i, :n], fill])
+    return {**enc, **out, "labels": labels, "prompt_lens": torch.tensor(lens)}
 
 
 # ---------------------------------------------------------------------------------------------

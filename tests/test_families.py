@@ -5,9 +5,12 @@ family's real model / processor / image-processor classes, also without torchvis
 processor expands a two-image prompt into exactly the visual tokens the model's vision side
 produces; a forward pass works.
 
-What does not hold yet (xfail(strict=True), one reason per family): the places where
-common.render_prompt / render_pair / build_inputs / image_spans assume LLaVA-1.5 (not yet fixed).
-When a fix lands, its xfail turns into an XPASS failure: remove the mark then.
+Prompts and responses: each family's template decides how an image item is written (its
+wrappers), where the answer turn starts and which token ends it; common.render_prompt /
+render_pair / build_inputs follow it.
+
+What does not hold yet (xfail(strict=True), one reason per family): when a fix lands, its xfail
+turns into an XPASS failure: remove the mark then.
 """
 import inspect
 
@@ -129,20 +132,15 @@ def test_load_processor_without_torchvision_saves_and_reloads_the_video_settings
     assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["input_ids"], b["input_ids"])
 
 
-# ---- what breaks in common.py today ----------------------------------------------------------
+# ---- prompts and responses, as each family's template writes them ----------------------------
 def _xfail(family, reasons):
     return pytest.param(family, marks=pytest.mark.xfail(strict=True, reason=reasons[family])) if family in reasons \
         else family
 
 
-_QWEN_WRAP = ("render_prompt inlines a bare <|image_pad|>; the template renders an image item as "
-              "<|vision_start|><|image_pad|><|vision_end|>, so the model never sees its vision_start/end tokens")
-WRAPPERS = {f: _QWEN_WRAP for f in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")}
-
-
 def _image_item_placeholder(proc):
-    """What the template writes for one image item: the difference between a message with and
-    without a leading image item (whitespace the template adds around it stripped)."""
+    """What the template writes for one image item, found here independently of common: the
+    difference between a message with and without a leading image item, outer white space stripped."""
     def render(content):
         return proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                         tokenize=False)
@@ -157,50 +155,49 @@ def _image_item_placeholder(proc):
     return b[pre:len(b) - post].strip()
 
 
-@pytest.mark.parametrize("family", [_xfail(f, WRAPPERS) for f in FAMILIES])
-def test_render_prompt_writes_each_image_as_the_template_does(family, loaded):
+WRAPPED = {"qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>", "internvl": "<IMG_CONTEXT>",
+           "gemma3": "<start_of_image>", "gemma4": "<|image|>", "llava": "<image>", "idefics3": "<image>"}
+
+
+@FAMILY
+def test_render_prompt_writes_each_image_as_the_template_does_next_to_its_label(family, loaded):
     _, proc = loaded(family)
     placeholder = _image_item_placeholder(proc)
-    assert common.render_prompt(proc, QUESTION).count(placeholder) == 2, placeholder
+    assert common.image_placeholder(proc) == placeholder == WRAPPED.get(family, placeholder)
+    prompt = common.render_prompt(proc, QUESTION)
+    assert prompt.count(placeholder) == 2
+    assert f"Image1:{placeholder}\nImage2:{placeholder}\nIn Image2," in prompt
 
 
-PAIR = {
-    "llava_onevision": "the template opens the answer turn with '<|im_start|>assistant \\n' but the generation "
-                       "prompt is '<|im_start|>assistant\\n': render_pair raises 'does not start with the prompt'",
-    "gemma4": "the generation prompt ends with an empty thought channel '<|channel>thought\\n<channel|>' that a "
-              "rendered answer turn lacks: render_pair raises 'does not start with the prompt'",
-}
-
-
-@pytest.mark.parametrize("family", [_xfail(f, PAIR) for f in FAMILIES])
+@FAMILY
 def test_render_pair_splits_the_conversation_at_the_generation_prompt(family, loaded):
+    """The prompt is the generation prompt, even where the template renders an answer turn's
+    opening differently (OneVision: `assistant \\n`; Gemma 4: no empty thought channel)."""
     _, proc = loaded(family)
-    prompt, response = common.render_pair(proc, QUESTION, "blue")
-    assert prompt == common.render_prompt(proc, QUESTION) and "blue" in response
+    prompt, response = common.render_pair(proc, QUESTION, " blue ")
+    assert prompt == common.render_prompt(proc, QUESTION) and response.strip().startswith("blue")
 
 
-SCORED = {
-    **PAIR,
-    "qwen3_5": "the generation prompt ends '<think>\\n' and the answer turn continues '\\n</think>'; the two "
-               "newlines tokenize as one 'ĊĊ': build_inputs raises 'prompt tokens change when the answer follows'",
-    "gemma3": "the answer turn ends <end_of_turn>, where generation stops, and build_inputs appends the "
-              "tokenizer's <eos> after it: the scored response has a token the model never generates",
-    "idefics3": "the answer turn ends <end_of_utterance>, where generation stops, and build_inputs appends "
-                "<|end_of_text|> after it: the scored response has a token the model never generates",
-}
-
-
-@pytest.mark.parametrize("family", [_xfail(f, SCORED) for f in FAMILIES])
+@FAMILY
 def test_the_scored_response_ends_at_the_first_token_generation_stops_at(family, loaded):
+    """Answer + the end-of-turn token the model emits, nothing more (Gemma 3 / Idefics3: no EOS
+    after <end_of_turn> / <end_of_utterance>), and the prompt's tokens are those generation sees."""
     model, proc = loaded(family)
     batch = common.build_inputs(proc, [QUESTION], [IMAGES], answers=["blue"])
     scored = batch["labels"][0][batch["labels"][0] != common.IGNORE_INDEX].tolist()
     stop = model.generation_config.eos_token_id
     stop = set(stop if isinstance(stop, list) else [stop])
     assert scored[-1] in stop and not stop & set(scored[:-1]), proc.tokenizer.decode(scored)
+    assert proc.tokenizer.decode(scored[:-1]).strip() == "blue"
+    gen = common.build_inputs(proc, [QUESTION], [IMAGES])
+    n = int(batch["prompt_lens"][0])
+    assert torch.equal(batch["input_ids"][0, :n], gen["input_ids"][0])
+    for k, v in gen.items():  # every per-token tensor the processor makes is carried, prompt part unchanged
+        if torch.is_tensor(v) and v.shape == gen["input_ids"].shape:
+            assert torch.equal(batch[k][0, :n], v[0]), k
     with torch.no_grad():
-        total, _, n = common.response_logps(model, batch)
-    assert torch.isfinite(total).all() and int(n[0]) == len(scored)
+        total, _, n_tok = common.response_logps(model, batch)
+    assert torch.isfinite(total).all() and int(n_tok[0]) == len(scored)
 
 
 SPANS = {f: ("each tile is framed by <fake_token_around_image><row_i_col_j> (the global view by <global-img>), "
