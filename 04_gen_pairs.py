@@ -212,7 +212,9 @@ def _probe_attention(module, query, key, value, attention_mask, **kwargs):
 
 
 def install_probe(model):
-    """Route the language model's attention through _probe_attention (vision tower unchanged).
+    """Route the language model's attention through _probe_attention (vision tower unchanged)
+    -> the number of decoder layers. The decoder is found by model.get_decoder(), whatever the
+    family calls it (`language_model`, Idefics3's `text_model`).
     subtle: a registered function also needs a registered mask builder, else it gets no mask."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
@@ -220,7 +222,20 @@ def install_probe(model):
     AttentionInterface.register(PROBE_NAME, _probe_attention)
     AttentionMaskInterface.register(PROBE_NAME, sdpa_mask)
     model.set_attn_implementation({"text_config": PROBE_NAME})
-    return len(model.model.language_model.layers)
+    return len(model.get_decoder().layers)
+
+
+def attention_layers(model):
+    """Indices of the decoder layers with softmax self-attention, the ones the probe can read:
+    all of them, except in hybrid models (Qwen3.5: linear-attention layers between them)."""
+    return [i for i, layer in enumerate(model.get_decoder().layers)
+            if getattr(getattr(layer, "self_attn", None), "layer_idx", None) == i]
+
+
+def default_layer(model):
+    """The paper's layer: the middle one (n_layers // 2), or the attention layer nearest to it."""
+    middle = len(model.get_decoder().layers) // 2
+    return min(attention_layers(model), key=lambda i: (abs(i - middle), i))
 
 
 @contextlib.contextmanager
@@ -471,10 +486,11 @@ def main(args):
     common.set_threads(args.threads)
     items = load_items(args)
     model, processor = common.load_model(args.model, dtype=args.dtype, device=args.device)
-    n_layers = install_probe(model)
-    layer = n_layers // 2 if args.layer is None else args.layer
-    if not 0 <= layer < n_layers:
-        raise SystemExit(f"04_gen_pairs: --layer {layer} outside 0..{n_layers - 1}")
+    install_probe(model)
+    layer = default_layer(model) if args.layer is None else args.layer
+    if layer not in attention_layers(model):
+        raise SystemExit(f"04_gen_pairs: --layer {layer} is not a softmax-attention layer of this model "
+                         f"(those are {attention_layers(model)})")
     geom, patch = processor_geometry(processor)
     ref_model = {"path": str(args.model), "fingerprint": common.model_fingerprint(model)}
     viz_ids = {it["id"] for f in FORMATS for it in [x for x in items if x["format"] == f][:args.viz]}
@@ -560,7 +576,8 @@ def get_args(argv=None):
     g.add_argument("--limit", type=int, default=0, help="first N rows of each --data file (of this shard) (0: all)")
     g.add_argument("--viz", type=int, default=0, help="attention heatmap PNGs for the first N rows of each format")
     m = p.add_argument_group("method")
-    m.add_argument("--layer", type=int, help="decoder layer probed, 0-based (default: the middle one, n_layers // 2)")
+    m.add_argument("--layer", type=int, help="decoder layer probed, 0-based (default: the middle one, n_layers // 2; "
+                   "in hybrid models the attention layer nearest to it)")
     m.add_argument("--max-new-tokens", type=int, default=512)
     m.add_argument("--no-noise", action="store_true", help="answer from the clean images")
     m.add_argument("--grid-noise", type=float, default=NOISE_STD["grid"], help="noise std on the grid's target cell")

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import inspect
 import json
 import math
 import os
@@ -212,8 +213,12 @@ def build_shared_prefix_batch(batch, dtype):
     out = {"input_ids": input_ids, "attention_mask": mask.to(dev), "position_ids": position_ids.to(dev),
            "score_src": torch.tensor([i * T + s for i, ss in enumerate(src) for s in ss], device=dev),
            "score_tgt": torch.cat(tgt).to(dev), "score_row": torch.tensor(sum(out_row, []), device=dev)}
-    if "pixel_values" in batch:
-        out["pixel_values"] = batch["pixel_values"][: batch["pixel_values"].shape[0] // 2]  # chosen rows' images
+    for k, v in batch.items():  # images and their sizes / grids / masks: the chosen rows' half, once per pair
+        if k in ("input_ids", "attention_mask", "labels", "prompt_lens"):
+            continue
+        if not torch.is_tensor(v) or v.shape[:2] == ids.shape:
+            raise ValueError(f"the fast path cannot re-lay the per-token input {k!r}; use the plain path")
+        out[k] = v[: v.shape[0] // 2]  # subtle: rows [chosen; rejected] hold the same images, chosen first
     return out
 
 
@@ -248,10 +253,16 @@ def encode_images(model, batch):
     if "pixel_values" not in batch:
         return batch
     batch = dict(batch)
-    pv = batch.pop("pixel_values")
     plain = "score_src" not in batch
+    takes = inspect.signature(model.model.get_image_features).parameters  # pixel_values, image_sizes, ...
+    image_inputs = {k: batch[k] for k in list(batch) if k in takes}
+    for k in image_inputs:
+        if k == "pixel_values" or k not in inspect.signature(model.model.forward).parameters:
+            batch.pop(k)  # image sizes stay where the forward reads them too (LLaVA-NeXT's unpadding)
+    if plain:
+        image_inputs = {k: v[: v.shape[0] // 2] for k, v in image_inputs.items()}
     with torch.no_grad():
-        feats = model.model.get_image_features(pixel_values=pv[: pv.shape[0] // 2] if plain else pv, return_dict=True)
+        feats = model.model.get_image_features(**image_inputs, return_dict=True)
     if plain:  # the same images again for the rejected rows
         po = feats.pooler_output
         feats.pooler_output = torch.cat([po, po]) if torch.is_tensor(po) else type(po)(list(po) * 2)
@@ -262,6 +273,46 @@ def encode_images(model, batch):
 def pair_forward(model, batch):
     """concatenated_forward or shared_prefix_forward, whichever layout `batch` has."""
     return shared_prefix_forward(model, batch) if "score_src" in batch else concatenated_forward(model, batch)
+
+
+def fast_path_blocker(model, batch):
+    """Why the fast path cannot give the plain path's numbers for this model, or None.
+    `batch`: a collate() batch (what the processor makes for this family)."""
+    import torch
+
+    text = model.config.get_text_config()
+    if hasattr(model.model, "get_rope_index"):
+        return "its M-RoPE positions come from the model's own rope index, which the fast path does not re-lay"
+    if any(t not in ("full_attention", "sliding_attention") for t in (getattr(text, "layer_types", None) or [])):
+        return "its linear-attention layers read every earlier token, so rejected rows would see chosen ones"
+    if "sliding_attention" in (getattr(text, "layer_types", None) or []):
+        return "its sliding-window layers need their own mask, which the fast path's single mask is not"
+    per_token = [k for k, v in batch.items() if torch.is_tensor(v) and v.shape == batch["input_ids"].shape
+                 and k not in ("input_ids", "attention_mask", "labels")]
+    if per_token:
+        return f"its per-token inputs {per_token} (e.g. bidirectional attention inside images) are not re-laid"
+    return None
+
+
+def self_check(run, batch_pairs, tol=None):
+    """The fast path against section 2 on one micro-batch, no grad -> the largest difference of the
+    summed log-probs; SystemExit when it is above tolerance (float32: 1e-4 relative + 1e-3)."""
+    import torch
+
+    plain = collate(batch_pairs, run.args.image_root, run.processor, run.device, run.model.dtype)
+    was = run.model.training
+    run.model.eval()
+    with torch.no_grad():  # through the scorer: under FSDP only its forward gathers the sharded weights
+        want = torch.cat(run.scorer(plain)[:2])
+        got = torch.cat(run.scorer(make_batch(run, batch_pairs))[:2])
+    run.model.train(was)
+    rtol, atol = tol or ((1e-4, 1e-3) if run.model.dtype == torch.float32 else (2e-2, 0.5))
+    diff = float((got - want).abs().max())
+    if not torch.allclose(got, want, rtol=rtol, atol=atol):
+        raise SystemExit(f"06_train_dpo: the fast path's log-probs differ from the plain path's by {diff:.3g} on the "
+                         f"first batch (tolerance {rtol:g} relative + {atol:g}); this model needs "
+                         f"--no-prefix-sharing --no-encode-images-once")
+    return diff
 
 
 def make_batch(run, batch_pairs):
@@ -299,12 +350,12 @@ def load_pairs(path, image_root, processor, max_length, on_error):
                     problems.append(str(e))
                 skips.add(row.get("id"), f"bad pair: {e}", path=path, line=line)
                 continue
-            for s in sizes:  # visual tokens per image, measured once per image size
+            for s in sizes:  # tokens an image adds when the processor expands it, measured once per size
                 if s not in img_tokens:
                     img_tokens[s] = _tokens_per_image(processor, s)
             text = max((common.render_pair(processor, row["prompt"], a) for a in (row["chosen"], row["rejected"])),
                        key=lambda pr: len(tok(pr[0] + pr[1])["input_ids"]))
-            n = len(tok(text[0] + text[1] + tok.eos_token)["input_ids"]) + sum(img_tokens[s] - 1 for s in sizes)
+            n = len(tok(text[0] + text[1] + tok.eos_token)["input_ids"]) + sum(img_tokens[s] for s in sizes)
             if n > max_length:
                 skips.add(row["id"], f"too long: {n} tokens > --max-length {max_length}", path=path, line=line)
                 continue
@@ -328,10 +379,12 @@ def _pair(row, images):
 
 
 def _tokens_per_image(processor, size):
+    """Tokens an image of `size` adds to the text when the processor expands its placeholder."""
     from PIL import Image
 
-    ids = processor(text=["<image>"], images=[[Image.new("RGB", size)]], add_special_tokens=False)["input_ids"][0]
-    return len(ids)
+    text = common.image_placeholder(processor)
+    ids = processor(text=[text], images=[[Image.new("RGB", size)]], add_special_tokens=False)["input_ids"][0]
+    return len(ids) - len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 # ---- policy and reference ----------------------------------------------------------------------
@@ -360,19 +413,39 @@ def prepare_policy(model, args, reference):
     if args.lora_r > 0 and (args.tune_vision or args.tune_projector) and reference == "adapters-disabled":
         raise SystemExit("06_train_dpo: with LoRA the reference is the model with its adapters disabled, which would "
                          "share the vision tower/projector being trained; use --lora-r 0 (a frozen copy) or stored log-probs")
+    decoder, vision, projector = model_parts(model)
     if args.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
-        lm = model.model.language_model
-        targets = [f"model.language_model.{n}" for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)]
+        lm = model.get_submodule(decoder)
+        targets = [f"{decoder}.{n}" for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)]
         cfg = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets)
         policy, frozen = get_peft_model(model, cfg), None
     else:
         frozen = None if reference == "stored" else copy.deepcopy(model).eval().requires_grad_(False)
         policy = model
-    for name, train in (("vision_tower", args.tune_vision), ("multi_modal_projector", args.tune_projector)):
-        getattr(model.model, name).requires_grad_(bool(train))
+    for names, train in ((vision, args.tune_vision), (projector, args.tune_projector)):
+        for name in names:
+            model.get_submodule(name).requires_grad_(bool(train))
     return policy, frozen
+
+
+VISION = ("vision_tower", "visual", "vision_model")  # what families call the vision encoder ...
+PROJECTOR = ("multi_modal_projector", "connector", "embed_vision", "visual.merger", "visual.deepstack_merger_list")
+
+
+def model_parts(model):
+    """-> (decoder name, vision names, projector names) as `model.get_submodule` paths:
+    llava: ("model.language_model", ["model.vision_tower"], ["model.multi_modal_projector"]);
+    Qwen2.5-VL: (..., ["model.visual"], ["model.visual.merger"]); Idefics3: ("model.text_model", ...).
+    A model with no known vision encoder is refused, naming its class."""
+    names = dict(model.named_modules())
+    decoder = next(n for n, m in names.items() if m is model.get_decoder())
+    vision = [f"model.{n}" for n in VISION if f"model.{n}" in names]
+    projector = [f"model.{n}" for n in PROJECTOR if f"model.{n}" in names]
+    if not vision:
+        raise SystemExit(f"06_train_dpo: {type(model).__name__}: no vision encoder under any of {VISION}")
+    return decoder, vision, projector
 
 
 def reference_logps(run, batch, batch_pairs):
@@ -470,7 +543,7 @@ def shard(scorer):
     tower, projector, embeddings, head) the root; the scorer is the root so its forward gathers."""
     from torch.distributed.fsdp import fully_shard
 
-    for layer in scorer.m.model.language_model.layers:
+    for layer in scorer.m.get_decoder().layers:
         fully_shard(layer)
     return fully_shard(scorer)
 
@@ -518,6 +591,11 @@ def build_run(args, rank, world, device):
         raise SystemExit(f"06_train_dpo: {len(pairs)} usable pairs, fewer than one global batch ({global_batch})")
     reference = pick_reference(pairs, args.ref_logps, fingerprint, args.lora_r > 0)
     policy, frozen = prepare_policy(model, args, reference)
+    why = fast_path_blocker(model, collate(pairs[:1], args.image_root, processor, device, model.dtype))
+    if why and (args.prefix_sharing or args.encode_images_once):
+        if rank == 0:
+            print(f"06_train_dpo: plain path (section 2), not the fast path, for {type(model).__name__}: {why}")
+        args.prefix_sharing = args.encode_images_once = False  # kept so in the sidecar
     if args.grad_ckpt:
         model.activation_checkpointing_enable({"use_reentrant": False})
     scorer, ref_scorer = make_scorer(model), None if frozen is None else make_scorer(frozen)
@@ -567,6 +645,12 @@ def train_step(run):
 def train(run, log_path):
     """Steps until the total, one log line each -> "done", or why the run stopped."""
     run.policy.train()
+    if run.args.prefix_sharing or run.encode_once:  # refuse to train on numbers the plain path would not give
+        a = run.args
+        first = pair_order(len(run.pairs), a.seed, run.step, run.global_batch, run.rank, run.world, 0, a.grad_accum)
+        diff = self_check(run, [run.pairs[i] for i in first])
+        if run.master:
+            print(f"06_train_dpo: fast path checked against the plain path on the first batch: max |diff| {diff:.2e}")
     while run.step < run.total:
         t0, lr = time.time(), run.optimizer.param_groups[0]["lr"]
         recs = train_step(run)

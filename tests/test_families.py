@@ -12,7 +12,10 @@ render_pair / build_inputs follow it.
 What does not hold yet (xfail(strict=True), one reason per family): when a fix lands, its xfail
 turns into an XPASS failure: remove the mark then.
 """
+import importlib
 import inspect
+import json
+import math
 
 import pytest
 import torch
@@ -211,3 +214,97 @@ def test_image_spans_gives_one_span_per_image_holding_its_tokens(family, loaded)
     batch = common.build_inputs(proc, [QUESTION], [IMAGES])
     spans = common.image_spans(batch["input_ids"], common.image_token_id(model), n_images=[2])[0]
     assert [e - s for s, e in spans] == IMAGE_TOKENS[family]
+
+
+# ---- 06: DPO on every family, the fast path exact or visibly off -------------------------------
+dpo = importlib.import_module("06_train_dpo")
+PAIRS = [  # 1-3 images of different sizes; answers of different lengths
+    {"id": "a", "images": ["im0.png", "im1.png"], "prompt": QUESTION, "chosen": "blue", "rejected": "red"},
+    {"id": "b", "images": ["im2.png"], "prompt": "Image1:<image>\nIn Image1, what color is the shape?",
+     "chosen": "green", "rejected": "The shape is blue."},
+    {"id": "c", "images": ["im1.png", "im2.png", "im0.png"],
+     "prompt": "Image1:<image>\nImage2:<image>\nImage3:<image>\nIn Image3, what color is the background?",
+     "chosen": "red", "rejected": "green"},
+]
+PLAIN_ONLY = {  # why 06 trains these on the plain path (section 2): fast_path_blocker's reason
+    **{f: "M-RoPE" for f in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")},
+    "gemma3": "sliding-window", "gemma4": "sliding-window",
+}
+
+
+@pytest.fixture(scope="module")
+def pair_images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pair_images")
+    for i, (size, colour) in enumerate([((64, 48), (200, 30, 30)), ((40, 64), (30, 30, 200)), ((56, 56), (30, 200, 30))]):
+        Image.new("RGB", size, colour).save(root / f"im{i}.png")
+    return root
+
+
+def _policy(model, lora=True):
+    args = dpo.get_args(["--lora-r", "4" if lora else "0", "--lora-alpha", "8", "--recipe", "paper"])
+    common.apply_recipe(args, dpo.RECIPES, False, "06", quiet=True)
+    torch.manual_seed(0)
+    policy, _ = dpo.prepare_policy(model, args, "adapters-disabled" if lora else "frozen-copy")
+    for name, p in policy.named_parameters():  # LoRA B starts at 0: make policy != reference
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    return policy
+
+
+def _logps_and_grads(policy, model, batch):
+    policy.zero_grad(set_to_none=True)
+    pc, pr, _, _ = dpo.pair_forward(model, batch)
+    (pc.sum() - pr.sum()).backward()
+    return torch.cat([pc, pr]).detach(), {k: p.grad.clone() for k, p in policy.named_parameters() if p.grad is not None}
+
+
+@FAMILY
+def test_06_lora_trains_the_decoder_only_and_the_fast_path_equals_the_plain_one(family, tiny_dirs, pair_images):  # noqa: F811
+    """LoRA lands on the decoder's linear layers whatever the family calls it; vision tower and
+    projector / merger / connector stay frozen. Where fast_path_blocker lets the fast path run
+    (prefix sharing + images encoded once), its log-probs and gradients equal the plain path's
+    (1e-4); where not, the reason is the family's."""
+    if family == "smolvlm":
+        pytest.importorskip("num2words")
+    model, proc = common.load_model(tiny_dirs(family), dtype="float32")
+    policy = _policy(model)
+    decoder, vision, projector = dpo.model_parts(model)
+    trained = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n and f".{decoder}." in f".{n}" for n in trained), sorted(trained)[:3]
+    plain = dpo.collate(PAIRS, pair_images, proc, "cpu", torch.float32)
+    why = dpo.fast_path_blocker(model, plain)
+    lp_a, g_a = _logps_and_grads(policy, model, plain)
+    assert torch.isfinite(lp_a).all() and g_a and any(g.abs().max() > 1e-4 for g in g_a.values())
+    if family in PLAIN_ONLY:
+        assert why and PLAIN_ONLY[family] in why
+        return
+    assert why is None
+    fast = dpo.encode_images(model, dpo.build_shared_prefix_batch(plain, torch.float32))
+    assert fast["input_ids"].shape[0] == len(PAIRS) and "pixel_values" not in fast
+    lp_b, g_b = _logps_and_grads(policy, model, fast)
+    torch.testing.assert_close(lp_b, lp_a, atol=1e-4, rtol=0)
+    for k in g_a:
+        torch.testing.assert_close(g_b[k], g_a[k], atol=1e-4, rtol=0, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.slow
+@FAMILY
+def test_06_main_runs_two_steps_and_saves_a_model_07_loads(family, tiny_dirs, pair_images, tmp_path):  # noqa: F811
+    """The command line end to end: pairs without stored log-probs, LoRA, batch 2, the fast path's
+    first-batch self-check (or the plain path, said in the log), merge, and the result loads."""
+    if family == "smolvlm":
+        pytest.importorskip("num2words")
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{**p, "id": f"{p['id']}{k}", "image": p["images"]} for k in range(2) for p in PAIRS]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    dpo.main(dpo.get_args(["--pairs", str(pairs), "--image-root", str(pair_images), "--model", str(tiny_dirs(family)),
+                           "--out", str(out), "--recipe", "paper", "--dtype", "float32", "--no-grad-ckpt",
+                           "--batch-size", "2", "--grad-accum", "1", "--lora-r", "4", "--lora-alpha", "8",
+                           "--max-steps", "2", "--warmup-steps", "0", "--save-every", "0", "--threads", "1"]))
+    log = [r for _, r in common.read_rows(out / "log.jsonl")]
+    assert len(log) == 2 and all(math.isfinite(r["loss"]) for r in log)
+    meta = json.loads((out / "log.jsonl.meta.json").read_text())
+    assert meta["args"]["prefix_sharing"] is (family not in PLAIN_ONLY)
+    model, proc = common.load_model(out / "final", dtype="float32")
+    assert common.generate(model, proc, [QUESTION], [IMAGES], max_new_tokens=3)
