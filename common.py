@@ -1113,7 +1113,7 @@ def image_token_boxes(processor, images):
     (image_grid_thw, image_sizes, num_patches, rows/cols ...), in the order the model places
     the features; the row count is checked against what `processor(text=..., images=...)` emits.
       llava-1.5 (shortest edge 336, crop 336, patch 14), one 936x488 image -> [(576, 4)]; row 0 is
-      (223.9, 0, 244.2, 20.3): resized 644x336, 154 px cropped off the left, 14-px cells / 0.688.
+      (223.8, 0, 244.2, 20.3): resized to 644x336, 154 px cropped off the left, 14-px cells / 0.688.
     """
     name, ip_name = type(processor).__name__, type(processor.image_processor).__name__.removesuffix("Pil")
     ip_name = ip_name.removesuffix("Fast")
@@ -1149,19 +1149,21 @@ def _emitted_image_tokens(processor, images):
     """Image-token positions `processor(text=..., images=images)` gives each image (one prompt)."""
     tok = processor.tokenizer
     # subtle: Gemma 3's processor.image_token is <start_of_image>; the soft token the model fills is the tokenizer's
-    token_id = tok.convert_tokens_to_ids(tok.image_token) if getattr(tok, "image_token", None) else processor.image_token_id
+    soft = getattr(tok, "image_token", None)
+    token_id = tok.convert_tokens_to_ids(soft) if soft else processor.image_token_id
     enc = processor(text=[processor.image_token * len(images)], images=[images], return_text_replacement_offsets=True)
     counts = [tok(span["replacement"], add_special_tokens=False)["input_ids"].count(token_id)
               for span in enc["text_replacement_offsets"][0]]
     if sum(counts) != list(enc["input_ids"][0]).count(token_id):
-        raise ValueError(f"image_token_boxes: {type(processor).__name__}: image tokens outside the images' replacements")
+        raise ValueError(f"image_token_boxes: {type(processor).__name__}: image tokens outside the images' "
+                         "replacements")
     return counts
 
 
 class _View:
     """Where an original image lands in one processed view of h x w pixels:
     original (x, y) -> view (x * sx + ox, y * sy + oy).
-      _View.of(936, 488).resize(336, 644).crop(0, 154, 336, 336) -> sx = sy = 0.688, ox = -154"""
+      _View.of(936, 488).resize(336, 644).crop(0, 154, 336, 336) -> sx 0.688, sy 0.689, ox -154, oy 0"""
 
     def __init__(self, h, w, sx=1.0, sy=1.0, ox=0.0, oy=0.0):
         self.h, self.w, self.sx, self.sy, self.ox, self.oy = h, w, sx, sy, ox, oy
@@ -1191,7 +1193,7 @@ class _View:
         return out
 
 
-def _resized_hw(ip, h, w, size, resample=None):
+def _resized_hw(ip, h, w, size):
     """(height, width) the image processor's own resize gives an h x w image for `size` (run on a
     1-channel zero image: the size rules live in resize, and differ per processor)."""
     import numpy as np
@@ -1216,16 +1218,17 @@ def _clip_like_view(ip, kwargs, view):
     return view
 
 
-def _patch_tokens(processor, n_side_h, n_side_w):
-    """LLaVA-style patch grid: the CLS token is dropped ('default'), never placed."""
+def _check_no_cls(processor):
+    """LLaVA-style patch grids only: a CLS token kept at an image-token position ('full' with
+    num_additional_image_tokens) sees the whole view, which a box does not describe."""
     if processor.vision_feature_select_strategy != "default" and getattr(processor, "num_additional_image_tokens", 0):
-        raise ValueError(f"image_token_boxes: {type(processor).__name__} keeps the CLS token "
-                         f"(vision_feature_select_strategy {processor.vision_feature_select_strategy!r}): not supported")
-    return n_side_h, n_side_w
+        raise ValueError(f"image_token_boxes: {type(processor).__name__} keeps the CLS token (vision_feature_"
+                         f"select_strategy {processor.vision_feature_select_strategy!r}): not supported")
 
 
 def _boxes_llava(processor, ip, kwargs, images, out):
     """LLaVA-1.5: [pad to square, LlavaImageProcessor] -> resize -> centre crop -> patch grid."""
+    _check_no_cls(processor)
     boxes, p = [], processor.patch_size
     for im in images:
         view = _View.of(*im.size)
@@ -1233,7 +1236,7 @@ def _boxes_llava(processor, ip, kwargs, images, out):
             m = max(view.h, view.w)
             view = view.crop(-((m - view.h) // 2), -((m - view.w) // 2), m, m)
         view = _clip_like_view(ip, kwargs, view)
-        gh, gw = _patch_tokens(processor, view.h // p, view.w // p)
+        gh, gw = view.h // p, view.w // p
         boxes.append(view.crop(0, 0, gh * p, gw * p).grid(gh, gw).reshape(-1, 4))
     return boxes
 
@@ -1304,13 +1307,14 @@ def _boxes_llava_next(processor, ip, kwargs, images, out):
     a newline after each row."""
     import numpy as np
 
-    p, crop = processor.patch_size, kwargs["crop_size"]
-    side = kwargs["size"].get("shortest_edge") or kwargs["size"]["height"]
-    tile = crop["height"] if crop else side
+    _check_no_cls(processor)
+    p, crop, size = processor.patch_size, kwargs["crop_size"], kwargs["size"]
+    side_h, side_w = (size["height"], size["width"]) if size.get("height") else (size["shortest_edge"],) * 2
+    tile = crop["height"] if crop else side_h  # as the image processor picks its patch size
     boxes = []
     for im, (H, W) in zip(images, out["image_sizes"]):
-        base = _clip_like_view(ip, kwargs, _View.of(*im.size).resize(side, side))
-        n = _patch_tokens(processor, base.h // p, base.w // p)[0]
+        base = _clip_like_view(ip, kwargs, _View.of(*im.size).resize(side_h, side_w))
+        n = base.h // p
         grid = _anyres_grid(ip, kwargs, (int(H), int(W)), tile, n, lambda v: _clip_like_view(ip, kwargs, v))
         boxes.append(np.concatenate([base.grid(n, n).reshape(-1, 4), _unpad_with_newlines(grid, (int(H), int(W)))]))
     return boxes
@@ -1321,6 +1325,7 @@ def _boxes_llava_onevision(processor, ip, kwargs, images, out):
     anyres_max_N) + newline per row; with other images -> centred pad to square, resize, and one
     newline after the grid."""
     import math
+
     import numpy as np
 
     if processor.vision_feature_select_strategy != "full":
@@ -1364,8 +1369,8 @@ def _boxes_internvl(processor, ip, kwargs, images, out):
     """InternVL: get_optimal_tiled_canvas tiles row-major + a thumbnail last (when there are several
     tiles), each tile image_seq_length tokens after the pixel shuffle, row-major."""
     import math
-    import numpy as np
 
+    import numpy as np
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
     size, n = kwargs["size"], math.isqrt(processor.image_seq_length)
@@ -1381,7 +1386,8 @@ def _boxes_internvl(processor, ip, kwargs, images, out):
         if len(tiles) != 1:  # the thumbnail, or the only view without tiling
             tiles.append(view.resize(size["height"], size["width"]))
         if len(tiles) != n_patches:
-            raise ValueError(f"image_token_boxes: {type(ip).__name__} made {n_patches} tiles, the geometry {len(tiles)}")
+            raise ValueError(f"image_token_boxes: {type(ip).__name__} made {n_patches} tiles, "
+                             f"the geometry {len(tiles)}")
         boxes.append(np.concatenate([t.grid(n, n).reshape(-1, 4) for t in tiles]))
     return boxes
 
@@ -1403,10 +1409,10 @@ def _boxes_gemma4(processor, ip, kwargs, images, out):
 
     p, k = kwargs["patch_size"], kwargs["pooling_kernel_size"]
     boxes = []
-    for im, pos, n in zip(images, out["image_position_ids"], out["num_soft_tokens_per_image"]):
-        pw, ph = (int(v) + 1 for v in np.asarray(pos).max(axis=0))  # positions are (x, y) patch indices
+    for im, pos in zip(images, out["image_position_ids"]):
+        pw, ph = (int(v) + 1 for v in np.asarray(pos).max(axis=0))  # (x, y) patch indices; padding is -1
         view = _View.of(*im.size).resize(ph * p, pw * p)
-        boxes.append(view.grid(ph // k, pw // k).reshape(-1, 4)[:n])
+        boxes.append(view.grid(ph // k, pw // k).reshape(-1, 4))
     return boxes
 
 
@@ -1414,6 +1420,7 @@ def _boxes_idefics3(processor, ip, kwargs, images, out):
     """Idefics3 / SmolVLM: resized to rows x cols tiles of max_image_size, tiles row-major then the
     global view (the whole image squashed to one tile), image_seq_len tokens each (pixel shuffle)."""
     import math
+
     import numpy as np
 
     tile, n = kwargs["max_image_size"]["longest_edge"], math.isqrt(processor.image_seq_len)

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 import common
-from tiny_families import FAMILIES, tiny_dirs  # noqa: F401  (tiny_dirs is a fixture)
+from tiny_families import FAMILIES, tiny_dirs  # noqa: F401,F811  (tiny_dirs is a fixture)
 
 FAMILY = pytest.mark.parametrize("family", FAMILIES)
 # the two images of tests/test_families.py (64x48, 40x64) and the tokens they become, plus a collage size
@@ -114,7 +114,8 @@ def local_vision(model):
                 w.copy_(torch.randn(w.shape, generator=gen) * 0.1)
     n = 0
     for name, mod in inner.named_modules():
-        if name.startswith(("language_model", "text_model")) or name.rsplit(".", 1)[-1] not in ("self_attn", "attn", "attention"):
+        vision = not name.startswith(("language_model", "text_model"))
+        if not vision or name.rsplit(".", 1)[-1] not in ("self_attn", "attn", "attention"):
             continue
         mod.register_forward_hook(lambda m, a, out: (torch.zeros_like(out[0]), *out[1:]) if isinstance(out, tuple)
                                   else torch.zeros_like(out))
@@ -244,7 +245,8 @@ def gen_pairs_boxes(gp, proc, size):
 @pytest.mark.parametrize("which", ["llava", "toy"])
 def test_the_same_boxes_as_04_gen_pairs_token_affine(which, loaded):
     gp = importlib.import_module("04_gen_pairs")
-    proc = loaded("llava")[1] if which == "llava" else common.load_processor(Path(common.__file__).parent / "checkpoints" / "toy-llava")
+    toy = Path(common.__file__).parent / "checkpoints" / "toy-llava"
+    proc = loaded("llava")[1] if which == "llava" else common.load_processor(toy)
     sizes = [(936, 488), (64, 64)]
     boxes = common.image_token_boxes(proc, [noise(*s) for s in sizes])
     for b, size in zip(boxes, sizes):
