@@ -1,0 +1,261 @@
+"""common.image_token_boxes against independent references, for every family of tiny_families.py.
+
+1. counts: one box row per image-token position the processor emits (2-3 images of other sizes);
+2. receptive fields: with every vision-attention output zeroed (a deepcopy), a visual feature
+   depends only on its own patches (and merge / pooling / pixel-shuffle neighbours), so when a
+   block of original pixels is inverted, exactly the tokens whose box meets the block change —
+   read where the model puts them: the language model's inputs_embeds at image-token positions.
+   The processors resample NEAREST here, so a box is sharp to a pixel at any scale (the boxes do
+   not depend on the filter). This checks boxes AND order;
+3. a hand-worked llava-1.5 case, and 04_gen_pairs' token_affine for llava and the toy model.
+"""
+import copy
+import importlib
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+from tiny_families import FAMILIES, tiny_dirs  # noqa: F401,F811  (tiny_dirs is a fixture)
+
+FAMILY = pytest.mark.parametrize("family", FAMILIES)
+# the two images of tests/test_families.py (64x48, 40x64) and the tokens they become, plus a collage size
+SMALL = [(64, 48), (40, 64)]
+IMAGE_TOKENS = {
+    "llava": [4, 4], "llava_next": [24, 16], "llava_onevision": [5, 5], "qwen2_vl": [4, 2], "qwen2_5_vl": [4, 2],
+    "qwen3_vl": [4, 2], "qwen3_5": [4, 2], "internvl": [52, 28], "gemma3": [4, 4], "gemma4": [63, 60],
+    "idefics3": [20, 20], "smolvlm": [20, 20],
+}
+
+
+def noise(w, h, seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_dirs):  # noqa: F811
+    cache = {}
+
+    def get(family):
+        if family == "smolvlm":
+            pytest.importorskip("num2words", reason="SmolVLMProcessor needs num2words (requirements: num2words)")
+        if family not in cache:
+            cache[family] = common.load_model(tiny_dirs(family), dtype="float32")
+        return cache[family]
+
+    return get
+
+
+def emitted(model, proc, images):
+    """Image-token positions in `processor(text=..., images=...)` for one prompt of these images."""
+    enc = proc(text=[proc.image_token * len(images)], images=[images], return_tensors="pt")
+    return int((enc["input_ids"] == common.image_token_id(model)).sum())
+
+
+# ---- 1. counts -----------------------------------------------------------------------------
+@FAMILY
+def test_one_box_per_image_token_the_processor_emits(family, loaded):
+    model, proc = loaded(family)
+    small = [noise(*s) for s in SMALL]
+    boxes = common.image_token_boxes(proc, small)
+    assert [len(b) for b in boxes] == IMAGE_TOKENS[family]
+    for images in ([*small, noise(936, 488)], [noise(936, 488)], [noise(17, 90), noise(200, 31)]):
+        boxes = common.image_token_boxes(proc, images)
+        assert len(boxes) == len(images)
+        assert sum(len(b) for b in boxes) == emitted(model, proc, images)
+        for b in boxes:
+            assert b.dtype == np.float64 and b.shape[1] == 4
+            real = b[~np.isnan(b).any(axis=1)]
+            assert len(real) and (real[:, 2] > real[:, 0]).all() and (real[:, 3] > real[:, 1]).all()
+
+
+def test_an_unknown_processor_is_refused_by_name(loaded):
+    _, proc = loaded("llava")
+
+    class MysteryProcessor:
+        image_processor = proc.image_processor
+
+    with pytest.raises(ValueError, match="MysteryProcessor"):
+        common.image_token_boxes(MysteryProcessor(), [noise(8, 8)])
+    odd = copy.copy(proc)
+    odd.image_processor = loaded("gemma3")[1].image_processor
+    with pytest.raises(ValueError, match="LlavaProcessor with Gemma3ImageProcessor"):
+        common.image_token_boxes(odd, [noise(8, 8)])
+
+
+def test_a_count_the_processor_does_not_emit_is_an_error_naming_it(loaded, monkeypatch):
+    _, proc = loaded("qwen2_vl")
+    ips, fn = common._GEOMETRY["Qwen2VLProcessor"]
+    monkeypatch.setitem(common._GEOMETRY, "Qwen2VLProcessor", (ips, lambda *a: [b[1:] for b in fn(*a)]))
+    with pytest.raises(ValueError, match="Qwen2VLProcessor emits"):
+        common.image_token_boxes(proc, [noise(64, 48)])
+
+
+# ---- 2. receptive fields -------------------------------------------------------------------
+class _Stop(Exception):
+    pass
+
+
+def local_vision(model):
+    """A deepcopy whose vision-attention blocks output zeros: each feature sees only its own patches.
+    subtle: Gemma 3 initialises its projector to zeros (every feature 0): all-zero vision-side
+    matrices are drawn at random here, or no token could ever change."""
+    model = copy.deepcopy(model)
+    inner = model.model
+    lm = getattr(inner, "language_model", None) or inner.text_model
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, w in inner.named_parameters():
+            if not name.startswith(("language_model", "text_model")) and w.ndim >= 2 and not w.any():
+                w.copy_(torch.randn(w.shape, generator=gen) * 0.1)
+    n = 0
+    for name, mod in inner.named_modules():
+        vision = not name.startswith(("language_model", "text_model"))
+        if not vision or name.rsplit(".", 1)[-1] not in ("self_attn", "attn", "attention"):
+            continue
+        mod.register_forward_hook(lambda m, a, out: (torch.zeros_like(out[0]), *out[1:]) if isinstance(out, tuple)
+                                  else torch.zeros_like(out))
+        n += 1
+    assert n, "no vision attention found"
+
+    def grab(module, args, kwargs):
+        raise _Stop(kwargs["inputs_embeds"])
+
+    lm.register_forward_pre_hook(grab, with_kwargs=True)
+    return model
+
+
+def prompt(proc, n_images):
+    """The family's template around n image items (Qwen's rope index needs <|vision_start|> etc.)."""
+    content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": "What is it?"}]
+    return proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+
+
+def placed_features(model, proc, batch):
+    """[(n_image_tokens, D)] per prompt of `batch` (a list of image lists, one forward): what the
+    model puts at image-token positions, in sequence order."""
+    enc = proc(text=[prompt(proc, len(images)) for images in batch], images=batch, return_tensors="pt")
+    with torch.no_grad(), pytest.raises(_Stop) as stop:
+        model(**enc)
+    mask = enc["input_ids"] == common.image_token_id(model)
+    return [e[m] for e, m in zip(stop.value.args[0], mask)]
+
+
+def overlap(boxes, block):
+    """(n, 2) overlap widths of each box with block (x0, y0, x1, y1) along x and y (negative: a gap)."""
+    x0, y0, x1, y1 = block
+    return np.stack([np.minimum(boxes[:, 2], x1) - np.maximum(boxes[:, 0], x0),
+                     np.minimum(boxes[:, 3], y1) - np.maximum(boxes[:, 1], y0)], axis=1)
+
+
+def blocks(w, h, n=3):
+    xs, ys = np.linspace(0, w, n + 1).round().astype(int), np.linspace(0, h, n + 1).round().astype(int)
+    return [(xs[j], ys[i], xs[j + 1], ys[i + 1]) for i in range(n) for j in range(n)]
+
+
+MARGIN = 2.0  # original pixels: nearest sampling rounds by < 1, Idefics3's two resizes by < 1 more
+
+
+def invert(im, block):
+    x0, y0, x1, y1 = block
+    px = np.array(im)
+    px[y0:y1, x0:x1] = 255 - px[y0:y1, x0:x1]
+    return Image.fromarray(px)
+
+
+def check_receptive_fields(model, proc, sizes):
+    """Invert block k of every image at once, for each of a 3x3 grid of blocks (one batch); a token
+    must change when its (in-image) box shares at least half of its or the block's width and height
+    with the block, and must not change when its box grown by MARGIN misses the block."""
+    images = [noise(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+    boxes = common.image_token_boxes(proc, images)
+    splits = np.cumsum([len(b) for b in boxes])[:-1]
+    grids = [blocks(w, h) for w, h in sizes]  # grids[i][k]: block k of image i
+    base, *bent = placed_features(model, proc, [images] + [[invert(im, g[k]) for im, g in zip(images, grids)]
+                                                           for k in range(len(grids[0]))])
+    assert len(base) == sum(len(b) for b in boxes)
+    tol = 1e-4 * float(base.abs().max())
+    tested = [np.zeros(len(b), bool) for b in boxes]
+    for k, feats in enumerate(bent):
+        changed = np.split(((feats - base).abs().amax(dim=1) > tol).numpy(), splits)
+        for i, (b, (w, h)) in enumerate(zip(boxes, sizes)):
+            block = grids[i][k]
+            nan = np.isnan(b).any(axis=1)
+            assert not changed[i][nan].any(), f"image {i}, block {block}: a no-pixel (newline) token changed"
+            inside = np.clip(np.nan_to_num(b), 0, [w, h, w, h])  # the part of each box in the image
+            size = np.stack([inside[:, 2] - inside[:, 0], inside[:, 3] - inside[:, 1]], axis=1)
+            bw = np.array([block[2] - block[0], block[3] - block[1]])
+            must = ~nan & (size >= 2).all(axis=1) & (overlap(inside, block) >= np.minimum(size, bw) / 2).all(axis=1)
+            grown = np.nan_to_num(b) + [-MARGIN, -MARGIN, MARGIN, MARGIN]
+            never = nan | (overlap(grown, block) <= 0).any(axis=1)
+            assert changed[i][must].all(), (f"image {i} {sizes[i]}, block {block}: tokens "
+                                            f"{np.flatnonzero(must & ~changed[i]).tolist()} see it but did not change")
+            assert not changed[i][never].any(), (f"image {i} {sizes[i]}, block {block}: tokens "
+                                                 f"{np.flatnonzero(never & changed[i]).tolist()} changed, boxes "
+                                                 f"{b[never & changed[i]][:3].round(1).tolist()} miss it")
+            tested[i] |= must
+    for i, b in enumerate(boxes):
+        inside = np.clip(np.nan_to_num(b), 0, [sizes[i][0], sizes[i][1]] * 2)
+        seen = (inside[:, 2] - inside[:, 0] >= 2) & (inside[:, 3] - inside[:, 1] >= 2)
+        assert tested[i][seen].all(), f"image {i}: tokens {np.flatnonzero(seen & ~tested[i]).tolist()} never tested"
+
+
+@FAMILY
+def test_a_token_changes_iff_its_box_meets_the_changed_pixels(family, loaded):
+    model, proc = loaded(family)
+    model, proc = local_vision(model), copy.deepcopy(proc)
+    proc.image_processor.resample = 0  # NEAREST
+    check_receptive_fields(model, proc, [(64, 48), (40, 64), (96, 37)])  # several images (OneVision: base views)
+    check_receptive_fields(model, proc, [(190, 100)])  # an image alone (OneVision: anyres tiles, grid shrunk 1.5x)
+
+
+# ---- 3. hand-worked cases and 04's geometry ----------------------------------------------------
+def test_llava15_clip_resize_and_centre_crop_of_a_936x488_collage(loaded):
+    """CLIP as in llava-1.5: shortest edge 336, centre crop 336, 14-px patches, CLS dropped.
+    936x488 -> resized int(336 * 936 / 488) = 644 x 336 (sx = 644/936 = 0.68803, sy = 336/488 = 0.68852),
+    crop left (644 - 336) // 2 = 154, top 0 -> 24 x 24 = 576 tokens.
+    token 0: x 154/sx = 223.83 .. 168/sx = 244.17, y 0 .. 14/sy = 20.33;
+    token 575: x 476/sx = 691.83 .. 490/sx = 712.17, y 322/sy = 467.67 .. 488."""
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    _, tiny = loaded("llava")
+    ip = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    proc = LlavaProcessor(ip, tiny.tokenizer, patch_size=14, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, chat_template=tiny.chat_template)
+    (b,) = common.image_token_boxes(proc, [noise(936, 488)])
+    assert b.shape == (576, 4)
+    np.testing.assert_allclose(b[0], [223.83, 0, 244.17, 20.33], atol=0.01)
+    np.testing.assert_allclose(b[575], [691.83, 467.67, 712.17, 488], atol=0.01)
+    np.testing.assert_allclose(b[1, 0], b[0, 2])  # row-major: token 1 is right of token 0
+
+
+def gen_pairs_boxes(gp, proc, size):
+    """04_gen_pairs' token_affine grid as (n, 4) boxes, row-major."""
+    geom, patch = gp.processor_geometry(proc)
+    (sx, sy, ox, oy), (gh, gw) = gp.token_affine(size, geom, patch)
+    r, c = np.divmod(np.arange(gh * gw), gw)
+    return np.stack([(c * patch - ox) / sx, (r * patch - oy) / sy, ((c + 1) * patch - ox) / sx,
+                     ((r + 1) * patch - oy) / sy], axis=1)
+
+
+@pytest.mark.parametrize("which", ["llava", "toy"])
+def test_the_same_boxes_as_04_gen_pairs_token_affine(which, loaded):
+    gp = importlib.import_module("04_gen_pairs")
+    toy = Path(common.__file__).parent / "checkpoints" / "toy-llava"
+    proc = loaded("llava")[1] if which == "llava" else common.load_processor(toy)
+    sizes = [(936, 488), (64, 64)]
+    boxes = common.image_token_boxes(proc, [noise(*s) for s in sizes])
+    for b, size in zip(boxes, sizes):
+        np.testing.assert_allclose(b, gen_pairs_boxes(gp, proc, size), atol=1e-9)
+    # 04's box_weights (a token's share inside a pixel box) agrees with the boxes, e.g. the left half
+    geom, patch = gp.processor_geometry(proc)
+    w = gp.box_weights((0, 40, 448, 488), sizes[0], geom, patch).reshape(-1)
+    b = boxes[0]
+    share = (np.clip(np.minimum(b[:, 2], 448) - np.maximum(b[:, 0], 0), 0, None) / (b[:, 2] - b[:, 0])
+             * np.clip(np.minimum(b[:, 3], 488) - np.maximum(b[:, 1], 40), 0, None) / (b[:, 3] - b[:, 1]))
+    np.testing.assert_allclose(w, share, atol=1e-9)
+    assert math.isclose(float(w.sum()), float(share.sum()))
