@@ -18,10 +18,12 @@ only for those rows at that layer; all-layer `output_attentions` is never kept. 
   sequence   mean attention on the target image / sum over images of their mean attention
   grid       attention on the target cell / attention on the whole collage
   pic-in-pic attention on the inset / attention on the whole image
-Cells and inset are pixel boxes (02/03) mapped through the processor's pad / resize / crop onto
-the visual-token grid; a token counts with the fraction of its patch inside the box. (The authors
-cut the map into equal blocks and a fixed 16x16 centre, which ignores label strips, gaps, the
-inset's real size and what a centre crop removes.) --viz N draws the maps (the paper's Fig. 2).
+Cells and inset are pixel boxes (02/03); common.image_token_boxes gives, for every visual token,
+the box of ORIGINAL pixels it sees through the processor's views (resize, pad, crop, tiles, global
+view, merges, pooling), and a token counts with the share of its box inside the cell or inset.
+(The authors cut the map into equal blocks and a fixed 16x16 centre, which ignores label strips,
+gaps, the inset's real size, what a centre crop removes and every dynamic-resolution layout.)
+--viz N draws the maps (the paper's Fig. 2).
 A row becomes a pair (chosen = ground truth, rejected = answer) when the normalised answer
 differs, both are non-empty, the answer was not cut by --max-new-tokens, PPL > 1.1 (PPL of the
 answer + EOS on the images it was generated from) and the ratio is under THRESHOLDS. Every row
@@ -106,51 +108,17 @@ def add_noise(pixels, box, std, rng):
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def token_affine(image_size, geom, patch):
-    """Original pixel (x, y) -> processed pixel (x * sx + ox, y * sy + oy), and the token grid.
-
-    geom: {"pad": bool, "resize": ("hw", H, W) | ("short", S) | None, "crop": (h, w) | None}, the
-    CLIP/LLaVA image processors' pad-to-square (centred), resize, centre crop, in that order.
-    returns ((sx, sy, ox, oy), (grid_h, grid_w)).
-    toy (squash 64x64, patch 8), 936x488 collage -> ((0.0684, 0.1311, 0, 0), (8, 8))
-    llava-1.5 (short 336, crop 336, patch 14), 936x488 -> resized 644x336, crop left 154:
-        ((0.688, 0.688, -154, 0), (24, 24))
-    """
-    W, H = image_size
-    ox = oy = 0.0
-    if geom["pad"] and W != H:
-        M = max(W, H)
-        ox, oy, W, H = (M - W) // 2, (M - H) // 2, M, M
-    kind = geom["resize"]
-    if kind is None:
-        nw, nh = W, H
-    elif kind[0] == "hw":
-        nh, nw = kind[1], kind[2]
-    else:  # shortest edge -> S, long edge int(S * long / short), as transformers computes it
-        s = kind[1]
-        nw, nh = (s, int(s * H / W)) if W <= H else (int(s * W / H), s)
-    sx, sy = nw / W, nh / H
-    ox, oy = ox * sx, oy * sy
-    if geom["crop"] is not None:
-        ch, cw = geom["crop"]
-        top = (nh - ch) // 2 if nh >= ch else -math.ceil((ch - nh) / 2)
-        left = (nw - cw) // 2 if nw >= cw else -math.ceil((cw - nw) / 2)
-        ox, oy, nw, nh = ox - left, oy - top, cw, ch
-    return (sx, sy, ox, oy), (nh // patch, nw // patch)
-
-
-def box_weights(box, image_size, geom, patch):
-    """Pixel box of the original image -> (grid_h, grid_w) share of each token's patch inside it.
-    toy: the 1x2 collage's left cell (0, 40, 448, 488) of 936x488 -> columns 1, 1, 1, 0.83, 0, ...;
-    rows 0.34 (the label strip), then 1."""
-    (sx, sy, ox, oy), (gh, gw) = token_affine(image_size, geom, patch)
+def box_weights(token_boxes, box):
+    """(n, 4) token boxes in original pixels (common.image_token_boxes; NaN = sees no pixels) and a
+    pixel box (x0, y0, x1, y1) -> (n,) share of each token's box inside it.
+    toy (64x64 squash, 8-px patches): the 1x2 collage's left cell (0, 40, 448, 488) of 936x488 ->
+    a token of the 4th column 0.83 (30.6 of its 24..32 px), of the top row 0.34 (the label strip)."""
+    b = np.asarray(token_boxes, dtype=np.float64).reshape(-1, 4)
     x0, y0, x1, y1 = box
-
-    def cover(a, b, n):  # (n,) overlap of [a, b) with each patch [k p, (k+1) p), as a fraction of p
-        k = np.arange(n) * patch
-        return np.clip(np.minimum(b, k + patch) - np.maximum(a, k), 0, patch) / patch
-
-    return np.outer(cover(y0 * sy + oy, y1 * sy + oy, gh), cover(x0 * sx + ox, x1 * sx + ox, gw))
+    with np.errstate(invalid="ignore"):
+        wx = np.clip(np.minimum(b[:, 2], x1) - np.maximum(b[:, 0], x0), 0, None) / (b[:, 2] - b[:, 0])
+        wy = np.clip(np.minimum(b[:, 3], y1) - np.maximum(b[:, 1], y0), 0, None) / (b[:, 3] - b[:, 1])
+    return np.nan_to_num(wx * wy, nan=0.0)
 
 
 def response_attention(query, key, attention_mask, scaling, rows):
@@ -184,7 +152,7 @@ def response_attention(query, key, attention_mask, scaling, rows):
 
 
 def attention_ratio(fmt, maps, target, weights=None):
-    """Per-image token maps (mean response-row attention, each (grid_h, grid_w)) -> the ratio.
+    """Per-image token maps (mean response-row attention on each of its visual tokens) -> the ratio.
 
     sequence: mean(maps[target-1]) / sum_i mean(maps[i]); grid, pip: sum(maps[0] * weights) / sum(maps[0]).
     attention_ratio("sequence", [np.full((2, 2), .1), np.full((2, 2), .3)], 2) -> 0.75
@@ -245,27 +213,6 @@ def probing(layer, rows):
         yield _PROBE
     finally:
         _PROBE.update(layer=None, rows=None)
-
-
-def processor_geometry(processor):
-    """The image processor's pad / resize / crop as token_affine's `geom`, and the patch size."""
-    ip = processor.image_processor
-    get = lambda d, k: (d.get(k) if isinstance(d, dict) else getattr(d, k, None)) if d is not None else None  # noqa: E731
-    size = getattr(ip, "size", None)
-    if not getattr(ip, "do_resize", True) or size is None:
-        resize = None
-    elif get(size, "shortest_edge"):
-        resize = ("short", int(get(size, "shortest_edge")))
-    elif get(size, "height") and get(size, "width"):
-        resize = ("hw", int(get(size, "height")), int(get(size, "width")))
-    else:
-        raise ValueError(f"image processor size {size}: only shortest_edge or height/width resizing is supported")
-    crop = getattr(ip, "crop_size", None)
-    crop = (int(get(crop, "height")), int(get(crop, "width"))) if getattr(ip, "do_center_crop", False) and crop else None
-    patch = getattr(processor, "patch_size", None)
-    if not patch:
-        raise ValueError("the processor has no patch_size: cannot place visual tokens")
-    return {"pad": bool(getattr(ip, "do_pad", False)), "resize": resize, "crop": crop}, int(patch)
 
 
 _NEED = {"sequence": ("n_images", "target"), "grid": ("target", "cells"), "pip": ("target", "inset")}
@@ -339,9 +286,10 @@ def corrupt(item, images, args):
     return [Image.fromarray(add_noise(np.asarray(images[0]), box, std, rng))], std
 
 
-def probe_forward(model, processor, questions, images, answers, layer):
+def probe_forward(model, processor, questions, images, answers, layer, counts=None):
     """Teacher-forced forward over prompt + answer with the probe on -> per-row numbers.
-    returns attn (B, T) numpy, spans (B lists of (start, end)), sum_logps (B,), n_tokens (B,)."""
+    counts: per row, each image's visual-token count (token_boxes); None: one run of tokens each.
+    returns attn (B, T) numpy, positions (B lists of per-image index arrays), sum_logps (B,), n_tokens (B,)."""
     import torch
 
     batch = common.to_model(common.build_inputs(processor, questions, images, answers=answers), model)
@@ -355,22 +303,26 @@ def probe_forward(model, processor, questions, images, answers, layer):
         attn = probe["out"]
     if attn is None:
         raise RuntimeError(f"the probe did not run at layer {layer}: is the model's attention routed through {PROBE_NAME}?")
-    spans = common.image_spans(batch["input_ids"], common.image_token_id(model), [len(ims) for ims in images])
-    return attn.cpu().numpy(), spans, sum_lp.float().cpu().tolist(), n_tok.cpu().tolist()
+    positions = common.image_positions(batch["input_ids"], common.image_token_id(model),
+                                       counts or [[None] * len(ims) for ims in images])
+    return attn.cpu().numpy(), positions, sum_lp.float().cpu().tolist(), n_tok.cpu().tolist()
 
 
-def row_numbers(item, attn, spans, sizes, geom, patch):
-    """One row's probe output (attn (T,), its image spans, its images' sizes) -> (ratio, per-image
-    attention mass, per-image token maps (grid_h, grid_w))."""
-    maps = []
-    for (s, e), size in zip(spans, sizes):
-        _, (gh, gw) = token_affine(size, geom, patch)
-        if e - s != gh * gw:
-            raise ValueError(f"{item['id']}: {e - s} visual tokens for an image, but the processor's grid is {gh}x{gw}")
-        maps.append(attn[s:e].reshape(gh, gw))
+def token_boxes(processor, images, cache):
+    """common.image_token_boxes for one prompt's images, cached by their sizes (all it depends on)."""
+    key = tuple(im.size for im in images)
+    if key not in cache:
+        cache[key] = common.image_token_boxes(processor, images)
+    return cache[key]
+
+
+def row_numbers(item, attn, positions, boxes):
+    """One row's probe output (attn (T,), each image's token positions and token boxes) ->
+    (ratio, per-image attention mass, per-image token maps: the attention on each visual token)."""
+    maps = [attn[pos] for pos in positions]
     fmt, mia = item["format"], item["mia"]
     box = mia["cells"][item["target"] - 1] if fmt == "grid" else mia["inset"] if fmt == "pip" else None
-    weights = box_weights(box, sizes[0], geom, patch) if box is not None else None
+    weights = box_weights(boxes[0], box) if box is not None else None
     return attention_ratio(fmt, maps, item["target"], weights), [float(m.sum()) for m in maps], maps
 
 
@@ -410,15 +362,17 @@ def run_batch(model, processor, items, args, ctx):
         return out, []
     qs = [it["prompt"] for it in ok]
     answers, finished = common.generate(model, processor, qs, seen, args.max_new_tokens, return_finished=True)
-    attn, spans, sum_lp, n_tok = probe_forward(model, processor, qs, seen, answers, ctx["layer"])
+    boxes = [token_boxes(processor, ims, ctx["boxes"]) for ims in clean]
+    attn, positions, sum_lp, n_tok = probe_forward(model, processor, qs, seen, answers, ctx["layer"],
+                                                   [[len(b) for b in bs] for bs in boxes])
     recs, viz = [], []
     for b, it in enumerate(ok):
-        ratio, masses, maps = row_numbers(it, attn[b], spans[b], [im.size for im in clean[b]], ctx["geom"], ctx["patch"])
+        ratio, masses, maps = row_numbers(it, attn[b], positions[b], boxes[b])
         cand = candidate(it, answers[b], ratio, masses, perplexity(sum_lp[b], n_tok[b]), n_tok[b], noise[b], args, ctx,
                          truncated=not finished[b])
         recs.append({"i": it["i"], "candidate": cand, "pair": None})
         if it["id"] in ctx["viz_ids"]:
-            viz.append((it, seen[b], maps, cand))
+            viz.append((it, seen[b], maps, boxes[b], cand))
     chosen = [(r, it, ims) for r, it, ims in zip(recs, ok, clean) if r["candidate"]["selected"]]
     if chosen:  # reference log-probs on the CLEAN images: chosen rows then rejected rows, one forward (as 06)
         q, ims = [it["prompt"] for _, it, _ in chosen], [im for _, _, im in chosen]
@@ -429,17 +383,20 @@ def run_batch(model, processor, items, args, ctx):
     return out + recs, viz
 
 
-def save_viz(path, images, maps, cand, geom, patch, height=192):
-    """The paper's Fig. 2 picture: each image as the model sees it (after crop), its token map on top."""
+def save_viz(path, images, maps, boxes, cand, height=192):
+    """The paper's Fig. 2 picture: each image with the attention of its visual tokens painted on
+    the pixels each token sees (views that overlap, e.g. tiles and a global view, add up)."""
     from PIL import Image, ImageDraw, ImageOps
 
     peak = max(float(m.max()) for m in maps) or 1.0
     tiles = []
-    for k, (im, m) in enumerate(zip(images, maps), 1):
-        (sx, sy, ox, oy), (gh, gw) = token_affine(im.size, geom, patch)
-        view = im.crop((round(-ox / sx), round(-oy / sy), round((gw * patch - ox) / sx), round((gh * patch - oy) / sy)))
-        view = view.resize((max(1, round(height * gw / gh)), height))
-        gray = Image.fromarray(np.uint8(255 * m / peak)).resize(view.size, Image.NEAREST)
+    for k, (im, m, bx) in enumerate(zip(images, maps, boxes), 1):
+        heat = np.zeros((im.height, im.width), dtype=np.float64)
+        for a, (x0, y0, x1, y1) in zip(m, bx):
+            if np.isfinite(x0):
+                heat[max(0, int(y0)):max(0, math.ceil(y1)), max(0, int(x0)):max(0, math.ceil(x1))] += a
+        view = im.resize((max(1, round(height * im.width / im.height)), height))
+        gray = Image.fromarray(np.uint8(255 * np.clip(heat / max(peak, heat.max()), 0, 1))).resize(view.size, Image.NEAREST)
         tile = Image.blend(view, ImageOps.colorize(gray, black="navy", mid="yellow", white="red"), 0.55)
         label = f"Image{k} {m.sum():.3f}" + (" target" if cand["format"] == "sequence" and k == cand["target"] else "")
         ImageDraw.Draw(tile).text((4, 4), label, fill="white")
@@ -491,10 +448,9 @@ def main(args):
     if layer not in attention_layers(model):
         raise SystemExit(f"04_gen_pairs: --layer {layer} is not a softmax-attention layer of this model "
                          f"(those are {attention_layers(model)})")
-    geom, patch = processor_geometry(processor)
     ref_model = {"path": str(args.model), "fingerprint": common.model_fingerprint(model)}
     viz_ids = {it["id"] for f in FORMATS for it in [x for x in items if x["format"] == f][:args.viz]}
-    ctx = {"layer": layer, "geom": geom, "patch": patch, "thresholds": args.thresholds, "ref_model": ref_model,
+    ctx = {"layer": layer, "boxes": {}, "thresholds": args.thresholds, "ref_model": ref_model,
            "viz_ids": viz_ids}
     config = resume_config(args, layer, ref_model)
     batches = make_batches(items, args.batch_size)
@@ -507,8 +463,8 @@ def main(args):
         for b in todo:
             recs, viz = run_batch(model, processor, [by_i[i] for i in b], args, ctx)
             partial.add(recs)
-            for it, ims, maps, cand in viz:
-                save_viz(args.viz_dir / f"{it['id']}.png", ims, maps, cand, geom, patch)
+            for it, ims, maps, boxes, cand in viz:
+                save_viz(args.viz_dir / f"{it['id']}.png", ims, maps, boxes, cand)
             n_sel += sum(r["candidate"]["selected"] for r in recs)
             bar.update(len(recs), pairs=n_sel, yld=f"{n_sel / len(partial.done):.1%}")
     return finish(args, items, partial, layer, ref_model, t0)

@@ -8,7 +8,7 @@ common.py — plumbing shared by the MIA-DPO stages (no method logic lives here)
   prompts: image_placeholder / render_prompt / render_pair (the family's own chat template: its
            image item in place of each <image>, the answer turn up to its end-of-turn token),
            build_inputs (questions [+ answers] + images -> padded batch with labels)
-  tensors: image_spans, response_logps + logps_at (LM head only where labels exist), generate (greedy)
+  tensors: image_spans / image_positions, response_logps + logps_at (LM head only where labels exist), generate (greedy)
   pairs  : check_pair_row (the fields 05 and 06 read)
   answers: normalise_answer (one rule for "the same answer" in 04, 05 and 07)
   loops  : Progress (a bar on a terminal, a line every 30 s in a log), ResumeFile (resumable JSONL)
@@ -843,6 +843,29 @@ def image_spans(input_ids, image_token_id, n_images=None):
         if n_images is not None and len(spans) != n_images[b]:
             spans = _split_runs(spans, n_images[b], b)
         out.append(spans)
+    return out
+
+
+def image_positions(input_ids, image_token_id, counts):
+    """Each image's visual-token positions -> list (B) of lists of int arrays, one per image.
+
+    counts: per row, each image's number of visual tokens (len of image_token_boxes' arrays): the
+    k-th image owns the next counts[k] positions holding `image_token_id`, whatever separates them
+    (Idefics3's tile markers). A count of None: the images' runs as image_spans splits them.
+    Example: ids [5, 9, 9, 7, 9, 9, 0], image id 9, counts [[1, 3]] -> [[array([1]), array([2, 4, 5])]].
+    """
+    import numpy as np
+
+    out = []
+    for b, row_counts in enumerate(counts):
+        found = (input_ids[b] == image_token_id).nonzero().flatten().cpu().numpy()
+        if any(n is None for n in row_counts):
+            spans = image_spans(input_ids[b:b + 1], image_token_id, [len(row_counts)])[0]
+            out.append([np.arange(s, e) for s, e in spans])
+            continue
+        if sum(row_counts) != len(found):
+            raise ValueError(f"row {b}: {len(found)} image-token positions, but the images have {row_counts}")
+        out.append(np.split(found, np.cumsum(row_counts)[:-1]))
     return out
 
 

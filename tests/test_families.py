@@ -1,22 +1,24 @@
-"""Every VLM family of tests/tiny_families.py through common.py's model plumbing, offline.
+"""Every VLM family of tests/tiny_families.py through stages 04, 06 and common.py, offline.
 
-What holds today (plain tests): each tiny checkpoint loads through common.load_model as its
-family's real model / processor / image-processor classes, also without torchvision; its
-processor expands a two-image prompt into exactly the visual tokens the model's vision side
-produces; a forward pass works.
-
-Prompts and responses: each family's template decides how an image item is written (its
-wrappers), where the answer turn starts and which token ends it; common.render_prompt /
-render_pair / build_inputs follow it.
-
-What does not hold yet (xfail(strict=True), one reason per family): when a fix lands, its xfail
-turns into an XPASS failure: remove the mark then.
+- loading: each tiny checkpoint loads through common.load_model as its family's real model /
+  processor / image-processor classes, also without torchvision; a two-image prompt expands into
+  exactly the visual tokens the model's vision side produces;
+- prompts: each family's template decides how an image item is written (its wrappers), where the
+  answer turn starts and which token ends it; render_prompt / render_pair / build_inputs follow it;
+  image_positions gives each image its tokens (Idefics3's tiles are several runs);
+- 04: the probe equals eager attentions at a softmax-attention layer; every format gets a ratio
+  through the family's views; the stored reference equals 06's plain forward;
+- 06: LoRA on the decoder only; the fast path equals the plain path where fast_path_blocker lets
+  it run, the family's reason otherwise; the command line trains, merges and saves (slow).
 """
+import contextlib
 import importlib
 import inspect
+import io
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -136,11 +138,6 @@ def test_load_processor_without_torchvision_saves_and_reloads_the_video_settings
 
 
 # ---- prompts and responses, as each family's template writes them ----------------------------
-def _xfail(family, reasons):
-    return pytest.param(family, marks=pytest.mark.xfail(strict=True, reason=reasons[family])) if family in reasons \
-        else family
-
-
 def _image_item_placeholder(proc):
     """What the template writes for one image item, found here independently of common: the
     difference between a message with and without a leading image item, outer white space stripped."""
@@ -203,17 +200,16 @@ def test_the_scored_response_ends_at_the_first_token_generation_stops_at(family,
     assert torch.isfinite(total).all() and int(n_tok[0]) == len(scored)
 
 
-SPANS = {f: ("each tile is framed by <fake_token_around_image><row_i_col_j> (the global view by <global-img>), "
-             "so an image is 5 runs of image tokens: image_spans' one-run-per-image split raises")
-         for f in ("idefics3", "smolvlm")}
-
-
-@pytest.mark.parametrize("family", [_xfail(f, SPANS) for f in FAMILIES])
-def test_image_spans_gives_one_span_per_image_holding_its_tokens(family, loaded):
+@FAMILY
+def test_image_positions_give_each_image_its_tokens_whatever_separates_them(family, loaded):
+    """Idefics3 / SmolVLM frame each tile with <fake_token_around_image><row_i_col_j>, so an image is
+    several runs of image tokens; the counts of common.image_token_boxes assign them."""
     model, proc = loaded(family)
     batch = common.build_inputs(proc, [QUESTION], [IMAGES])
-    spans = common.image_spans(batch["input_ids"], common.image_token_id(model), n_images=[2])[0]
-    assert [e - s for s, e in spans] == IMAGE_TOKENS[family]
+    counts = [len(b) for b in common.image_token_boxes(proc, IMAGES)]
+    positions = common.image_positions(batch["input_ids"], common.image_token_id(model), [counts])[0]
+    assert [len(p) for p in positions] == IMAGE_TOKENS[family]
+    assert positions[0].max() < positions[1].min()
 
 
 # ---- 06: DPO on every family, the fast path exact or visibly off -------------------------------
@@ -308,3 +304,97 @@ def test_06_main_runs_two_steps_and_saves_a_model_07_loads(family, tiny_dirs, pa
     assert meta["args"]["prefix_sharing"] is (family not in PLAIN_ONLY)
     model, proc = common.load_model(out / "final", dtype="float32")
     assert common.generate(model, proc, [QUESTION], [IMAGES], max_new_tokens=3)
+
+
+# ---- 04: the probe and the three formats on every family --------------------------------------
+gp = importlib.import_module("04_gen_pairs")
+
+
+def _eager_response_attention(model_dir, batch, layer, model):
+    """All layers' attentions kept (eager), the probed layer's response rows, heads averaged."""
+    eager, _ = common.load_model(model_dir, dtype="float32", attn_implementation="eager")
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "prompt_lens")}
+    with torch.no_grad():
+        att = [a for a in eager(**inputs, output_attentions=True).attentions if a is not None]
+    att = att[gp.attention_layers(model).index(layer)]  # hybrid models return the attention layers' only
+    pos = (batch["labels"][0] != common.IGNORE_INDEX).nonzero().flatten()
+    return att[0].mean(0)[int(pos[0]) - 1:int(pos[-1])].mean(0)
+
+
+@FAMILY
+def test_04_probe_equals_eager_attentions_and_finds_each_images_tokens(family, loaded, tiny_dirs):  # noqa: F811
+    model, proc = loaded(family)
+    gp.install_probe(model)
+    layer = gp.default_layer(model)
+    boxes = common.image_token_boxes(proc, IMAGES)
+    attn, positions, _, _ = gp.probe_forward(model, proc, [QUESTION], [IMAGES], ["a red one"], layer,
+                                             [[len(b) for b in boxes]])
+    assert [len(p) for p in positions[0]] == IMAGE_TOKENS[family]
+    batch = common.build_inputs(proc, [QUESTION], [IMAGES], answers=["a red one"])
+    ids = batch["input_ids"][0]
+    assert all((ids[p] == common.image_token_id(model)).all() for p in positions[0])
+    ref = _eager_response_attention(tiny_dirs(family), batch, layer, model)
+    assert np.abs(attn[0] - ref.numpy()).max() < 1e-5
+
+
+@pytest.fixture(scope="module")
+def mia_rows(tmp_path_factory):
+    """One sequence, one 1x2 grid and one pic-in-pic row on coloured images, as 01-03 write them."""
+    root = tmp_path_factory.mktemp("mia_rows")
+    red, blue = Image.new("RGB", (64, 48), (200, 30, 30)), Image.new("RGB", (40, 64), (30, 30, 200))
+    red.save(root / "red.png"), blue.save(root / "blue.png")
+    grid = Image.new("RGB", (200, 120), "white")
+    grid.paste(red.resize((90, 90)), (5, 25)), grid.paste(blue.resize((90, 90)), (105, 25))
+    grid.save(root / "grid.png")
+    pip = blue.resize((96, 72))
+    pip.paste(red.resize((48, 36)), (24, 18))
+    pip.save(root / "pip.png")
+    q = "what color is the shape?"
+    rows = {
+        "sequence": {"id": "s", "image": ["red.png", "blue.png"], "mia": {"format": "sequence", "n_images": 2, "target": 2},
+                     "conversations": [{"from": "human", "value": f"Image1:<image>\nImage2:<image>\nIn Image2, {q}"},
+                                       {"from": "gpt", "value": "blue"}]},
+        "grid": {"id": "g", "image": ["grid.png"], "mia": {"format": "grid", "n_images": 2, "target": 1, "size": [200, 120],
+                                                           "cells": [[5, 25, 95, 115], [105, 25, 195, 115]]},
+                 "conversations": [{"from": "human", "value": f"<image>\nIn Image1, {q}"}, {"from": "gpt", "value": "red"}]},
+        "pip": {"id": "p", "image": ["pip.png"], "mia": {"format": "pip", "n_images": 2, "target": 1, "size": [96, 72],
+                                                         "inset": [24, 18, 72, 54]},
+                "conversations": [{"from": "human", "value": f"<image>\nFor the image in the center, {q}"},
+                                  {"from": "gpt", "value": "red"}]},
+    }
+    files = []
+    for name, row in rows.items():
+        common.write_jsonl(root / f"{name}.jsonl", [row])
+        files.append(str(root / f"{name}.jsonl"))
+    return root, files
+
+
+@FAMILY
+def test_04_runs_every_format_and_stores_the_reference_06_would_compute(family, tiny_dirs, mia_rows, tmp_path):  # noqa: F811
+    """The stage end to end: answers, a real ratio for each format (grid cell / inset through the
+    family's views), a heatmap, every wrong answer a pair (thresholds off), and the stored
+    reference log-probs equal to 06's plain forward on the clean images."""
+    if family == "smolvlm":
+        pytest.importorskip("num2words")
+    root, files = mia_rows
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        pairs, cands = gp.main(gp.get_args(
+            ["--data", *files, "--image-root", str(root), "--model", str(tiny_dirs(family)), "--out",
+             str(tmp_path / "pairs.jsonl"), "--max-new-tokens", "4", "--min-ppl", "0", "--viz", "1", "--threads", "1",
+             "--threshold", "sequence=inf", "--threshold", "grid=inf", "--threshold", "pip=inf"]))
+    assert [c["format"] for c in cands] == ["sequence", "grid", "pip"]
+    for c in cands:
+        assert 0 <= c["ratio"] <= 1 and len(c["attn_images"]) == (2 if c["format"] == "sequence" else 1)
+    grid = cands[1]
+    assert 0 < grid["ratio"] < 1  # the two cells share the collage's attention
+    assert len(list((tmp_path / "pairs.viz").glob("*.png"))) == 3
+    assert all(p["ref_model"]["fingerprint"] for p in pairs)
+    # what 04 stores as the reference (common.pair_logps on the clean images) == 06's plain forward
+    model, proc = common.load_model(tiny_dirs(family), dtype="float32")
+    row = {"id": "s", "images": ["red.png", "blue.png"], "prompt": QUESTION, "chosen": "blue", "rejected": "a red one"}
+    ims = [common.load_image(root, x) for x in row["images"]]
+    c, r = common.pair_logps(model, proc, [row["prompt"]], [ims], [row["chosen"]], [row["rejected"]])
+    with torch.no_grad():
+        plain = dpo.concatenated_forward(model, dpo.collate([row], root, proc, "cpu", torch.float32))
+    assert abs(c[0] - float(plain[0][0])) < 1e-4 and abs(r[0] - float(plain[1][0])) < 1e-4

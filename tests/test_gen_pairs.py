@@ -17,8 +17,6 @@ import common
 from common import DataError
 
 gp = importlib.import_module("04_gen_pairs")
-LLAVA15 = {"pad": False, "resize": ("short", 336), "crop": (336, 336)}  # llava-1.5-7b-hf's processor
-TOY = {"pad": False, "resize": ("hw", 64, 64), "crop": None}  # the toy's: squash to 64x64
 
 
 # ---- hand-made 01-03 rows on the tiny toy world (same `mia` records as 01-03 write) ----------
@@ -115,18 +113,20 @@ def test_probe_matches_eager_attentions_in_padded_batch(world, models, layer):
     images = [[common.load_image(world.root, p) for p in it["image"]] for it in items]
     answers = ["red", "the shape is a blue circle on white", "", "green green green", "no", "it is gray"]
     qs = [it["prompt"] for it in items]
-    attn, spans, _, _ = gp.probe_forward(models.probe, models.processor, qs, images, answers, layer)
+    boxes = [common.image_token_boxes(models.processor, ims) for ims in images]
+    attn, positions, _, _ = gp.probe_forward(models.probe, models.processor, qs, images, answers, layer,
+                                             [[len(b) for b in bs] for bs in boxes])
     batch = common.build_inputs(models.processor, qs, images, answers=answers)
     assert len(set(batch["attention_mask"].sum(1).tolist())) > 3  # a padded batch of unequal lengths
     ref = _brute(models, batch, layer)
     assert np.abs(attn - ref).max() < 1e-5
-    geom, patch = gp.processor_geometry(models.processor)
     for b, it in enumerate(items):
-        ratio, masses, _ = gp.row_numbers(it, attn[b], spans[b], [im.size for im in images[b]], geom, patch)
-        ratio_ref, masses_ref, _ = gp.row_numbers(it, ref[b], spans[b], [im.size for im in images[b]], geom, patch)
+        ratio, masses, _ = gp.row_numbers(it, attn[b], positions[b], boxes[b])
+        ratio_ref, masses_ref, _ = gp.row_numbers(it, ref[b], positions[b], boxes[b])
         assert len(masses) == len(it["image"])
         assert np.allclose(masses, masses_ref, atol=1e-5) and abs(ratio - ratio_ref) < 1e-5
-        sums = [float(ref[b][s:e].sum()) for s, e in spans[b]]  # per-image share straight from the eager rows
+        spans = common.image_spans(batch["input_ids"][b:b + 1], common.image_token_id(models.probe))[0]
+        sums = [float(ref[b][s:e].sum()) for s, e in spans]  # per-image share straight from the eager rows
         assert np.allclose(masses, sums, atol=1e-5)
 
 
@@ -176,17 +176,17 @@ def test_llava15_geometry_probe_and_stage_unchanged(world, llava_shaped, tmp_pat
     model, processor = common.load_model(llava_shaped)
     gp.install_probe(model)
     eager, _ = common.load_model(llava_shaped, attn_implementation="eager")
-    assert gp.processor_geometry(processor) == (LLAVA15, 14)
     items = _items(world, [("grid", 0), ("sequence", 1), ("pip", 1)])
     images = [[common.load_image(world.root, p) for p in it["image"]] for it in items]
     qs, answers = [it["prompt"] for it in items], ["a b c", "red", ""]
-    attn, spans, _, _ = gp.probe_forward(model, processor, qs, images, answers, 1)
-    assert [[e - s for s, e in sp] for sp in spans] == [[576], [576] * 3, [576]]
+    boxes = [common.image_token_boxes(processor, ims) for ims in images]
+    attn, positions, _, _ = gp.probe_forward(model, processor, qs, images, answers, 1, [[len(b) for b in bs] for bs in boxes])
+    assert [[len(p) for p in ps] for ps in positions] == [[576], [576] * 3, [576]]
     ref = _brute(SimpleNamespace(eager=eager), common.build_inputs(processor, qs, images, answers=answers), 1)
     assert np.abs(attn - ref).max() < 1e-5
-    ratio, _, maps = gp.row_numbers(items[0], attn[0], spans[0], [images[0][0].size], LLAVA15, 14)
-    w = gp.box_weights(items[0]["mia"]["cells"][items[0]["target"] - 1], images[0][0].size, LLAVA15, 14)
-    assert maps[0].shape == (24, 24) and math.isclose(ratio, float((maps[0] * w).sum() / maps[0].sum()))
+    ratio, _, maps = gp.row_numbers(items[0], attn[0], positions[0], boxes[0])
+    w = gp.box_weights(boxes[0][0], items[0]["mia"]["cells"][items[0]["target"] - 1])
+    assert maps[0].shape == (576,) and math.isclose(ratio, float((maps[0] * w).sum() / maps[0].sum()))
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         pairs, cands = gp.main(gp.get_args([*_argv(world, tmp_path / "pairs.jsonl"), "--model", str(llava_shaped),
@@ -194,48 +194,53 @@ def test_llava15_geometry_probe_and_stage_unchanged(world, llava_shaped, tmp_pat
     assert len(cands) == 6 and all(c["ppl"] for c in cands) and {c["format"] for c in cands} == {"sequence", "grid", "pip"}
 
 
-# ---- geometry: pixel boxes -> visual-token grid ---------------------------------------------
-def test_token_affine_hand_cases():
-    (sx, sy, ox, oy), grid = gp.token_affine((936, 488), TOY, 8)
-    assert grid == (8, 8) and (ox, oy) == (0, 0) and math.isclose(sx, 64 / 936) and math.isclose(sy, 64 / 488)
-    (sx, sy, ox, oy), grid = gp.token_affine((936, 488), LLAVA15, 14)  # 336 x 644, crop 154 px off the left
-    assert grid == (24, 24) and (ox, oy) == (-154, 0) and math.isclose(sx, 644 / 936) and math.isclose(sy, 336 / 488)
-    (_, _, ox, oy), _ = gp.token_affine((100, 50), {"pad": True, "resize": ("hw", 10, 10), "crop": None}, 5)
-    assert (ox, oy) == (0, 2.5)  # padded to 100x100 (25 px on top), scaled by 0.1
-
-
-def test_box_weights_hand_case():
-    w = gp.box_weights((0, 40, 448, 488), (936, 488), TOY, 8)
-    x1 = 448 * 64 / 936  # 30.63 px -> 3 full columns and 0.83 of the 4th
+# ---- geometry: a grid cell or inset -> each visual token's share of it ---------------------
+def test_box_weights_hand_case(world):
+    """The toy squashes any image to 64x64 and cuts 8-px patches: a 936x488 collage's tokens see
+    936/8 x 488/8 original pixels each; the 1x2 collage's left cell (0, 40, 448, 488) covers three
+    columns, 0.83 of the 4th (448 px = 30.63 processed px), and 0.34 of the top row (the label strip)."""
+    proc = common.load_processor(world.model)
+    (boxes,) = common.image_token_boxes(proc, [Image.new("RGB", (936, 488))])
+    w = gp.box_weights(boxes, (0, 40, 448, 488)).reshape(8, 8)
+    x1 = 448 * 64 / 936
     assert np.allclose(w[3, :], [1, 1, 1, (x1 - 24) / 8, 0, 0, 0, 0])
     assert np.allclose(w[:, 0], [(8 - 40 * 64 / 488) / 8] + [1] * 7)
-    assert gp.box_weights((0, 0, 936, 488), (936, 488), TOY, 8).sum() == 64
+    assert gp.box_weights(boxes, (0, 0, 936, 488)).sum() == 64
+    assert gp.box_weights(np.full((2, 4), np.nan), (0, 0, 9, 9)).tolist() == [0, 0]  # newline tokens see nothing
 
 
-@pytest.mark.parametrize("geom,patch,size,box", [
-    (TOY, 8, (936, 976), (488, 528, 936, 976)),  # 2x2 grid, cell 4
-    (LLAVA15, 14, (936, 488), (488, 40, 936, 488)),  # 1x2 grid, cell 2, centre-cropped
-    (LLAVA15, 14, (640, 480), (96, 72, 544, 408)),  # pic-in-pic inset
-    ({"pad": True, "resize": ("hw", 336, 336), "crop": None}, 14, (936, 488), (488, 40, 936, 488)),  # LLaVA pad-to-square
+@pytest.mark.parametrize("kind,size,box", [
+    ("toy", (936, 976), (488, 528, 936, 976)),  # 2x2 grid, cell 4
+    ("llava15", (936, 488), (488, 40, 936, 488)),  # 1x2 grid, cell 2, centre-cropped
+    ("llava15", (640, 480), (96, 72, 544, 408)),  # pic-in-pic inset
+    ("pad", (936, 488), (488, 40, 936, 488)),  # LLaVA pad-to-square
 ])
-def test_box_weights_match_the_real_image_processor(geom, patch, size, box):
-    """Paint the box white on black, run transformers' image processor, compare per-patch brightness."""
+def test_box_weights_match_the_real_image_processor(world, kind, size, box):
+    """Paint the box white on black, run transformers' image processor, compare per-patch brightness
+    with each token's share of the box (common.image_token_boxes + box_weights)."""
+    from transformers import LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-    size_kw = {"shortest_edge": geom["resize"][1]} if geom["resize"][0] == "short" else \
-        {"height": geom["resize"][1], "width": geom["resize"][2]}
-    kw = dict(size=size_kw, do_center_crop=geom["crop"] is not None, do_normalize=False,
-              crop_size={"height": 336, "width": 336} if geom["crop"] else None)
-    ip = LlavaImageProcessorPil(do_pad=True, image_mean=[0, 0, 0], **kw) if geom["pad"] else CLIPImageProcessorPil(**kw)
+    patch = {"toy": 8, "llava15": 14, "pad": 14}[kind]
+    if kind == "toy":
+        ip = CLIPImageProcessorPil(size={"height": 64, "width": 64}, do_center_crop=False, do_normalize=False)
+    elif kind == "llava15":
+        ip = CLIPImageProcessorPil(size={"shortest_edge": 336}, do_center_crop=True, crop_size={"height": 336, "width": 336},
+                                   do_normalize=False)
+    else:
+        ip = LlavaImageProcessorPil(do_pad=True, image_mean=[0, 0, 0], size={"height": 336, "width": 336},
+                                    do_center_crop=False, do_normalize=False)
+    proc = LlavaProcessor(image_processor=ip, tokenizer=common.load_processor(world.model).tokenizer, patch_size=patch,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
     im = Image.new("RGB", size, "black")
     im.paste((255, 255, 255), box)
     px = ip(images=[im], return_tensors="pt")["pixel_values"][0, 0].numpy()  # (H, W) in [0, 1]
-    assert gp.processor_geometry(SimpleNamespace(image_processor=ip, patch_size=patch)) == (geom, patch)
     gh, gw = px.shape[0] // patch, px.shape[1] // patch
     bright = px[:gh * patch, :gw * patch].reshape(gh, patch, gw, patch).mean(axis=(1, 3))
-    w = gp.box_weights(box, size, geom, patch)
-    assert w.shape == bright.shape and np.abs(w - bright).max() < 0.12  # resampling blurs the edges a little
+    (boxes,) = common.image_token_boxes(proc, [im])
+    w = gp.box_weights(boxes, box).reshape(gh, gw)
+    assert np.abs(w - bright).max() < 0.12  # resampling blurs the edges a little
     assert abs(w.sum() - bright.sum()) / w.sum() < 0.02
 
 

@@ -7,7 +7,7 @@
    read where the model puts them: the language model's inputs_embeds at image-token positions.
    The processors resample NEAREST here, so a box is sharp to a pixel at any scale (the boxes do
    not depend on the filter). This checks boxes AND order;
-3. a hand-worked llava-1.5 case, and 04_gen_pairs' token_affine for llava and the toy model.
+3. a hand-worked llava-1.5 case, and the LLaVA-only affine map 04 used before, for llava and the toy model.
 """
 import copy
 import importlib
@@ -233,29 +233,85 @@ def test_llava15_clip_resize_and_centre_crop_of_a_936x488_collage(loaded):
     np.testing.assert_allclose(b[1, 0], b[0, 2])  # row-major: token 1 is right of token 0
 
 
-def gen_pairs_boxes(gp, proc, size):
-    """04_gen_pairs' token_affine grid as (n, 4) boxes, row-major."""
-    geom, patch = gp.processor_geometry(proc)
-    (sx, sy, ox, oy), (gh, gw) = gp.token_affine(size, geom, patch)
+# ---- an independent reference: the LLaVA-only affine map 04_gen_pairs used before image_token_boxes ----
+def _affine_geometry(processor):
+    """The CLIP/LLaVA image processor's pad / resize / crop as `geom`, and the patch size."""
+    ip = processor.image_processor
+    get = lambda d, k: (d.get(k) if isinstance(d, dict) else getattr(d, k, None)) if d is not None else None  # noqa: E731
+    size = ip.size
+    resize = ("short", int(get(size, "shortest_edge"))) if get(size, "shortest_edge") else \
+        ("hw", int(get(size, "height")), int(get(size, "width")))
+    crop = getattr(ip, "crop_size", None)
+    crop = (int(get(crop, "height")), int(get(crop, "width"))) if getattr(ip, "do_center_crop", False) and crop else None
+    return {"pad": bool(getattr(ip, "do_pad", False)), "resize": resize, "crop": crop}, int(processor.patch_size)
+
+
+def _affine_token_affine(image_size, geom, patch):
+    """Original pixel (x, y) -> processed pixel (x * sx + ox, y * sy + oy), and the token grid.
+
+    geom: {"pad": bool, "resize": ("hw", H, W) | ("short", S) | None, "crop": (h, w) | None}, the
+    CLIP/LLaVA image processors' pad-to-square (centred), resize, centre crop, in that order.
+    returns ((sx, sy, ox, oy), (grid_h, grid_w)).
+    toy (squash 64x64, patch 8), 936x488 collage -> ((0.0684, 0.1311, 0, 0), (8, 8))
+    llava-1.5 (short 336, crop 336, patch 14), 936x488 -> resized 644x336, crop left 154:
+        ((0.688, 0.688, -154, 0), (24, 24))
+    """
+    W, H = image_size
+    ox = oy = 0.0
+    if geom["pad"] and W != H:
+        M = max(W, H)
+        ox, oy, W, H = (M - W) // 2, (M - H) // 2, M, M
+    kind = geom["resize"]
+    if kind is None:
+        nw, nh = W, H
+    elif kind[0] == "hw":
+        nh, nw = kind[1], kind[2]
+    else:  # shortest edge -> S, long edge int(S * long / short), as transformers computes it
+        s = kind[1]
+        nw, nh = (s, int(s * H / W)) if W <= H else (int(s * W / H), s)
+    sx, sy = nw / W, nh / H
+    ox, oy = ox * sx, oy * sy
+    if geom["crop"] is not None:
+        ch, cw = geom["crop"]
+        top = (nh - ch) // 2 if nh >= ch else -math.ceil((ch - nh) / 2)
+        left = (nw - cw) // 2 if nw >= cw else -math.ceil((cw - nw) / 2)
+        ox, oy, nw, nh = ox - left, oy - top, cw, ch
+    return (sx, sy, ox, oy), (nh // patch, nw // patch)
+
+
+def _affine_box_weights(box, image_size, geom, patch):
+    """Pixel box of the original image -> (grid_h, grid_w) share of each token's patch inside it.
+    toy: the 1x2 collage's left cell (0, 40, 448, 488) of 936x488 -> columns 1, 1, 1, 0.83, 0, ...;
+    rows 0.34 (the label strip), then 1."""
+    (sx, sy, ox, oy), (gh, gw) = _affine_token_affine(image_size, geom, patch)
+    x0, y0, x1, y1 = box
+
+    def cover(a, b, n):  # (n,) overlap of [a, b) with each patch [k p, (k+1) p), as a fraction of p
+        k = np.arange(n) * patch
+        return np.clip(np.minimum(b, k + patch) - np.maximum(a, k), 0, patch) / patch
+
+    return np.outer(cover(y0 * sy + oy, y1 * sy + oy, gh), cover(x0 * sx + ox, x1 * sx + ox, gw))
+
+
+def affine_boxes(proc, size):
+    """The affine map's token grid as (n, 4) boxes, row-major."""
+    geom, patch = _affine_geometry(proc)
+    (sx, sy, ox, oy), (gh, gw) = _affine_token_affine(size, geom, patch)
     r, c = np.divmod(np.arange(gh * gw), gw)
     return np.stack([(c * patch - ox) / sx, (r * patch - oy) / sy, ((c + 1) * patch - ox) / sx,
                      ((r + 1) * patch - oy) / sy], axis=1)
 
 
 @pytest.mark.parametrize("which", ["llava", "toy"])
-def test_the_same_boxes_as_04_gen_pairs_token_affine(which, loaded):
+def test_the_same_boxes_and_weights_as_the_affine_map(which, loaded):
     gp = importlib.import_module("04_gen_pairs")
     toy = Path(common.__file__).parent / "checkpoints" / "toy-llava"
     proc = loaded("llava")[1] if which == "llava" else common.load_processor(toy)
     sizes = [(936, 488), (64, 64)]
     boxes = common.image_token_boxes(proc, [noise(*s) for s in sizes])
     for b, size in zip(boxes, sizes):
-        np.testing.assert_allclose(b, gen_pairs_boxes(gp, proc, size), atol=1e-9)
-    # 04's box_weights (a token's share inside a pixel box) agrees with the boxes, e.g. the left half
-    geom, patch = gp.processor_geometry(proc)
-    w = gp.box_weights((0, 40, 448, 488), sizes[0], geom, patch).reshape(-1)
-    b = boxes[0]
-    share = (np.clip(np.minimum(b[:, 2], 448) - np.maximum(b[:, 0], 0), 0, None) / (b[:, 2] - b[:, 0])
-             * np.clip(np.minimum(b[:, 3], 488) - np.maximum(b[:, 1], 40), 0, None) / (b[:, 3] - b[:, 1]))
-    np.testing.assert_allclose(w, share, atol=1e-9)
-    assert math.isclose(float(w.sum()), float(share.sum()))
+        np.testing.assert_allclose(b, affine_boxes(proc, size), atol=1e-9)
+    # a token's share inside a pixel box: 04's box_weights on the boxes == the affine map's cover
+    geom, patch = _affine_geometry(proc)
+    want = _affine_box_weights((0, 40, 448, 488), sizes[0], geom, patch).reshape(-1)
+    np.testing.assert_allclose(gp.box_weights(boxes[0], (0, 40, 448, 488)), want, atol=1e-9)
