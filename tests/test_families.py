@@ -398,3 +398,28 @@ def test_04_runs_every_format_and_stores_the_reference_06_would_compute(family, 
     with torch.no_grad():
         plain = dpo.concatenated_forward(model, dpo.collate([row], root, proc, "cpu", torch.float32))
     assert abs(c[0] - float(plain[0][0])) < 1e-4 and abs(r[0] - float(plain[1][0])) < 1e-4
+
+
+# ---- 07: answers and scores on every family ----------------------------------------------------
+ev = importlib.import_module("07_eval")
+
+
+@FAMILY
+def test_07_answers_scores_and_pair_logps(family, tiny_dirs, mia_rows, tmp_path):  # noqa: F811
+    """07 with the family's own prompts: every question answered and scored into its group, a
+    random model's mistakes scored as held-out pairs by a second model (the same checkpoint)."""
+    if family == "smolvlm":
+        pytest.importorskip("num2words")
+    root, files = mia_rows
+    out = tmp_path / "eval"
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev.main(ev.get_args(["--model", f"a={tiny_dirs(family)}", "--model", f"b={tiny_dirs(family)}", "--data", *files,
+                             "--image-root", str(root), "--out", str(out), "--max-new-tokens", "4", "--threads", "1"]))
+    report = json.loads((out / "report.json").read_text())
+    answers = [json.loads(line) for line in (out / "answers-a.jsonl").read_text().splitlines()]
+    assert len(answers) == 3 and {a["group"] for a in answers} == set(report["a"]["groups"]) - {"multi-image"}
+    assert report["a"]["groups"] == report["b"]["groups"]  # the same weights answer the same
+    pairs = report["a"].get("pairs")
+    if pairs:  # a's mistakes, scored by both: the same log-probs, so no change against a
+        assert report["b"]["pairs"]["all"]["n"] == pairs["all"]["n"]
+        assert abs(report["b"]["pairs"]["all"]["chosen_change"]) < 1e-4
