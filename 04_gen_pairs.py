@@ -442,13 +442,15 @@ def main(args):
     t0 = time.time()
     common.set_threads(args.threads)
     items = load_items(args)
-    model, processor = common.load_model(args.model, dtype=args.dtype, device=args.device)
+    model, processor = common.load_model(args.model, dtype=args.dtype, device=args.device,
+                                         max_image_tokens=args.max_image_tokens)
     install_probe(model)
     layer = default_layer(model) if args.layer is None else args.layer
     if layer not in attention_layers(model):
         raise SystemExit(f"04_gen_pairs: --layer {layer} is not a softmax-attention layer of this model "
                          f"(those are {attention_layers(model)})")
-    ref_model = {"path": str(args.model), "fingerprint": common.model_fingerprint(model)}
+    ref_model = {"path": str(args.model), "fingerprint": common.model_fingerprint(model),
+                 "image_settings": common.image_settings_id(processor)}  # 06 refuses other image settings
     viz_ids = {it["id"] for f in FORMATS for it in [x for x in items if x["format"] == f][:args.viz]}
     ctx = {"layer": layer, "boxes": {}, "thresholds": args.thresholds, "ref_model": ref_model,
            "viz_ids": viz_ids}
@@ -473,7 +475,7 @@ def main(args):
 def resume_config(args, layer, ref_model):
     """Everything the output depends on; a .partial left with other settings is refused."""
     keys = ("image_root", "batch_size", "max_new_tokens", "seed", "limit", "shard", "num_shards", "no_noise",
-            "grid_noise", "pip_noise", "min_ppl", "thresholds", "dtype")
+            "grid_noise", "pip_noise", "min_ppl", "thresholds", "dtype", "max_image_tokens")
     cfg = {"data": [[str(p), os.path.getsize(p), os.path.getmtime(p)] for p in args.data], "ref_model": ref_model,
            "layer": layer, **{k: getattr(args, k) for k in keys}}
     return json.loads(json.dumps(cfg, default=str))  # as it reads back from the file
@@ -547,6 +549,7 @@ def get_args(argv=None):
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--dtype", default="auto", choices=common.DTYPES)
     s.add_argument("--device", default="cpu")
+    common.add_max_image_tokens_flag(s)
     common.add_threads_flag(s)
     s.add_argument("--shard", type=int, default=0, help="this process's shard (rows by a hash of their id)")
     s.add_argument("--num-shards", type=int, default=1)

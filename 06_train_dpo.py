@@ -375,7 +375,8 @@ def _pair(row, images):
             "rejected": row["rejected"], "format": str(mia.get("format", "unknown")),
             "n_images": int(mia.get("n_images", len(images))),
             "ref": (row["ref_chosen_logps"], row["ref_rejected_logps"]) if stored else None,
-            "ref_fingerprint": row["ref_model"]["fingerprint"] if stored else None}
+            "ref_fingerprint": row["ref_model"]["fingerprint"] if stored else None,
+            "ref_images": row["ref_model"].get("image_settings") if stored else None}
 
 
 def _tokens_per_image(processor, size):
@@ -388,8 +389,9 @@ def _tokens_per_image(processor, size):
 
 
 # ---- policy and reference ----------------------------------------------------------------------
-def pick_reference(pairs, mode, fingerprint, lora):
-    """-> "stored" | "adapters-disabled" | "frozen-copy", or SystemExit saying why not."""
+def pick_reference(pairs, mode, fingerprint, lora, image_settings=None):
+    """-> "stored" | "adapters-disabled" | "frozen-copy", or SystemExit saying why not: stored
+    log-probs are used only when the same weights AND the same image settings computed them."""
     live = "adapters-disabled" if lora else "frozen-copy"
     stored = [p["ref"] is not None for p in pairs]
     if mode == "recompute" or (mode == "auto" and not any(stored)):
@@ -402,6 +404,11 @@ def pick_reference(pairs, mode, fingerprint, lora):
         raise SystemExit(f"06_train_dpo: the pairs' reference log-probs come from model(s) {sorted(other)}, "
                          f"not the loaded model ({fingerprint}); they would be wrong here. Pass "
                          f"--ref-logps recompute to compute the reference with this model.")
+    other = {p["ref_images"] for p in pairs if p["ref_images"]} - {image_settings}
+    if image_settings and other:
+        raise SystemExit(f"06_train_dpo: the pairs' reference log-probs were computed with other image settings "
+                         f"({sorted(other)}, not {image_settings}: e.g. another --max-image-tokens); give 06 the "
+                         f"--max-image-tokens 04 had, or pass --ref-logps recompute")
     return "stored"
 
 
@@ -583,13 +590,14 @@ def build_run(args, rank, world, device):
     """Model, pairs, reference, policy, scorers, optimizer and schedule for `args` -> Run."""
     import torch
 
-    model, processor = common.load_model(args.model, dtype=args.dtype, device=device)
+    model, processor = common.load_model(args.model, dtype=args.dtype, device=device,
+                                         max_image_tokens=args.max_image_tokens)
     fingerprint = common.model_fingerprint(model)  # of the base model, before any adapter
     pairs, skips = load_pairs(args.pairs, args.image_root, processor, args.max_length, args.on_error)
     global_batch = args.batch_size * args.grad_accum * world
     if len(pairs) < global_batch:
         raise SystemExit(f"06_train_dpo: {len(pairs)} usable pairs, fewer than one global batch ({global_batch})")
-    reference = pick_reference(pairs, args.ref_logps, fingerprint, args.lora_r > 0)
+    reference = pick_reference(pairs, args.ref_logps, fingerprint, args.lora_r > 0, common.image_settings_id(processor))
     policy, frozen = prepare_policy(model, args, reference)
     why = fast_path_blocker(model, collate(pairs[:1], args.image_root, processor, device, model.dtype))
     if why and (args.prefix_sharing or args.encode_images_once):
@@ -929,6 +937,7 @@ def get_args(argv=None):
     g = p.add_argument_group("system")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    common.add_max_image_tokens_flag(g)
     common.add_threads_flag(g)
     g.add_argument("--save-every", type=int, help=f"checkpoint every N steps (and at the end); 0: never {recipe}")
     g.add_argument("--resume", default=None, help="checkpoint folder, or 'auto' for OUT's latest")

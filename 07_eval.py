@@ -357,7 +357,8 @@ def main(args):
     for name, path in models.items():
         t = time.time()
         model_dir, adapter = resolve_model(path)
-        model, proc = common.load_model(model_dir, dtype=args.dtype, device=args.device, adapter=adapter)
+        model, proc = common.load_model(model_dir, dtype=args.dtype, device=args.device, adapter=adapter,
+                                        max_image_tokens=args.max_image_tokens)
         records, configs[name] = answer_all(name, path, model, proc, questions, args)
         report[name] = {"model": str(path), "groups": summarise(records)}
         if args.pairs:
@@ -402,6 +403,7 @@ def get_args(argv=None):
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--dtype", default="auto", choices=common.DTYPES)
     s.add_argument("--device", default="cpu")
+    common.add_max_image_tokens_flag(s)
     common.add_threads_flag(s)
     args = p.parse_args(argv)
     if not args.model:

@@ -4,7 +4,8 @@ common.py — plumbing shared by the MIA-DPO stages (no method logic lives here)
   data   : read_rows (LLaVA JSON list or JSONL, errors name file/line/field), Skips,
            atomic_write / write_jsonl / write_sidecar, row_rng
   images : load_image (EXIF orientation, any mode -> RGB, errors name the path)
-  model  : load_model (local HF checkpoint, offline), image_token_id, model_fingerprint
+  model  : load_model (local HF checkpoint, offline), image_token_id, model_fingerprint,
+           cap_image_tokens / image_settings_id (the visual-token budget and its record)
   prompts: image_placeholder / render_prompt / render_pair (the family's own chat template: its
            image item in place of each <image>, the answer turn up to its end-of-turn token),
            build_inputs (questions [+ answers] + images -> padded batch with labels)
@@ -29,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -447,6 +449,12 @@ def add_threads_flag(group):
     group.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, one per core)")
 
 
+def add_max_image_tokens_flag(group):
+    group.add_argument("--max-image-tokens", type=int, metavar="N",
+                       help="cap every image at N visual tokens with the processor's own resolution setting "
+                            "(Qwen max_pixels, tiles, anyres grids; common.cap_image_tokens); give 04, 06 and 07 the same")
+
+
 def set_threads(n):
     """--threads: torch's intra-op threads for this process (0 leaves torch's default)."""
     if n:
@@ -509,13 +517,14 @@ def _to_rgb(im):
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def load_model(path, dtype="auto", device="cpu", attn_implementation=None, adapter=None):
+def load_model(path, dtype="auto", device="cpu", attn_implementation=None, adapter=None, max_image_tokens=None):
     """Load an image-text-to-text checkpoint and its processor from a LOCAL directory.
 
     Never downloads: `path` must be a directory holding `config.json` (as `save_pretrained` or
     `huggingface-cli download` leave it). `dtype`: one of DTYPES ("auto" = the checkpoint's).
     `attn_implementation`: "eager", "sdpa", "flash_attention_2" or None (transformers' default).
     `adapter`: a LoRA adapter directory (06's OUT/adapter), merged into the weights on load.
+    `max_image_tokens`: cap_image_tokens(processor, N), the same cap for 04, 06 and 07 (--max-image-tokens).
     """
     import torch
     from transformers import AutoModelForImageTextToText
@@ -540,6 +549,8 @@ def load_model(path, dtype="auto", device="cpu", attn_implementation=None, adapt
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     model = model.to(device).eval()
     processor = load_processor(path)
+    if max_image_tokens:
+        cap_image_tokens(processor, max_image_tokens)
     return model, processor
 
 
@@ -630,6 +641,74 @@ def load_processor(path):
     processor.__init__(*parts, **{k: v for k, v in settings.items() if k in accepted})
     del processor.check_argument_for_proper_class
     return processor
+
+
+def cap_image_tokens(processor, n):
+    """Set the processor's own resolution setting so that no image becomes more than `n` visual
+    tokens -> {setting: new value}. The knob is the family's: Qwen's max_pixels (size.longest_edge),
+    InternVL's max_patches, Idefics3 / SmolVLM's tile size (size.longest_edge), LLaVA-NeXT /
+    OneVision's image_grid_pinpoints (those whose tiles fit), Gemma 4's max_soft_tokens. Families
+    with a fixed count (LLaVA-1.5 576, Gemma 3 256) are left as they are when it fits. Checked on
+    large probe images of three shapes: a cap the processor cannot meet raises, naming it.
+      cap_image_tokens(qwen2_5_vl_processor, 1024)  ->  {"size.longest_edge": 802816}  (1024 x 28 x 28)
+    """
+    from PIL import Image
+
+    ip, name, set_ = processor.image_processor, type(processor).__name__, {}
+    size = dict(getattr(ip, "size", None) or {})
+    before = {"size.longest_edge": size.get("longest_edge"), "max_soft_tokens": getattr(ip, "max_soft_tokens", None),
+              "max_patches": getattr(ip, "max_patches", None),
+              "image_grid_pinpoints": getattr(ip, "image_grid_pinpoints", None)}
+
+    def emitted(w, h):
+        return _emitted_image_tokens(processor, [Image.new("RGB", (w, h))])[0]
+
+    if hasattr(ip, "merge_size") and "longest_edge" in size:  # Qwen2/2.5/3-VL, Qwen3.5: area in pixels
+        unit = (ip.patch_size * ip.merge_size) ** 2
+        size["longest_edge"] = max(n * unit, size.get("shortest_edge", 0))
+        set_["size.longest_edge"] = size["longest_edge"]
+        ip.size = size
+        if hasattr(ip, "max_pixels"):
+            ip.max_pixels = size["longest_edge"]
+    elif hasattr(ip, "max_soft_tokens"):  # Gemma 4
+        allowed = [t for t in (70, 140, 280, 560, 1120) if t <= n]
+        if not allowed:
+            raise ValueError(f"{name}: at least 70 visual tokens per image; cannot cap at {n}")
+        ip.max_soft_tokens = set_["max_soft_tokens"] = allowed[-1]
+    elif hasattr(ip, "max_patches"):  # InternVL: tiles of `size`, plus a thumbnail when tiled
+        per_tile = emitted(size["width"], size["height"])
+        ip.max_patches = set_["max_patches"] = max(1, n // per_tile - 1)
+    elif getattr(ip, "do_image_splitting", False):  # Idefics3 / SmolVLM: tiles of max_image_size + a global view
+        tile = ip.max_image_size["longest_edge"]
+        per_tile = emitted(tile, tile)
+        k = int(math.isqrt(max(0, n // per_tile - 1)))  # k x k tiles + the global view
+        size["longest_edge"] = max(tile, k * tile)
+        ip.size = size
+        set_["size.longest_edge"] = size["longest_edge"]
+    elif getattr(ip, "image_grid_pinpoints", None):  # LLaVA-NeXT / OneVision: the grids whose tokens fit
+        fits = [pp for pp in ip.image_grid_pinpoints if emitted(pp[1], pp[0]) <= n]
+        if not fits:
+            raise ValueError(f"{name}: even its smallest anyres grid gives more than {n} visual tokens")
+        ip.image_grid_pinpoints = set_["image_grid_pinpoints"] = fits
+        if hasattr(processor, "image_grid_pinpoints"):
+            processor.image_grid_pinpoints = fits
+    set_ = {k: v for k, v in set_.items() if v != before.get(k)}  # what really changed
+    for w, h in ((4000, 3000), (3000, 4000), (4000, 4000)):
+        got = emitted(w, h)
+        if got > n:
+            raise ValueError(f"{name}: a {w}x{h} image still gives {got} visual tokens, more than the cap {n}"
+                             + ("" if set_ else " (its count is fixed)"))
+    return set_
+
+
+def image_settings_id(processor):
+    """A short hash of every image-processing setting (resolution caps included): stored with the
+    reference log-probs (04) so that 06 can refuse ones computed with other image settings, which
+    the weights' fingerprint cannot see."""
+    d = processor.image_processor.to_dict()
+    extra = {k: getattr(processor, k, None) for k in ("image_grid_pinpoints", "num_image_tokens", "image_seq_len")}
+    text = json.dumps({"image_processor": d, **extra}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def model_fingerprint(model):

@@ -404,6 +404,7 @@ def test_04_runs_every_format_and_stores_the_reference_06_would_compute(family, 
 ev = importlib.import_module("07_eval")
 
 
+@pytest.mark.slow
 @FAMILY
 def test_07_answers_scores_and_pair_logps(family, tiny_dirs, mia_rows, tmp_path):  # noqa: F811
     """07 with the family's own prompts: every question answered and scored into its group, a
@@ -423,3 +424,28 @@ def test_07_answers_scores_and_pair_logps(family, tiny_dirs, mia_rows, tmp_path)
     if pairs:  # a's mistakes, scored by both: the same log-probs, so no change against a
         assert report["b"]["pairs"]["all"]["n"] == pairs["all"]["n"]
         assert abs(report["b"]["pairs"]["all"]["chosen_change"]) < 1e-4
+
+
+# ---- the visual-token budget ---------------------------------------------------------------------
+CAPS = {"llava": 4, "llava_next": 24, "llava_onevision": 12, "qwen2_vl": 4, "qwen2_5_vl": 4, "qwen3_vl": 4,
+        "qwen3_5": 4, "internvl": 20, "gemma3": 4, "gemma4": 70, "idefics3": 12, "smolvlm": 12}
+
+
+@pytest.mark.slow
+@FAMILY
+def test_cap_image_tokens_uses_the_familys_own_setting_and_is_recorded(family, tiny_dirs):  # noqa: F811
+    """A large image stays within the cap, through the processor itself; the geometry still matches
+    what the processor emits; the settings' record changes exactly when a setting did."""
+    if family == "smolvlm":
+        pytest.importorskip("num2words")
+    proc = common.load_processor(tiny_dirs(family))
+    big = Image.new("RGB", (1000, 700), (90, 90, 90))
+    before, record = common._emitted_image_tokens(proc, [big])[0], common.image_settings_id(proc)
+    changed = common.cap_image_tokens(proc, CAPS[family])
+    (boxes,) = common.image_token_boxes(proc, [big])
+    assert len(boxes) <= CAPS[family] and len(boxes) <= before
+    assert (common.image_settings_id(proc) != record) == bool(changed)
+    if family in ("qwen2_5_vl", "internvl", "idefics3", "llava_onevision"):  # dynamic resolution: really capped
+        assert changed and len(boxes) < before
+    with pytest.raises(ValueError, match=type(proc).__name__):
+        common.cap_image_tokens(common.load_processor(tiny_dirs(family)), 0)

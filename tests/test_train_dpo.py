@@ -406,3 +406,14 @@ def test_recipe_toy_for_a_toy_model_paper_for_any_other_and_flags_win(toy, tmp_p
     run_main(toy, tmp_path / "run", "--max-steps", "1")
     meta = sidecar(tmp_path / "run")
     assert meta["args"]["recipe"] == "paper" and meta["args"]["lr"] == 5e-5
+
+
+def test_stored_reference_refused_when_the_image_settings_differ():
+    """The weights' fingerprint cannot see a changed --max-image-tokens: the settings' record can."""
+    pairs = [{"ref": (-1.0, -2.0), "ref_fingerprint": "f", "ref_images": "settings-a"}]
+    assert dpo.pick_reference(pairs, "auto", "f", True, "settings-a") == "stored"
+    with pytest.raises(SystemExit, match="other image settings"):
+        dpo.pick_reference(pairs, "auto", "f", True, "settings-b")
+    assert dpo.pick_reference(pairs, "recompute", "f", True, "settings-b") == "adapters-disabled"
+    old = [{"ref": (-1.0, -2.0), "ref_fingerprint": "f", "ref_images": None}]  # pairs 04 wrote before the record
+    assert dpo.pick_reference(old, "auto", "f", True, "settings-b") == "stored"
