@@ -1,7 +1,8 @@
 """
 07_eval.py — stage 7: score models on multi-image and single-image questions, side by side.
 in : one or more local models + JSON/JSONL question files + image root
-out: OUT/report.json (+ .meta.json), OUT/answers-<name>.jsonl (every answer, for reading)
+out: OUT/report.json (+ .meta.json), OUT/answers-<name>.jsonl (every answer, for reading),
+     OUT/mass-<name>.jsonl (where each question's probability at the answer goes)
   bash 07_eval.sh                      # toy: base vs DPO on the held-out benchmark (builds it first)
   python 07_eval.py --model base=models/toy-llava --model dpo=out/dpo-toy \\
       --data data/toy/heldout.json data/toy/eval-heldout/*.jsonl --scenes data/toy/heldout.json
@@ -23,6 +24,25 @@ rows, or any row once `--scenes` maps each image path to its attributes):
 - element interference: the answer is a different attribute of an image in the prompt
   (asked the shape's colour, answered a background colour);
 - other: anything else (a colour in no image, an empty or malformed answer).
+An answer naming several attributes ("a red shape on gray", read against the gold's wording) is
+element interference when each attribute is right for SOME image of the prompt but they come from
+different images or sit in another attribute's slot, sequence confusion when all describe one other
+image (hallucination_type_multi). The toy world has no such answers yet.
+
+Where the probability goes (`--mass`, on by default; toy rows with one-word answers): for each
+model and question, ONE teacher-forced forward on the prompt the model answers from gives the
+next-token distribution at the first answer position (LM head at that position only), normalised
+over the full vocabulary. It is split into the truth, the asked attribute of the prompt's OTHER
+images (sequence-confusion mass), the prompt's other attribute values among the answer words
+(element-interference mass: background colours when asked the shape's colour), answer words in
+no image, and the rest (mass_split); `vocab` is the mass on all answer words. The answer words are
+every value the asked attributes take in the --scenes files. In the committed toy world each one
+is ONE token, so this is each answer's exact probability of being the answer's first word; a word
+of several tokens costs one more forward per question, with its exact probability as the product
+over its tokens (non-canonical tokenizations of the same word are not counted); words whose tokens
+begin each other's are an error. `rejected`: held-out rows have no pairs file, so it is the FIRST
+model's wrong greedy answer (the same answers as the held-out pairs below), on the questions where
+that answer is an answer word. Per question in OUT/mass-<name>.jsonl, per group in report.json.
 `random-image` is the accuracy of answering the asked attribute of a random image of the
 prompt: the level a model that ignores the label sits at.
 
