@@ -216,9 +216,10 @@ def mass_summary(records):
         s["n_rejected"], s["rejected"] = len(rej), (sum(rej) / len(rej) if rej else None)
         out[g] = s
 
-    def order(g):  # pooled format after its sizes
-        head, _, n = g.rpartition(" ")
-        return _group_order(g) if n.isdigit() else (_group_order(g + " 0")[:2] + (99,) if g != "multi-image" else _group_order(g))
+    def order(g):  # a pooled format right after its sizes
+        if g.rpartition(" ")[2].isdigit() or g in ("single", "multi-image"):
+            return _group_order(g)
+        return _group_order(g + " 0")[:2] + (99,)
 
     return dict(sorted(out.items(), key=lambda kv: order(kv[0])))
 
