@@ -1,7 +1,8 @@
 """
 07_eval.py — stage 7: score models on multi-image and single-image questions, side by side.
 in : one or more local models + JSON/JSONL question files + image root
-out: OUT/report.json (+ .meta.json), OUT/answers-<name>.jsonl (every answer, for reading)
+out: OUT/report.json (+ .meta.json), OUT/answers-<name>.jsonl (every answer, for reading),
+     OUT/mass-<name>.jsonl (where each question's probability at the answer goes)
   bash 07_eval.sh                      # toy: base vs DPO on the held-out benchmark (builds it first)
   python 07_eval.py --model base=models/toy-llava --model dpo=out/dpo-toy \\
       --data data/toy/heldout.json data/toy/eval-heldout/*.jsonl --scenes data/toy/heldout.json
@@ -23,6 +24,25 @@ rows, or any row once `--scenes` maps each image path to its attributes):
 - element interference: the answer is a different attribute of an image in the prompt
   (asked the shape's colour, answered a background colour);
 - other: anything else (a colour in no image, an empty or malformed answer).
+An answer naming several attributes ("a red shape on gray", read against the gold's wording) is
+element interference when each attribute is right for SOME image of the prompt but they come from
+different images or sit in another attribute's slot, sequence confusion when all describe one other
+image (hallucination_type_multi). The toy world has no such answers yet.
+
+Where the probability goes (`--mass`, on by default; toy rows with one-word answers): for each
+model and question, ONE teacher-forced forward on the prompt the model answers from gives the
+next-token distribution at the first answer position (LM head at that position only), normalised
+over the full vocabulary. It is split into the truth, the asked attribute of the prompt's OTHER
+images (sequence-confusion mass), the prompt's other attribute values among the answer words
+(element-interference mass: background colours when asked the shape's colour), answer words in
+no image, and the rest (mass_split); `vocab` is the mass on all answer words. The answer words are
+every value the asked attributes take in the --scenes files. In the committed toy world each one
+is ONE token, so this is each answer's exact probability of being the answer's first word; a word
+of several tokens costs one more forward per question, with its exact probability as the product
+over its tokens (non-canonical tokenizations of the same word are not counted); words whose tokens
+begin each other's are an error. `rejected`: held-out rows have no pairs file, so it is the FIRST
+model's wrong greedy answer (the same answers as the held-out pairs below), on the questions where
+that answer is an answer word. Per question in OUT/mass-<name>.jsonl, per group in report.json.
 `random-image` is the accuracy of answering the asked attribute of a random image of the
 prompt: the level a model that ignores the label sits at.
 
@@ -85,6 +105,123 @@ def hallucination_type(answer, scenes, target, attr):
     if any(normalise_answer(v) == a for s in scenes for k, v in s.items() if k != attr):
         return "element interference"
     return "other"
+
+
+def answer_attributes(answer, gold, target_scene, attrs, scenes, vocab=()):
+    """The attributes a multi-attribute answer names -> list of (value, slots): each attribute word
+    of the answer and the attribute slot(s) it fills.
+
+    The gold answer is the template: its words that are the target's values of `attrs` are the
+    slots ("a red shape on gray" -> "a {color} shape on {background}"). An answer with the same
+    words around the slots is read slot by slot. Any other answer is read word by word: a word
+    that is an attribute value of some image in the prompt fills every slot that value has there;
+    a word of `vocab` (the world's attribute words) in no image fills no slot.
+    answer_attributes("a gray shape on red", "a red shape on gray", {color: red, background: gray},
+    ["color", "background"], scenes) -> [("gray", {"color"}), ("red", {"background"})]."""
+    words, gold_words = normalise_answer(answer).split(), normalise_answer(gold).split()
+    slot_of = {normalise_answer(target_scene[k]): k for k in attrs}
+    template = [slot_of.get(w) for w in gold_words]
+    if len(words) == len(gold_words) and all(t is not None or w == g for w, g, t in zip(words, gold_words, template)):
+        return [(w, {t}) for w, t in zip(words, template) if t is not None]
+    vocab = {normalise_answer(v) for v in vocab}
+    out = []
+    for w in words:
+        slots = {k for s in scenes for k, v in s.items() if normalise_answer(v) == w}
+        if slots or w in vocab:
+            out.append((w, slots))
+    return out
+
+
+def hallucination_type_multi(mentions, scenes, target):
+    """Classify a WRONG answer that names several attributes, given as answer_attributes' mentions
+    [(value, slots), ...]. -> "sequence confusion" | "element interference" | "other".
+
+    - sequence confusion: every mention fits ONE other image, each in its slot;
+    - element interference: every mention is an attribute of SOME image of the prompt, but they
+      come from different images or sit in another attribute's slot;
+    - other: a word in no image, no attribute named, or only the target's own attributes (an
+      incomplete answer, not a mix).
+    scenes=[{color: red, background: gray}, {color: blue, background: white}], target=0:
+    "a blue shape on white" -> sequence confusion; "a blue shape on gray" (Image2's shape, Image1's
+    background) and "a gray shape on red" (slots swapped) -> element interference;
+    "a green shape on gray" -> other. One mention in the asked slot gives hallucination_type's answer."""
+    if not mentions:
+        return "other"
+
+    def fits(s):
+        return all(any(k in s and normalise_answer(s[k]) == v for k in slots) for v, slots in mentions)
+
+    if any(fits(s) for j, s in enumerate(scenes) if j != target):
+        return "sequence confusion"
+    if fits(scenes[target]):
+        return "other"
+    values = {normalise_answer(v) for s in scenes for v in s.values()}
+    return "element interference" if all(v in values for v, _ in mentions) else "other"
+
+
+def mass_split(word_probs, scenes, target, attr, vocab, rejected=None, total=1.0):
+    """Where a model's probability of the answer sits, for one question.
+
+    word_probs : answer word -> the probability that the model's answer starts with it (for a
+                 one-token word: its mass at the first answer position), for every word of `vocab`
+    scenes / target / attr : as in hallucination_type
+    vocab      : the answer words of the world (every value the asked attributes take)
+    total      : the whole distribution's mass (1 up to rounding): `rest` is what the words leave
+    -> {truth, other_images, other_attributes, no_image, rest, vocab[, rejected]}. The first five
+    partition the distribution: truth = the target's value of `attr`; other_images = the other
+    images' values of `attr`, the truth's word excluded (sequence-confusion mass); other_attributes
+    = the prompt's other attribute values that are answer words, not counted before (element-
+    interference mass: background colours when asked the shape's colour); no_image = answer words
+    in no image of the prompt; rest = everything else. vocab = the mass on all answer words;
+    rejected = the mass on the rejected answer (an answer word; it also sits in one of the five).
+    Worked example: red .5, blue .2, gray .1, white .05, green .05 (rest .1); scenes
+    [{color: red, background: gray}, {color: blue, background: white}], target 0, attr color ->
+    truth .5, other_images .2, other_attributes .15, no_image .05, rest .1, vocab .9."""
+    def words(vs):
+        return {normalise_answer(v) for v in vs} & set(word_probs)
+
+    truth = words([scenes[target][attr]])
+    others = words(s[attr] for j, s in enumerate(scenes) if j != target) - truth
+    attrs = words(v for s in scenes for k, v in s.items() if k != attr) - truth - others
+    none = words(vocab) - truth - others - attrs
+    out = {k: float(sum(word_probs[w] for w in ws)) for k, ws in
+           (("truth", truth), ("other_images", others), ("other_attributes", attrs), ("no_image", none))}
+    out["rest"] = float(total) - sum(out.values())  # the four word sets are disjoint: rest is the complement
+    out["vocab"] = float(sum(word_probs[w] for w in words(vocab)))
+    if rejected is not None:
+        out["rejected"] = float(word_probs[normalise_answer(rejected)])
+    return out
+
+
+MASS_KEYS = ("truth", "other_images", "other_attributes", "no_image", "rest", "vocab")
+
+
+def mass_summary(records):
+    """Mean mass per group (as summarise's groups, plus each format pooled when it has several
+    sizes, and `multi-image`) from per-question mass records -> {group: {n, <MASS_KEYS>, rejected,
+    n_rejected}}; `rejected` is the mean over the questions that have one."""
+    by = defaultdict(list)
+    for r in records:
+        by[r["group"]].append(r)
+        if r["group"] != "single":
+            by["multi-image"].append(r)
+    for g in [g for g in by if g not in ("single", "multi-image")]:
+        head = g.rpartition(" ")[0]
+        if head and sum(k.rpartition(" ")[0] == head for k in by) > 1:
+            by[head] += by[g]
+    out = {}
+    for g, rs in by.items():
+        s = {"n": len(rs), **{k: sum(r[k] for r in rs) / len(rs) for k in MASS_KEYS}}
+        rej = [r["rejected"] for r in rs if r.get("rejected") is not None]
+        s["n_rejected"], s["rejected"] = len(rej), (sum(rej) / len(rej) if rej else None)
+        out[g] = s
+
+    def order(g):  # a pooled format right after its sizes
+        if g.rpartition(" ")[2].isdigit() or g in ("single", "multi-image"):
+            return _group_order(g)
+        return _group_order(g + " 0")[:2] + (99,)
+
+    return dict(sorted(out.items(), key=lambda kv: order(kv[0])))
 
 
 def summarise(records):
@@ -158,9 +295,16 @@ def row_question(row, path, line, scene_of):
             m = TARGET.search(q["question"])  # "In Image3, ..." names it; a merged grid's later turns differ
             target = int(m.group(1)) - 1 if m else int(mia.get("target", 1)) - 1
         if 0 <= target < len(scenes):
-            attr = next((k for k, v in scenes[target].items() if normalise_answer(v) == normalise_answer(q["gold"])), None)
+            gold = normalise_answer(q["gold"])
+            attr = next((k for k, v in scenes[target].items() if normalise_answer(v) == gold), None)
             if attr is not None:
                 q.update(scenes=scenes, target=target, attr=attr)
+            else:  # an answer naming several of the target's attributes ("a red shape on gray")
+                words = gold.split()
+                attrs = sorted((k for k, v in scenes[target].items() if normalise_answer(v) in words),
+                               key=lambda k: words.index(normalise_answer(scenes[target][k])))
+                if len(attrs) > 1:
+                    q.update(scenes=scenes, target=target, attrs=attrs)
     return q
 
 
@@ -190,6 +334,10 @@ def load_questions(files, scene_files, on_error, skips):
                 continue
             seen.add(q["key"])
             out.append(q)
+    words = sorted({v for s in scene_of.values() for v in s.values() if isinstance(v, str)})
+    for q in out:
+        if "attrs" in q:  # the world's attribute words: a multi-attribute answer's words in no image count
+            q["vocab"] = words
     return out
 
 
@@ -201,10 +349,15 @@ def score(q, answer):
         r["correct"] = r["choice"] == q["gold"]
         return r
     r["correct"] = normalise_answer(answer) == normalise_answer(q["gold"])
-    if "scenes" in q:
+    if "attr" in q:
         sc, t, a = q["scenes"], q["target"], q["attr"]
         r["type"] = None if r["correct"] else hallucination_type(answer, sc, t, a)
         r["random_image"] = sum(normalise_answer(s[a]) == normalise_answer(q["gold"]) for s in sc) / len(sc)
+    elif "attrs" in q:  # several attributes in one answer
+        sc, t, attrs = q["scenes"], q["target"], q["attrs"]
+        mentions = answer_attributes(answer, q["gold"], sc[t], attrs, sc, q.get("vocab", ()))
+        r["type"] = None if r["correct"] else hallucination_type_multi(mentions, sc, t)
+        r["random_image"] = sum(all(normalise_answer(s[k]) == normalise_answer(sc[t][k]) for k in attrs) for s in sc) / len(sc)
     return r
 
 
@@ -304,6 +457,75 @@ def pair_summary(pairs, chosen, rejected, ref=None):
     return dict(sorted(out.items(), key=lambda kv: (kv[0] == "all", _group_order(kv[0]))))
 
 
+def answer_vocab(questions):
+    """The answer words of the scored toy questions: every value their asked attributes take in
+    the known scenes -> sorted list (empty when no question has scenes)."""
+    asked = {q["attr"] for q in questions if "attr" in q}
+    return sorted({normalise_answer(s[k]) for q in questions if "attr" in q for s in q["scenes"] for k in asked if k in s})
+
+
+def answer_token_ids(processor, question, words):
+    """Each answer word -> its tokens as the template and tokenizer place them after the prompt
+    (build_inputs' split, no EOS) -> {word: [ids]}. The words' answer events must be disjoint, so a
+    word whose tokens begin another word's (or equal them) is an error naming both."""
+    tok = processor.tokenizer
+    prompt = common.render_prompt(processor, question)
+    special = not (tok.bos_token and prompt.startswith(tok.bos_token))
+    p_ids = tok(prompt, add_special_tokens=special)["input_ids"]
+    out = {}
+    for w in words:
+        _, response = common.render_pair(processor, question, w)
+        f_ids = tok(prompt + response, add_special_tokens=special)["input_ids"]
+        if f_ids[: len(p_ids)] != p_ids or len(f_ids) == len(p_ids):
+            raise SystemExit(f"--mass: the answer word {w!r} changes the prompt's tokens or has none (run with --no-mass)")
+        out[w] = f_ids[len(p_ids):]
+    for a in out:
+        for b in out:
+            if a != b and out[b][: len(out[a])] == out[a]:
+                raise SystemExit(f"--mass: the tokens of {a!r} {out[a]} begin those of {b!r} {out[b]}: their answers "
+                                 f"overlap and the split is not a partition (run with --no-mass)")
+    return out
+
+
+def answer_mass(name, model, proc, questions, token_ids, vocab, rejected_of, args):
+    """mass_split for every question -> records {key, group, <mass>}.
+
+    ONE teacher-forced forward per question on the prompt the model answers from (build_inputs with
+    the truth as the answer), the LM head applied only at the last prompt position, which predicts
+    the first answer token: that gives every one-token word's probability. A word of several tokens
+    (none in the committed toy world; the tiny test world has some) needs its own forward per
+    question: its exact probability is the product over its tokens (response_logps, no EOS)."""
+    import torch
+
+    single = {w: ids[0] for w, ids in token_ids.items() if len(ids) == 1}
+    multi = [w for w, ids in token_ids.items() if len(ids) > 1]
+    out = []
+    todo = sorted(questions, key=lambda q: (len(q["images"]), len(q["question"])))
+    with common.Progress(len(todo), f"07 {name} mass", unit="question") as bar:
+        for i in range(0, len(todo), args.batch_size):
+            qs = todo[i : i + args.batch_size]
+            texts = [q["question"] for q in qs]
+            ims = [[common.load_image(args.image_root, p) for p in q["images"]] for q in qs]
+            batch = common.to_model(common.build_inputs(proc, texts, ims, answers=[q["gold"] for q in qs]), model)
+            inputs = {k: v for k, v in batch.items() if k not in ("labels", "prompt_lens")}
+            with torch.no_grad():
+                hidden = model.model(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+                # right padding: the prompt of row b ends at prompt_lens[b] - 1
+                at = hidden[torch.arange(len(qs), device=hidden.device), batch["prompt_lens"] - 1]  # (B, H)
+                probs = common.next_token_logprobs(model, at).double().exp().cpu()  # (B, V)
+                seq = {w: common.response_logps(model, common.to_model(common.build_inputs(
+                           proc, texts, ims, answers=[w] * len(qs), add_eos=False), model))[0].double().exp().cpu()
+                       for w in multi}  # w -> (B,)
+            for b, q in enumerate(qs):
+                word_probs = {**{w: float(probs[b, t]) for w, t in single.items()}, **{w: float(seq[w][b]) for w in multi}}
+                m = mass_split(word_probs, q["scenes"], q["target"], q["attr"], vocab,
+                               rejected=rejected_of.get(q["key"]), total=float(probs[b].sum()))
+                out.append({"key": q["key"], "group": q["group"], **m})
+            bar.update(len(qs))
+    order = {q["key"]: i for i, q in enumerate(questions)}
+    return sorted(out, key=lambda r: order[r["key"]])
+
+
 def table(report, names):
     """The side-by-side text table: accuracy per group for each model, then the errors by type."""
     groups = list(next(iter(report.values()))["groups"])
@@ -323,6 +545,8 @@ def table(report, names):
         for g in typed:
             cells = ["{sequence confusion}/{element interference}/{other}".format(**report[n]["groups"][g]["errors"]) for n in names]
             lines.append(f"{g:<16}" + "".join(f"{c:>16}" for c in cells))
+    if all("mass" in report[n] for n in names):
+        lines += ["", mass_table(report, names)]
     if all("pairs" in report[n] for n in names):
         first = names[0]
         w = {n: max(12, len(n) + 7) for n in names}  # column widths that fit "pref <name>"
@@ -340,6 +564,28 @@ def table(report, names):
     return "\n".join(lines)
 
 
+def mass_table(report, names):
+    """Where each model's probability at the first answer token sits, per group (% of the full
+    next-token distribution, mean over questions)."""
+    w = max(7, max(len(n) for n in names) + 2)
+    cols = ("truth", "other_images", "other_attributes", "no_image", "rest", "vocab")
+    heads = ("truth", "other img", "other attr", "no image", "rest", "vocab", "rejected")
+    lines = ["probability mass at the first answer token (%, mean over questions):",
+             f"{'group':<16}{'model':<{w}}{'n':>6}" + "".join(f"{h:>11}" for h in heads) + f"{'n rej':>7}"]
+    for g in report[names[0]]["mass"]:
+        for i, n in enumerate(names):
+            s = report[n]["mass"][g]
+            rej = "-" if s["rejected"] is None else f"{100 * s['rejected']:.1f}"
+            lines.append(f"{g if i == 0 else '':<16}{n:<{w}}{s['n']:>6}" + "".join(f"{100 * s[c]:>11.1f}" for c in cols)
+                         + f"{rej:>11}{s['n_rejected']:>7}")
+    lines.append("(truth: the asked attribute of the asked image; other img: that attribute of the prompt's other images "
+                 "(sequence confusion); other attr: the prompt's other attribute values among the answer words (element "
+                 "interference); no image: answer words in no image of the prompt; rest: every other token — these five "
+                 f"sum to 100. vocab: all answer words; rejected: {names[0]}'s wrong answer, on the n rej questions it got "
+                 "wrong with an answer word)")
+    return "\n".join(lines)
+
+
 def main(args):
     t0 = time.time()
     common.set_threads(args.threads)
@@ -354,6 +600,8 @@ def main(args):
         raise SystemExit(f"no questions in {args.data}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     report, configs, pairs, ref = {}, {}, None, None
+    scored = [q for q in questions if "attr" in q]  # toy rows with a one-word answer: the mass split
+    vocab, rejected_of = answer_vocab(scored), None
     for name, path in models.items():
         t = time.time()
         model_dir, adapter = resolve_model(path)
@@ -361,6 +609,18 @@ def main(args):
                                         max_image_tokens=args.max_image_tokens)
         records, configs[name] = answer_all(name, path, model, proc, questions, args)
         report[name] = {"model": str(path), "groups": summarise(records)}
+        if args.mass and scored:
+            token_ids = answer_token_ids(proc, scored[0]["question"], vocab)  # per model: its own tokenizer
+            if rejected_of is None:  # held-out rows have no pairs file: rejected = the first model's wrong answer
+                keys = {q["key"] for q in scored}
+                rejected_of = {r["key"]: r["answer"] for r in records
+                               if r["key"] in keys and not r["correct"] and normalise_answer(r["answer"]) in token_ids}
+            if any(len(t) > 1 for t in token_ids.values()):
+                print(f"07 {name} mass: answer words of several tokens, one more forward per question each: "
+                      + ", ".join(w for w, t in token_ids.items() if len(t) > 1))
+            mass = answer_mass(name, model, proc, scored, token_ids, vocab, rejected_of, args)
+            common.write_jsonl(Path(args.out) / f"mass-{name}.jsonl", mass)
+            report[name]["mass"] = mass_summary(mass)
         if args.pairs:
             if pairs is None:  # the first model's mistakes, scored by every model
                 pairs = mistake_pairs(questions, records)
@@ -397,6 +657,8 @@ def get_args(argv=None):
     g.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="bad rows: stop naming file:line, or count and skip")
     m = p.add_argument_group("method")
     m.add_argument("--max-new-tokens", type=int, default=16)
+    m.add_argument("--mass", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure where each model's probability at the first answer token sits (rows with scenes)")
     m.add_argument("--pairs", action=argparse.BooleanOptionalAction, default=True,
                    help="also score held-out preference pairs made from the first model's mistakes")
     s = p.add_argument_group("system")

@@ -9,7 +9,8 @@ common.py — plumbing shared by the MIA-DPO stages (no method logic lives here)
   prompts: image_placeholder / render_prompt / render_pair (the family's own chat template: its
            image item in place of each <image>, the answer turn up to its end-of-turn token),
            build_inputs (questions [+ answers] + images -> padded batch with labels)
-  tensors: image_spans / image_positions, response_logps + logps_at (LM head only where labels exist), generate (greedy)
+  tensors: image_spans / image_positions, response_logps + logps_at / next_token_logprobs (LM head
+           only where needed), generate (greedy)
   pairs  : check_pair_row (the fields 05 and 06 read)
   answers: normalise_answer (one rule for "the same answer" in 04, 05 and 07)
   loops  : Progress (a bar on a terminal, a line every 30 s in a log), ResumeFile (resumable JSONL)
@@ -960,16 +961,22 @@ def _split_runs(spans, n, b):
     return out
 
 
-def logps_at(model, hidden, targets):
-    """hidden (N, H) states and targets (N,) next-token ids -> (N,) log-probs, with the LM head
-    (and the model's final logit soft-capping, if it has one) applied to these N rows only."""
+def next_token_logprobs(model, hidden):
+    """hidden (N, H) states -> (N, V) float32 log-probs of the next token over the full vocabulary,
+    with the LM head (and the model's final logit soft-capping, if it has one) on these N rows only."""
     import torch
 
     logits = model.get_output_embeddings()(hidden).float()  # (N, V)
     cap = getattr(getattr(model.config, "text_config", model.config), "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return torch.log_softmax(logits, dim=-1)
+
+
+def logps_at(model, hidden, targets):
+    """hidden (N, H) states and targets (N,) next-token ids -> (N,) log-probs, with the LM head
+    (and the model's final logit soft-capping, if it has one) applied to these N rows only."""
+    return next_token_logprobs(model, hidden).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 def response_logps(model, batch):

@@ -3,11 +3,15 @@ bench_probe.py — 04's attention probe against the authors' approach, same mode
 
   python bench/bench_probe.py                          # 2-5 images, 3 rounds, 32 answer tokens
   python bench/bench_probe.py --images 2 5 --repeats 5 --new-tokens 64 --heads 16
+  python bench/bench_probe.py --family qwen2_5_vl --images 3   # Qwen2.5-VL: 448 px -> 256 tokens
 
 Model: a randomly initialised LlavaForConditionalGeneration with LLaVA-1.5's token geometry —
 336 px images, patch 14 -> 576 visual tokens per image (CLS dropped), interleaved with text —
 and a tiny width so it runs on a CPU: --layers text layers (default 8), --heads heads of dim 8.
 Prompt: `Image{k}:` + 576 image tokens per image, a 20-token question, 5 template tokens.
+--family qwen2_5_vl: a random Qwen2_5_VLForConditionalGeneration of the same text size (M-RoPE,
+its real processor and template from tests/tiny_families.py), 448x448 images -> 32x32 patches ->
+256 tokens after the 2x2 merge (common.cap_image_tokens 256), `Image{k}:` labels, the toy question.
 Both contenders answer greedily with exactly --new-tokens tokens, then measure the per-image
 attention of the response rows at the middle layer, heads averaged:
   authors : generate(output_attentions=True, return_dict_in_generate=True) with eager attention,
@@ -99,26 +103,104 @@ def run_probe(model, ids, pv, spans, layer, new_tokens, gp):
     return seq[0, T:].tolist(), [float(attn[s:e].sum()) for s, e in spans]
 
 
+def build_qwen(layers, heads, seed=0):
+    """A random Qwen2.5-VL with the text size of build_model, its real processor capped at 256
+    visual tokens per image (448x448 px)."""
+    import tempfile
+
+    import torch
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import common
+    from tiny_families import build
+
+    d = build("qwen2_5_vl", Path(tempfile.mkdtemp()) / "qwen")
+    cfg = AutoConfig.from_pretrained(d)
+    t = cfg.text_config
+    t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads = layers, heads, heads
+    t.hidden_size, t.intermediate_size, t.initializer_range = 8 * heads, 16 * heads, 0.2  # head dim 8, peaked
+    t.layer_types = ["full_attention"] * layers
+    cfg.vision_config.out_hidden_size = t.hidden_size  # the merger projects into the text width
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    model.generation_config.eos_token_id = None  # answers of exactly --new-tokens tokens
+    proc = common.load_processor(d)
+    common.cap_image_tokens(proc, 256)
+    return model, proc
+
+
+def qwen_prompt(proc, n_images, seed=0):
+    """-> the processor's batch for n 448x448 noise images (+ `positions` of each image's tokens)."""
+    import numpy as np
+    from PIL import Image
+
+    import common
+
+    rng = np.random.default_rng(seed)
+    ims = [Image.fromarray(rng.integers(0, 255, (448, 448, 3), dtype=np.uint8)) for _ in range(n_images)]
+    q = "".join(f"Image{k}:<image>\n" for k in range(1, n_images + 1)) + "In Image1, what color is the shape?"
+    batch = common.build_inputs(proc, [q], [ims])
+    counts = [len(b) for b in common.image_token_boxes(proc, ims)]
+    positions = common.image_positions(batch["input_ids"], proc.tokenizer.convert_tokens_to_ids("<|image_pad|>"), [counts])[0]
+    return batch, positions
+
+
+def run_qwen(model, batch, positions, layer, new_tokens, gp=None):
+    """authors (gp None) or probe on a Qwen batch -> (answer tokens, per-image attention mass)."""
+    import torch
+
+    import common
+
+    T = batch["input_ids"].shape[1]
+    gen = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+    with torch.no_grad():
+        if gp is None:
+            out = model.generate(**batch, **gen, output_attentions=True, return_dict_in_generate=True)
+            mean = torch.stack([step[layer][0, :, -1, :T].mean(0) for step in out.attentions]).mean(0)
+            return out.sequences[0, T:].tolist(), [float(mean[p].sum()) for p in positions]
+        seq = model.generate(**batch, **gen)
+        full = {**batch, "input_ids": seq, "attention_mask": torch.ones_like(seq),
+                "mm_token_type_ids": torch.nn.functional.pad(batch["mm_token_type_ids"], (0, seq.shape[1] - T)),
+                "labels": torch.cat([torch.full((1, T), common.IGNORE_INDEX), seq[:, T:]], dim=1)}
+        with gp.probing(layer, [(T - 1, seq.shape[1] - 1)]) as probe:
+            common.response_logps(model, full)
+            attn = probe["out"][0]
+    return seq[0, T:].tolist(), [float(attn[p].sum()) for p in positions]
+
+
 def worker(a):
     """One subprocess: one contender, one image count -> JSON on stdout."""
     import torch
 
     sys.path.insert(0, str(ROOT))
     torch.set_num_threads(a.threads)
-    model = build_model(a.layers, a.heads)
     layer = a.layers // 2
-    if a.worker == "authors":
-        model.set_attn_implementation("eager")
-        run = lambda i, p, s: run_authors(model, i, p, s, layer, a.new_tokens)  # noqa: E731
+    gp = importlib.import_module("04_gen_pairs")
+    if a.family == "qwen2_5_vl":
+        model, proc = build_qwen(a.layers, a.heads)
+        if a.worker == "authors":
+            model.set_attn_implementation("eager")
+        else:
+            gp.install_probe(model)
+        probe = None if a.worker == "authors" else gp
+        run = lambda b, pos: run_qwen(model, b, pos, layer, a.new_tokens, probe)  # noqa: E731
+        prompt = lambda n, seed=0: qwen_prompt(proc, n, seed)  # noqa: E731
     else:
-        gp = importlib.import_module("04_gen_pairs")
-        gp.install_probe(model)
-        run = lambda i, p, s: run_probe(model, i, p, s, layer, a.new_tokens, gp)  # noqa: E731
-    run(*make_prompt(1, seed=1))  # warm-up: lazy initialisation out of the measurement
+        model = build_model(a.layers, a.heads)
+        if a.worker == "authors":
+            model.set_attn_implementation("eager")
+            run = lambda i, p, s: run_authors(model, i, p, s, layer, a.new_tokens)  # noqa: E731
+        else:
+            gp.install_probe(model)
+            run = lambda i, p, s: run_probe(model, i, p, s, layer, a.new_tokens, gp)  # noqa: E731
+        prompt = make_prompt
+    run(*prompt(1, seed=1))  # warm-up: lazy initialisation out of the measurement
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    ids, pv, spans = make_prompt(a.worker_images)
+    args = prompt(a.worker_images)
+    ids = args[0]["input_ids"] if a.family == "qwen2_5_vl" else args[0]
     cpu0, t0 = time.process_time(), time.perf_counter()
-    tokens, masses = run(ids, pv, spans)
+    tokens, masses = run(*args)
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"wall": wall, "cpu": cpu, "peak_mb": peak, "above_mb": peak - base, "tokens": tokens,
@@ -137,7 +219,7 @@ def main(a):
                 runs.setdefault((n, who), []).append(json.loads(run.stdout.strip().splitlines()[-1]))
             print(f"round {r + 1}: {n} images done", file=sys.stderr)
     med = lambda n, who, k: statistics.median(x[k] for x in runs[(n, who)])  # noqa: E731
-    print(f"`python bench/bench_probe.py {' '.join(sys.argv[1:])}` — {a.layers} text layers x {a.heads} heads, probe "
+    print(f"`python bench/bench_probe.py {' '.join(sys.argv[1:])}` — {a.family}, {a.layers} text layers x {a.heads} heads, probe "
           f"layer {a.layers // 2}, {a.new_tokens} answer tokens, medians of {a.repeats} rounds, {a.threads} threads\n")
     print("| images | seq len | wall s authors / probe | speed-up wall | CPU s authors / probe | speed-up CPU | "
           "peak RSS MB authors / probe | ratio | peak above warmed-up process MB authors / probe | ratio | "
@@ -159,6 +241,7 @@ def main(a):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("benchmark")
+    g.add_argument("--family", choices=("llava", "qwen2_5_vl"), default="llava", help="the token geometry (see above)")
     g.add_argument("--images", type=int, nargs="+", default=[2, 3, 4, 5])
     g.add_argument("--repeats", type=int, default=3, help="rounds; each runs every contender once per image count")
     g.add_argument("--new-tokens", type=int, default=32)

@@ -192,3 +192,125 @@ def test_resume_after_a_crash_gives_the_same_answers(toy_tiny, tmp_path, monkeyp
         ev.main(ev.get_args(args + ["--out", str(tmp_path / "b")]))
 
 
+
+
+# ---- several attributes in one answer (element interference across images) ----------------------
+MULTI = [{"shape": "circle", "color": "red", "background": "gray"},     # Image1, the target below
+         {"shape": "square", "color": "blue", "background": "white"},   # Image2
+         {"shape": "cross", "color": "green", "background": "black"}]   # Image3
+
+
+@pytest.mark.parametrize("answer,kind", [
+    ("a blue shape on white", "sequence confusion"),    # all of Image2
+    ("a green shape on black", "sequence confusion"),   # all of Image3
+    ("a blue shape on gray", "element interference"),   # Image2's shape colour + Image1's background
+    ("a blue shape on black", "element interference"),  # Image2's shape colour + Image3's background
+    ("a gray shape on red", "element interference"),    # Image1's colours in each other's slot
+    ("a white shape on blue", "element interference"),  # Image2's colours, slots swapped: not one image
+    ("a purple shape on gray", "other"),                # purple is in no image
+    ("a red shape on brown", "other"),                  # brown is in no image
+    ("a red shape", "other"),                           # only the target's own attribute: incomplete, not a mix
+    ("nothing here", "other"),                          # no attribute named
+    ("blue and white", "sequence confusion"),           # not the gold's wording: read word by word, Image2
+    ("blue and black", "element interference"),         # word by word: Image2 + Image3
+])
+def test_hallucination_type_multi_hand_cases(answer, kind):
+    vocab = ("red", "green", "blue", "purple", "gray", "white", "black", "brown", "circle", "square", "cross")
+    mentions = ev.answer_attributes(answer, "a red shape on gray", MULTI[0], ["color", "background"], MULTI, vocab)
+    assert ev.hallucination_type_multi(mentions, MULTI, 0) == kind
+
+
+def test_answer_attributes_reads_the_gold_template():
+    f = ev.answer_attributes
+    assert f("A gray shape on red.", "a red shape on gray", MULTI[0], ["color", "background"], MULTI) == \
+        [("gray", {"color"}), ("red", {"background"})]
+    # another wording: each word gets the slots its value has in the prompt; a vocab word in no image none
+    assert f("blue, on purple", "a red shape on gray", MULTI[0], ["color", "background"], MULTI, ["purple"]) == \
+        [("blue", {"color"}), ("purple", set())]
+
+
+@pytest.mark.parametrize("answer,target,attr,kind", [
+    ("blue", 0, "color", "sequence confusion"), ("red", 1, "color", "sequence confusion"),
+    ("gray", 0, "color", "element interference"), ("white", 0, "color", "element interference"),
+    ("square", 0, "color", "element interference"), ("green", 0, "color", "other"), ("", 1, "background", "other"),
+    ("gray", 1, "background", "sequence confusion"), ("Blue.", 0, "color", "sequence confusion"),
+])
+def test_one_word_answers_classify_the_same_both_ways(answer, target, attr, kind):
+    a = common.normalise_answer(answer)
+    mentions = [(a, {attr})] if a else []
+    assert ev.hallucination_type_multi(mentions, SCENES, target) == ev.hallucination_type(answer, SCENES, target, attr) == kind
+
+
+def test_row_question_and_score_for_a_multi_attribute_answer():
+    scene_of = {"a.png": MULTI[0], "b.png": MULTI[1]}
+    q = ev.row_question(_row("m", ["a.png", "b.png"], "Image1:<image>\nImage2:<image>\nIn Image1, describe it.",
+                             "a red shape on gray", {"format": "sequence", "n_images": 2, "target": 1}), "f", 1, scene_of)
+    assert (q["target"], q["attrs"]) == (0, ["color", "background"]) and "attr" not in q
+    q["key"] = "f:m"
+    assert ev.score(q, "a red shape on gray")["correct"]
+    r = ev.score(q, "a blue shape on gray")
+    assert (r["correct"], r["type"], r["random_image"]) == (False, "element interference", 0.5)
+    assert ev.score(q, "a blue shape on white")["type"] == "sequence confusion"
+
+
+# ---- probability mass at the answer ----------------------------------------------------------
+def test_mass_split_hand_case():
+    scenes = [{"shape": "circle", "color": "red", "background": "gray"},
+              {"shape": "square", "color": "blue", "background": "white"},
+              {"shape": "cross", "color": "red", "background": "gray"}]
+    vocab = ["red", "green", "blue", "yellow", "gray", "white", "black"]
+    p = {"red": 0.4, "green": 0.05, "blue": 0.2, "yellow": 0.01, "gray": 0.1, "white": 0.04, "black": 0.1}  # rest .1
+    m = ev.mass_split(p, scenes, 0, "color", vocab, rejected="Blue")
+    # truth: red (Image1; Image3's red is the same word, so it is truth, not confusion)
+    # other images: blue; other attributes: gray + white; no image: green + yellow + black
+    assert m == pytest.approx({"truth": 0.4, "other_images": 0.2, "other_attributes": 0.14, "no_image": 0.16,
+                               "rest": 0.1, "vocab": 0.9, "rejected": 0.2})
+    b = ev.mass_split(p, scenes, 1, "background", vocab)  # asked Image2's background: white
+    assert b == pytest.approx({"truth": 0.04, "other_images": 0.1, "other_attributes": 0.6, "no_image": 0.16,
+                               "rest": 0.1, "vocab": 0.9})
+    single = ev.mass_split(p, scenes[:1], 0, "color", vocab)  # one image: nothing can be another image's
+    assert single["other_images"] == 0 and single["other_attributes"] == pytest.approx(0.1)
+    assert single["no_image"] == pytest.approx(0.4)  # green, blue, yellow, white, black
+
+
+def test_mass_summary_pools_formats():
+    recs = [{"group": g, "truth": t, "other_images": 0.0, "other_attributes": 0.0, "no_image": 0.0, "rest": 1 - t,
+             "vocab": t, **({"rejected": 0.5} if g == "sequence 3" else {})}
+            for g, t in (("single", 1.0), ("sequence 2", 0.5), ("sequence 3", 0.3), ("pip 2", 0.2))]
+    s = ev.mass_summary(recs)
+    assert list(s) == ["single", "sequence 2", "sequence 3", "sequence", "pip 2", "multi-image"]  # pip has one size
+    assert s["sequence"]["truth"] == pytest.approx(0.4) and s["multi-image"]["n"] == 3
+    assert (s["sequence"]["rejected"], s["sequence"]["n_rejected"], s["single"]["rejected"]) == (0.5, 1, None)
+
+
+def test_mass_is_a_partition_and_the_truth_is_its_log_prob(toy_tiny, tmp_path):
+    """End to end on the tiny world: every question's five masses sum to 1, and the truth's mass
+    is exp(log-prob) of the truth's tokens from an independent response_logps call (the first token
+    for a one-token truth; the tiny tokenizer splits most colours, whose mass is the product)."""
+    import torch
+
+    data = [str(toy_tiny / "data/toy/heldout.json")]
+    report = ev.main(ev.get_args(["--model", f"m={toy_tiny / 'models/toy-llava'}", "--image-root",
+                                  str(toy_tiny / "data/toy/images"), "--scenes", *data, "--data", *data,
+                                  "--batch-size", "8", "--out", str(tmp_path), "--no-pairs"]))
+    mass = [json.loads(x) for x in (tmp_path / "mass-m.jsonl").read_text().splitlines()]
+    assert len(mass) == 30 and report["m"]["mass"]["single"]["n"] == 30
+    for r in mass:
+        assert sum(r[k] for k in ("truth", "other_images", "other_attributes", "no_image", "rest")) == pytest.approx(1, abs=1e-5)
+        assert 0 <= r["truth"] <= r["vocab"] <= 1 + 1e-9
+    model, proc = common.load_model(toy_tiny / "models/toy-llava")
+    qs = {q["key"]: q for q in ev.load_questions(data, data, "raise", common.Skips())}
+    tok_ids = ev.answer_token_ids(proc, next(iter(qs.values()))["question"], ev.answer_vocab(list(qs.values())))
+    one = [r for r in mass if len(tok_ids[qs[r["key"]]["gold"]]) == 1]
+    assert one and len(one) < len(mass)  # both kinds are checked
+    for r in mass[:6] + one[:3]:
+        q = qs[r["key"]]
+        batch = common.build_inputs(proc, [q["question"]], [[common.load_image(toy_tiny / "data/toy/images", p)
+                                                            for p in q["images"]]], answers=[q["gold"]])  # with EOS
+        with torch.no_grad():
+            _, token_logps, n = common.response_logps(model, batch)
+        lp = token_logps[0][token_logps[0] != 0][: len(tok_ids[q["gold"]])].sum()  # the truth's tokens, not EOS
+        assert r["truth"] == pytest.approx(float(lp.exp()), rel=1e-4, abs=1e-9)
+    rej = [r for r in mass if "rejected" in r]
+    assert rej and all(0 <= r["rejected"] <= r["vocab"] for r in rej)
+    assert "probability mass at the first answer token" in (tmp_path / "report.txt").read_text()
