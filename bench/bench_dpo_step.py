@@ -5,6 +5,7 @@ bench_dpo_step.py — one DPO training step of 06_train_dpo.py against TRL's DPO
   python bench/bench_dpo_step.py                  # 3 repeats x (1 warm-up + 4 timed steps) per contender
   python bench/bench_dpo_step.py --repeats 5 --steps 6 --batch-size 2 --images 3
   python bench/bench_dpo_step.py --contenders ours,fast --images 5   # a subset
+  python bench/bench_dpo_step.py --family qwen2_5_vl --contenders ours,trl   # Qwen2.5-VL, 448 px -> 256 tokens
 
 Contenders: `ours` = 06_train_dpo.py's plain path (chosen and rejected rows each carry the prompt),
 `shared` = --prefix-sharing (one [prompt | chosen | rejected] row per pair, block mask), `fast` =
@@ -17,6 +18,10 @@ image, --images per prompt, answers of ~10-40 tokens. Built in a temporary folde
 All contenders train the same LoRA (r 8 on every language-model linear layer), fp32, no
 activation checkpointing, reference = adapters disabled, on the same pairs, --batch-size pairs
 per step (chosen + rejected = 2x rows), AdamW, clipping.
+--family qwen2_5_vl: a random Qwen2_5_VLForConditionalGeneration of the same text size (M-RoPE;
+vision tower, processor and chat template from tests/tiny_families.py), 448 px images -> 256
+visual tokens each after the 2x2 merge (max_pixels 448^2); 06 trains it on its plain path (the
+fast path falls back for M-RoPE), so the contenders there are ours and trl.
 
 Each contender runs in its own fresh process (so peak memory is its own), alternating
 ours/trl/ours/trl... for --repeats rounds. Per process: the time of each step after the first
@@ -80,8 +85,34 @@ def build_model(out, toy_model, width, layers):
     proc.save_pretrained(out)
 
 
-def make_pairs(folder, n, n_images, seed=0):
-    """n pairs of n_images 336 px scenes; answers are sentences of ~10-40 tokens."""
+def build_qwen(out, width, layers):
+    """Random Qwen2.5-VL of `width` x `layers` (4 heads), 448 px images -> 256 tokens -> saved at `out`."""
+    import torch
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_families import build
+
+    build("qwen2_5_vl", out)
+    cfg = AutoConfig.from_pretrained(out)
+    t = cfg.text_config
+    t.hidden_size, t.intermediate_size, t.num_hidden_layers = width, 4 * width, layers
+    t.num_attention_heads = t.num_key_value_heads = 4
+    t.layer_types = ["full_attention"] * layers
+    if getattr(t, "head_dim", None):
+        t.head_dim = width // 4
+    h = width // 8  # rotary frequencies per head, split over (t, h, w) like the release's [16, 24, 24] of 64
+    t.rope_parameters["mrope_section"] = [h // 4, (h - h // 4) // 2, h - h // 4 - (h - h // 4) // 2]
+    cfg.vision_config.out_hidden_size = width  # the merger projects into the text width
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").save_pretrained(out)
+    pc = json.loads((out / "processor_config.json").read_text())
+    pc["image_processor"]["size"]["longest_edge"] = 448 * 448  # max_pixels: 256 merged tokens at 448 px
+    (out / "processor_config.json").write_text(json.dumps(pc, indent=2))
+
+
+def make_pairs(folder, n, n_images, seed=0, size=336):
+    """n pairs of n_images `size`-px scenes; answers are sentences of ~10-40 tokens."""
     from PIL import Image, ImageDraw
 
     rng, rows = random.Random(seed), []
@@ -89,7 +120,7 @@ def make_pairs(folder, n, n_images, seed=0):
     for i in range(n):
         paths, colors = [], []
         for j in range(n_images):
-            im = Image.new("RGB", (336, 336), tuple(rng.randrange(256) for _ in range(3)))
+            im = Image.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3)))
             x, y, s = rng.randrange(40, 180), rng.randrange(40, 180), rng.randrange(60, 140)
             ImageDraw.Draw(im).ellipse((x, y, x + s, y + s), fill=tuple(rng.randrange(256) for _ in range(3)))
             paths.append(f"images/{i}-{j}.png")
@@ -157,17 +188,22 @@ def worker_trl(a):
 
     base = rss_mb()
     torch.set_num_threads(a.threads)
+    import importlib
+
     model_tmp, proc = common.load_model(a.model)
-    lm = model_tmp.model.language_model
-    targets = [f"model.language_model.{n}" for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)]
+    decoder = importlib.import_module("06_train_dpo").model_parts(model_tmp)[0]
+    lm = model_tmp.get_submodule(decoder)
+    targets = [f"{decoder}.{n}" for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)]
     del model_tmp, lm
     tok = proc.tokenizer
     rows = [r for _, r in common.read_rows(Path(a.data) / "pairs.jsonl")]
+    stops = common.special_tokens(tok)
 
-    def example(r):  # exactly our tokens (see tests/test_train_dpo.py's parity test)
+    def example(r):  # exactly our tokens (tests/test_train_dpo.py and tests/test_trl_qwen.py's parity tests)
         prompt, chosen = common.render_pair(proc, r["prompt"], r["chosen"])
         _, rejected = common.render_pair(proc, r["prompt"], r["rejected"])
-        return {"prompt": tok.bos_token + prompt, "chosen": chosen + tok.eos_token, "rejected": rejected + tok.eos_token,
+        eos = lambda s: s if any(s.endswith(x) for x in stops) else s + tok.eos_token  # noqa: E731
+        return {"prompt": (tok.bos_token or "") + prompt, "chosen": eos(chosen), "rejected": eos(rejected),
                 "images": [common.load_image(a.data, p) for p in r["image"]]}
 
     ds = datasets.Dataset.from_list([example(r) for r in rows])
@@ -217,9 +253,13 @@ def main(a):
         return
     tmp = Path(a.tmp or tempfile.mkdtemp(prefix="bench_dpo_"))
     try:
-        build_model(tmp / "model", ROOT / a.toy_model, a.width, a.layers)
+        qwen = a.family == "qwen2_5_vl"
+        if qwen:
+            build_qwen(tmp / "model", a.width, a.layers)
+        else:
+            build_model(tmp / "model", ROOT / a.toy_model, a.width, a.layers)
         n_pairs = a.batch_size * (a.steps + 1)  # one epoch = the run: no pair is seen twice
-        make_pairs(tmp / "data", n_pairs, a.images)
+        make_pairs(tmp / "data", n_pairs, a.images, size=448 if qwen else 336)
         if "stored" in a.contenders.split(","):
             add_ref_logps(tmp / "data", tmp / "model")
         names = a.contenders.split(",")
@@ -238,7 +278,7 @@ def main(a):
             summary[name] = {"step_ms": step, "pairs_per_s": a.batch_size / step * 1000,
                              "peak_mb": statistics.median(x["peak_mb"] for x in rs),
                              "step_mb": statistics.median(x["peak_mb"] - x["base_mb"] for x in rs)}
-        print(f"\n{a.images} images x 576 tokens, {a.batch_size} pairs/step, width {a.width}, {a.layers} layers, "
+        print(f"\n{a.family}: {a.images} images x {256 if qwen else 576} tokens, {a.batch_size} pairs/step, width {a.width}, {a.layers} layers, "
               f"{a.repeats} repeats x {a.steps} timed steps")
         print("| contender | step (ms) | pairs/s | peak RSS (MB) | peak over imports (MB) |\n|---|---|---|---|---|")
         for name, s in summary.items():
@@ -256,7 +296,8 @@ def main(a):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("setting")
-    g.add_argument("--images", type=int, default=3, help="images per prompt (576 tokens each)")
+    g.add_argument("--family", choices=("llava", "qwen2_5_vl"), default="llava", help="the token geometry (see above)")
+    g.add_argument("--images", type=int, default=3, help="images per prompt (576 tokens each; Qwen: 256)")
     g.add_argument("--batch-size", type=int, default=2, help="pairs per step")
     g.add_argument("--width", type=int, default=128, help="language model hidden size")
     g.add_argument("--layers", type=int, default=4)
