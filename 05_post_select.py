@@ -157,18 +157,25 @@ def drop_table(pairs, kept, dropped):
 
 
 def to_trl(pairs, processor, image_root):
-    """TRL's standard (not conversational) preference schema: the prompt as the chat template renders
-    it, so the `<image>` markers stay interleaved with their labels (a conversational prompt would
-    let llava-hf templates move every image to the front); chosen / rejected as the template
-    continues the prompt (TRL adds EOS); images as absolute paths (load with datasets and
-    `.cast_column("images", Sequence(Image()))`)."""
+    """TRL's standard (not conversational) preference schema, written so that TRL's vision collator
+    builds exactly the tokens 06 trains on (tests/test_train_dpo.py and tests/test_trl_qwen.py check
+    it): the prompt as the chat template renders it, so the `<image>` markers stay interleaved with
+    their labels (a conversational prompt would let llava-hf templates move every image to the
+    front), with the BOS written out where the tokenizer would add one (TRL tokenises with
+    add_special_tokens=False); chosen / rejected as render_pair continues the prompt, + EOS where the
+    template writes no end token (TRL's vision path appends none); images as absolute paths (load
+    with datasets and `.cast_column("images", Sequence(Image()))`)."""
     import common
 
+    tok = processor.tokenizer
+    adds_bos = tok.bos_token is not None and tok("x")["input_ids"][:1] == [tok.bos_token_id]
     rows = []
     for p in pairs:
         prompt, chosen = common.render_pair(processor, p["prompt"], p["chosen"])
         _, rejected = common.render_pair(processor, p["prompt"], p["rejected"])
-        rows.append({"id": p["id"], "prompt": prompt, "chosen": chosen, "rejected": rejected,
+        bos = tok.bos_token if adds_bos and not prompt.startswith(tok.bos_token) else ""
+        rows.append({"id": p["id"], "prompt": bos + prompt, "chosen": common.with_stop(tok, chosen),
+                     "rejected": common.with_stop(tok, rejected),
                      "images": [str((Path(image_root) / x).resolve()) for x in p["image"]]})
     return rows
 

@@ -841,6 +841,12 @@ def render_pair(processor, question, answer):
     return prompt, gap + answer + tail
 
 
+def with_stop(tokenizer, response):
+    """A render_pair response as it is scored: + EOS unless it already ends with a special token
+    (the template's end-of-turn token). llava-1.5: " blue" -> " blue</s>"; Qwen: "blue<|im_end|>" as is."""
+    return response if any(response.endswith(s) for s in special_tokens(tokenizer)) else response + tokenizer.eos_token
+
+
 def build_inputs(processor, questions, images, answers=None, padding_side="right", add_eos=True):
     """Questions (+ answers) and their images -> one padded batch for the model.
 
@@ -873,9 +879,8 @@ def build_inputs(processor, questions, images, answers=None, padding_side="right
                          add_special_tokens=special))
     if answers is None:
         return enc
-    stops = special_tokens(tok)
     responses = [render_pair(processor, q, a)[1] for q, a in zip(questions, answers)]
-    responses = [r + tok.eos_token if add_eos and not any(r.endswith(s) for s in stops) else r for r in responses]
+    responses = [with_stop(tok, r) if add_eos else r for r in responses]
     resp_ids = []
     for p, r in zip(prompts, responses):
         p_ids, f_ids = tok(p, add_special_tokens=special)["input_ids"], tok(p + r, add_special_tokens=special)["input_ids"]

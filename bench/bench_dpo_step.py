@@ -195,18 +195,13 @@ def worker_trl(a):
     lm = model_tmp.get_submodule(decoder)
     targets = [f"{decoder}.{n}" for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)]
     del model_tmp, lm
-    tok = proc.tokenizer
     rows = [r for _, r in common.read_rows(Path(a.data) / "pairs.jsonl")]
-    stops = common.special_tokens(tok)
+    exported = importlib.import_module("05_post_select").to_trl(rows, proc, a.data)  # exactly our tokens (parity tests)
 
-    def example(r):  # exactly our tokens (tests/test_train_dpo.py and tests/test_trl_qwen.py's parity tests)
-        prompt, chosen = common.render_pair(proc, r["prompt"], r["chosen"])
-        _, rejected = common.render_pair(proc, r["prompt"], r["rejected"])
-        eos = lambda s: s if any(s.endswith(x) for x in stops) else s + tok.eos_token  # noqa: E731
-        return {"prompt": (tok.bos_token or "") + prompt, "chosen": eos(chosen), "rejected": eos(rejected),
-                "images": [common.load_image(a.data, p) for p in r["image"]]}
+    def example(e, r):
+        return {**{k: e[k] for k in ("prompt", "chosen", "rejected")}, "images": [common.load_image(a.data, p) for p in r["image"]]}
 
-    ds = datasets.Dataset.from_list([example(r) for r in rows])
+    ds = datasets.Dataset.from_list([example(e, r) for e, r in zip(exported, rows)])
     ends = []
 
     class Clock(TrainerCallback):

@@ -122,9 +122,10 @@ def test_trl_export_keeps_images_interleaved(tmp_path, toy_tiny):
     pairs = [pair(1), pair(3, prompt=two, image=["a/1.png", "mia_pip/x.jpg"])]
     rows = ps.to_trl(pairs, processor, tmp_path / "img")
     assert set(rows[0]) == {"id", "prompt", "chosen", "rejected", "images"}
-    assert rows[0]["prompt"] == "USER: Image1:<image>\nIn Image1, what color? ASSISTANT:"  # the toy's llava-1.5 template
-    assert rows[1]["prompt"].startswith("USER: Image1:<image>\nImage2:<image>\nIn Image2")  # labels stay before their images
-    assert rows[0]["chosen"].strip() == "blue" and rows[0]["rejected"].strip() == "red"
+    # the toy's llava-1.5 template, the BOS its tokenizer adds written out (TRL tokenises without special tokens)
+    assert rows[0]["prompt"] == "<s>USER: Image1:<image>\nIn Image1, what color? ASSISTANT:"
+    assert rows[1]["prompt"].startswith("<s>USER: Image1:<image>\nImage2:<image>\nIn Image2")  # labels stay before their images
+    assert rows[0]["chosen"] == " blue</s>" and rows[0]["rejected"] == " red</s>"  # + EOS: the template writes none
     assert rows[1]["images"] == [str((tmp_path / "img" / p).resolve()) for p in ("a/1.png", "mia_pip/x.jpg")]
 
 

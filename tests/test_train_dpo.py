@@ -155,15 +155,15 @@ def test_first_steps_equal_trl_dpotrainer(toy, tmp_path):
     model, proc = common.load_model(toy["model"])
     tok = proc.tokenizer
 
-    # TRL gets the rendered prompt (its collator tokenises with add_special_tokens=False, so the
-    # BOS our tokenizer adds is written out) and the responses with EOS (its vision path adds none).
-    def example(r):
-        prompt, chosen = common.render_pair(proc, r["prompt"], r["chosen"])
-        _, rejected = common.render_pair(proc, r["prompt"], r["rejected"])
-        return {"prompt": tok.bos_token + prompt, "chosen": chosen + tok.eos_token, "rejected": rejected + tok.eos_token,
-                "images": [common.load_image(toy["images"], p) for p in r["image"]]}
-
-    ds = datasets.Dataset.from_list([example(r) for r in rows])
+    # TRL gets 05's export (05_post_select.to_trl): the rendered prompt with the BOS our tokenizer adds
+    # written out (its collator tokenises with add_special_tokens=False), the responses with EOS (its
+    # vision path adds none).
+    ps = importlib.import_module("05_post_select")
+    exported = ps.to_trl(rows, proc, toy["images"])
+    assert exported[0]["prompt"].startswith(tok.bos_token) and exported[0]["chosen"].endswith(tok.eos_token)
+    ds = datasets.Dataset.from_list([{**{k: e[k] for k in ("prompt", "chosen", "rejected")},
+                                      "images": [common.load_image(toy["images"], p) for p in r["image"]]}
+                                     for e, r in zip(exported, rows)])
     cfg = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-4,
                     lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, beta=0.1,
                     max_length=None, use_cpu=True, bf16=False, gradient_checkpointing=False, optim="adamw_torch",

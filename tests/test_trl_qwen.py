@@ -72,10 +72,12 @@ def qwen(tiny_dirs, tmp_path_factory):  # noqa: F811
 
 
 def trl_example(q, r):
-    """TRL's standard format: our rendered prompt, our responses (they end with <|im_end|> = EOS)."""
+    """TRL's standard format as 05 exports it (05_post_select.to_trl): our rendered prompt, our
+    responses (they end with <|im_end|> = EOS; Qwen's tokenizer adds no BOS)."""
+    (e,) = importlib.import_module("05_post_select").to_trl([r], q["proc"], q["images"])
     prompt, chosen = common.render_pair(q["proc"], r["prompt"], r["chosen"])
-    _, rejected = common.render_pair(q["proc"], r["prompt"], r["rejected"])
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
+    assert (e["prompt"], e["chosen"]) == (prompt, chosen)  # nothing added for Qwen
+    return {**{k: e[k] for k in ("prompt", "chosen", "rejected")},
             "images": [common.load_image(q["images"], p) for p in r["image"]]}
 
 
