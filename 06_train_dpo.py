@@ -255,9 +255,10 @@ def encode_images(model, batch):
     batch = dict(batch)
     plain = "score_src" not in batch
     takes = inspect.signature(model.model.get_image_features).parameters  # pixel_values, image_sizes, ...
+    forward_reads = inspect.signature(model.model.forward).parameters
     image_inputs = {k: batch[k] for k in list(batch) if k in takes}
     for k in image_inputs:
-        if k == "pixel_values" or k not in inspect.signature(model.model.forward).parameters:
+        if k == "pixel_values" or k not in forward_reads:
             batch.pop(k)  # image sizes stay where the forward reads them too (LLaVA-NeXT's unpadding)
     if plain:
         image_inputs = {k: v[: v.shape[0] // 2] for k, v in image_inputs.items()}
@@ -280,12 +281,12 @@ def fast_path_blocker(model, batch):
     `batch`: a collate() batch (what the processor makes for this family)."""
     import torch
 
-    text = model.config.get_text_config()
+    layer_types = getattr(model.config.get_text_config(), "layer_types", None) or []
     if hasattr(model.model, "get_rope_index"):
         return "its M-RoPE positions come from the model's own rope index, which the fast path does not re-lay"
-    if any(t not in ("full_attention", "sliding_attention") for t in (getattr(text, "layer_types", None) or [])):
+    if any(t not in ("full_attention", "sliding_attention") for t in layer_types):
         return "its linear-attention layers read every earlier token, so rejected rows would see chosen ones"
-    if "sliding_attention" in (getattr(text, "layer_types", None) or []):
+    if "sliding_attention" in layer_types:
         return "its sliding-window layers need their own mask, which the fast path's single mask is not"
     per_token = [k for k, v in batch.items() if torch.is_tensor(v) and v.shape == batch["input_ids"].shape
                  and k not in ("input_ids", "attention_mask", "labels")]

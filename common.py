@@ -745,6 +745,7 @@ def image_token_id(model_or_config):
 # answer follows the generation prompt directly.
 TEMPLATE_KWARGS = {"enable_thinking": False}
 _PLACEHOLDERS = {}  # (id(processor), template) -> image placeholder text
+_SPECIALS = {}  # (id(tokenizer), its size) -> special-token strings
 
 
 def _chat(processor, messages, **kw):
@@ -799,9 +800,13 @@ def render_prompt(processor, question):
 
 
 def special_tokens(tokenizer):
-    """The tokenizer's special-token strings (EOS, end-of-turn markers, ...)."""
-    found = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
-    return found | set(tokenizer.all_special_tokens)
+    """The tokenizer's special-token strings (EOS, end-of-turn markers, ...), computed once per
+    tokenizer: render_pair and with_stop ask for every row (Gemma's tokenizers have thousands)."""
+    key = (id(tokenizer), len(tokenizer))
+    if key not in _SPECIALS:
+        found = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+        _SPECIALS[key] = frozenset(found | set(tokenizer.all_special_tokens))
+    return _SPECIALS[key]
 
 
 def render_pair(processor, question, answer):

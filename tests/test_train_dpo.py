@@ -142,29 +142,13 @@ def test_concatenated_logps_equal_per_example(toy):
 
 
 # ---- parity with TRL's DPOTrainer -------------------------------------------------------------------
-@pytest.mark.slow
-def test_first_steps_equal_trl_dpotrainer(toy, tmp_path):
-    """Same model, same 4 pairs (one global batch, so every step sees all of them in both), full
-    fine-tune of every weight, AdamW, linear schedule, clipping: loss, rewards and log-probs of 3
-    steps agree to 1e-4, after checking TRL builds exactly our tokens."""
-    datasets = pytest.importorskip("datasets")
+def recording_trl_trainer(model_dir, ds, proc, out_dir):
+    """TRL's DPOTrainer on `ds` with the settings both parity tests compare against (one global batch
+    of 4, 3 steps, AdamW lr 1e-4, linear schedule, clipping 1.0, fp32 on the CPU) -> (trainer, seen):
+    `seen` gets loss, rewards and log-probs of every step."""
     from trl import DPOConfig, DPOTrainer
 
-    rows = make_pairs(toy["root"], 4, seed=3)
-    pairs_path = write(tmp_path / "pairs.jsonl", rows)
-    model, proc = common.load_model(toy["model"])
-    tok = proc.tokenizer
-
-    # TRL gets 05's export (05_post_select.to_trl): the rendered prompt with the BOS our tokenizer adds
-    # written out (its collator tokenises with add_special_tokens=False), the responses with EOS (its
-    # vision path adds none).
-    ps = importlib.import_module("05_post_select")
-    exported = ps.to_trl(rows, proc, toy["images"])
-    assert exported[0]["prompt"].startswith(tok.bos_token) and exported[0]["chosen"].endswith(tok.eos_token)
-    ds = datasets.Dataset.from_list([{**{k: e[k] for k in ("prompt", "chosen", "rejected")},
-                                      "images": [common.load_image(toy["images"], p) for p in r["image"]]}
-                                     for e, r in zip(exported, rows)])
-    cfg = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-4,
+    cfg = DPOConfig(output_dir=str(out_dir), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-4,
                     lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, beta=0.1,
                     max_length=None, use_cpu=True, bf16=False, gradient_checkpointing=False, optim="adamw_torch",
                     remove_unused_columns=False, report_to="none", logging_steps=1, save_strategy="no", seed=0,
@@ -179,7 +163,30 @@ def test_first_steps_equal_trl_dpotrainer(toy, tmp_path):
                                                                        "logps/chosen", "logps/rejected")}})
             return loss
 
-    trainer = Recording(model=str(toy["model"]), args=cfg, train_dataset=ds, processing_class=proc)
+    return Recording(model=str(model_dir), args=cfg, train_dataset=ds, processing_class=proc), seen
+
+
+@pytest.mark.slow
+def test_first_steps_equal_trl_dpotrainer(toy, tmp_path):
+    """Same model, same 4 pairs (one global batch, so every step sees all of them in both), full
+    fine-tune of every weight, AdamW, linear schedule, clipping: loss, rewards and log-probs of 3
+    steps agree to 1e-4, after checking TRL builds exactly our tokens."""
+    datasets = pytest.importorskip("datasets")
+    rows = make_pairs(toy["root"], 4, seed=3)
+    pairs_path = write(tmp_path / "pairs.jsonl", rows)
+    model, proc = common.load_model(toy["model"])
+    tok = proc.tokenizer
+
+    # TRL gets 05's export (05_post_select.to_trl): the rendered prompt with the BOS our tokenizer adds
+    # written out (its collator tokenises with add_special_tokens=False), the responses with EOS (its
+    # vision path adds none).
+    ps = importlib.import_module("05_post_select")
+    exported = ps.to_trl(rows, proc, toy["images"])
+    assert exported[0]["prompt"].startswith(tok.bos_token) and exported[0]["chosen"].endswith(tok.eos_token)
+    ds = datasets.Dataset.from_list([{**{k: e[k] for k in ("prompt", "chosen", "rejected")},
+                                      "images": [common.load_image(toy["images"], p) for p in r["image"]]}
+                                     for e, r in zip(exported, rows)])
+    trainer, seen = recording_trl_trainer(toy["model"], ds, proc, tmp_path / "trl")
 
     # 1. tokens: TRL's collated batch == ours, row by row (padding aside), scored positions too
     theirs = trainer.data_collator([ds[i] for i in range(4)])

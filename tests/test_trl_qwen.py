@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 import common
+from test_train_dpo import recording_trl_trainer
 from tiny_families import tiny_dirs  # noqa: F401  (a fixture)
 
 dpo = importlib.import_module("06_train_dpo")
@@ -158,26 +159,10 @@ def test_first_steps_equal_trl_dpotrainer_on_qwen2_5_vl(qwen, tmp_path):
     the loaded model leaves trainable, i.e. all), AdamW, linear schedule, clipping: loss, rewards
     and log-probs of 3 steps agree to 1e-5, after checking TRL builds exactly our tokens. 1e-5,
     not the LLaVA test's 1e-4: 1-D positions instead of M-RoPE move these log-probs by ~2e-4."""
-    from trl import DPOConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
     ds = datasets.Dataset.from_list([trl_example(qwen, r) for r in qwen["rows"]])
-    cfg = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-4,
-                    lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, beta=0.1,
-                    max_length=None, use_cpu=True, bf16=False, gradient_checkpointing=False, optim="adamw_torch",
-                    remove_unused_columns=False, report_to="none", logging_steps=1, save_strategy="no", seed=0,
-                    dataloader_num_workers=0, disable_tqdm=True)
-    seen = []
-
-    class Recording(DPOTrainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            m = self._metrics["train"]
-            seen.append({"loss": loss.item(), **{k: m[k][-1] for k in ("rewards/chosen", "rewards/rejected",
-                                                                       "logps/chosen", "logps/rejected")}})
-            return loss
-
-    trainer = Recording(model=str(qwen["dir"]), args=cfg, train_dataset=ds, processing_class=qwen["proc"])
+    trainer, seen = recording_trl_trainer(qwen["dir"], ds, qwen["proc"], tmp_path / "trl")
     assert isinstance(trainer.data_collator, DataCollatorForVisionPreference)
     assert_same_tokens(qwen["model"], trainer.data_collator([ds[i] for i in range(4)]), ours(qwen))
     assert all(p.requires_grad for p in trainer.model.parameters())  # TRL: every weight
