@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 import common
-from test_train_dpo import recording_trl_trainer
+from test_train_dpo import one_thread, recording_trl_trainer  # noqa: F401  (one_thread: autouse fixture)
 from tiny_families import tiny_dirs  # noqa: F401  (a fixture)
 
 dpo = importlib.import_module("06_train_dpo")
@@ -43,15 +43,6 @@ ROWS = [  # (images, target image, chosen, rejected): answers of different lengt
     (["blue", "green"], 1, "blue", "green, I think"),
     (["yellow", "red", "blue"], 3, "It is blue.", "red"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on the shared 2-core machine it is several times faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
