@@ -10,7 +10,8 @@ out: data/toy/{train,dev,heldout}.json + data/toy/images/<subset>/<id>.png   (LL
 
 The world: a 64x64 image holds one coloured shape on a coloured background; three visual
 styles play the part of LLaVA's sub-datasets (coco, gqa, ...): `plain`, `speckled`, `striped`.
-Questions ask the shape's or the background's colour; answers are one word.
+Questions ask the shape's or the background's colour (one-word answers) or, for a share of turns
+(--describe-share), describe the image: "a red shape on gray", two attributes in one answer.
 A share of prompts already use the multi-image syntax with a single image
 (`Image3:<image>\nIn Image3, what color is the shape?`): the model knows the words but has
 never had to pick one image among several — like a real LLaVA trained on single images,
@@ -37,10 +38,29 @@ SHAPE_COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 2
 BACKGROUNDS = {"white": (235, 235, 235), "black": (25, 25, 25), "gray": (128, 128, 128), "brown": (115, 75, 40)}
 SHAPES = ("circle", "square", "triangle", "cross")
 SUBSETS = ("plain", "speckled", "striped")  # the toy's "sub-datasets"
-QUESTIONS = {  # attribute -> phrasings
+QUESTIONS = {  # what is asked -> phrasings
     "color": ("What color is the shape?", "What is the color of the shape?"),
     "background": ("What color is the background?", "What is the color of the background?"),
+    "describe": ("Describe the image.", "What does the image show?"),
 }
+ANSWERS = {"color": "{color}", "background": "{background}", "describe": "a {color} shape on {background}"}
+
+
+def answer(scene, asked):
+    """The answer to a question about a scene: one colour word, or for "describe" both colours in
+    one sentence, where element interference can show (one image's shape colour with another's
+    background). answer({"color": "red", "background": "gray"}, "describe") -> "a red shape on gray"."""
+    return ANSWERS[asked].format(**scene)
+
+
+def asked_of(question):
+    """Which QUESTIONS entry a prompt asks, from its last line's phrasing (any `In ImageK, ` prefix):
+    asked_of("Image2:<image>\\nIn Image2, describe the image.") -> "describe"."""
+    last = question.replace("\n<image>", "").strip().split("\n")[-1].lower()
+    for asked, phrasings in QUESTIONS.items():
+        if any(last.endswith(ph.lower()) for ph in phrasings):
+            return asked
+    raise ValueError(f"not a toy question: {question!r}")
 
 
 def draw_scene(seed, size, shape, color, background, subset):
@@ -72,16 +92,19 @@ def draw_scene(seed, size, shape, color, background, subset):
     return np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
 
-def make_row(seed, subset, index, labelled_share):
-    """One LLaVA-format sample with 1-2 turns about one scene (the scene kept under `toy`).
-    make_row(0, "plain", 1, 0.25)["id"] -> "plain-000001"; same arguments, same row."""
+def make_row(seed, subset, index, labelled_share, describe_share):
+    """One LLaVA-format sample with 1-2 turns about one scene (the scene kept under `toy`); each turn
+    is a "describe" question with probability describe_share (at most one per row), else one of the
+    one-word questions. make_row(0, "plain", 1, 0.25, 0.3)["id"] -> "plain-000001"; same arguments, same row."""
     rid = f"{subset}-{index:06d}"
     rng = common.row_rng(seed, rid)
     scene = {"shape": rng.choice(SHAPES), "color": rng.choice(list(SHAPE_COLORS)),
              "background": rng.choice(list(BACKGROUNDS))}
-    attrs = ["color", "background"]
-    rng.shuffle(attrs)
-    attrs = attrs[: rng.choice((1, 2))]
+    one_word = ["color", "background"]
+    rng.shuffle(one_word)
+    attrs = []
+    for _ in range(rng.choice((1, 2))):
+        attrs.append("describe" if "describe" not in attrs and rng.random() < describe_share else one_word.pop())
     qs = [rng.choice(QUESTIONS[a]) for a in attrs]
     if rng.random() < labelled_share:  # multi-image syntax, one image
         k = rng.randint(1, 5)
@@ -93,7 +116,7 @@ def make_row(seed, subset, index, labelled_share):
         qs[0] = "<image>\n" + qs[0]
     conv = []
     for q, a in zip(qs, attrs):
-        conv += [{"from": "human", "value": q}, {"from": "gpt", "value": scene[a]}]
+        conv += [{"from": "human", "value": q}, {"from": "gpt", "value": answer(scene, a)}]
     return {"id": rid, "image": f"{subset}/{rid}.png", "conversations": conv, "toy": scene}
 
 
@@ -105,7 +128,7 @@ def lower_first(q):
 # ---- plumbing ---------------------------------------------------------------------------------
 SPLITS = {"train": 0, "dev": 400_000, "heldout": 500_000}  # index offsets: disjoint ids, disjoint scenes
 # The settings that decide the world's bytes (and, read back by 00_train_toy.py, part of its base's).
-WORLD_SETTINGS = ("seed", "n_train", "n_dev", "n_heldout", "max_images", "image_size", "labelled_share")
+WORLD_SETTINGS = ("seed", "n_train", "n_dev", "n_heldout", "max_images", "image_size", "labelled_share", "describe_share")
 
 
 def make_data(a, data_dir):
@@ -119,7 +142,7 @@ def make_data(a, data_dir):
         for subset in SUBSETS:
             (data_dir / "images" / subset).mkdir(parents=True, exist_ok=True)
             for i in range(offset, offset + math.ceil(sizes[split] / len(SUBSETS))):
-                row = make_row(a.seed, subset, i, a.labelled_share)
+                row = make_row(a.seed, subset, i, a.labelled_share, a.describe_share)
                 pixels = draw_scene(common.row_rng(a.seed, row["id"]).getrandbits(63), a.image_size,
                                     **row["toy"], subset=subset)
                 with common.atomic_write(data_dir / "images" / row["image"], "wb") as f:
@@ -186,6 +209,8 @@ def get_args(argv=None):
                    help="largest image count of a prompt in this world (00_train_toy.py evaluates 2..N-image sequences)")
     g.add_argument("--image-size", type=int, default=64)
     g.add_argument("--labelled-share", type=float, default=0.25, help="share of prompts written `ImageK:<image>\\nIn ImageK, ...`")
+    g.add_argument("--describe-share", type=float, default=0.3,
+                   help="share of turns that ask to describe the image (two-attribute answers; 0: one-word answers only)")
     g = p.add_argument_group("system")
     g.add_argument("--seed", type=int, default=0, help="decides every scene, question and pixel (and the base's training)")
     g.add_argument("--tiny", action="store_true", help="a second-long build for tests (few samples)")

@@ -32,6 +32,7 @@ import importlib
 import json
 import math
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -54,7 +55,7 @@ def turn_examples(row):
             q = q + "\n<image>"
         elif t:
             q = first[: at + len("<image>\n")] + q
-        attr = "color" if "shape" in q else "background"
+        attr = world.asked_of(q)
         out.append({"q": q, "a": conv[t + 1]["value"], "kind": ("labelled " if "Image" in q else "") + attr,
                     "images": [row["image"]], "scenes": [row["toy"]], "target": 0, "attr": attr})
     return out
@@ -72,7 +73,7 @@ def sequence_examples(seed, rows, n_per_count, counts, tag):
             k, attr = rng.randint(1, n), rng.choice(list(world.QUESTIONS))
             q = ("".join(f"Image{j}:<image>\n" for j in range(1, n + 1)) + f"In Image{k}, "
                  + world.lower_first(rng.choice(world.QUESTIONS[attr])))
-            out.append({"q": q, "a": picked[k - 1]["toy"][attr], "kind": f"sequence {n}", "images": [r["image"] for r in picked],
+            out.append({"q": q, "a": world.answer(picked[k - 1]["toy"], attr), "kind": f"sequence {n}", "images": [r["image"] for r in picked],
                         "scenes": [r["toy"] for r in picked], "target": k - 1, "attr": attr})
     return out
 
@@ -101,26 +102,29 @@ def span_text(rng, n_tokens, scene):
 
 def text_prior_example(rng, n_items, n_tokens):
     """One text-only span-binding example in the visual prompts' format: `Image1: <span>\n...
-    In ImageK, what color is the shape?` -> item K's attribute; n_items 1 also as `<span>\nQ`."""
+    In ImageK, what color is the shape?` -> item K's answer (world.answer: one colour word, or
+    "a red shape on gray" when asked to describe); n_items 1 also as `<span>\nQ`."""
     scenes = [{"color": rng.choice(list(world.SHAPE_COLORS)), "background": rng.choice(list(world.BACKGROUNDS))}
               for _ in range(n_items)]
     spans = [span_text(rng, n_tokens, sc) for sc in scenes]
     k, attr = rng.randint(1, n_items), rng.choice(list(world.QUESTIONS))
     q = rng.choice(world.QUESTIONS[attr])
     if n_items == 1 and rng.random() < 0.5:
-        return {"q": spans[0] + "\n" + q, "a": scenes[0][attr], "n": 1, "scenes": scenes}
+        return {"q": spans[0] + "\n" + q, "a": world.answer(scenes[0], attr), "n": 1, "scenes": scenes}
     q = "".join(f"Image{j}: {sp}\n" for j, sp in enumerate(spans, 1)) + f"In Image{k}, " + world.lower_first(q)
-    return {"q": q, "a": scenes[k - 1][attr], "n": n_items, "scenes": scenes}
+    return {"q": q, "a": world.answer(scenes[k - 1], attr), "n": n_items, "scenes": scenes}
 
 
 def text_batch(proc, rng, n_max, size, n_tokens, n_questions=1):
     """A text-only batch: half the examples with n_max items, the rest 1..n_max. With
     n_questions > 1, further turns ask about other items of the same prompt
     (`... ASSISTANT: red</s> USER: In Image1, what color is the background? ASSISTANT: white</s>`).
-    -> (batch with labels on answer tokens + EOS, [(row, position of a first answer token, n items)])."""
+    -> (batch with labels on answer tokens + EOS, [(row, positions of one colour word's tokens, n items)]:
+    one entry per colour word of each answer, the words the item's span decides)."""
     import torch
 
     tok = proc.tokenizer
+    colour = re.compile(r"\b(" + "|".join(map(re.escape, [*world.SHAPE_COLORS, *world.BACKGROUNDS])) + r")\b")
     rows, firsts = [], []
     ex = [text_prior_example(rng, n_max if i % 2 == 0 else rng.randint(1, n_max), n_tokens) for i in range(size)]
     for i, e in enumerate(ex):
@@ -132,13 +136,16 @@ def text_batch(proc, rng, n_max, size, n_tokens, n_questions=1):
             for _ in range(n_questions - 1):
                 k, attr = rng.randint(1, e["n"]), rng.choice(list(world.QUESTIONS))
                 turns.append((f" USER: In Image{k}, " + world.lower_first(rng.choice(world.QUESTIONS[attr])) + " ASSISTANT:",
-                              " " + e["scenes"][k - 1][attr]))
+                              " " + world.answer(e["scenes"][k - 1], attr)))
         for q, r in turns:
             if q is not None:
                 qi = tok(q, add_special_tokens=False)["input_ids"]
                 ids, lab = ids + qi, lab + [common.IGNORE_INDEX] * len(qi)
-            ri = tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            firsts.append((i, len(ids), e["n"]))
+            enc = tok(r, add_special_tokens=False, return_offsets_mapping=True)
+            for m in colour.finditer(r):  # the tokens whose characters overlap the word
+                firsts.append((i, [len(ids) + j for j, (s, t) in enumerate(enc["offset_mapping"]) if s < m.end() and t > m.start()],
+                               e["n"]))
+            ri = enc["input_ids"] + [tok.eos_token_id]
             ids, lab = ids + ri, lab + ri
         rows.append((ids, lab))
     T = max(len(r[0]) for r in rows)
@@ -167,8 +174,10 @@ class Curriculum:
     """The language prior's curriculum: `n_max` items per example, grown 2 -> max_items, then (if
     `mode`) spans grown 2 -> 4 -> 9 ... -> n_tokens words; mode "reset" restarts at 2 items for each
     longer span. update(acc) after each step with the training accuracy on the largest item count:
-    once the last 10 average >= 0.9, it grows one notch, forgets them, and returns True.
-      c = Curriculum(3, 4, "keep"); 10 x c.update(1.0) -> n_max 3, span 2; 10 more -> n_max 3, span 4."""
+    once the last 10 average >= 0.9, it grows one notch, forgets them, and returns True. It is
+    `learned` once the last notch (max_items items of the full span) averages >= 0.9 over 10 steps.
+      c = Curriculum(3, 4, "keep"); 10 x c.update(1.0) -> n_max 3, span 2; 10 more -> n_max 3, span 4;
+      10 more -> c.learned."""
 
     def __init__(self, max_items, n_tokens, mode):
         self.max_items, self.mode = max_items, mode
@@ -179,10 +188,17 @@ class Curriculum:
     def span(self):
         return self.lengths[self.li]
 
+    @property
+    def last_notch(self):
+        return self.n_max == self.max_items and self.li == len(self.lengths) - 1
+
+    @property
+    def learned(self):
+        return self.last_notch and len(self.hist) == 10 and sum(self.hist) / 10 >= 0.9
+
     def update(self, acc):
         self.hist = (self.hist + [acc])[-10:]
-        more = self.n_max < self.max_items or self.li < len(self.lengths) - 1
-        if not (more and len(self.hist) == 10 and sum(self.hist) / 10 >= 0.9):
+        if not (not self.last_notch and len(self.hist) == 10 and sum(self.hist) / 10 >= 0.9):
             return False
         if self.n_max < self.max_items:
             self.n_max += 1
@@ -202,12 +218,15 @@ def lm_params(model):
     return [p for name, p in model.named_parameters() if "language_model" in name or "lm_head" in name]
 
 
-def first_answer_accuracy(logits, batch, firsts, n_max):
-    """Share of first answer tokens (of examples with n_max items) that are the argmax one position before."""
-    sel = [(i, pos) for i, pos, n in firsts if n == n_max]
+def answer_accuracy(logits, batch, words, n_max):
+    """Share of the answers' colour words (of examples with n_max items; text_batch's entries) whose
+    every token is the argmax one position before: a describe answer's two colours count apart, its
+    fixed words ("a", "shape", "on") not at all, so the share means the same in every world."""
+    sel = [(i, pos) for i, pos, n in words if n == n_max]
     if not sel:
         return float("nan")
-    ok = [int(logits[i, pos - 1].argmax()) == int(batch["input_ids"][i, pos]) for i, pos in sel]
+    pred = logits.argmax(-1)
+    ok = [all(int(pred[i, p - 1]) == int(batch["input_ids"][i, p]) for p in pos) for i, pos in sel]
     return sum(ok) / len(ok)
 
 
@@ -222,9 +241,10 @@ def image_batch(data, generator, size):
     return batch
 
 
-Phase = collections.namedtuple("Phase", "name steps schedule train_lm loss")
+Phase = collections.namedtuple("Phase", "name steps schedule train_lm loss done", defaults=(None,))
 Phase.__doc__ = """One phase of the base's training: `steps` of its `schedule` ("prior" or "visual": alignment
-and SFT share one AdamW and one lr schedule), whether the language model learns, and loss(step) -> (loss, stats)."""
+and SFT share one AdamW and one lr schedule), whether the language model learns, loss(step) -> (loss, stats),
+and optionally done(step) -> True to end the phase after that step."""
 
 
 def phases(model, proc, data, a):
@@ -241,10 +261,11 @@ def phases(model, proc, data, a):
         n_max = curriculum.n_max
         batch, firsts = text_batch(proc, prior_rng, n_max, a.text_batch_size, curriculum.span, a.text_questions)
         out = model(**batch)
-        acc = first_answer_accuracy(out.logits.detach(), batch, firsts, n_max)
+        acc = answer_accuracy(out.logits.detach(), batch, firsts, n_max)
         if curriculum.update(acc):
             print(f"text prior: step {step}: now up to {curriculum.n_max} items of {curriculum.span} words", flush=True)
-        return out.loss, {"n_max": curriculum.n_max, "span": curriculum.span, "acc": round(acc, 3)}
+        return out.loss, {"n_max": curriculum.n_max, "span": curriculum.span, "acc": round(acc, 3),
+                          "learned": curriculum.learned}
 
     def align(step):  # LLaVA stage 1: images only, the language model stays as the prior left it
         return model(**image_batch(data, picks, a.batch_size)).loss, {}
@@ -256,8 +277,12 @@ def phases(model, proc, data, a):
             loss = loss + a.text_mix * model(**tb).loss
         return loss, {}
 
+    def prior_done(step):  # at least --text-prior-steps, then until the curriculum is learned
+        return step + 1 >= a.text_prior_steps and curriculum.learned
+
     frozen = min(a.freeze_lm_steps, a.steps)
-    return [Phase("text prior", range(a.text_prior_steps), "prior", True, prior),
+    prior_steps = max(a.text_prior_steps, a.text_prior_max_steps) if a.text_prior_steps else 0
+    return [Phase("text prior", range(prior_steps), "prior", True, prior, prior_done),
             Phase("align", range(frozen), "visual", False, align),
             Phase("sft", range(frozen, a.steps), "visual", True, sft)]
 
@@ -293,11 +318,14 @@ def train_base(model, plan, a, log_every=50):
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
             opt.step()
             sched.step()
-            if step in (ph.steps[0], ph.steps[-1]) or step % log_every == 0:  # each phase's start and end, and every N
+            done = ph.done is not None and ph.done(step)
+            if done or step in (ph.steps[0], ph.steps[-1]) or step % log_every == 0:  # each phase's start and end, and every N
                 log.append({"phase": ph.name, "step": step, "loss": round(loss.item(), 4), **stats,
                             "s": round(time.time() - t0, 1)})
                 print(f"{ph.name:10s} {step:5d} | loss {loss.item():.4f} | lr {sched.get_last_lr()[0]:.1e}"
                       + "".join(f" | {k} {v}" for k, v in stats.items()) + f" | {time.time() - t0:6.1f} s", flush=True)
+            if done:
+                break
         seconds[ph.name] = round(time.time() - t, 1)
     for p in lm:
         p.requires_grad_(True)
@@ -386,9 +414,13 @@ def build_model(tokenizer, a):
 # ---- evaluation: stage 07's scoring ---------------------------------------------------------------
 def as_question(e, key):
     """An example as stage 07 scores it (07_eval.row_question's fields): single-image examples are
-    07's group "single", a sequence's group is its kind ("sequence 3")."""
-    return {"key": key, "id": key, "kind": "open", "group": "single" if len(e["images"]) == 1 else e["kind"],
-            "gold": e["a"], "scenes": e["scenes"], "target": e["target"], "attr": e["attr"]}
+    07's group "single", a sequence's group is its kind ("sequence 3"); a describe question names both
+    colours, which 07 scores as a multi-attribute answer (element interference can be counted)."""
+    q = {"key": key, "id": key, "kind": "open", "group": "single" if len(e["images"]) == 1 else e["kind"],
+         "gold": e["a"], "scenes": e["scenes"], "target": e["target"]}
+    if e["attr"] == "describe":
+        return {**q, "attrs": ["color", "background"], "vocab": [*world.SHAPE_COLORS, *world.BACKGROUNDS]}
+    return {**q, "attr": e["attr"]}
 
 
 def summary(records, summarise):
@@ -407,13 +439,13 @@ def summary(records, summarise):
 
 
 def evaluate(model, proc, examples, image_root, batch_size=64):
-    """Greedy answers (4 new tokens at most) to every example, scored by 07_eval.score -> summary()."""
+    """Greedy answers (8 new tokens at most) to every example, scored by 07_eval.score -> summary()."""
     scoring = importlib.import_module("07_eval")
     records = []
     for i in range(0, len(examples), batch_size):
         ex = examples[i : i + batch_size]
         ims = [[common.load_image(image_root, p) for p in e["images"]] for e in ex]
-        answers = common.generate(model, proc, [e["q"] for e in ex], ims, max_new_tokens=4)
+        answers = common.generate(model, proc, [e["q"] for e in ex], ims, max_new_tokens=8)
         records += [{**scoring.score(as_question(e, str(i + j)), ans), "kind": e["kind"]}
                     for j, (e, ans) in enumerate(zip(ex, answers))]
     return summary(records, scoring.summarise)
@@ -463,8 +495,11 @@ def train_and_save(train_ex, eval_ex, image_root, model_dir, a):
     model, log, took = train_base(model, phases(model, proc, data, a), a)
     t = time.time()
     acc = evaluate(model, proc, eval_ex, image_root)
+    prior_log = [r for r in log if r["phase"] == "text prior"]
     report = {a.eval_split: acc, "parameters": n_params,
-              "text_prior_log": [r for r in log if r["phase"] == "text prior"],
+              "text_prior": ({"steps": prior_log[-1]["step"] + 1, **{k: prior_log[-1][k] for k in ("n_max", "span", "learned")}}
+                             if prior_log else None),
+              "text_prior_log": prior_log,
               "train_log": [r for r in log if r["phase"] != "text prior"],
               "seconds": {**seconds, **took, "eval": round(time.time() - t, 1)},
               "settings": {k: v for k, v in vars(a).items() if k not in ("force", "retrain")}}
@@ -480,9 +515,9 @@ def train_and_save(train_ex, eval_ex, image_root, model_dir, a):
 
 # subtle: only these settings decide the base's weights (the world's first); output paths, threads and
 # the end-of-stage evaluation do not, so a run differing only in those may start from the committed base.
-WEIGHT_SETTINGS = ("seed", "n_train", "max_images", "image_size", "labelled_share", "multi_share", "patch",
+WEIGHT_SETTINGS = ("seed", "n_train", "max_images", "image_size", "labelled_share", "describe_share", "multi_share", "patch",
                    "vision_width", "vision_layers", "width", "layers", "steps", "batch_size", "lr", "warmup",
-                   "text_prior_steps", "span_tokens", "text_batch_size", "text_questions", "span_curriculum",
+                   "text_prior_steps", "text_prior_max_steps", "span_tokens", "text_batch_size", "text_questions", "span_curriculum",
                    "text_mix", "freeze_lm_steps")
 COMMITTED_BASE = Path(__file__).resolve().parent / "checkpoints" / "toy-llava"
 
@@ -516,6 +551,10 @@ def copy_base(src, model_dir):
 
 
 def print_report(report):
+    prior = report.get("text_prior")
+    if prior:
+        print(f"text prior: {prior['steps']} steps, up to {prior['n_max']} items of {prior['span']} words, "
+              + ("learned" if prior["learned"] else "NOT learned within --text-prior-max-steps"))
     split = next(k for k in ("heldout", "dev") if k in report)
     print(f"{split} accuracy (greedy, scored by 07_eval.score):")
     for group, r in report[split].items():
@@ -569,7 +608,10 @@ def get_args(argv=None):
     g.add_argument("--layers", type=int, default=4, help="language model layers")
     g = p.add_argument_group("phase 1: language prior")
     g.add_argument("--text-prior-steps", type=int, default=700,
-                   help="first train the LM on text-only span binding (`Image1: <span>\\n...In ImageK, ...`), 2->max-images items")
+                   help="first train the LM on text-only span binding (`Image1: <span>\\n...In ImageK, ...`), 2->max-images "
+                        "items: at least this many steps, then until the curriculum is learned (0: no prior)")
+    g.add_argument("--text-prior-max-steps", type=int, default=1600,
+                   help="the prior stops here even if its curriculum is not learned (toy_report.json says so)")
     g.add_argument("--span-tokens", type=int, default=0, help="words per text span (0: the image token count)")
     g.add_argument("--text-batch-size", type=int, default=64)
     g.add_argument("--text-questions", type=int, default=4, help="questions (turns) per text-prior example with >= 2 items")

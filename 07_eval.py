@@ -224,9 +224,13 @@ def mass_summary(records):
     return dict(sorted(out.items(), key=lambda kv: order(kv[0])))
 
 
+ERROR_TYPES = ("sequence confusion", "element interference", "other")
+
+
 def summarise(records):
     """Per-group accuracy and error breakdown from answer records -> {group: {...}}, plus
-    `multi-image` (all groups but `single`, pooled)."""
+    `multi-image` (all groups but `single`, pooled). A group with several-attribute answers also
+    has `by_answer`: accuracy and errors of its one-word and its several-attribute questions apart."""
     by = defaultdict(list)
     for r in records:
         by[r["group"]].append(r)
@@ -239,9 +243,13 @@ def summarise(records):
         typed = [r for r in rs if "type" in r]  # every scored toy row: right ones have type None
         if typed:
             wrong = [r for r in typed if not r["correct"]]
-            s["errors"] = {t: sum(r["type"] == t for r in wrong)
-                           for t in ("sequence confusion", "element interference", "other")}
+            s["errors"] = {t: sum(r["type"] == t for r in wrong) for t in ERROR_TYPES}
             s["random_image_accuracy"] = sum(r["random_image"] for r in typed) / len(typed)
+        kinds = {r.get("answer_kind") for r in typed}
+        if "attributes" in kinds:  # one-word and several-attribute answers, each on its own
+            s["by_answer"] = {k: {"n": len(rk), "accuracy": sum(r["correct"] for r in rk) / len(rk),
+                                  "errors": {t: sum(r["type"] == t for r in rk) for t in ERROR_TYPES}}
+                              for k in ("one word", "attributes") if (rk := [r for r in typed if r.get("answer_kind") == k])}
         out[g] = s
     return dict(sorted(out.items(), key=lambda kv: _group_order(kv[0])))
 
@@ -351,12 +359,12 @@ def score(q, answer):
     r["correct"] = normalise_answer(answer) == normalise_answer(q["gold"])
     if "attr" in q:
         sc, t, a = q["scenes"], q["target"], q["attr"]
-        r["type"] = None if r["correct"] else hallucination_type(answer, sc, t, a)
+        r["type"], r["answer_kind"] = None if r["correct"] else hallucination_type(answer, sc, t, a), "one word"
         r["random_image"] = sum(normalise_answer(s[a]) == normalise_answer(q["gold"]) for s in sc) / len(sc)
     elif "attrs" in q:  # several attributes in one answer
         sc, t, attrs = q["scenes"], q["target"], q["attrs"]
         mentions = answer_attributes(answer, q["gold"], sc[t], attrs, sc, q.get("vocab", ()))
-        r["type"] = None if r["correct"] else hallucination_type_multi(mentions, sc, t)
+        r["type"], r["answer_kind"] = None if r["correct"] else hallucination_type_multi(mentions, sc, t), "attributes"
         r["random_image"] = sum(all(normalise_answer(s[k]) == normalise_answer(sc[t][k]) for k in attrs) for s in sc) / len(sc)
     return r
 
@@ -545,6 +553,18 @@ def table(report, names):
         for g in typed:
             cells = ["{sequence confusion}/{element interference}/{other}".format(**report[n]["groups"][g]["errors"]) for n in names]
             lines.append(f"{g:<16}" + "".join(f"{c:>16}" for c in cells))
+    split = [g for g in groups if "attributes" in report[names[0]]["groups"][g].get("by_answer", {})]
+    if split:
+        lines += ["", "one-word answers vs describe answers (\"a red shape on gray\"): accuracy (n) and the describe "
+                  "answers' errors (sequence confusion / element interference / other):"]
+        for g in split:
+            cells = []
+            for n in names:
+                b = report[n]["groups"][g]["by_answer"]
+                one, att = b.get("one word", {"n": 0, "accuracy": float("nan")}), b["attributes"]
+                cells.append(f"{100 * one['accuracy']:.1f} | {100 * att['accuracy']:.1f} ({att['n']}) "
+                             + "{sequence confusion}/{element interference}/{other}".format(**att["errors"]))
+            lines.append(f"{g:<16}" + "".join(f"{c:>30}" for c in cells))
     if all("mass" in report[n] for n in names):
         lines += ["", mass_table(report, names)]
     if all("pairs" in report[n] for n in names):

@@ -2,7 +2,7 @@
 # run.sh — the README's two commands. Each sets up .venv on first use, then:
 #   bash run.sh demo    the toy pipeline end to end on the CPU (the embedded default)
 #   bash run.sh test    the test suite
-#   bash run.sh effect  the ablation (attention vs all wrong vs random pairs) over seeds, behind the README's numbers
+#   bash run.sh effect  the ablation (which pairs, which loss terms, a second round) over three seeds, behind the README's numbers
 # On a GPU machine, create .venv and install your own CUDA build of torch first; this
 # script only installs torch (the CPU build it was tested with) when none is importable.
 set -euo pipefail
@@ -74,19 +74,23 @@ SUMMARY
   effect)
     setup requirements.txt
     # The ablation behind the README's results: for each seed, a toy world and base (seed 0: the
-    # committed one), then the toy recipe on three pair sets from the same sequence prompts —
-    # attention-selected rejected answers (04 and 05 defaults: the method), every wrong answer
-    # (no attention or perplexity selection), and a random subset of every wrong answer with the
-    # method's size — plus an SFT-only control on the method's pairs (--dpo-alpha 0); all scored
-    # side by side on dev and held-out.   SEEDS="0 1" bash run.sh effect
+    # committed one), then the toy recipe on pair sets from the same sequence prompts — attention-
+    # selected rejected answers (04 and 05 defaults: the method), every wrong answer (no attention
+    # or perplexity selection), a random subset of every wrong answer of the method's size — the
+    # method's pairs with the preference term off (sft-only: --dpo-alpha 0) and with the SFT term
+    # off (pure-dpo: --gamma 0, the paper's loss), and a second round (iterative: 01 -> 04 -> 05 -> 06
+    # on fresh sequence prompts, from the method's model); all scored side by side on dev and
+    # held-out.   SEEDS="0 1 2" bash run.sh effect   (each step is skipped when its output exists)
     HERE=$(pwd)
-    for S in ${SEEDS:-0 1}; do
+    for S in ${SEEDS:-0 1 2}; do
       R="$HERE/runs/effect-s$S"; T="$R/data/toy"; M="$R/models/toy-llava"
       echo; echo "=== seed $S -> $R"
       "$PY" 00_make_toy.py --root "$R" --seed "$S"
-      "$PY" 00_train_toy.py --root "$R" ${TOY_FLAGS:-}
-      [ -f "$T/sequence.jsonl" ] || "$PY" 01_make_sequence.py --data "$T/train.json" --image-root "$T/images" \
-          --seed "$S" --out "$T/sequence.jsonl"
+      "$PY" 00_train_toy.py --root "$R" --eval-split dev ${TOY_FLAGS:-}
+      seq() {  # seq OUT SEED: 01's sequence prompts from the training split
+        [ -f "$1" ] || "$PY" 01_make_sequence.py --data "$T/train.json" --image-root "$T/images" --seed "$2" --out "$1"
+      }
+      seq "$T/sequence.jsonl" "$S"
       gen=("$PY" 04_gen_pairs.py --data "$T/sequence.jsonl" --image-root "$T/images" --model "$M" --seed "$S")
       [ -f "$T/pairs.jsonl" ] || "${gen[@]}" --out "$T/pairs.jsonl"
       [ -f "$T/pairs-all.jsonl" ] || "${gen[@]}" --out "$T/pairs-all.jsonl" --threshold sequence=inf --min-ppl 0
@@ -94,42 +98,61 @@ SUMMARY
       "$PY" 05_post_select.py --data "$T/pairs-all.jsonl" --out "$T/pairs-all.post.jsonl" --min-ppl 0 --max-ppl inf
       "$PY" 05_post_select.py --data "$T/pairs-all.jsonl" --out "$T/pairs-random.post.jsonl" \
           --min-ppl 0 --max-ppl inf --sample-like "$T/pairs.post.jsonl" --seed "$S"
-      for arm in attention:pairs all-wrong:pairs-all random:pairs-random sft-only:pairs; do
-        extra=(); [ "${arm%%:*}" = sft-only ] && extra=(--dpo-alpha 0)
-        [ -f "$R/out/${arm%%:*}/final/config.json" ] || "$PY" 06_train_dpo.py --model "$M" \
-            --pairs "$T/${arm#*:}.post.jsonl" --image-root "$T/images" --out "$R/out/${arm%%:*}" --seed "$S" \
-            "${extra[@]}" ${DPO_FLAGS:-}
+      dpo() {  # dpo ARM PAIRS MODEL [06 flags]: the toy recipe, skipped when trained
+        [ -f "$R/out/$1/final/config.json" ] || "$PY" 06_train_dpo.py --model "$3" --pairs "$T/$2.post.jsonl" \
+            --image-root "$T/images" --out "$R/out/$1" --seed "$S" --recipe toy "${@:4}" ${DPO_FLAGS:-}
+      }
+      dpo attention pairs "$M"
+      dpo all-wrong pairs-all "$M"
+      dpo random pairs-random "$M"
+      dpo sft-only pairs "$M" --dpo-alpha 0
+      dpo pure-dpo pairs "$M" --gamma 0
+      # iterative: fresh prompts (01 with another seed), the method's model answers them (04 + 05),
+      # and a second round of the same recipe starts from it, with it as the reference
+      seq "$T/sequence-r2.jsonl" $((S + 1000))
+      [ -f "$T/pairs-r2.jsonl" ] || "$PY" 04_gen_pairs.py --data "$T/sequence-r2.jsonl" --image-root "$T/images" \
+          --model "$R/out/attention/final" --seed "$S" --out "$T/pairs-r2.jsonl"
+      "$PY" 05_post_select.py --data "$T/pairs-r2.jsonl" --out "$T/pairs-r2.post.jsonl" --recipe toy
+      dpo iterative pairs-r2 "$R/out/attention/final"
+      arms=(base attention all-wrong random sft-only pure-dpo iterative)
+      models=(); for arm in "${arms[@]}"; do
+        [ "$arm" = base ] && models+=(--model "base=$M") || models+=(--model "$arm=$R/out/$arm")
       done
       for split in dev heldout; do
-        (cd "$R" && PYTHON="$PY" SPLIT=$split OUT="$R/out/eval-$split" bash "$HERE/07_eval.sh" --model "base=$M" \
-            --model "attention=$R/out/attention" --model "all-wrong=$R/out/all-wrong" --model "random=$R/out/random" \
-            --model "sft-only=$R/out/sft-only")
+        [ -f "$R/out/eval-$split/report.json" ] || (cd "$R" && PYTHON="$PY" SPLIT=$split OUT="$R/out/eval-$split" \
+            bash "$HERE/07_eval.sh" "${models[@]}")
       done
     done
-    "$PY" - ${SEEDS:-0 1} <<'SUMMARY'
+    "$PY" - ${SEEDS:-0 1 2} <<'SUMMARY'
 import json, statistics, sys
 seeds = sys.argv[1:]
+def seq(r, key="accuracy"):  # sequences 2-5 pooled
+    g = [v for k, v in r["groups"].items() if k.startswith("sequence ")]
+    return sum(v[key] * v["n"] for v in g) / sum(v["n"] for v in g)
+def interference(r):  # element-interference errors over every multi-image group
+    return sum(v.get("errors", {}).get("element interference", 0) for k, v in r["groups"].items() if k != "multi-image" and k != "single")
 for split in ("dev", "heldout"):
     reps = {s: json.load(open(f"runs/effect-s{s}/out/eval-{split}/report.json")) for s in seeds}
     arms = list(reps[seeds[0]])
-    print(f"\n=== {split}: accuracy (%), seeds {' '.join(seeds)}")
-    cols = ("single", "sequence", "multi-image")
-    print(f"{'arm':<11}" + "".join(f"{c + ' s' + s:>15}" for s in seeds for c in cols) + f"{'seq mean':>10}{'change':>8}")
-    def seq(r):  # sequences 2-5 pooled
-        g = [v for k, v in r["groups"].items() if k.startswith("sequence ")]
-        return sum(v["accuracy"] * v["n"] for v in g) / sum(v["n"] for v in g)
-    base = statistics.mean(seq(reps[s][arms[0]]) for s in seeds)
+    print(f"\n=== {split}: accuracy (%), mean of seeds {' '.join(seeds)} (per seed: change in sequence, single)")
+    print(f"{'arm':<11}{'single':>8}{'sequence':>10}{'multi':>7}{'seq change':>11}{'single chg':>11}{'EI errors':>10}   "
+          + "  ".join(f"s{s}: seq/single" for s in seeds))
+    base = {s: reps[s][arms[0]] for s in seeds}
     for a in arms:
-        row = f"{a:<11}"
-        for s in seeds:
-            r = reps[s][a]
-            row += f"{100 * r['groups']['single']['accuracy']:>15.1f}{100 * seq(r):>15.1f}{100 * r['groups']['multi-image']['accuracy']:>15.1f}"
-        m = statistics.mean(seq(reps[s][a]) for s in seeds)
-        print(row + f"{100 * m:>10.1f}{100 * (m - base):>+8.1f}")
+        r = {s: reps[s][a] for s in seeds}
+        m = lambda f: 100 * statistics.mean(f(r[s]) for s in seeds)  # noqa: E731
+        single = lambda x: x["groups"]["single"]["accuracy"]  # noqa: E731
+        per = "  ".join(f"{100 * (seq(r[s]) - seq(base[s])):+7.1f}/{100 * (single(r[s]) - single(base[s])):+5.1f}" for s in seeds)
+        print(f"{a:<11}{m(single):>8.1f}{m(seq):>10.1f}{m(lambda x: x['groups']['multi-image']['accuracy']):>7.1f}"
+              f"{m(seq) - 100 * statistics.mean(seq(base[s]) for s in seeds):>+11.1f}"
+              f"{m(single) - 100 * statistics.mean(single(base[s]) for s in seeds):>+11.1f}"
+              f"{statistics.mean(interference(r[s]) for s in seeds):>10.1f}   {per}")
 for s in seeds:
     n = {a: json.load(open(f"runs/effect-s{s}/data/toy/{f}.post.jsonl.meta.json"))["counts"]["kept"]
-         for a, f in (("attention", "pairs"), ("all-wrong", "pairs-all"), ("random", "pairs-random"))}
-    print(f"sequence pairs trained on, seed {s}: " + ", ".join(f"{a} {v}" for a, v in n.items()))
+         for a, f in (("attention", "pairs"), ("all-wrong", "pairs-all"), ("random", "pairs-random"), ("iterative", "pairs-r2"))}
+    prior = json.load(open(f"runs/effect-s{s}/models/toy-llava/toy_report.json")).get("text_prior") or {}
+    print(f"seed {s}: sequence pairs trained on: " + ", ".join(f"{a} {v}" for a, v in n.items())
+          + f"; base's text prior: {prior.get('steps')} steps, learned {prior.get('learned')}")
 SUMMARY
     ;;
   test)

@@ -253,6 +253,25 @@ def test_row_question_and_score_for_a_multi_attribute_answer():
     assert ev.score(q, "a blue shape on white")["type"] == "sequence confusion"
 
 
+def test_summarise_splits_one_word_from_describe_answers():
+    """A group holding both kinds reports each apart (by_answer); its pooled numbers are unchanged."""
+    scene_of = {"a.png": MULTI[0], "b.png": MULTI[1]}
+    mia = {"format": "sequence", "n_images": 2, "target": 1}
+    head = "Image1:<image>\nImage2:<image>\nIn Image1, "
+    qd = {**ev.row_question(_row("d", ["a.png", "b.png"], head + "describe it.", "a red shape on gray", mia), "f", 1, scene_of), "key": "f:d"}
+    qc = {**ev.row_question(_row("c", ["a.png", "b.png"], head + "what color is the shape?", "red", mia), "f", 2, scene_of), "key": "f:c"}
+    recs = [ev.score(qd, "a red shape on gray"), ev.score(qd, "a blue shape on gray"), ev.score(qd, "a blue shape on white"),
+            ev.score(qc, "red"), ev.score(qc, "blue")]
+    s = ev.summarise(recs)["sequence 2"]
+    assert (s["n"], s["accuracy"]) == (5, 0.4)
+    assert s["errors"] == {"sequence confusion": 2, "element interference": 1, "other": 0}
+    assert s["by_answer"] == {
+        "one word": {"n": 2, "accuracy": 0.5, "errors": {"sequence confusion": 1, "element interference": 0, "other": 0}},
+        "attributes": {"n": 3, "accuracy": pytest.approx(1 / 3),
+                       "errors": {"sequence confusion": 1, "element interference": 1, "other": 0}}}
+    assert "by_answer" not in ev.summarise(recs[3:])["sequence 2"]  # one-word answers only: no split
+
+
 # ---- probability mass at the answer ----------------------------------------------------------
 def test_mass_split_hand_case():
     scenes = [{"shape": "circle", "color": "red", "background": "gray"},
@@ -294,7 +313,9 @@ def test_mass_is_a_partition_and_the_truth_is_its_log_prob(toy_tiny, tmp_path):
                                   str(toy_tiny / "data/toy/images"), "--scenes", *data, "--data", *data,
                                   "--batch-size", "8", "--out", str(tmp_path), "--no-pairs"]))
     mass = [json.loads(x) for x in (tmp_path / "mass-m.jsonl").read_text().splitlines()]
-    assert len(mass) == 30 and report["m"]["mass"]["single"]["n"] == 30
+    one_word = [r for r in json.loads((toy_tiny / "data/toy/heldout.json").read_text())
+                if " " not in r["conversations"][1]["value"]]  # describe answers get no mass split
+    assert 0 < len(one_word) < 30 and len(mass) == report["m"]["mass"]["single"]["n"] == len(one_word)
     for r in mass:
         assert sum(r[k] for k in ("truth", "other_images", "other_attributes", "no_image", "rest")) == pytest.approx(1, abs=1e-5)
         assert 0 <= r["truth"] <= r["vocab"] <= 1 + 1e-9
@@ -312,5 +333,9 @@ def test_mass_is_a_partition_and_the_truth_is_its_log_prob(toy_tiny, tmp_path):
         lp = token_logps[0][token_logps[0] != 0][: len(tok_ids[q["gold"]])].sum()  # the truth's tokens, not EOS
         assert r["truth"] == pytest.approx(float(lp.exp()), rel=1e-4, abs=1e-9)
     rej = [r for r in mass if "rejected" in r]
-    assert rej and all(0 <= r["rejected"] <= r["vocab"] for r in rej)
+    answers = {r["key"]: r for r in map(json.loads, (tmp_path / "answers-m.jsonl").read_text().splitlines())}
+    vocab = set(ev.answer_vocab(list(qs.values())))
+    assert len(rej) == sum(not answers[r["key"]]["correct"] and common.normalise_answer(answers[r["key"]]["answer"]) in vocab
+                           for r in mass)  # a rejected mass exactly where the wrong answer is an answer word
+    assert all(0 <= r["rejected"] <= r["vocab"] for r in rej)
     assert "probability mass at the first answer token" in (tmp_path / "report.txt").read_text()

@@ -52,7 +52,13 @@ def test_toy_world_files_and_format(toy_tiny):
     for line, row in common.read_rows(data / "train.json"):
         (path,) = common.check_llava_row(row, data / "train.json", line)
         assert common.load_image(data / "images", path).size == (64, 64)
-        assert row["conversations"][1]["value"] in (row["toy"]["color"], row["toy"]["background"])
+        for t in range(0, len(row["conversations"]), 2):  # each answer is the scene's answer to its question
+            q, ans = row["conversations"][t]["value"], row["conversations"][t + 1]["value"]
+            assert ans == world.answer(row["toy"], world.asked_of(q))
+    asked = [world.asked_of(r["conversations"][t]["value"]) for r in train for t in range(0, len(r["conversations"]), 2)]
+    assert set(asked) == set(world.QUESTIONS) and 0.2 < asked.count("describe") / len(asked) < 0.4
+    assert all(len(set(asked_row)) == len(asked_row) for asked_row in
+               ([world.asked_of(t["value"]) for t in r["conversations"][::2]] for r in train))  # nothing asked twice
     assert {r["image"].split("/")[0] for r in train} == {"plain", "speckled", "striped"}  # sub-datasets
     firsts = [r["conversations"][0]["value"] for r in train]
     assert any(q.startswith("<image>\n") for q in firsts) and any(q.endswith("\n<image>") for q in firsts)
@@ -80,12 +86,12 @@ def test_report_counts_what_the_saved_model_answers(toy_tiny):
     for i in range(0, len(asked), 64):  # the batches the report was made with (a tiny model's ties could flip)
         ex = asked[i : i + 64]
         answers += common.generate(model, proc, [e["q"] for e in ex],
-                                   [[common.load_image(data / "images", p) for p in e["images"]] for e in ex], max_new_tokens=4)
+                                   [[common.load_image(data / "images", p) for p in e["images"]] for e in ex], max_new_tokens=8)
     singles = [(x, e) for x, e in zip(answers, asked) if len(e["images"]) == 1]
     right = [common.normalise_answer(x) == e["a"] for x, e in singles]
     assert len(right) == held["single"]["n"]
     assert held["single"]["accuracy"] == pytest.approx(sum(right) / len(right))
-    for kind in ("color", "background", "labelled color", "labelled background"):
+    for kind in {e["kind"] for _, e in singles}:
         mine = [ok for ok, (_, e) in zip(right, singles) if e["kind"] == kind]
         assert held[f"single/{kind}"] == {**held[f"single/{kind}"], "n": len(mine), "accuracy": pytest.approx(sum(mine) / len(mine))}
     wrong = len(right) - sum(right)
@@ -159,9 +165,22 @@ def test_the_world_decides_the_base(tmp_path, capsys):
 
 
 def test_another_seed_another_world():
-    a = world.make_row(0, "plain", 1, 0.25)
-    assert a == world.make_row(0, "plain", 1, 0.25) and a["id"] == "plain-000001"
-    assert any(world.make_row(1, "plain", i, 0.25)["toy"] != world.make_row(0, "plain", i, 0.25)["toy"] for i in range(5))
+    a = world.make_row(0, "plain", 1, 0.25, 0.3)
+    assert a == world.make_row(0, "plain", 1, 0.25, 0.3) and a["id"] == "plain-000001"
+    assert any(world.make_row(1, "plain", i, 0.25, 0.3)["toy"] != world.make_row(0, "plain", i, 0.25, 0.3)["toy"] for i in range(5))
+
+
+def test_answers_and_what_a_question_asks_hand_cases():
+    scene = {"shape": "circle", "color": "red", "background": "gray"}
+    assert [world.answer(scene, k) for k in ("color", "background", "describe")] == ["red", "gray", "a red shape on gray"]
+    assert world.asked_of("Image2:<image>\nIn Image2, describe the image.") == "describe"
+    assert world.asked_of("What does the image show?\n<image>") == "describe"
+    assert world.asked_of("<image>\nWhat is the color of the background?") == "background"
+    assert world.asked_of("Image1:<image>\nImage2:<image>\nIn Image1, what color is the shape?") == "color"
+    with pytest.raises(ValueError, match="not a toy question"):
+        world.asked_of("<image>\nHow many shapes?")
+    rows = [world.make_row(0, "plain", i, 0.25, 0.0) for i in range(20)]  # share 0: one-word answers only
+    assert all(world.asked_of(t["value"]) != "describe" for r in rows for t in r["conversations"][::2])
 
 
 def test_sequence_examples_ask_about_the_labelled_image(toy_tiny):
@@ -173,9 +192,9 @@ def test_sequence_examples_ask_about_the_labelled_image(toy_tiny):
         n = len(e["images"])
         assert e["kind"] == f"sequence {n}" and len(set(e["images"])) == n
         assert e["q"].startswith("".join(f"Image{j}:<image>\n" for j in range(1, n + 1)))
-        k = int(re.search(r"In Image(\d), what", e["q"]).group(1))
-        assert e["target"] == k - 1 and e["attr"] == ("color" if "shape" in e["q"] else "background")
-        assert e["scenes"] == [by_path[p] for p in e["images"]] and e["a"] == e["scenes"][k - 1][e["attr"]]
+        k = int(re.search(r"In Image(\d), ", e["q"]).group(1))
+        assert e["target"] == k - 1 and e["attr"] == world.asked_of(e["q"])
+        assert e["scenes"] == [by_path[p] for p in e["images"]] and e["a"] == world.answer(e["scenes"][k - 1], e["attr"])
 
 
 def test_text_prior_examples_bind_the_label_to_its_span():
@@ -188,7 +207,7 @@ def test_text_prior_examples_bind_the_label_to_its_span():
             span = lines[k - 1].split(": ", 1)[1].split()
             assert lines[k - 1].startswith(f"Image{k}: ") and len(span) == n_tokens
             scene = ex["scenes"][k - 1]
-            assert ex["a"] == (scene["background"] if "background" in lines[-1] else scene["color"])
+            assert ex["a"] == world.answer(scene, world.asked_of(lines[-1]))
             assert scene["color"] in span and (n_tokens < 4 or span.count(scene["background"]) >= 1)
 
 
@@ -198,7 +217,9 @@ def test_curriculum_and_schedules_hand_cases():
     assert not any(c.update(0.0) for _ in range(30))  # below 0.9: stays
     # the last 10 steps' mean reaches 0.9 at the 9th 1.0: then the span grows and the window empties
     assert [c.update(1.0) for _ in range(10)] == [False] * 8 + [True, False] and (c.n_max, c.span) == (3, 4)
-    assert not any(c.update(1.0) for _ in range(30))  # nothing left to grow
+    assert not any(c.update(1.0) for _ in range(30)) and c.learned  # nothing left to grow: learned
+    c.update(0.0), c.update(0.0)
+    assert not c.learned and (c.n_max, c.span) == (3, 4)  # the last 10 average 0.8
     r = base.Curriculum(3, 4, "reset")
     [r.update(0.95) for _ in range(20)]
     assert (r.n_max, r.span) == (2, 4)  # longer spans start again at 2 items
@@ -229,7 +250,7 @@ def _reference_two_loops(model, proc, data, a):
         opt.step()
         sched.step()
         with torch.no_grad():
-            acc = base.first_answer_accuracy(out.logits.detach(), batch, firsts, n_max)
+            acc = base.answer_accuracy(out.logits.detach(), batch, firsts, n_max)
         hist = (hist + [acc])[-10:]
         if len(hist) == 10 and sum(hist) / 10 >= 0.9 and (n_max < a.max_images or li < len(lengths) - 1):
             if n_max < a.max_images:
@@ -274,8 +295,9 @@ def test_merged_loop_equals_the_two_loops_it_replaced(toy_tiny, monkeypatch):
     a.freeze_lm_steps, a.steps, a.batch_size, a.text_mix = 3, 8, 8, 0.25
     # subtle: a tiny model never reaches 0.9, so the accuracy is read as 1.0 (by both loops): the
     # curriculum then grows at steps 9 and 19, and the batches after it change shape
-    real = base.first_answer_accuracy
-    monkeypatch.setattr(base, "first_answer_accuracy", lambda *x: 1.0 if real(*x) >= 0 else 0.0)
+    a.text_prior_max_steps = a.text_prior_steps  # exactly 25 prior steps, as the two loops ran
+    real = base.answer_accuracy
+    monkeypatch.setattr(base, "answer_accuracy", lambda *x: 1.0 if real(*x) >= 0 else 0.0)
     train_ex = [e for r in world.read_split(toy_tiny / "data" / "toy", "train")[:30] for e in base.turn_examples(r)]
     tokenizer = base.build_tokenizer(base.tokenizer_texts(train_ex, a))
     weights = []
@@ -293,12 +315,28 @@ def test_merged_loop_equals_the_two_loops_it_replaced(toy_tiny, monkeypatch):
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+def test_the_prior_runs_until_its_curriculum_is_learned(toy_tiny, monkeypatch):
+    """At least --text-prior-steps, then until the curriculum's last notch averages 0.9, at most
+    --text-prior-max-steps: with every answer right the notches come every 10 steps, (2, 2) ->
+    (3, 2) -> (4, 2) -> (5, 2) -> (5, 4), learned 10 steps later; with none right, the cap."""
+    a = base.with_world(base.get_args(["--tiny"]), world.read_world(toy_tiny / "data" / "toy"))
+    a.patch, a.text_prior_steps, a.text_prior_max_steps, a.text_batch_size, a.text_questions, a.steps = 32, 5, 80, 4, 1, 0
+    train_ex = [e for r in world.read_split(toy_tiny / "data" / "toy", "train")[:10] for e in base.turn_examples(r)]
+    tokenizer = base.build_tokenizer(base.tokenizer_texts(train_ex, a))
+    for acc, steps, learned in ((1.0, 50, True), (0.0, 80, False)):
+        monkeypatch.setattr(base, "answer_accuracy", lambda *x, acc=acc: acc)
+        model, proc = base.build_model(tokenizer, a)
+        _, log, _ = base.train_base(model, base.phases(model, proc, {}, a), a, log_every=1000)
+        assert (log[-1]["step"] + 1, log[-1]["n_max"], log[-1]["span"], log[-1]["learned"]) == (steps, 5 if acc else 2, 4 if acc else 2, learned)
+
+
 @pytest.mark.slow
 def test_every_training_phase_runs_and_is_logged(tmp_path):
     """The language prior, the frozen-LM alignment steps and the text mix, briefly, through main()."""
     world.main(world.get_args(["--tiny", "--root", str(tmp_path)]))
     a = base.get_args(["--tiny", "--root", str(tmp_path)])
     a.text_prior_steps, a.freeze_lm_steps, a.text_mix, a.text_questions, a.steps = 4, 3, 0.25, 2, 8
+    a.text_prior_max_steps = 4
     report = base.main(a)
     assert [r["step"] for r in report["text_prior_log"]] == [0, 3]
     assert [(r["phase"], r["step"]) for r in report["train_log"]] == [("align", 0), ("align", 2), ("sft", 3), ("sft", 7)]
