@@ -80,7 +80,8 @@ SUMMARY
     # method's pairs with the preference term off (sft-only: --dpo-alpha 0) and with the SFT term
     # off (pure-dpo: --gamma 0, the paper's loss), and a second round (iterative: 01 -> 04 -> 05 -> 06
     # on fresh sequence prompts, from the method's model); all scored side by side on dev and
-    # held-out.   SEEDS="0 1 2" bash run.sh effect   (each step is skipped when its output exists)
+    # held-out.   SEEDS="0 1 2" SPLITS="dev heldout" bash run.sh effect   (the defaults; each step is
+    # skipped when its output exists, so seeds can run side by side and be summarised together)
     HERE=$(pwd)
     for S in ${SEEDS:-0 1 2}; do
       R="$HERE/runs/effect-s$S"; T="$R/data/toy"; M="$R/models/toy-llava"
@@ -118,20 +119,20 @@ SUMMARY
       models=(); for arm in "${arms[@]}"; do
         [ "$arm" = base ] && models+=(--model "base=$M") || models+=(--model "$arm=$R/out/$arm")
       done
-      for split in dev heldout; do
+      for split in ${SPLITS:-dev heldout}; do
         [ -f "$R/out/eval-$split/report.json" ] || (cd "$R" && PYTHON="$PY" SPLIT=$split OUT="$R/out/eval-$split" \
             bash "$HERE/07_eval.sh" "${models[@]}")
       done
     done
-    "$PY" - ${SEEDS:-0 1 2} <<'SUMMARY'
-import json, statistics, sys
-seeds = sys.argv[1:]
+    SEEDS="${SEEDS:-0 1 2}" SPLITS="${SPLITS:-dev heldout}" "$PY" - <<'SUMMARY'
+import json, os, statistics
+seeds, splits = os.environ["SEEDS"].split(), os.environ["SPLITS"].split()
 def seq(r, key="accuracy"):  # sequences 2-5 pooled
     g = [v for k, v in r["groups"].items() if k.startswith("sequence ")]
     return sum(v[key] * v["n"] for v in g) / sum(v["n"] for v in g)
 def interference(r):  # element-interference errors over every multi-image group
     return sum(v.get("errors", {}).get("element interference", 0) for k, v in r["groups"].items() if k != "multi-image" and k != "single")
-for split in ("dev", "heldout"):
+for split in splits:
     reps = {s: json.load(open(f"runs/effect-s{s}/out/eval-{split}/report.json")) for s in seeds}
     arms = list(reps[seeds[0]])
     print(f"\n=== {split}: accuracy (%), mean of seeds {' '.join(seeds)} (per seed: change in sequence, single)")
