@@ -7,24 +7,26 @@ in : data/toy/ (00_make_toy.py; the world's settings — seed, sizes, image size
 out: models/toy-llava/   (save_pretrained: LlavaForConditionalGeneration + LlavaProcessor)
      models/toy-llava/toy_report.json   (accuracy scored by stage 07, logs, timings, settings)
   python 00_make_toy.py && python 00_train_toy.py            # seconds: copies the committed base
-  python 00_train_toy.py --retrain --force --threads 1       # train that base again: ~13 min on one core
+  python 00_train_toy.py --retrain --force --threads 1       # train that base again: about half an hour (below)
   python 00_make_toy.py --tiny --root /tmp/t && python 00_train_toy.py --tiny --root /tmp/t   # tests
 
 The base is trained the way LLaVA is, in miniature, in one loop over three phases (each a flag):
 1. language prior (--text-prior-steps): the language model alone learns to bind a label to
    the span after it, on text stand-ins of the prompts (`Image1: gray red\nImage2: ...\nIn
-   Image2, what color is the shape?`), item count grown 2 -> 5 as it learns. A real LLaVA
+   Image2, what color is the shape?`), items grown 2 -> 5 and words per item 2 -> 4 as it learns,
+   for at least --text-prior-steps and then until learned (at most --text-prior-max-steps). A real LLaVA
    inherits this skill from its language model; a from-scratch toy has to be given it, and
    without it the toy answers multi-image prompts at chance whatever DPO does (TOY.md);
 2. alignment (--freeze-lm-steps): vision tower and projector learn, the language model frozen;
 3. single-image instruction tuning, with a share of text-prior examples mixed in (--text-mix)
    so the prior survives. No multi-image visual example is ever shown (--multi-share 0).
-At 4 tokens per image (patch 32) the prior is learnable in ~10 minutes; at 16 or 64 it was not
-within the time tried (README). The result is kept in checkpoints/toy-llava and copied when a
-run's weight-deciding settings (WEIGHT_SETTINGS: the world's and this script's) equal its own;
-otherwise the base is trained here. An existing model with the same settings is reused unless
---force. The end-of-stage evaluation asks the base --eval-split's questions and scores the
-answers with stage 07's own functions.
+At 4 tokens per image (patch 32) the prior was learned within 700-1180 steps (seeds 0-2); at 16
+or 64 tokens it was not within the time tried (README). A whole base took 30-43 min per seed,
+three seeds trained side by side on a 2-core machine, one thread each. The result is kept
+in checkpoints/toy-llava and copied when a run's weight-deciding settings (WEIGHT_SETTINGS: the
+world's and this script's) equal its own; otherwise the base is trained here. An existing model
+with the same settings is reused unless --force. The end-of-stage evaluation asks the base
+--eval-split's questions and scores the answers with stage 07's own functions.
 """
 import argparse
 import collections

@@ -148,6 +148,27 @@ for split in splits:
               f"{m(seq) - 100 * statistics.mean(seq(base[s]) for s in seeds):>+11.1f}"
               f"{m(single) - 100 * statistics.mean(single(base[s]) for s in seeds):>+11.1f}"
               f"{statistics.mean(interference(r[s]) for s in seeds):>10.1f}   {per}")
+    print(f"\n=== {split}: where the probability moves, mean of seeds {' '.join(seeds)} (07's mass split and held-out pairs)")
+    cols = [("sequence", k) for k in ("truth", "other_images", "no_image", "rejected")] \
+        + [("multi-image", k) for k in ("truth", "other_images", "other_attributes", "no_image")]
+    heads = ["seq truth", "other img", "no image", "rejected", "multi truth", "other img", "other attr", "no image"]
+    print(f"{'arm':<11}" + "".join(f"{h:>12}" for h in heads) + f"{'chosen chg':>12}{'rej chg':>9}{'reward acc':>11}{'pref acc':>9}")
+    for a in arms:
+        row = f"{a:<11}"
+        for g, k in cols:
+            v = [reps[s][a]["mass"][g][k] for s in seeds]
+            row += f"{'-' if None in v else f'{100 * statistics.mean(v):.1f}':>12}"
+        p = [reps[s][a]["pairs"]["all"] for s in seeds]
+        m = lambda k: statistics.mean(x[k] for x in p) if all(k in x for x in p) else None  # noqa: E731
+        f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+        row += f"{f(m('chosen_change'), '+.2f'):>12}{f(m('rejected_change'), '+.2f'):>9}"
+        row += f"{f(None if m('reward_accuracy') is None else 100 * m('reward_accuracy'), '.1f'):>11}"
+        row += f"{100 * m('preference_accuracy'):>9.1f}"
+        print(row)
+    print("(mass at the first answer token, % of the next-token distribution; seq: sequences 2-5 pooled, one-word "
+          "questions; rejected: the base's wrong answer where it was an answer word. Pairs: the base's held-out "
+          "mistakes, chosen = truth; chg = mean log-prob change against the base; reward acc = % where the chosen "
+          "gained more than the rejected; pref acc = % where the truth has the higher log-prob)")
 for s in seeds:
     n = {a: json.load(open(f"runs/effect-s{s}/data/toy/{f}.post.jsonl.meta.json"))["counts"]["kept"]
          for a, f in (("attention", "pairs"), ("all-wrong", "pairs-all"), ("random", "pairs-random"), ("iterative", "pairs-r2"))}
