@@ -153,17 +153,14 @@ for split in splits:
         + [("multi-image", k) for k in ("truth", "other_images", "other_attributes", "no_image")]
     heads = ["seq truth", "other img", "no image", "rejected", "multi truth", "other img", "other attr", "no image"]
     print(f"{'arm':<11}" + "".join(f"{h:>12}" for h in heads) + f"{'chosen chg':>12}{'rej chg':>9}{'reward acc':>11}{'pref acc':>9}")
+    def mean_cell(values, spec, width, scale=1):  # a mean over seeds, or "-" where a seed lacks it
+        return f"{'-' if None in values else format(scale * statistics.mean(values), spec):>{width}}"
     for a in arms:
-        row = f"{a:<11}"
-        for g, k in cols:
-            v = [reps[s][a]["mass"][g][k] for s in seeds]
-            row += f"{'-' if None in v else f'{100 * statistics.mean(v):.1f}':>12}"
+        row = f"{a:<11}" + "".join(mean_cell([reps[s][a]["mass"][g][k] for s in seeds], ".1f", 12, 100) for g, k in cols)
         p = [reps[s][a]["pairs"]["all"] for s in seeds]
-        m = lambda k: statistics.mean(x[k] for x in p) if all(k in x for x in p) else None  # noqa: E731
-        f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-        row += f"{f(m('chosen_change'), '+.2f'):>12}{f(m('rejected_change'), '+.2f'):>9}"
-        row += f"{f(None if m('reward_accuracy') is None else 100 * m('reward_accuracy'), '.1f'):>11}"
-        row += f"{100 * m('preference_accuracy'):>9.1f}"
+        for k, spec, width, scale in (("chosen_change", "+.2f", 12, 1), ("rejected_change", "+.2f", 9, 1),
+                                      ("reward_accuracy", ".1f", 11, 100), ("preference_accuracy", ".1f", 9, 100)):
+            row += mean_cell([x.get(k) for x in p], spec, width, scale)
         print(row)
     print("(mass at the first answer token, % of the next-token distribution; seq: sequences 2-5 pooled, one-word "
           "questions; rejected: the base's wrong answer where it was an answer word. Pairs: the base's held-out "
