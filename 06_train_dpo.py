@@ -18,7 +18,8 @@ Recipes: flags you do not set come from a recipe, printed at the start and kept 
 real checkpoint never gets the toy's full fine-tune at lr 2e-4. RECIPES below lists both.
 
 Read this file top to bottom:
-  1. the loss          dpo_loss (DPO / IPO / conservative DPO) and mia_dpo_loss (+ SFT term)
+  1. the loss          dpo_loss (DPO / IPO / conservative DPO), mia_dpo_loss (+ SFT term) and
+                       replay_loss (single-image rows the base was tuned on; the toy recipe's)
   2. the log-probs     concatenated_forward: chosen and rejected rows of a batch in ONE forward
   3. one step          dpo_step: log-probs -> loss and the numbers the log shows
   4. the fast path     same numbers, ~2x: [prompt | chosen | rejected] rows under a block mask
@@ -51,12 +52,14 @@ import common
 
 # ==== 1. the loss (the method: edit me) =========================================================
 RECIPES = {  # flags a run does not set; `auto` picks toy for a model 00 built, paper otherwise
-    "toy": {  # chosen on the toy's dev split (README "What the toy shows"): full fine-tune, SFT term
+    "toy": {  # chosen on the toy's dev split (README "What the toy shows"): full fine-tune, SFT term, replay
         "lora_r": 0, "lora_alpha": 256, "lr": 2e-4, "gamma": 1.0, "epochs": 6, "batch_size": 16, "grad_accum": 1,
-        "dtype": "float32", "grad_ckpt": False, "save_every": 0, "merge": False},
+        "dtype": "float32", "grad_ckpt": False, "save_every": 0, "merge": False,
+        "replay": "auto", "replay_weight": 1.0},  # auto: the toy world's train.json beside --pairs
     "paper": {  # LLaVA-1.5 7B: LoRA r 128 / alpha 256, pure DPO, bf16; 1 pair x 8 accumulation per GPU
         "lora_r": 128, "lora_alpha": 256, "lr": 5e-5, "gamma": 0.0, "epochs": 3, "batch_size": 1, "grad_accum": 8,
-        "dtype": "bfloat16", "grad_ckpt": True, "save_every": 100, "merge": True},
+        "dtype": "bfloat16", "grad_ckpt": True, "save_every": 100, "merge": True,
+        "replay": "none", "replay_weight": 0.0},
 }
 
 
@@ -100,6 +103,15 @@ def mia_dpo_loss(dpo_losses, policy_chosen_logps, chosen_n_tokens, dpo_alpha: fl
     mean token negative log-likelihood. All inputs (B,) -> (B,). Paper (LLaVA-1.5): alpha 1, gamma 0.
     Example: DPO 0.69, chosen log-prob -6 over 3 tokens, gamma 0.5 -> 0.69 + 0.5 * 2 = 1.69."""
     return dpo_alpha * dpo_losses + gamma * (-policy_chosen_logps / chosen_n_tokens.clamp(min=1))
+
+
+def replay_loss(replay_logps, replay_n_tokens, weight: float = 0.0):
+    """The replay term (not in the paper; the toy recipe's): weight x the mean token NLL of the
+    answer of a single-image row the base was tuned on, per row (K,) -> (K,). Added to the mean
+    pair loss once per micro-step, like PPO-ptx's pretraining mix (Ouyang et al. 2022), so that
+    training on multi-image pairs does not unlearn single images.
+    Example: an answer of 2 tokens + EOS at log-prob -1.5 in all, weight 1 -> 0.5."""
+    return weight * (-replay_logps / replay_n_tokens.clamp(min=1))
 
 
 # ==== 2. the log-probs: chosen and rejected in one forward =======================================
@@ -389,6 +401,66 @@ def _tokens_per_image(processor, size):
     return len(ids) - len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def load_replay(path, image_root, processor, max_length, on_error):
+    """The replay rows (LLaVA JSON/JSONL, e.g. the base's own single-image tuning data) -> (rows
+    [{id, images, prompt, answer}], Skips): each row's first human/gpt turn, as 01 and 04 take it.
+    Bad rows are listed and stop the run, or with on_error="skip" are counted; rows longer than
+    max_length tokens are dropped and counted."""
+    skips, problems, rows, img_tokens = common.Skips(), [], [], {}
+    tok = processor.tokenizer
+    for line, row in common.read_rows(path, on_error=on_error, skips=skips):
+        try:
+            images = common.check_llava_row(row, path, line)
+            prompt, answer = row["conversations"][0]["value"], row["conversations"][1]["value"].strip()
+            if prompt.count(common.MARKER) != len(images):
+                raise common.DataError(path, line, "conversations[0].value",
+                                       f"{prompt.count(common.MARKER)} <image> markers for {len(images)} images")
+            if not answer:
+                raise common.DataError(path, line, "conversations[1].value", "empty answer")
+            sizes = [common.load_image(image_root, rel).size for rel in images]
+        except (common.DataError, common.ImageError) as e:
+            if on_error != "skip":
+                problems.append(str(e))
+            skips.add(row.get("id") if isinstance(row, dict) else None, f"bad replay row: {e}", path=path, line=line)
+            continue
+        for s in sizes:
+            if s not in img_tokens:
+                img_tokens[s] = _tokens_per_image(processor, s)
+        text = common.render_pair(processor, prompt, answer)
+        n = len(tok(text[0] + text[1] + tok.eos_token)["input_ids"]) + sum(img_tokens[s] for s in sizes)
+        if n > max_length:
+            skips.add(row["id"], f"too long: {n} tokens > --max-length {max_length}", path=path, line=line)
+            continue
+        rows.append({"id": row["id"], "images": images, "prompt": prompt, "answer": answer})
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise SystemExit(f"06_train_dpo: {len(problems)} bad replay rows in {path}:\n  {shown}\n"
+                         f"(fix them, or pass --on-error skip to drop and count them)")
+    return rows, skips
+
+
+def replay_path(args):
+    """--replay: a file, "none", or "auto" (the toy recipe) = the toy world's train.json in the
+    folder of --pairs (00 writes both there) -> a Path or None."""
+    if args.replay in (None, "none") or not args.replay_weight:
+        return None
+    path = Path(args.pairs).parent / "train.json" if args.replay == "auto" else Path(args.replay)
+    if not path.is_file():
+        how = "--replay auto looks for the toy world's train.json beside --pairs" if args.replay == "auto" else ""
+        raise SystemExit(f"06_train_dpo: replay rows {path}: no such file. {how}(pass --replay FILE, or --replay none)")
+    return path
+
+
+def replay_batch(rows, image_root, processor, device, dtype):
+    """K replay rows -> one plain batch (prompt + answer + EOS, labels on answer + EOS), as collate."""
+    images = [[common.load_image(image_root, rel) for rel in r["images"]] for r in rows]
+    batch = common.build_inputs(processor, [r["prompt"] for r in rows], images, answers=[r["answer"] for r in rows])
+    batch = {k: v.to(device) for k, v in batch.items()}
+    if "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    return batch
+
+
 # ---- policy and reference ----------------------------------------------------------------------
 def pick_reference(pairs, mode, fingerprint, lora, image_settings=None):
     """-> "stored" | "adapters-disabled" | "frozen-copy", or SystemExit saying why not: stored
@@ -474,7 +546,8 @@ def reference_logps(run, batch, batch_pairs):
 
 
 def make_scorer(model):
-    """A module whose forward is pair_forward, so DDP's and FSDP's hooks wrap the whole computation."""
+    """A module whose forward is pair_forward (or, for replay rows, response_logps), so DDP's and
+    FSDP's hooks wrap the whole computation."""
     import torch
 
     class PairScorer(torch.nn.Module):
@@ -482,7 +555,10 @@ def make_scorer(model):
             super().__init__()
             self.m = m
 
-        def forward(self, batch):  # -> chosen logps, rejected logps, chosen n, rejected n, each (B,)
+        def forward(self, batch, replay=False):  # -> chosen logps, rejected logps, chosen n, rejected n, each (B,)
+            if replay:  # plain rows with one answer each (replay_batch) -> summed log-probs, n tokens (K,)
+                summed, _, n_tokens = common.response_logps(self.m, batch)
+                return summed.float(), n_tokens
             return pair_forward(self.m, batch)
 
     return PairScorer(model)
@@ -580,6 +656,8 @@ class Run:
     per_epoch: int
     total: int
     out: Path
+    replay: list = None  # load_replay rows, or None (no replay term)
+    replay_skips: object = None
     step: int = 0
 
     @property
@@ -620,35 +698,66 @@ def build_run(args, rank, world, device):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
     # features can be shared only while no gradient needs to reach the vision tower / projector
     encode_once = args.encode_images_once and not (args.tune_vision or args.tune_projector or args.fsdp)
+    replay, replay_skips = None, None
+    if replay_path(args):
+        replay, replay_skips = load_replay(replay_path(args), args.image_root, processor, args.max_length, args.on_error)
+        args.replay_batch = args.replay_batch or args.batch_size
+        if len(replay) < args.replay_batch * args.grad_accum * world:
+            raise SystemExit(f"06_train_dpo: {len(replay)} usable replay rows in {replay_path(args)}, fewer than one "
+                             f"step's {args.replay_batch * args.grad_accum * world} (--replay-batch x accumulation x processes)")
     return Run(args, rank, world, device, model, processor, policy, scorer, ref_scorer, reference, fingerprint,
-               pairs, skips, trainable, optimizer, scheduler, encode_once, global_batch, per_epoch, total, Path(args.out))
+               pairs, skips, trainable, optimizer, scheduler, encode_once, global_batch, per_epoch, total, Path(args.out),
+               replay, replay_skips)
+
+
+def forward_backward(run, compute, sync):
+    """compute() -> (loss (B,), numbers), its mean / grad_accum back-propagated. Gradients are
+    averaged across processes only when `sync` (the step's last backward), else they accumulate
+    locally; DDP decides that in the forward, so compute runs inside the same context."""
+    if run.args.fsdp:
+        run.scorer.set_requires_gradient_sync(sync)
+    no_sync = run.world > 1 and not run.args.fsdp and not sync
+    with run.scorer.no_sync() if no_sync else contextlib.nullcontext():
+        loss, numbers = compute()
+        (loss.mean() / run.args.grad_accum).backward()
+    return loss, numbers
+
+
+def replay_step(run, micro):
+    """The replay term on this micro-step's replay rows -> (loss (K,), mean token NLL (K,))."""
+    a = run.args
+    idx = pair_order(len(run.replay), a.seed + 1, run.step, a.replay_batch * a.grad_accum * run.world, run.rank,
+                     run.world, micro, a.grad_accum)
+    batch = replay_batch([run.replay[i] for i in idx], a.image_root, run.processor, run.device, run.model.dtype)
+    logps, n_tokens = run.scorer(batch, replay=True)
+    return replay_loss(logps, n_tokens, a.replay_weight), -logps.detach() / n_tokens.clamp(min=1)
 
 
 def train_step(run):
-    """One optimizer step over grad_accum micro-batches -> the per-pair records of every rank."""
+    """One optimizer step over grad_accum micro-batches -> (the per-pair records of every rank,
+    every rank's replay rows' mean token NLL: [] without replay)."""
     import torch
 
-    args, recs = run.args, []
+    args, recs, nlls = run.args, [], []
     for micro in range(args.grad_accum):
         idx = pair_order(len(run.pairs), args.seed, run.step, run.global_batch, run.rank, run.world, micro, args.grad_accum)
         batch_pairs = [run.pairs[i] for i in idx]
         batch = make_batch(run, batch_pairs)
         ref_chosen, ref_rejected = reference_logps(run, batch, batch_pairs)
-        last = micro == args.grad_accum - 1  # gradients are averaged across processes only then
-        if args.fsdp:
-            run.scorer.set_requires_gradient_sync(last)
-        sync = run.scorer.no_sync() if run.world > 1 and not args.fsdp and not last else contextlib.nullcontext()
-        with sync:
-            loss, numbers = dpo_step(run.scorer, batch, ref_chosen, ref_rejected, args)
-            (loss.mean() / args.grad_accum).backward()
+        last = micro == args.grad_accum - 1  # the step's last backward averages gradients across processes
+        _, numbers = forward_backward(run, lambda: dpo_step(run.scorer, batch, ref_chosen, ref_rejected, args),
+                                      sync=last and not run.replay)
         recs += step_records(batch_pairs, numbers)
+        if run.replay:  # its own forward and backward after the pairs'
+            nlls += forward_backward(run, lambda: replay_step(run, micro), sync=last)[1].float().cpu().tolist()
     recs = [r for rs in gather(recs, run.world) for r in rs]
-    if all(math.isfinite(r["loss"]) for r in recs):  # every rank sees the same gathered numbers
+    nlls = [x for xs in gather(nlls, run.world) for x in xs]
+    if all(math.isfinite(r["loss"]) for r in recs) and all(math.isfinite(x) for x in nlls):  # same on every rank
         torch.nn.utils.clip_grad_norm_(run.trainable, args.max_grad_norm)
         run.optimizer.step()
         run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return recs
+    return recs, nlls
 
 
 def train(run, log_path):
@@ -662,13 +771,13 @@ def train(run, log_path):
             print(f"06_train_dpo: fast path checked against the plain path on the first batch: max |diff| {diff:.2e}")
     while run.step < run.total:
         t0, lr = time.time(), run.optimizer.param_groups[0]["lr"]
-        recs = train_step(run)
-        if not all(math.isfinite(r["loss"]) for r in recs):
+        recs, nlls = train_step(run)
+        if not all(math.isfinite(r["loss"]) for r in recs) or not all(math.isfinite(x) for x in nlls):
             where = save_checkpoint(run)
             return f"non-finite loss at step {run.step + 1}; state before it saved to {where}"
         run.step += 1
         row = {"step": run.step, "epoch": (run.step - 1) // run.per_epoch + 1, "lr": lr, "ms": 1000 * (time.time() - t0),
-               **summarise(recs)}
+               **summarise(recs), **({"replay_nll": sum(nlls) / len(nlls)} if nlls else {})}
         if run.master:
             with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
@@ -705,7 +814,8 @@ def log_line(row, total):
     fmt = " ".join(f"{g} {s['acc']:.2f}/{s['n']}" for g, s in row["by_format"].items())
     imgs = " ".join(f"{g}:{s['acc']:.2f}/{s['n']}" for g, s in row["by_images"].items())
     return (f"step {row['step']}/{total} | loss {row['loss']:.4f} | acc {row['acc']:.2f} | margin {row['margin']:.3f} | "
-            f"chosen {row['reward_chosen']:+.3f} | rejected {row['reward_rejected']:+.3f} | lr {row['lr']:.1e} | "
+            f"chosen {row['reward_chosen']:+.3f} | rejected {row['reward_rejected']:+.3f} | "
+            + (f"replay nll {row['replay_nll']:.3f} | " if "replay_nll" in row else "") + f"lr {row['lr']:.1e} | "
             f"{row['ms']:.0f} ms | acc by format {fmt} | by images {imgs}")
 
 
@@ -716,7 +826,9 @@ def describe(run):
             f"{run.total} steps ({run.per_epoch}/epoch) | {'LoRA r ' + str(a.lora_r) if a.lora_r else 'full fine-tune'}, "
             f"{sum(p.numel() for p in run.trainable) / 1e6:.2f}M trainable | reference: {run.reference} (model "
             f"{run.fingerprint}) | {'prefix-shared' if a.prefix_sharing else 'plain'} rows"
-            f"{', images encoded once' if run.encode_once else ''}")
+            f"{', images encoded once' if run.encode_once else ''}"
+            + (f" | replay: {len(run.replay)} rows of {replay_path(a)} ({len(run.replay_skips)} skipped), {a.replay_batch} "
+               f"per micro-step, weight {a.replay_weight:g}" if run.replay else ""))
 
 
 def plot_curves(log_path, png_path):
@@ -895,7 +1007,8 @@ def main(args):
         if args.plot and log_path.is_file() and log_path.stat().st_size:
             plot_curves(log_path, run.out / "curves.png")
         common.write_sidecar(log_path, args, counts={"pairs_read": len(run.pairs) + len(run.skips), "pairs_used": len(run.pairs),
-                             "steps": run.step, "world_size": run.world}, skips=run.skips, reference=run.reference,
+                             "steps": run.step, "world_size": run.world, "replay_rows": len(run.replay or [])},
+                             skips=run.skips, replay_skips=run.replay_skips and run.replay_skips.to_json(), reference=run.reference,
                              model_fingerprint=run.fingerprint, status=status, saved=saved)
         print(f"06_train_dpo: {status} in {time.time() - t_start:.0f} s, {run.step} steps -> {run.out}"
               + (f" ({', '.join(saved)})" if saved else ""))
@@ -925,6 +1038,10 @@ def get_args(argv=None):
     g.add_argument("--gamma", type=float, help=f"weight of the SFT term on chosen; the paper: 0 {recipe}")
     g.add_argument("--lora-r", type=int, help=f"LoRA rank; 0 = full fine-tune (reference: a frozen copy) {recipe}")
     g.add_argument("--lora-alpha", type=int, help=recipe)
+    g.add_argument("--replay", help="single-image rows (LLaVA JSON/JSONL) for the replay term: a file, 'none', or 'auto' "
+                   f"= train.json beside --pairs (the toy world's) {recipe}")
+    g.add_argument("--replay-weight", type=float, help=f"weight of the replay term; the paper: 0 (none) {recipe}")
+    g.add_argument("--replay-batch", type=int, default=None, help="replay rows per process per micro-step (default: --batch-size)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, help=recipe)
     g.add_argument("--epochs", type=int, help=recipe)

@@ -224,18 +224,20 @@ def _free_port():
 def test_torchrun_two_processes_equal_one_process(toy, tmp_path, capsys):
     """Global batch 2 as 1 process x 2 pairs and as torchrun 2 processes x 1 pair (gloo, with
     activation checkpointing, which must not change a number): same losses, rewards, log-probs."""
-    common_args = ["--max-steps", "3", "--lr", "5e-3"]
-    a = run_main(toy, tmp_path / "one", "--batch-size", "2", "--plot", *common_args)
+    common_args = ["--max-steps", "3", "--lr", "5e-3", "--replay", str(toy["root"] / "data" / "toy" / "train.json"),
+                   "--replay-weight", "0.5"]  # the replay term's own backward: the step's last, the one that syncs
+    a = run_main(toy, tmp_path / "one", "--batch-size", "2", "--replay-batch", "2", "--plot", *common_args)
     one = capsys.readouterr().out
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-                          str(ROOT / "06_train_dpo.py"), *argv(toy, tmp_path / "two", "--batch-size", "1", "--grad-ckpt", *common_args)],
+                          str(ROOT / "06_train_dpo.py"), *argv(toy, tmp_path / "two", "--batch-size", "1", "--replay-batch", "1",
+                                                               "--grad-ckpt", *common_args)],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert two.returncode == 0, two.stdout + two.stderr
     b = [r for _, r in common.read_rows(tmp_path / "two" / "log.jsonl")]
     assert len(a) == len(b) == 3
     for x, y in zip(a, b):
-        for k in ("loss", "reward_chosen", "reward_rejected", "logps_chosen", "logps_rejected"):
+        for k in ("loss", "reward_chosen", "reward_rejected", "logps_chosen", "logps_rejected", "replay_nll"):
             assert x[k] == pytest.approx(y[k], abs=1e-4), (x["step"], k)
         for by in ("by_format", "by_images"):
             assert {g: (v["n"], v["acc"]) for g, v in x[by].items()} == {g: (v["n"], v["acc"]) for g, v in y[by].items()}
@@ -252,14 +254,15 @@ def test_fsdp_full_finetune_equals_one_process_and_resumes(toy, tmp_path):
     saved weights as one process; resumed from its step-2 checkpoint, the same step 3."""
     from safetensors.torch import load_file
 
-    args = ["--lora-r", "0", "--max-steps", "3", "--lr", "1e-3"]
-    a = run_main(toy, tmp_path / "one", "--batch-size", "2", *args)
+    args = ["--lora-r", "0", "--max-steps", "3", "--lr", "1e-3", "--replay", str(toy["root"] / "data" / "toy" / "train.json"),
+            "--replay-weight", "0.5"]
+    a = run_main(toy, tmp_path / "one", "--batch-size", "2", "--replay-batch", "2", *args)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def torchrun(out, *extra):
         run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                               str(_free_port()), str(ROOT / "06_train_dpo.py"),
-                              *argv(toy, out, "--batch-size", "1", "--fsdp", *args, *extra)],
+                              *argv(toy, out, "--batch-size", "1", "--replay-batch", "1", "--fsdp", *args, *extra)],
                              capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
         assert run.returncode == 0, run.stdout + run.stderr
         return [r for _, r in common.read_rows(out / "log.jsonl")]
@@ -267,6 +270,7 @@ def test_fsdp_full_finetune_equals_one_process_and_resumes(toy, tmp_path):
     b = torchrun(tmp_path / "fsdp", "--save-every", "2")
     c = torchrun(tmp_path / "resumed", "--resume", str(tmp_path / "fsdp" / "checkpoints" / "step-000002"))
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], abs=1e-4)
+    assert [r["replay_nll"] for r in b] == pytest.approx([r["replay_nll"] for r in a], abs=1e-4)
     assert [r["step"] for r in c] == [3] and c[0]["loss"] == pytest.approx(b[2]["loss"], abs=1e-6)
     w = {d: load_file(tmp_path / d / "final" / "model.safetensors") for d in ("one", "fsdp", "resumed")}
     assert set(w["one"]) == set(w["fsdp"]) == set(w["resumed"])
@@ -386,6 +390,79 @@ def test_non_finite_loss_stops_after_saving_a_checkpoint(toy, tmp_path, monkeypa
     assert sidecar(tmp_path / "nan")["status"].startswith("non-finite loss at step 3")
 
 
+# ---- the replay term ----------------------------------------------------------------------------------
+def test_replay_loss_hand_case():
+    # an answer of 2 tokens + EOS with log-prob -1.5 in all: mean NLL 0.5; weight 0.5 -> 0.25; weight 0 -> 0
+    lp, n = torch.tensor([-1.5, -4.0]), torch.tensor([3, 2])
+    assert dpo.replay_loss(lp, n, 1.0).tolist() == pytest.approx([0.5, 2.0])
+    assert dpo.replay_loss(lp, n, 0.5).tolist() == pytest.approx([0.25, 1.0])
+    assert dpo.replay_loss(lp, n).tolist() == [0.0, 0.0]
+
+
+def test_replay_step_gradient_equals_a_naive_sum_of_both_terms(toy, tmp_path):
+    """One step's gradient with the replay term = the gradient of mean(pair loss) (plain path) +
+    weight x mean over the step's replay rows of each row's own token NLL, from full logits."""
+    replay = toy["root"] / "data" / "toy" / "train.json"
+    args = dpo.get_args(argv(toy, tmp_path / "g", "--lora-r", "0", "--gamma", "0.5", "--batch-size", "3", "--max-grad-norm",
+                             "1e9", "--replay", str(replay), "--replay-weight", "0.7", "--replay-batch", "4"))
+    run = dpo.build_run(args, *dpo.start(args))
+    assert run.replay and run.args.replay_batch == 4
+    grads = []
+    run.optimizer.step = lambda: grads.append([p.grad.detach().clone() for p in run.trainable])
+    recs, nlls = dpo.train_step(run)
+    assert len(recs) == 3 and len(nlls) == 4
+
+    pairs = [run.pairs[i] for i in dpo.pair_order(len(run.pairs), 0, 0, 3, 0, 1, 0, 1)]
+    plain = dpo.collate(pairs, toy["images"], run.processor, "cpu", torch.float32)
+    ref_c, ref_r = dpo.reference_logps(run, plain, pairs)
+    c, r, nc, _ = dpo.concatenated_forward(run.model, plain)
+    pair_loss = dpo.mia_dpo_loss(dpo.dpo_loss(c, r, ref_c, ref_r, 0.1)[0], c, nc, 1.0, 0.5).mean()
+    naive = []
+    for i in dpo.pair_order(len(run.replay), 1, 0, 4, 0, 1, 0, 1):
+        row = run.replay[i]
+        b = common.build_inputs(run.processor, [row["prompt"]], [[common.load_image(toy["images"], x) for x in row["images"]]],
+                                answers=[row["answer"]])
+        logits = run.model(**{k: v for k, v in b.items() if k not in ("labels", "prompt_lens")}).logits[0, :-1]
+        tgt = b["labels"][0, 1:]
+        keep = tgt != common.IGNORE_INDEX
+        naive.append(-torch.log_softmax(logits[keep].float(), -1).gather(-1, tgt[keep][:, None]).mean())
+    assert torch.stack(naive).tolist() == pytest.approx(nlls, abs=1e-5)
+    (pair_loss + 0.7 * torch.stack(naive).mean()).backward()
+    for got, p in zip(grads[0], run.trainable):
+        assert torch.allclose(got, p.grad, atol=1e-6, rtol=1e-4)
+    assert sum(float(g.abs().sum()) for g in grads[0]) > 0
+
+
+def test_replay_rows_bad_input_resume_and_auto(toy, tmp_path):
+    """Bad replay rows are listed (file:line: field) or counted; the replay rows of a step follow
+    from (seed, step), so a resumed run repeats the uninterrupted one; --replay auto wants the
+    toy world's train.json beside --pairs."""
+    rows = json.loads((toy["root"] / "data" / "toy" / "train.json").read_text())[:12]
+    bad = [dict(r) for r in rows]
+    del bad[1]["conversations"]
+    bad[4] = {**bad[4], "image": [bad[4]["image"], bad[4]["image"]]}  # two images, one marker
+    bad[6] = {**bad[6], "image": "plain/does-not-exist.png"}
+    path = write(tmp_path / "replay.jsonl", bad)
+    extra = ["--replay", str(path), "--replay-weight", "0.5"]
+    with pytest.raises(SystemExit) as e:
+        run_main(toy, tmp_path / "a", "--max-steps", "1", *extra)
+    msg = str(e.value)
+    assert "3 bad replay rows" in msg and "replay.jsonl:2: conversations" in msg
+    assert "replay.jsonl:5: conversations[0].value" in msg and "does-not-exist.png" in msg
+    run_main(toy, tmp_path / "b", "--max-steps", "1", "--on-error", "skip", *extra)
+    meta = sidecar(tmp_path / "b")
+    assert meta["counts"]["replay_rows"] == 9 and meta["replay_skips"]["by_reason"] == {"bad replay row": 3}
+    full = run_main(toy, tmp_path / "full", "--max-steps", "4", "--save-every", "2", "--lr", "5e-3", *extra, "--on-error", "skip")
+    resumed = run_main(toy, tmp_path / "res", "--max-steps", "4", "--lr", "5e-3", *extra, "--on-error", "skip",
+                       "--resume", str(tmp_path / "full" / "checkpoints" / "step-000002"))
+    assert [r["replay_nll"] for r in resumed] == pytest.approx([r["replay_nll"] for r in full[2:]], abs=1e-6)
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in full[2:]], abs=1e-6)
+    with pytest.raises(SystemExit, match="--replay auto looks for the toy world's train.json beside --pairs"):
+        run_main(toy, tmp_path / "c", "--max-steps", "1", "--replay", "auto", "--replay-weight", "1")
+    with pytest.raises(SystemExit, match="fewer than one step's 40"):
+        run_main(toy, tmp_path / "d", "--max-steps", "1", *extra, "--on-error", "skip", "--replay-batch", "40")
+
+
 # ---- recipes ----------------------------------------------------------------------------------------
 def test_recipe_toy_for_a_toy_model_paper_for_any_other_and_flags_win(toy, tmp_path, capsys):
     """With no flags, a model 00 built gets the toy recipe and any other checkpoint the paper's
@@ -403,6 +480,7 @@ def test_recipe_toy_for_a_toy_model_paper_for_any_other_and_flags_win(toy, tmp_p
         got[name] = args
     assert {n: a.recipe for n, a in got.items()} == {"toy": "toy", "real": "paper", "forced": "toy", "flag": "paper"}
     assert (got["toy"].lora_r, got["toy"].lr, got["toy"].gamma, got["toy"].epochs) == (0, 2e-4, 1.0, 6)
+    assert (got["toy"].replay, got["toy"].replay_weight, got["real"].replay, got["real"].replay_weight) == ("auto", 1.0, "none", 0.0)
     assert (got["real"].lora_r, got["real"].lora_alpha, got["real"].lr, got["real"].gamma) == (128, 256, 5e-5, 0.0)
     assert got["real"].dtype == "bfloat16" and got["real"].grad_ckpt and got["real"].grad_accum == 8
     assert got["flag"].lr == 1e-3 and got["flag"].grad_ckpt is False and "lr" not in got["flag"].recipe_values
