@@ -442,8 +442,17 @@ def load_replay(path, image_root, processor, max_length, on_error):
 def replay_path(args):
     """--replay: a file, "none", or "auto" (the toy recipe) = the toy world's train.json in the
     folder of --pairs (00 writes both there) -> a Path or None."""
-    if args.replay in (None, "none") or not args.replay_weight:
+    from_recipe = getattr(args, "recipe_values", {})
+    if args.replay in (None, "none"):
+        if args.replay_weight and "replay_weight" not in from_recipe:
+            raise SystemExit(f"06_train_dpo: --replay-weight {args.replay_weight} without replay rows: no replay term "
+                             f"would be trained; give --replay FILE")
         return None
+    if not args.replay_weight:
+        if args.replay == "auto":
+            return None
+        raise SystemExit(f"06_train_dpo: --replay {args.replay} with --replay-weight {args.replay_weight}: no replay term "
+                         f"would be trained; give a weight above 0, or --replay none")
     path = Path(args.pairs).parent / "train.json" if args.replay == "auto" else Path(args.replay)
     if not path.is_file():
         how = "--replay auto looks for the toy world's train.json beside --pairs" if args.replay == "auto" else ""

@@ -31,9 +31,10 @@ harness_setup() {  # lmms-eval for tests/test_harness.py; --no-deps: its own req
 }
 
 # Every stage's defaults are the toy demo: with no flags a stage reads the toy world and takes
-# its `toy` recipe (06: full fine-tune, lr 2e-4, an SFT term on chosen, 6 epochs of 16 pairs; 05:
-# sequence pairs only; 01-03: a few thousand rows), printed at its start. A real checkpoint or
-# data set gets the `paper` recipe instead (each stage's RECIPES, README "Paper scale").
+# its `toy` recipe (06: full fine-tune, lr 2e-4, an SFT term on chosen, a replay term on the
+# world's single-image rows, 6 epochs of 16 pairs; 05: sequence pairs only; 01-03: a few thousand
+# rows), printed at its start. A real checkpoint or data set gets the `paper` recipe instead (each
+# stage's RECIPES, README "Paper scale").
 case "${1:-}" in
   demo)
     setup requirements.txt
@@ -77,9 +78,10 @@ SUMMARY
     # committed one), then the toy recipe on pair sets from the same sequence prompts — attention-
     # selected rejected answers (04 and 05 defaults: the method), every wrong answer (no attention
     # or perplexity selection), a random subset of every wrong answer of the method's size — the
-    # method's pairs with the preference term off (sft-only: --dpo-alpha 0) and with the SFT term
-    # off (pure-dpo: --gamma 0, the paper's loss), and a second round (iterative: 01 -> 04 -> 05 -> 06
-    # on fresh sequence prompts, from the method's model); all scored side by side on dev and
+    # method's pairs with the preference term off (sft-only: --dpo-alpha 0), with the SFT and replay
+    # terms off (pure-dpo: --gamma 0 --replay none, the paper's loss), with the replay term off
+    # (no-replay), and a second round (iterative: 01 -> 04 -> 05 -> 06 on fresh sequence prompts,
+    # from the method's model); all scored side by side on dev and
     # held-out.   SEEDS="0 1 2" SPLITS="dev heldout" bash run.sh effect   (the defaults; each step is
     # skipped when its output exists, so seeds can run side by side and be summarised together)
     HERE=$(pwd)
@@ -107,7 +109,8 @@ SUMMARY
       dpo all-wrong pairs-all "$M"
       dpo random pairs-random "$M"
       dpo sft-only pairs "$M" --dpo-alpha 0
-      dpo pure-dpo pairs "$M" --gamma 0
+      dpo pure-dpo pairs "$M" --gamma 0 --replay none
+      dpo no-replay pairs "$M" --replay none
       # iterative: fresh prompts (01 with another seed), the method's model answers them (04 + 05),
       # and a second round of the same recipe starts from it, with it as the reference
       seq "$T/sequence-r2.jsonl" $((S + 1000))
@@ -115,7 +118,7 @@ SUMMARY
           --model "$R/out/attention/final" --seed "$S" --out "$T/pairs-r2.jsonl"
       "$PY" 05_post_select.py --data "$T/pairs-r2.jsonl" --out "$T/pairs-r2.post.jsonl" --recipe toy
       dpo iterative pairs-r2 "$R/out/attention/final"
-      arms=(base attention all-wrong random sft-only pure-dpo iterative)
+      arms=(base attention all-wrong random sft-only pure-dpo no-replay iterative)
       models=(); for arm in "${arms[@]}"; do
         [ "$arm" = base ] && models+=(--model "base=$M") || models+=(--model "$arm=$R/out/$arm")
       done

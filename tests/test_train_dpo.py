@@ -459,6 +459,10 @@ def test_replay_rows_bad_input_resume_and_auto(toy, tmp_path):
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in full[2:]], abs=1e-6)
     with pytest.raises(SystemExit, match="--replay auto looks for the toy world's train.json beside --pairs"):
         run_main(toy, tmp_path / "c", "--max-steps", "1", "--replay", "auto", "--replay-weight", "1")
+    with pytest.raises(SystemExit, match="no replay term would be trained"):  # a file without a weight (the paper's 0)
+        run_main(toy, tmp_path / "e", "--max-steps", "1", "--replay", str(path))
+    with pytest.raises(SystemExit, match="without replay rows"):  # a weight without a file (the paper's none)
+        run_main(toy, tmp_path / "e", "--max-steps", "1", "--replay-weight", "1")
     with pytest.raises(SystemExit, match="fewer than one step's 40"):
         run_main(toy, tmp_path / "d", "--max-steps", "1", *extra, "--on-error", "skip", "--replay-batch", "40")
 
