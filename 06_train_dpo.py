@@ -121,7 +121,11 @@ def collate(pairs, image_root, processor, device, dtype):
     (common.build_inputs, the same function 04 and 07 build prompts with)."""
     images = [[common.load_image(image_root, rel) for rel in p["images"]] for p in pairs]
     answers = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
-    batch = common.build_inputs(processor, [p["prompt"] for p in pairs] * 2, images * 2, answers=answers)
+    return on_device(common.build_inputs(processor, [p["prompt"] for p in pairs] * 2, images * 2, answers=answers), device, dtype)
+
+
+def on_device(batch, device, dtype):
+    """A build_inputs batch on `device`, pixel values in the weights' dtype."""
     batch = {k: v.to(device) for k, v in batch.items()}
     if "pixel_values" in batch:
         batch["pixel_values"] = batch["pixel_values"].to(dtype)
@@ -348,7 +352,7 @@ def load_pairs(path, image_root, processor, max_length, on_error):
     max_length tokens (images expanded) is always dropped and counted, never truncated.
     """
     skips, problems, pairs, seen = common.Skips(), [], [], set()
-    tok, img_tokens = processor.tokenizer, {}
+    img_tokens = {}
     rows = list(common.read_rows(path, on_error=on_error, skips=skips))
     with common.Progress(len(rows), "06 checking pairs", unit="pair", every=30 if len(rows) > 500 else math.inf) as bar:
         for line, row in rows:
@@ -363,22 +367,32 @@ def load_pairs(path, image_root, processor, max_length, on_error):
                     problems.append(str(e))
                 skips.add(row.get("id"), f"bad pair: {e}", path=path, line=line)
                 continue
-            for s in sizes:  # tokens an image adds when the processor expands it, measured once per size
-                if s not in img_tokens:
-                    img_tokens[s] = _tokens_per_image(processor, s)
-            text = max((common.render_pair(processor, row["prompt"], a) for a in (row["chosen"], row["rejected"])),
-                       key=lambda pr: len(tok(pr[0] + pr[1])["input_ids"]))
-            n = len(tok(text[0] + text[1] + tok.eos_token)["input_ids"]) + sum(img_tokens[s] for s in sizes)
+            n = max(_n_tokens(processor, row["prompt"], a, sizes, img_tokens) for a in (row["chosen"], row["rejected"]))
             if n > max_length:
                 skips.add(row["id"], f"too long: {n} tokens > --max-length {max_length}", path=path, line=line)
                 continue
             seen.add(row["id"])
             pairs.append(_pair(row, images))
+    _refuse(problems, "pairs", path)
+    return pairs, skips
+
+
+def _n_tokens(processor, prompt, answer, sizes, img_tokens):
+    """Tokens of prompt + answer + EOS with its images expanded; img_tokens caches each image size's count."""
+    tok = processor.tokenizer
+    for s in sizes:  # tokens an image adds when the processor expands it, measured once per size
+        if s not in img_tokens:
+            img_tokens[s] = _tokens_per_image(processor, s)
+    text = common.render_pair(processor, prompt, answer)
+    return len(tok(text[0] + text[1] + tok.eos_token)["input_ids"]) + sum(img_tokens[s] for s in sizes)
+
+
+def _refuse(problems, what, path):
+    """SystemExit listing the first 20 problems of `path`, if there are any."""
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise SystemExit(f"06_train_dpo: {len(problems)} bad pairs in {path}:\n  {shown}\n"
+        raise SystemExit(f"06_train_dpo: {len(problems)} bad {what} in {path}:\n  {shown}\n"
                          f"(fix them, or pass --on-error skip to drop and count them)")
-    return pairs, skips
 
 
 def _pair(row, images):
@@ -407,7 +421,6 @@ def load_replay(path, image_root, processor, max_length, on_error):
     Bad rows are listed and stop the run, or with on_error="skip" are counted; rows longer than
     max_length tokens are dropped and counted."""
     skips, problems, rows, img_tokens = common.Skips(), [], [], {}
-    tok = processor.tokenizer
     for line, row in common.read_rows(path, on_error=on_error, skips=skips):
         try:
             images = common.check_llava_row(row, path, line)
@@ -423,19 +436,12 @@ def load_replay(path, image_root, processor, max_length, on_error):
                 problems.append(str(e))
             skips.add(row.get("id") if isinstance(row, dict) else None, f"bad replay row: {e}", path=path, line=line)
             continue
-        for s in sizes:
-            if s not in img_tokens:
-                img_tokens[s] = _tokens_per_image(processor, s)
-        text = common.render_pair(processor, prompt, answer)
-        n = len(tok(text[0] + text[1] + tok.eos_token)["input_ids"]) + sum(img_tokens[s] for s in sizes)
+        n = _n_tokens(processor, prompt, answer, sizes, img_tokens)
         if n > max_length:
             skips.add(row["id"], f"too long: {n} tokens > --max-length {max_length}", path=path, line=line)
             continue
         rows.append({"id": row["id"], "images": images, "prompt": prompt, "answer": answer})
-    if problems:
-        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise SystemExit(f"06_train_dpo: {len(problems)} bad replay rows in {path}:\n  {shown}\n"
-                         f"(fix them, or pass --on-error skip to drop and count them)")
+    _refuse(problems, "replay rows", path)
     return rows, skips
 
 
@@ -463,11 +469,8 @@ def replay_path(args):
 def replay_batch(rows, image_root, processor, device, dtype):
     """K replay rows -> one plain batch (prompt + answer + EOS, labels on answer + EOS), as collate."""
     images = [[common.load_image(image_root, rel) for rel in r["images"]] for r in rows]
-    batch = common.build_inputs(processor, [r["prompt"] for r in rows], images, answers=[r["answer"] for r in rows])
-    batch = {k: v.to(device) for k, v in batch.items()}
-    if "pixel_values" in batch:
-        batch["pixel_values"] = batch["pixel_values"].to(dtype)
-    return batch
+    return on_device(common.build_inputs(processor, [r["prompt"] for r in rows], images,
+                                         answers=[r["answer"] for r in rows]), device, dtype)
 
 
 # ---- policy and reference ----------------------------------------------------------------------
@@ -667,6 +670,7 @@ class Run:
     out: Path
     replay: list = None  # load_replay rows, or None (no replay term)
     replay_skips: object = None
+    replay_file: Path = None
     step: int = 0
 
     @property
@@ -707,16 +711,16 @@ def build_run(args, rank, world, device):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
     # features can be shared only while no gradient needs to reach the vision tower / projector
     encode_once = args.encode_images_once and not (args.tune_vision or args.tune_projector or args.fsdp)
-    replay, replay_skips = None, None
-    if replay_path(args):
-        replay, replay_skips = load_replay(replay_path(args), args.image_root, processor, args.max_length, args.on_error)
+    replay, replay_skips, replay_file = None, None, replay_path(args)
+    if replay_file:
+        replay, replay_skips = load_replay(replay_file, args.image_root, processor, args.max_length, args.on_error)
         args.replay_batch = args.replay_batch or args.batch_size
         if len(replay) < args.replay_batch * args.grad_accum * world:
-            raise SystemExit(f"06_train_dpo: {len(replay)} usable replay rows in {replay_path(args)}, fewer than one "
+            raise SystemExit(f"06_train_dpo: {len(replay)} usable replay rows in {replay_file}, fewer than one "
                              f"step's {args.replay_batch * args.grad_accum * world} (--replay-batch x accumulation x processes)")
     return Run(args, rank, world, device, model, processor, policy, scorer, ref_scorer, reference, fingerprint,
                pairs, skips, trainable, optimizer, scheduler, encode_once, global_batch, per_epoch, total, Path(args.out),
-               replay, replay_skips)
+               replay, replay_skips, replay_file)
 
 
 def forward_backward(run, compute, sync):
@@ -836,7 +840,7 @@ def describe(run):
             f"{sum(p.numel() for p in run.trainable) / 1e6:.2f}M trainable | reference: {run.reference} (model "
             f"{run.fingerprint}) | {'prefix-shared' if a.prefix_sharing else 'plain'} rows"
             f"{', images encoded once' if run.encode_once else ''}"
-            + (f" | replay: {len(run.replay)} rows of {replay_path(a)} ({len(run.replay_skips)} skipped), {a.replay_batch} "
+            + (f" | replay: {len(run.replay)} rows of {run.replay_file} ({len(run.replay_skips)} skipped), {a.replay_batch} "
                f"per micro-step, weight {a.replay_weight:g}" if run.replay else ""))
 
 
