@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 import common
+from compose import lower_first  # the rewrite 01-03 apply: `In ImageK, what ...`
 
 # ---- method: the world (edit me) -----------------------------------------------------------
 SHAPE_COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 225),
@@ -119,10 +120,6 @@ def make_row(seed, subset, index, labelled_share, describe_share):
         conv += [{"from": "human", "value": q}, {"from": "gpt", "value": answer(scene, a)}]
     return {"id": rid, "image": f"{subset}/{rid}.png", "conversations": conv, "toy": scene}
 
-
-def lower_first(q):
-    """"What color ..." -> "what color ...": a question continued after `In ImageK, `."""
-    return q[0].lower() + q[1:]
 
 
 # ---- plumbing ---------------------------------------------------------------------------------

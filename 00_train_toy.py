@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 
 import common
+import compose
+import vlm
 
 world = importlib.import_module("00_make_toy")  # the world: colours, questions, splits, its sidecar
 
@@ -74,7 +76,7 @@ def sequence_examples(seed, rows, n_per_count, counts, tag):
             picked = rng.sample(rows, n)
             k, attr = rng.randint(1, n), rng.choice(list(world.QUESTIONS))
             q = ("".join(f"Image{j}:<image>\n" for j in range(1, n + 1)) + f"In Image{k}, "
-                 + world.lower_first(rng.choice(world.QUESTIONS[attr])))
+                 + compose.lower_first(rng.choice(world.QUESTIONS[attr])))
             out.append({"q": q, "a": world.answer(picked[k - 1]["toy"], attr), "kind": f"sequence {n}", "images": [r["image"] for r in picked],
                         "scenes": [r["toy"] for r in picked], "target": k - 1, "attr": attr})
     return out
@@ -113,7 +115,7 @@ def text_prior_example(rng, n_items, n_tokens):
     q = rng.choice(world.QUESTIONS[attr])
     if n_items == 1 and rng.random() < 0.5:
         return {"q": spans[0] + "\n" + q, "a": world.answer(scenes[0], attr), "n": 1, "scenes": scenes}
-    q = "".join(f"Image{j}: {sp}\n" for j, sp in enumerate(spans, 1)) + f"In Image{k}, " + world.lower_first(q)
+    q = "".join(f"Image{j}: {sp}\n" for j, sp in enumerate(spans, 1)) + f"In Image{k}, " + compose.lower_first(q)
     return {"q": q, "a": world.answer(scenes[k - 1], attr), "n": n_items, "scenes": scenes}
 
 
@@ -130,19 +132,19 @@ def text_batch(proc, rng, n_max, size, n_tokens, n_questions=1):
     rows, firsts = [], []
     ex = [text_prior_example(rng, n_max if i % 2 == 0 else rng.randint(1, n_max), n_tokens) for i in range(size)]
     for i, e in enumerate(ex):
-        prompt, resp = common.render_pair(proc, e["q"], e["a"])
+        prompt, resp = vlm.render_pair(proc, e["q"], e["a"])
         ids = tok(prompt)["input_ids"]
-        lab = [common.IGNORE_INDEX] * len(ids)
+        lab = [vlm.IGNORE_INDEX] * len(ids)
         turns = [(None, resp)]
         if e["n"] > 1:
             for _ in range(n_questions - 1):
                 k, attr = rng.randint(1, e["n"]), rng.choice(list(world.QUESTIONS))
-                turns.append((f" USER: In Image{k}, " + world.lower_first(rng.choice(world.QUESTIONS[attr])) + " ASSISTANT:",
+                turns.append((f" USER: In Image{k}, " + compose.lower_first(rng.choice(world.QUESTIONS[attr])) + " ASSISTANT:",
                               " " + world.answer(e["scenes"][k - 1], attr)))
         for q, r in turns:
             if q is not None:
                 qi = tok(q, add_special_tokens=False)["input_ids"]
-                ids, lab = ids + qi, lab + [common.IGNORE_INDEX] * len(qi)
+                ids, lab = ids + qi, lab + [vlm.IGNORE_INDEX] * len(qi)
             enc = tok(r, add_special_tokens=False, return_offsets_mapping=True)
             for m in colour.finditer(r):  # the tokens whose characters overlap the word
                 firsts.append((i, [len(ids) + j for j, (s, t) in enumerate(enc["offset_mapping"]) if s < m.end() and t > m.start()],
@@ -154,7 +156,7 @@ def text_batch(proc, rng, n_max, size, n_tokens, n_questions=1):
     pad = tok.pad_token_id
     b = {"input_ids": torch.tensor([r[0] + [pad] * (T - len(r[0])) for r in rows]),
          "attention_mask": torch.tensor([[1] * len(r[0]) + [0] * (T - len(r[0])) for r in rows]),
-         "labels": torch.tensor([r[1] + [common.IGNORE_INDEX] * (T - len(r[1])) for r in rows])}
+         "labels": torch.tensor([r[1] + [vlm.IGNORE_INDEX] * (T - len(r[1])) for r in rows])}
     return b, firsts
 
 
@@ -447,7 +449,7 @@ def evaluate(model, proc, examples, image_root, batch_size=64):
     for i in range(0, len(examples), batch_size):
         ex = examples[i : i + batch_size]
         ims = [[common.load_image(image_root, p) for p in e["images"]] for e in ex]
-        answers = common.generate(model, proc, [e["q"] for e in ex], ims, max_new_tokens=8)
+        answers = vlm.generate(model, proc, [e["q"] for e in ex], ims, max_new_tokens=8)
         records += [{**scoring.score(as_question(e, str(i + j)), ans), "kind": e["kind"]}
                     for j, (e, ans) in enumerate(zip(ex, answers))]
     return summary(records, scoring.summarise)
@@ -462,13 +464,13 @@ def encode_all(proc, examples, image_root, chunk=256):
     for i in range(0, len(examples), chunk):
         ex = examples[i : i + chunk]
         ims = [[common.load_image(image_root, p) for p in e["images"]] for e in ex]
-        parts.append(common.build_inputs(proc, [e["q"] for e in ex], ims, answers=[e["a"] for e in ex]))
+        parts.append(vlm.build_inputs(proc, [e["q"] for e in ex], ims, answers=[e["a"] for e in ex]))
         parts[-1]["pixel_values"] = parts[-1]["pixel_values"].split([len(e["images"]) for e in ex])
     T = max(p["input_ids"].shape[1] for p in parts)
     pad = lambda t, v: torch.nn.functional.pad(t, (0, T - t.shape[1]), value=v)  # noqa: E731
     return {"input_ids": torch.cat([pad(p["input_ids"], proc.tokenizer.pad_token_id) for p in parts]),
             "attention_mask": torch.cat([pad(p["attention_mask"], 0) for p in parts]),
-            "labels": torch.cat([pad(p["labels"], common.IGNORE_INDEX) for p in parts]),
+            "labels": torch.cat([pad(p["labels"], vlm.IGNORE_INDEX) for p in parts]),
             "pixel_values": [pv for p in parts for pv in p["pixel_values"]]}  # per example: (n_images, 3, H, W)
 
 

@@ -37,130 +37,20 @@ Recipes (flags left unset): `toy` (the toy world's data) takes a 4000-row subset
 shares of 2-5 images (the toy's dev split chose it: README); `paper` takes every row with the
 authors' mix. `--recipe auto` picks toy for files 00_make_toy.py wrote, paper for any other.
 
-The question rewrite and the companion draw below are shared: 02 and 03 import them from here.
-Reading, checking and writing rows (the plumbing every stage shares) is in common.py.
+The question rewrite and the companion draw are shared by 01-03 and live in compose.py;
+reading, checking and writing rows (the plumbing every stage shares) is in common.py.
 """
 import argparse
-import bisect
-import re
 import time
 
 import common
-from common import (MARKER, SkipRow, Skips, add_shared_args, build_pools, finish, load_sources, output_row,
-                    parse_counts, resolve_paths, row_rng)
+from common import MARKER, Skips, row_rng
+from compose import (SkipRow, add_shared_args, add_source_flags, build_pools, draw_companions, finish, labelled_turns,
+                     load_sources, output_row, parse_counts, resolve_paths, source_turns)
 
 # ---- method: what the paper specifies (edit me) ----
 COUNTS = "2:0.55,3:0.16,4:0.16,5:0.13"  # the authors' mix of 62k sequence samples
 RECIPES = {"toy": {"limit": 4000, "counts": "2:1,3:1,4:1,5:1"}, "paper": {"limit": 0, "counts": COUNTS}}
-MAX_ANSWER_CHARS = 512  # the authors skipped samples whose answer was >= 512 characters
-
-
-# the question rewrite, shared by 01-03: a single-image turn -> its bare question -> `In ImageK, ...`
-_LABEL_BEFORE = re.compile(r"Image\s*\d+\s*:\s*$", re.I)  # "Image3:" right before the marker
-_IN_IMAGE = re.compile(r"^In\s+Image\s*\d+\s*,\s*", re.I)  # a leading "In Image3, "
-_FIRST_WORD = re.compile(r"[^\W\d_]+(?:['\u2019][^\W\d_]+)?")
-
-
-def clean_question(text):
-    """A human turn -> its bare question: `<image>`, an `ImageK:` label and `In ImageK, ` removed.
-
-    "<image>\\nWhat is it?", "<image>What is it?", "What is it?\\n<image>", "What is it?<image>"
-    and "Image3:<image>\\nIn Image3, what is it?" all -> "What is it?" / "what is it?".
-    Text on both sides of the marker is kept, joined by a newline.
-    """
-    before, marker, after = text.partition(MARKER)
-    if marker:
-        before = _LABEL_BEFORE.sub("", before)
-        text = "\n".join(s for s in (before.strip(), after.strip()) if s)
-    return _IN_IMAGE.sub("", text.strip(), count=1)
-
-
-def lower_first(text):
-    """Lower-case the first letter of a question that will follow `In Image{k}, `.
-
-    Rule: only when the text starts with a word (letters, at most one apostrophe part) that is
-    plainly capitalised — first letter upper case, every other letter lower case — and is not
-    the pronoun "I" ("I", "I'm", "I've", "I'd", "I'll"). Left alone: all-capital words ("OCR",
-    "USA", "TV"), mixed case ("iPhone", "McDonald's", "eBay"), a word glued to digits ("A4"),
-    and text starting with a digit, quote or bracket. Proper nouns cannot be told apart from
-    sentence case without a tagger ("Paris is ..." -> "paris is ..."); questions rarely start so.
-    "What is this?" -> "what is this?";  "A dog?" -> "a dog?";  "OCR the title." unchanged.
-    """
-    m = _FIRST_WORD.match(text)
-    if not m or text[m.end():m.end() + 1].isalnum():
-        return text
-    word = m.group(0)
-    if re.split("['\u2019]", word)[0] == "I" or not word[0].isupper() or word[1:] != word[1:].lower():
-        return text
-    return text[0].lower() + text[1:]
-
-
-def source_turns(conv, image=None, max_answer_chars=MAX_ANSWER_CHARS):
-    """A single-image row's LLaVA turns -> (questions, answers), questions cleaned; raises
-    SkipRow(reason) for a row the formats cannot use. Pairs are (human, gpt); a trailing
-    unanswered human turn is dropped. `image` (its path) is unused here; 02 and 03 check it."""
-    n = conv[0]["value"].count(MARKER)
-    if n == 0:
-        raise SkipRow("no <image> in first human turn")
-    if n > 1:
-        raise SkipRow(f"several <image> in first human turn: {n}")
-    if any(MARKER in t["value"] for t in conv[2::2]):
-        raise SkipRow("<image> in a later human turn")
-    pairs = list(zip(conv[0::2], conv[1::2]))
-    questions = [clean_question(h["value"]) for h, _ in pairs]
-    answers = [g["value"] for _, g in pairs]
-    if not all(q.strip() for q in questions):
-        raise SkipRow("empty question")
-    if not all(a.strip() for a in answers):
-        raise SkipRow("empty answer")
-    if max_answer_chars and len(answers[0]) >= max_answer_chars:
-        raise SkipRow(f"long answer: {len(answers[0])} chars")
-    return questions, answers
-
-
-def labelled_turns(questions, answers, prefixes, head):
-    """Rebuild a conversation: human turn i = `{prefixes[i]}, {question}` (first letter lowered),
-    with `head` (the image markers) in front of the first. -> LLaVA `conversations` list.
-    """
-    turns = []
-    for i, (q, a, p) in enumerate(zip(questions, answers, prefixes)):
-        turns.append({"from": "human", "value": (head if i == 0 else "") + f"{p}, {lower_first(q)}"})
-        turns.append({"from": "gpt", "value": a})
-    return turns
-
-
-# companions: the images added to a sample, shared by 01-03
-def draw_companions(rng, exclude, local, everyone, k):
-    """k distinct images, none in `exclude`, uniform from `local` (a sorted list of paths) or,
-    when it holds fewer than k others, from `everyone`. -> (paths, fell_back)."""
-    for pool, fell_back in ((local, False), (everyone, True)):
-        avail = len(pool) - sum(_contains(pool, p) for p in exclude)
-        if avail >= k:
-            out, seen = [], set(exclude)
-            while len(out) < k:  # rejection: uniform without replacement, no O(pool) copy
-                p = pool[rng.randrange(len(pool))]
-                if p not in seen:
-                    seen.add(p)
-                    out.append(p)
-            return out, fell_back
-    raise SkipRow(f"too few images for companions: need {k}, pool holds {len(everyone)}")
-
-
-def _contains(sorted_list, x):
-    i = bisect.bisect_left(sorted_list, x)
-    return i < len(sorted_list) and sorted_list[i] == x
-
-
-def add_source_flags(group):
-    """The source-row rules' flags, shared by 01-03."""
-    group.add_argument("--max-answer-chars", type=int, default=MAX_ANSWER_CHARS,
-                       help="skip rows whose first answer is this long or longer (0: no limit)")
-    group.add_argument("--first-turn-only", action="store_true", help="keep only the first question/answer (default: all turns)")
-
-
-# the sequence format
-
-
 def sequence_head(n):
     """`Image1:<image>\\nImage2:<image>\\n` for n = 2: each label right before its image."""
     return "".join(f"Image{i}:{MARKER}\n" for i in range(1, n + 1))

@@ -19,7 +19,7 @@ the strip (drawn at the authors' y = cell_y - 40, the "g" of this font would dip
 cell); the font is Pillow's bundled default (DejaVu-derived, FreeType) at size 36.
 
 Prompt: `<image>\\nIn Image{k}, {question, first letter lower-cased}`; later turns `In Image{k}, ...`
-(question cleaning, lower-casing rule and companion draw: imported from 01_make_sequence.py). VG samples and samples whose
+(question cleaning, lower-casing rule and companion draw: compose.py, shared by 01-03). VG samples and samples whose
 text holds a bounding box `[x0, y0, x1, y1]` are skipped unless --keep-boxes. With --merge P a
 fraction P of collages holds 2-3 source samples, each with its own `In Image{k_i}, ` turns
 (ids joined with `_`); the first source is the collage's `target`.
@@ -38,8 +38,6 @@ row; `--recipe auto` picks toy for files 00_make_toy.py wrote.
 """
 import argparse
 import functools
-import importlib
-import re
 import time
 from functools import partial
 from pathlib import Path
@@ -47,9 +45,9 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 import common
-from common import ImageError, SkipRow, Skips, load_image, row_rng
+import compose
+from common import ImageError, Skips, load_image, row_rng
 
-seq = importlib.import_module("01_make_sequence")  # the question rewrite and companion draw 01-03 share
 
 
 # ---- method: what the paper specifies (edit me) ----
@@ -58,26 +56,6 @@ LAYOUTS = {2: (1, 2), 3: (1, 3), 4: (2, 2), 6: (2, 3), 9: (3, 3)}  # n -> (rows,
 COUNTS = "2:0.34,3:0.165,4:0.165,6:0.165,9:0.165"
 LABEL_X, FONT_SIZE = 20, 36
 RECIPES = {"toy": {"limit": 1000}, "paper": {"limit": 0}}
-_BOXES = re.compile(r"\[\s*-?\d*\.?\d+(?:\s*,\s*-?\d*\.?\d+){3}\s*\]")  # "[0.12, 0.3, 0.5, 0.77]"
-
-
-def has_boxes(texts):
-    """True if any text holds a bounding box like `[0.12, 0.3, 0.5, 0.77]` (meaningless in a collage)."""
-    return any(_BOXES.search(t) for t in texts)
-
-
-def composite_turns(conv, image, max_answer_chars, keep_boxes=False):
-    """01's source_turns, plus the authors' rule for collages and insets (02 and 03): VG samples
-    and samples whose text holds a bounding box are skipped, since coordinates of the source
-    image mean nothing once it is pasted somewhere else."""
-    qs, ans = seq.source_turns(conv, image, max_answer_chars)
-    if not keep_boxes and common.subset_of(image).lower() == "vg":
-        raise SkipRow("VG sample")
-    if not keep_boxes and has_boxes(qs + ans):
-        raise SkipRow("bounding box in text")
-    return qs, ans
-
-
 def grid_geometry(n, cell=CELL, gap=GAP):
     """n images -> (canvas (W, H), cell boxes [(x0, y0, x1, y1)] row-major).
 
@@ -94,7 +72,7 @@ def grid_geometry(n, cell=CELL, gap=GAP):
 def paste_box(image_size, cell_box):
     """Where an image of `image_size` lands in `cell_box`: fitted, aspect kept, centred."""
     x0, y0, x1, y1 = cell_box
-    w, h = common.fit(*image_size, x1 - x0, y1 - y0)
+    w, h = compose.fit(*image_size, x1 - x0, y1 - y0)
     x, y = x0 + (x1 - x0 - w) // 2, y0 + (y1 - y0 - h) // 2
     return x, y, x + w, y + h
 
@@ -168,14 +146,14 @@ def plan_grid(srcs, pools, weights, rng, same_subset=False, first_turn_only=Fals
     n = rng.choices(list(allowed), weights=list(allowed.values()))[0]
     own = [s.image for s in srcs]
     local = pools.get(srcs[0].subset, []) if same_subset else pools[None]
-    companions, fell_back = seq.draw_companions(rng, set(own), local, pools[None], n - len(srcs))
+    companions, fell_back = compose.draw_companions(rng, set(own), local, pools[None], n - len(srcs))
     cells = own + companions
     rng.shuffle(cells)
     targets = [cells.index(p) + 1 for p in own]
     turns = []
     for s, k in zip(srcs, targets):
         qs, ans = (s.questions[:1], s.answers[:1]) if first_turn_only else (s.questions, s.answers)
-        turns += seq.labelled_turns(qs, ans, [f"In Image{k}"] * len(qs), "" if turns else common.MARKER + "\n")
+        turns += compose.labelled_turns(qs, ans, [f"In Image{k}"] * len(qs), "" if turns else common.MARKER + "\n")
     return {"id": "grid-" + "_".join(s.id for s in srcs), "n": n, "cells": cells, "targets": targets,
             "sources": [s.id for s in srcs], "source_images": own, "turns": turns, "fell_back": fell_back}
 
@@ -203,20 +181,20 @@ def render(item, image_root, image_out, quality):
         except ImageError as e:
             return None, f"{'unreadable image' if p in item['source_images'] else 'unreadable companion'}: {e}"
     canvas, pasted = compose_grid(images, get_font())
-    common.save_jpeg(canvas, Path(image_out) / item["file"], quality)
+    compose.save_jpeg(canvas, Path(image_out) / item["file"], quality)
     return pasted, None
 
 
 def main(args):
     t0 = time.time()
     common.apply_recipe(args, RECIPES, common.is_toy_data(args.data), "02_make_grid")
-    common.resolve_paths(args, "grid", image_dir="mia_grid")
-    weights = common.parse_counts(args.counts, allowed=set(LAYOUTS))
+    compose.resolve_paths(args, "grid", image_dir="mia_grid")
+    weights = compose.parse_counts(args.counts, allowed=set(LAYOUTS))
     get_font()  # fail before any work if the font cannot render
     skips = Skips()
-    sources, n_read = common.load_sources(args, skips, partial(composite_turns, max_answer_chars=args.max_answer_chars,
+    sources, n_read = compose.load_sources(args, skips, partial(compose.composite_turns, max_answer_chars=args.max_answer_chars,
                                                                 keep_boxes=args.keep_boxes))
-    pools = common.build_pools(sources)
+    pools = compose.build_pools(sources)
     max_group = min(3, max(n for n, w in weights.items() if w > 0))
     groups = group_sources([s.id for s in sources], [s.image for s in sources], args.merge, args.seed, max_group)
     items = []
@@ -225,18 +203,18 @@ def main(args):
         gid = "_".join(s.id for s in srcs)
         try:
             item = plan_grid(srcs, pools, weights, row_rng(args.seed, gid), args.companions == "subset", args.first_turn_only)
-        except common.SkipRow as e:
+        except compose.SkipRow as e:
             for s in srcs:
                 skips.add(s.id, str(e), args.data, s.line)
             continue
-        item["file"] = common.file_name(item["id"], item["cells"], args.jpeg_quality, CELL, GAP) + ".jpg"
+        item["file"] = compose.file_name(item["id"], item["cells"], args.jpeg_quality, CELL, GAP) + ".jpg"
         item["srcs"] = srcs
         items.append(item)
     Path(args.image_out).mkdir(parents=True, exist_ok=True)
     work = [{k: it[k] for k in ("cells", "source_images", "file")} for it in items]
-    results = common.run_parallel(partial(render, image_root=args.image_root, image_out=args.image_out,
+    results = compose.run_parallel(partial(render, image_root=args.image_root, image_out=args.image_out,
                                        quality=args.jpeg_quality), work, args.workers, "collages")
-    ref = common.image_ref(args.image_out, args.image_root)
+    ref = compose.image_ref(args.image_out, args.image_root)
     rows, n_fallback, n_images = [], 0, {}
     for item, (pasted, err) in zip(items, results):
         if err:
@@ -249,20 +227,20 @@ def main(args):
                "companions": [p for p in item["cells"] if p not in item["source_images"]],
                "cell_images": item["cells"], "size": list(size), "cells": [list(c) for c in cells],
                "pasted": [list(b) for b in pasted], "companions_fallback": item["fell_back"]}
-        rows.append(common.output_row(item["id"], [f"{ref}/{item['file']}"], item["turns"], item["srcs"][0].row, mia))
+        rows.append(compose.output_row(item["id"], [f"{ref}/{item['file']}"], item["turns"], item["srcs"][0].row, mia))
         n_fallback += item["fell_back"]
         n_images[item["n"]] = n_images.get(item["n"], 0) + 1
     counts = {"rows_read": n_read, "rows_written": len(rows), "sources_used": sum(len(r["mia"]["sources"]) for r in rows),
               "companions_fallback": n_fallback, "n_images": dict(sorted(n_images.items()))}
-    common.finish("02_make_grid", args, rows, skips, counts, t0)
+    compose.finish("02_make_grid", args, rows, skips, counts, t0)
     return rows, skips, counts
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n")[1])
-    m = common.add_shared_args(p, image_out="mia_grid")
-    seq.add_source_flags(m)
+    m = compose.add_shared_args(p, image_out="mia_grid")
+    compose.add_source_flags(m)
     m.add_argument("--counts", default=COUNTS, help="images per collage with weights, drawn per row (N or N:w,...; N in 2,3,4,6,9)")
     m.add_argument("--companions", choices=("subset", "any"), default="any",
                    help="draw companions from all images (authors) or from the row's sub-dataset")
@@ -271,7 +249,7 @@ def get_args(argv=None):
     m.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality of the collages")
     args = p.parse_args(argv)
     try:
-        common.parse_counts(args.counts, allowed=set(LAYOUTS))
+        compose.parse_counts(args.counts, allowed=set(LAYOUTS))
     except ValueError as e:
         p.error(f"--counts: {e}")
     if not 0 <= args.merge <= 1:

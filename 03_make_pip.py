@@ -12,10 +12,10 @@ centred on a background drawn uniformly from all other usable images (--companio
 from the row's sub-dataset). The composite keeps the background's size.
 Prompt: `<image>\\n{phrase}, {question, first letter lower-cased}` and `{phrase}, ...` on later
 turns, a phrase drawn per turn from PHRASES (64 of our own: 8 openings x 8 ways to name the
-inset). Question cleaning, the lower-casing rule and the companion draw: imported from
-01_make_sequence.py. VG samples and samples with bounding boxes in the text are skipped unless
+inset). Question cleaning, the lower-casing rule and the companion draw: compose.py, shared by
+01-03. VG samples and samples with bounding boxes in the text are skipped unless
 --keep-boxes (coordinates of the source image mean nothing on the composite; the rule is
-02_make_grid.py's composite_turns). Recipes: `toy` takes a 1000-row subset of the toy world's
+compose.composite_turns, shared with 02). Recipes: `toy` takes a 1000-row subset of the toy world's
 data, `paper` every row (`--recipe auto` picks toy for files 00_make_toy.py wrote).
 
 Output rows: id "pip-<source id>", image [<image-out relative to image-root>/<name>.jpg],
@@ -26,7 +26,6 @@ pasted target), companions_fallback}. Rows sorted by id: byte-identical for any 
 input order; images written atomically before the JSONL; skips as in 01 and 02.
 """
 import argparse
-import importlib
 import time
 from functools import partial
 from pathlib import Path
@@ -34,10 +33,9 @@ from pathlib import Path
 from PIL import Image
 
 import common
+import compose
 from common import ImageError, Skips, load_image, row_rng
 
-seq = importlib.import_module("01_make_sequence")  # the question rewrite and companion draw 01-03 share
-grid = importlib.import_module("02_make_grid")  # the rule for composites: no VG, no bounding boxes
 
 
 # ---- method: what the paper specifies (edit me) ----
@@ -55,7 +53,7 @@ def inset_box(background_size, image_size, scale=SCALE):
     inset_box((100, 100), (64, 64)) -> (15, 15, 85, 85);  inset_box((640, 480), (64, 32)) -> (96, 128, 544, 352)
     """
     W, H = background_size
-    w, h = common.fit(*image_size, max(1, int(W * scale + 1e-9)), max(1, int(H * scale + 1e-9)))
+    w, h = compose.fit(*image_size, max(1, int(W * scale + 1e-9)), max(1, int(H * scale + 1e-9)))
     x0, y0 = (W - w) // 2, (H - h) // 2
     return x0, y0, x0 + w, y0 + h
 
@@ -72,10 +70,10 @@ def compose_pip(target, background, scale=SCALE):
 def plan_pip(src, pools, rng, same_subset=False, first_turn_only=False):
     """One source -> plan (background, conversation). rng draws, in order: background, phrases."""
     local = pools.get(src.subset, []) if same_subset else pools[None]
-    (background,), fell_back = seq.draw_companions(rng, {src.image}, local, pools[None], 1)
+    (background,), fell_back = compose.draw_companions(rng, {src.image}, local, pools[None], 1)
     qs, ans = (src.questions[:1], src.answers[:1]) if first_turn_only else (src.questions, src.answers)
     phrases = [rng.choice(PHRASES) for _ in qs]
-    turns = seq.labelled_turns(qs, ans, phrases, common.MARKER + "\n")
+    turns = compose.labelled_turns(qs, ans, phrases, common.MARKER + "\n")
     return {"id": f"pip-{src.id}", "target": src.image, "background": background, "turns": turns, "fell_back": fell_back}
 
 
@@ -91,33 +89,33 @@ def render(item, image_root, image_out, quality, scale):
     except ImageError as e:
         return None, None, f"unreadable companion: {e}"
     canvas, box = compose_pip(target, background, scale)
-    common.save_jpeg(canvas, Path(image_out) / item["file"], quality)
+    compose.save_jpeg(canvas, Path(image_out) / item["file"], quality)
     return box, canvas.size, None
 
 
 def main(args):
     t0 = time.time()
     common.apply_recipe(args, RECIPES, common.is_toy_data(args.data), "03_make_pip")
-    common.resolve_paths(args, "pip", image_dir="mia_pip")
+    compose.resolve_paths(args, "pip", image_dir="mia_pip")
     skips = Skips()
-    sources, n_read = common.load_sources(args, skips, partial(grid.composite_turns, max_answer_chars=args.max_answer_chars,
+    sources, n_read = compose.load_sources(args, skips, partial(compose.composite_turns, max_answer_chars=args.max_answer_chars,
                                                                 keep_boxes=args.keep_boxes))
-    pools = common.build_pools(sources)
+    pools = compose.build_pools(sources)
     items = []
     for src in sources:
         try:
             item = plan_pip(src, pools, row_rng(args.seed, src.id), args.companions == "subset", args.first_turn_only)
-        except common.SkipRow as e:
+        except compose.SkipRow as e:
             skips.add(src.id, str(e), args.data, src.line)
             continue
-        item["file"] = common.file_name(item["id"], item["target"], item["background"], args.scale, args.jpeg_quality) + ".jpg"
+        item["file"] = compose.file_name(item["id"], item["target"], item["background"], args.scale, args.jpeg_quality) + ".jpg"
         item["src"] = src
         items.append(item)
     Path(args.image_out).mkdir(parents=True, exist_ok=True)
     work = [{k: it[k] for k in ("target", "background", "file")} for it in items]
-    results = common.run_parallel(partial(render, image_root=args.image_root, image_out=args.image_out,
+    results = compose.run_parallel(partial(render, image_root=args.image_root, image_out=args.image_out,
                                        quality=args.jpeg_quality, scale=args.scale), work, args.workers, "pic-in-pic")
-    ref = common.image_ref(args.image_out, args.image_root)
+    ref = compose.image_ref(args.image_out, args.image_root)
     rows, n_fallback = [], 0
     for item, (box, size, err) in zip(items, results):
         src = item["src"]
@@ -127,18 +125,18 @@ def main(args):
         mia = {"format": "pip", "n_images": 2, "target": 1, "sources": [src.id], "source_images": [src.image],
                "companions": [item["background"]], "size": list(size), "inset": list(box),
                "companions_fallback": item["fell_back"]}
-        rows.append(common.output_row(item["id"], [f"{ref}/{item['file']}"], item["turns"], src.row, mia))
+        rows.append(compose.output_row(item["id"], [f"{ref}/{item['file']}"], item["turns"], src.row, mia))
         n_fallback += item["fell_back"]
     counts = {"rows_read": n_read, "rows_written": len(rows), "companions_fallback": n_fallback}
-    common.finish("03_make_pip", args, rows, skips, counts, t0)
+    compose.finish("03_make_pip", args, rows, skips, counts, t0)
     return rows, skips, counts
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n")[1])
-    m = common.add_shared_args(p, image_out="mia_pip")
-    seq.add_source_flags(m)
+    m = compose.add_shared_args(p, image_out="mia_pip")
+    compose.add_source_flags(m)
     m.add_argument("--scale", type=float, default=SCALE, help="the inset fits this fraction of the background's width and height")
     m.add_argument("--companions", choices=("subset", "any"), default="any",
                    help="draw the background from all images or from the row's sub-dataset")

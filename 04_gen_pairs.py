@@ -8,7 +8,7 @@ in : JSONL of 01-03 + image root + local model     out: pairs JSONL + candidates
   python 04_gen_pairs.py ... --shard 0 --num-shards 4    # -> data/pairs-00-of-04.jsonl (05 merges shards)
 
 Per row (first human/gpt turn only): the model answers greedily, with the prompt training builds
-(common.build_inputs), on images corrupted as the authors did (grid: Gaussian noise std 225 on
+(vlm.build_inputs), on images corrupted as the authors did (grid: Gaussian noise std 225 on
 the target cell; pic-in-pic: std 49 on the whole image; sequence: none; in float, clipped).
 A teacher-forced forward over prompt + answer on the same images then measures, at ONE decoder
 layer (default the middle one), the heads-averaged attention of the response rows — the query
@@ -18,7 +18,7 @@ only for those rows at that layer; all-layer `output_attentions` is never kept. 
   sequence   mean attention on the target image / sum over images of their mean attention
   grid       attention on the target cell / attention on the whole collage
   pic-in-pic attention on the inset / attention on the whole image
-Cells and inset are pixel boxes (02/03); common.image_token_boxes gives, for every visual token,
+Cells and inset are pixel boxes (02/03); token_geometry.image_token_boxes gives, for every visual token,
 the box of ORIGINAL pixels it sees through the processor's views (resize, pad, crop, tiles, global
 view, merges, pooling), and a token counts with the share of its box inside the cell or inset.
 (The authors cut the map into equal blocks and a fixed 16x16 centre, which ignores label strips,
@@ -48,8 +48,9 @@ from pathlib import Path
 import numpy as np
 
 import common
-from common import (DataError, ImageError, atomic_write, check_llava_row, normalise_answer, read_rows, row_rng,
-                    write_jsonl, write_sidecar)
+import vlm
+import token_geometry
+from common import DataError, ImageError, atomic_write, check_llava_row, normalise_answer, read_rows, row_rng, write_jsonl, write_sidecar
 
 # ---- method: what the paper specifies (edit me) ----
 FORMATS = ("sequence", "grid", "pip")
@@ -109,7 +110,7 @@ def add_noise(pixels, box, std, rng):
 
 
 def box_weights(token_boxes, box):
-    """(n, 4) token boxes in original pixels (common.image_token_boxes; NaN = sees no pixels) and a
+    """(n, 4) token boxes in original pixels (token_geometry.image_token_boxes; NaN = sees no pixels) and a
     pixel box (x0, y0, x1, y1) -> (n,) share of each token's box inside it.
     toy (64x64 squash, 8-px patches): the 1x2 collage's left cell (0, 40, 448, 488) of 936x488 ->
     a token of the 4th column 0.83 (30.6 of its 24..32 px), of the top row 0.34 (the label strip)."""
@@ -292,27 +293,27 @@ def probe_forward(model, processor, questions, images, answers, layer, counts=No
     returns attn (B, T) numpy, positions (B lists of per-image index arrays), sum_logps (B,), n_tokens (B,)."""
     import torch
 
-    batch = common.to_model(common.build_inputs(processor, questions, images, answers=answers), model)
+    batch = vlm.to_model(vlm.build_inputs(processor, questions, images, answers=answers), model)
     labels = batch["labels"]
     rows = []
     for b in range(labels.shape[0]):  # row t predicts token t+1: rows = labelled positions - 1
-        pos = (labels[b] != common.IGNORE_INDEX).nonzero().flatten()
+        pos = (labels[b] != vlm.IGNORE_INDEX).nonzero().flatten()
         rows.append((int(pos[0]) - 1, int(pos[-1])) if len(pos) else (0, 0))
     with torch.no_grad(), probing(layer, rows) as probe:
-        sum_lp, _, n_tok = common.response_logps(model, batch)
+        sum_lp, _, n_tok = vlm.response_logps(model, batch)
         attn = probe["out"]
     if attn is None:
         raise RuntimeError(f"the probe did not run at layer {layer}: is the model's attention routed through {PROBE_NAME}?")
-    positions = common.image_positions(batch["input_ids"], common.image_token_id(model),
+    positions = vlm.image_positions(batch["input_ids"], vlm.image_token_id(model),
                                        counts or [[None] * len(ims) for ims in images])
     return attn.cpu().numpy(), positions, sum_lp.float().cpu().tolist(), n_tok.cpu().tolist()
 
 
 def token_boxes(processor, images, cache):
-    """common.image_token_boxes for one prompt's images, cached by their sizes (all it depends on)."""
+    """token_geometry.image_token_boxes for one prompt's images, cached by their sizes (all it depends on)."""
     key = tuple(im.size for im in images)
     if key not in cache:
-        cache[key] = common.image_token_boxes(processor, images)
+        cache[key] = token_geometry.image_token_boxes(processor, images)
     return cache[key]
 
 
@@ -361,7 +362,7 @@ def run_batch(model, processor, items, args, ctx):
     if not ok:
         return out, []
     qs = [it["prompt"] for it in ok]
-    answers, finished = common.generate(model, processor, qs, seen, args.max_new_tokens, return_finished=True)
+    answers, finished = vlm.generate(model, processor, qs, seen, args.max_new_tokens, return_finished=True)
     boxes = [token_boxes(processor, ims, ctx["boxes"]) for ims in clean]
     attn, positions, sum_lp, n_tok = probe_forward(model, processor, qs, seen, answers, ctx["layer"],
                                                    [[len(b) for b in bs] for bs in boxes])
@@ -376,7 +377,7 @@ def run_batch(model, processor, items, args, ctx):
     chosen = [(r, it, ims) for r, it, ims in zip(recs, ok, clean) if r["candidate"]["selected"]]
     if chosen:  # reference log-probs on the CLEAN images: chosen rows then rejected rows, one forward (as 06)
         q, ims = [it["prompt"] for _, it, _ in chosen], [im for _, _, im in chosen]
-        lp_c, lp_r = common.pair_logps(model, processor, q, ims, [it["truth"] for _, it, _ in chosen],
+        lp_c, lp_r = vlm.pair_logps(model, processor, q, ims, [it["truth"] for _, it, _ in chosen],
                                        [r["candidate"]["answer"] for r, _, _ in chosen])
         for k, (r, it, _) in enumerate(chosen):
             r["pair"] = make_pair(it, r["candidate"], lp_c[k], lp_r[k], ctx)
@@ -442,15 +443,15 @@ def main(args):
     t0 = time.time()
     common.set_threads(args.threads)
     items = load_items(args)
-    model, processor = common.load_model(args.model, dtype=args.dtype, device=args.device,
+    model, processor = vlm.load_model(args.model, dtype=args.dtype, device=args.device,
                                          max_image_tokens=args.max_image_tokens)
     install_probe(model)
     layer = default_layer(model) if args.layer is None else args.layer
     if layer not in attention_layers(model):
         raise SystemExit(f"04_gen_pairs: --layer {layer} is not a softmax-attention layer of this model "
                          f"(those are {attention_layers(model)})")
-    ref_model = {"path": str(args.model), "fingerprint": common.model_fingerprint(model),
-                 "image_settings": common.image_settings_id(processor)}  # 06 refuses other image settings
+    ref_model = {"path": str(args.model), "fingerprint": vlm.model_fingerprint(model),
+                 "image_settings": vlm.image_settings_id(processor)}  # 06 refuses other image settings
     viz_ids = {it["id"] for f in FORMATS for it in [x for x in items if x["format"] == f][:args.viz]}
     ctx = {"layer": layer, "boxes": {}, "thresholds": args.thresholds, "ref_model": ref_model,
            "viz_ids": viz_ids}
@@ -547,7 +548,7 @@ def get_args(argv=None):
     m.add_argument("--seed", type=int, default=0, help="with the row id, seeds the noise")
     s = p.add_argument_group("system")
     s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--dtype", default="auto", choices=common.DTYPES)
+    s.add_argument("--dtype", default="auto", choices=vlm.DTYPES)
     s.add_argument("--device", default="cpu")
     common.add_max_image_tokens_flag(s)
     common.add_threads_flag(s)

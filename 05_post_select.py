@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 import common
+import vlm
 from common import DataError, Skips, normalise_answer, read_rows, row_rng, write_jsonl, write_sidecar
 
 # ---- method: what the paper specifies (edit me) ----
@@ -165,17 +166,15 @@ def to_trl(pairs, processor, image_root):
     add_special_tokens=False); chosen / rejected as render_pair continues the prompt, + EOS where the
     template writes no end token (TRL's vision path appends none); images as absolute paths (load
     with datasets and `.cast_column("images", Sequence(Image()))`)."""
-    import common
-
     tok = processor.tokenizer
     adds_bos = tok.bos_token is not None and tok("x")["input_ids"][:1] == [tok.bos_token_id]
     rows = []
     for p in pairs:
-        prompt, chosen = common.render_pair(processor, p["prompt"], p["chosen"])
-        _, rejected = common.render_pair(processor, p["prompt"], p["rejected"])
+        prompt, chosen = vlm.render_pair(processor, p["prompt"], p["chosen"])
+        _, rejected = vlm.render_pair(processor, p["prompt"], p["rejected"])
         bos = tok.bos_token if adds_bos and not prompt.startswith(tok.bos_token) else ""
-        rows.append({"id": p["id"], "prompt": bos + prompt, "chosen": common.with_stop(tok, chosen),
-                     "rejected": common.with_stop(tok, rejected),
+        rows.append({"id": p["id"], "prompt": bos + prompt, "chosen": vlm.with_stop(tok, chosen),
+                     "rejected": vlm.with_stop(tok, rejected),
                      "images": [str((Path(image_root) / x).resolve()) for x in p["image"]]})
     return rows
 

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import common
+import vlm
 
 # ==== 1. the loss (the method: edit me) =========================================================
 RECIPES = {  # flags a run does not set; `auto` picks toy for a model 00 built, paper otherwise
@@ -118,10 +119,10 @@ def replay_loss(replay_logps, replay_n_tokens, weight: float = 0.0):
 def collate(pairs, image_root, processor, device, dtype):
     """B pairs -> one batch of 2B rows, chosen rows first, then rejected: each row is the prompt
     (the model's chat template, images in place) + the answer + EOS, labels on answer + EOS only
-    (common.build_inputs, the same function 04 and 07 build prompts with)."""
+    (vlm.build_inputs, the same function 04 and 07 build prompts with)."""
     images = [[common.load_image(image_root, rel) for rel in p["images"]] for p in pairs]
     answers = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
-    return on_device(common.build_inputs(processor, [p["prompt"] for p in pairs] * 2, images * 2, answers=answers), device, dtype)
+    return on_device(vlm.build_inputs(processor, [p["prompt"] for p in pairs] * 2, images * 2, answers=answers), device, dtype)
 
 
 def on_device(batch, device, dtype):
@@ -136,7 +137,7 @@ def concatenated_forward(model, batch):
     """A collate() batch -> (policy_chosen_logps, policy_rejected_logps, chosen_n_tokens,
     rejected_n_tokens), each (B,): summed log-probs of each answer + EOS given its prompt and
     images, and how many tokens were scored. One forward over all 2B rows."""
-    summed, _, n_tokens = common.response_logps(model, batch)  # (2B,), LM head only at labelled positions
+    summed, _, n_tokens = vlm.response_logps(model, batch)  # (2B,), LM head only at labelled positions
     chosen_logps, rejected_logps = summed.float().chunk(2)
     chosen_n, rejected_n = n_tokens.chunk(2)
     return chosen_logps, rejected_logps, chosen_n, rejected_n
@@ -207,8 +208,8 @@ def build_shared_prefix_batch(batch, dtype):
         # prompt position p-1, exactly like the first chosen token (subtle).
         c_src = list(range(p - 1, p + c - 1))
         r_src = [p - 1] + list(range(p + c, p + c + r - 1))
-        keep_c = (labels[i, p:c_end] != common.IGNORE_INDEX).tolist()
-        keep_r = (labels[B + i, p:r_end] != common.IGNORE_INDEX).tolist()
+        keep_c = (labels[i, p:c_end] != vlm.IGNORE_INDEX).tolist()
+        keep_r = (labels[B + i, p:r_end] != vlm.IGNORE_INDEX).tolist()
         src.append([s for s, k in zip(c_src, keep_c) if k] + [s for s, k in zip(r_src, keep_r) if k])
         tgt.append(torch.cat([ids[i, p:c_end][torch.tensor(keep_c, dtype=torch.bool)],
                               ids[B + i, p:r_end][torch.tensor(keep_r, dtype=torch.bool)]]))
@@ -247,7 +248,7 @@ def shared_prefix_forward(model, batch):
     inputs = {k: v for k, v in batch.items() if not k.startswith("score_")}
     hidden = model.model(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
     h = hidden.reshape(-1, hidden.shape[-1])[batch["score_src"]]  # (N, H)
-    lp = common.logps_at(model, h, batch["score_tgt"])  # (N,)
+    lp = vlm.logps_at(model, h, batch["score_tgt"])  # (N,)
     n_rows = 2 * hidden.shape[0]
     summed = torch.zeros(n_rows, dtype=lp.dtype, device=lp.device).index_add(0, batch["score_row"], lp)
     n_tokens = torch.bincount(batch["score_row"], minlength=n_rows)
@@ -383,7 +384,7 @@ def _n_tokens(processor, prompt, answer, sizes, img_tokens):
     for s in sizes:  # tokens an image adds when the processor expands it, measured once per size
         if s not in img_tokens:
             img_tokens[s] = _tokens_per_image(processor, s)
-    text = common.render_pair(processor, prompt, answer)
+    text = vlm.render_pair(processor, prompt, answer)
     return len(tok(text[0] + text[1] + tok.eos_token)["input_ids"]) + sum(img_tokens[s] for s in sizes)
 
 
@@ -410,7 +411,7 @@ def _tokens_per_image(processor, size):
     """Tokens an image of `size` adds to the text when the processor expands its placeholder."""
     from PIL import Image
 
-    text = common.image_placeholder(processor)
+    text = vlm.image_placeholder(processor)
     ids = processor(text=[text], images=[[Image.new("RGB", size)]], add_special_tokens=False)["input_ids"][0]
     return len(ids) - len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -469,7 +470,7 @@ def replay_path(args):
 def replay_batch(rows, image_root, processor, device, dtype):
     """K replay rows -> one plain batch (prompt + answer + EOS, labels on answer + EOS), as collate."""
     images = [[common.load_image(image_root, rel) for rel in r["images"]] for r in rows]
-    return on_device(common.build_inputs(processor, [r["prompt"] for r in rows], images,
+    return on_device(vlm.build_inputs(processor, [r["prompt"] for r in rows], images,
                                          answers=[r["answer"] for r in rows]), device, dtype)
 
 
@@ -569,7 +570,7 @@ def make_scorer(model):
 
         def forward(self, batch, replay=False):  # -> chosen logps, rejected logps, chosen n, rejected n, each (B,)
             if replay:  # plain rows with one answer each (replay_batch) -> summed log-probs, n tokens (K,)
-                summed, _, n_tokens = common.response_logps(self.m, batch)
+                summed, _, n_tokens = vlm.response_logps(self.m, batch)
                 return summed.float(), n_tokens
             return pair_forward(self.m, batch)
 
@@ -682,14 +683,14 @@ def build_run(args, rank, world, device):
     """Model, pairs, reference, policy, scorers, optimizer and schedule for `args` -> Run."""
     import torch
 
-    model, processor = common.load_model(args.model, dtype=args.dtype, device=device,
+    model, processor = vlm.load_model(args.model, dtype=args.dtype, device=device,
                                          max_image_tokens=args.max_image_tokens)
-    fingerprint = common.model_fingerprint(model)  # of the base model, before any adapter
+    fingerprint = vlm.model_fingerprint(model)  # of the base model, before any adapter
     pairs, skips = load_pairs(args.pairs, args.image_root, processor, args.max_length, args.on_error)
     global_batch = args.batch_size * args.grad_accum * world
     if len(pairs) < global_batch:
         raise SystemExit(f"06_train_dpo: {len(pairs)} usable pairs, fewer than one global batch ({global_batch})")
-    reference = pick_reference(pairs, args.ref_logps, fingerprint, args.lora_r > 0, common.image_settings_id(processor))
+    reference = pick_reference(pairs, args.ref_logps, fingerprint, args.lora_r > 0, vlm.image_settings_id(processor))
     policy, frozen = prepare_policy(model, args, reference)
     why = fast_path_blocker(model, collate(pairs[:1], args.image_root, processor, device, model.dtype))
     if why and (args.prefix_sharing or args.encode_images_once):
@@ -1063,7 +1064,7 @@ def get_args(argv=None):
     g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: --epochs)")
     g.add_argument("--warmup-ratio", type=float, default=0.1)
     g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--dtype", choices=common.DTYPES, help=f"weights dtype (LoRA adapters stay float32) {recipe}")
+    g.add_argument("--dtype", choices=vlm.DTYPES, help=f"weights dtype (LoRA adapters stay float32) {recipe}")
     g.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, help=f"activation checkpointing {recipe}")
     g = p.add_argument_group("system")
     g.add_argument("--seed", type=int, default=0)

@@ -61,6 +61,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import common
+import vlm
 from common import normalise_answer  # one rule for "the same answer" in 04, 05 and 07
 
 # ---- method: scoring (edit me) --------------------------------------------------------------
@@ -400,7 +401,7 @@ def parse_models(specs):
 def answer_all(name, path, model, proc, questions, args):
     """Greedy answers of one model -> records. Finished batches go to OUT/answers-<name>.jsonl.partial
     (flushed per batch), so a stopped run resumes; a partial from another model or data is refused."""
-    config = {"model": str(path), "fingerprint": common.model_fingerprint(model), "max_new_tokens": args.max_new_tokens,
+    config = {"model": str(path), "fingerprint": vlm.model_fingerprint(model), "max_new_tokens": args.max_new_tokens,
               "questions": hashlib.sha256("\n".join(q["key"] + "\t" + q["question"] for q in questions).encode()).hexdigest()[:16]}
     final = Path(args.out) / f"answers-{name}.jsonl"
     partial = common.ResumeFile(str(final) + ".partial", config, key="key")
@@ -412,7 +413,7 @@ def answer_all(name, path, model, proc, questions, args):
         for i in range(0, len(todo), args.batch_size):
             qs = todo[i : i + args.batch_size]
             ims = [[common.load_image(args.image_root, p) for p in q["images"]] for q in qs]
-            answers = common.generate(model, proc, [q["question"] for q in qs], ims, max_new_tokens=args.max_new_tokens)
+            answers = vlm.generate(model, proc, [q["question"] for q in qs], ims, max_new_tokens=args.max_new_tokens)
             partial.add([score(q, a) for q, a in zip(qs, answers)])
             bar.update(len(qs))
     done = partial.done
@@ -437,7 +438,7 @@ def pair_logps(model, proc, pairs, args):
     for i in range(0, len(pairs), args.batch_size):
         ps = pairs[i : i + args.batch_size]
         ims = [[common.load_image(args.image_root, p) for p in x["images"]] for x in ps]
-        c, r = common.pair_logps(model, proc, [x["question"] for x in ps], ims, [x["chosen"] for x in ps],
+        c, r = vlm.pair_logps(model, proc, [x["question"] for x in ps], ims, [x["chosen"] for x in ps],
                                  [x["rejected"] for x in ps])
         chosen, rejected = chosen + c, rejected + r
     return chosen, rejected
@@ -477,12 +478,12 @@ def answer_token_ids(processor, question, words):
     (build_inputs' split, no EOS) -> {word: [ids]}. The words' answer events must be disjoint, so a
     word whose tokens begin another word's (or equal them) is an error naming both."""
     tok = processor.tokenizer
-    prompt = common.render_prompt(processor, question)
+    prompt = vlm.render_prompt(processor, question)
     special = not (tok.bos_token and prompt.startswith(tok.bos_token))
     p_ids = tok(prompt, add_special_tokens=special)["input_ids"]
     out = {}
     for w in words:
-        _, response = common.render_pair(processor, question, w)
+        _, response = vlm.render_pair(processor, question, w)
         f_ids = tok(prompt + response, add_special_tokens=special)["input_ids"]
         if f_ids[: len(p_ids)] != p_ids or len(f_ids) == len(p_ids):
             raise SystemExit(f"--mass: the answer word {w!r} changes the prompt's tokens or has none (run with --no-mass)")
@@ -514,14 +515,14 @@ def answer_mass(name, model, proc, questions, token_ids, vocab, rejected_of, arg
             qs = todo[i : i + args.batch_size]
             texts = [q["question"] for q in qs]
             ims = [[common.load_image(args.image_root, p) for p in q["images"]] for q in qs]
-            batch = common.to_model(common.build_inputs(proc, texts, ims, answers=[q["gold"] for q in qs]), model)
+            batch = vlm.to_model(vlm.build_inputs(proc, texts, ims, answers=[q["gold"] for q in qs]), model)
             inputs = {k: v for k, v in batch.items() if k not in ("labels", "prompt_lens")}
             with torch.no_grad():
                 hidden = model.model(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
                 # right padding: the prompt of row b ends at prompt_lens[b] - 1
                 at = hidden[torch.arange(len(qs), device=hidden.device), batch["prompt_lens"] - 1]  # (B, H)
-                probs = common.next_token_logprobs(model, at).double().exp().cpu()  # (B, V)
-                seq = {w: common.response_logps(model, common.to_model(common.build_inputs(
+                probs = vlm.next_token_logprobs(model, at).double().exp().cpu()  # (B, V)
+                seq = {w: vlm.response_logps(model, vlm.to_model(vlm.build_inputs(
                            proc, texts, ims, answers=[w] * len(qs), add_eos=False), model))[0].double().exp().cpu()
                        for w in multi}  # w -> (B,)
             for b, q in enumerate(qs):
@@ -625,7 +626,7 @@ def main(args):
     for name, path in models.items():
         t = time.time()
         model_dir, adapter = resolve_model(path)
-        model, proc = common.load_model(model_dir, dtype=args.dtype, device=args.device, adapter=adapter,
+        model, proc = vlm.load_model(model_dir, dtype=args.dtype, device=args.device, adapter=adapter,
                                         max_image_tokens=args.max_image_tokens)
         records, configs[name] = answer_all(name, path, model, proc, questions, args)
         report[name] = {"model": str(path), "groups": summarise(records)}
@@ -683,7 +684,7 @@ def get_args(argv=None):
                    help="also score held-out preference pairs made from the first model's mistakes")
     s = p.add_argument_group("system")
     s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--dtype", default="auto", choices=common.DTYPES)
+    s.add_argument("--dtype", default="auto", choices=vlm.DTYPES)
     s.add_argument("--device", default="cpu")
     common.add_max_image_tokens_flag(s)
     common.add_threads_flag(s)

@@ -25,9 +25,9 @@ lmms-eval, `custom:NAME=DIR`: a `datasets.save_to_disk` folder in BLINK's schema
 own BLINK code (`BLINK=DIR` does the same for a saved copy of the real BLINK).
 
 Our model class (MIADPO_HF in VLMEvalKit, mia_hf in lmms-eval) loads a local checkpoint with
-common.load_model (AutoModelForImageTextToText + its processor, offline), on the device asked for
+vlm.load_model (AutoModelForImageTextToText + its processor, offline), on the device asked for
 (auto: CUDA if there is one), in bfloat16 on a GPU (the checkpoint's dtype on a CPU). It builds every
-prompt with common.build_inputs, the stages' own prompt builder: the model's chat template with each
+prompt with vlm.build_inputs, the stages' own prompt builder: the model's chat template with each
 image at its place (`place_images`), and decodes greedily, always. Multiple-choice questions get
 LLaVA-1.5's wording in VLMEvalKit (as its LLaVA class, which the paper used: options as `A. ...`, then
 "Answer with the option's letter from the given choices directly."); lmms-eval tasks keep their own.
@@ -66,6 +66,7 @@ import time
 from pathlib import Path
 
 import common
+import vlm
 
 HERE = Path(__file__).resolve().parent
 MODEL_CLASS = "MIADPO_HF"  # our class's name in vlmeval.vlm
@@ -219,8 +220,8 @@ class LocalVLM:
         self.path = full_checkpoint(model_path)
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
-        self.model, self.processor = common.load_model(self.path, dtype=self.dtype, device=self.device)
-        self.fingerprint = common.model_fingerprint(self.model)
+        self.model, self.processor = vlm.load_model(self.path, dtype=self.dtype, device=self.device)
+        self.fingerprint = vlm.model_fingerprint(self.model)
         if record:  # what was evaluated, for the report
             import transformers
 
@@ -231,7 +232,7 @@ class LocalVLM:
 
     def answer(self, question, images, max_new_tokens):
         """Greedy answer to one question with inline `<image>` markers and its PIL images."""
-        return common.generate(self.model, self.processor, [question], [list(images)], max_new_tokens=max_new_tokens)[0]
+        return vlm.generate(self.model, self.processor, [question], [list(images)], max_new_tokens=max_new_tokens)[0]
 
 
 def _open_image(path):
@@ -915,7 +916,7 @@ def get_args(argv=None):
     d.add_argument("--paper-row", choices=sorted(PAPER), default="llava-1.5-7b", help="the paper's row shown beside")
     m = p.add_argument_group("model")
     m.add_argument("--device", default="auto", help="auto (CUDA if visible), cpu, cuda, cuda:1 ...")
-    m.add_argument("--dtype", default="auto", choices=common.DTYPES, help="auto: bfloat16 on a GPU, the checkpoint's on a CPU")
+    m.add_argument("--dtype", default="auto", choices=vlm.DTYPES, help="auto: bfloat16 on a GPU, the checkpoint's on a CPU")
     m.add_argument("--max-new-tokens", type=int, default=0, help="0: VLMEvalKit 2048 (its LLaVA class), lmms-eval each task's")
     args = p.parse_args(argv)
     if not args.model:

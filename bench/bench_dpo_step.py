@@ -145,13 +145,15 @@ def add_ref_logps(data, model_dir):
 
     import common
 
-    model, proc = common.load_model(model_dir, dtype="float32")
-    fp, out = common.model_fingerprint(model), []
+    import vlm
+
+    model, proc = vlm.load_model(model_dir, dtype="float32")
+    fp, out = vlm.model_fingerprint(model), []
     for _, r in common.read_rows(data / "pairs.jsonl"):
         ims = [common.load_image(data, p) for p in r["image"]]
-        batch = common.build_inputs(proc, [r["prompt"]] * 2, [ims, ims], answers=[r["chosen"], r["rejected"]])
+        batch = vlm.build_inputs(proc, [r["prompt"]] * 2, [ims, ims], answers=[r["chosen"], r["rejected"]])
         with torch.no_grad():
-            sums = common.response_logps(model, batch)[0]
+            sums = vlm.response_logps(model, batch)[0]
         out.append({**r, "ref_chosen_logps": float(sums[0]), "ref_rejected_logps": float(sums[1]),
                     "ref_model": {"path": str(model_dir), "fingerprint": fp}})
     common.write_jsonl(data / "pairs_ref.jsonl", out)
@@ -186,11 +188,13 @@ def worker_trl(a):
 
     import common
 
+    import vlm
+
     base = rss_mb()
     torch.set_num_threads(a.threads)
     import importlib
 
-    model_tmp, proc = common.load_model(a.model)
+    model_tmp, proc = vlm.load_model(a.model)
     decoder = importlib.import_module("06_train_dpo").model_parts(model_tmp)[0]
     lm = model_tmp.get_submodule(decoder)
     targets = [f"{decoder}.{n}" for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)]

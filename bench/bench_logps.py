@@ -1,5 +1,5 @@
 """
-bench_logps.py — response log-probs: common.response_logps (LM head only at response
+bench_logps.py — response log-probs: vlm.response_logps (LM head only at response
 positions) vs the usual full-vocabulary logits over every position, forward + backward.
 
 Model: tiny width, but LLaVA-1.5's token geometry and vocabulary (336 px, patch 14 -> 576
@@ -49,12 +49,14 @@ def one(mode, a):
 
     import common
 
+    import vlm
+
     torch.set_num_threads(a.threads)
     model, batch = build(a.batch, a.images, a.answer_len, a.vocab)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
     if mode == "head_only":
-        logps = common.response_logps(model, batch)[0]
+        logps = vlm.response_logps(model, batch)[0]
     else:  # full logits over all T positions, then pick the labelled ones
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         logits = model(**inputs).logits[:, :-1].float()  # (B, T-1, V)

@@ -11,7 +11,7 @@ and a tiny width so it runs on a CPU: --layers text layers (default 8), --heads 
 Prompt: `Image{k}:` + 576 image tokens per image, a 20-token question, 5 template tokens.
 --family qwen2_5_vl: a random Qwen2_5_VLForConditionalGeneration of the same text size (M-RoPE,
 its real processor and template from tests/tiny_families.py), 448x448 images -> 32x32 patches ->
-256 tokens after the 2x2 merge (common.cap_image_tokens 256), `Image{k}:` labels, the toy question.
+256 tokens after the 2x2 merge (vlm.cap_image_tokens 256), `Image{k}:` labels, the toy question.
 Both contenders answer greedily with exactly --new-tokens tokens, then measure the per-image
 attention of the response rows at the middle layer, heads averaged:
   authors : generate(output_attentions=True, return_dict_in_generate=True) with eager attention,
@@ -90,15 +90,19 @@ def run_probe(model, ids, pv, spans, layer, new_tokens, gp):
 
     import common
 
+    import vlm
+
+    import token_geometry
+
     with torch.no_grad():
         seq = model.generate(input_ids=ids, pixel_values=pv, attention_mask=torch.ones_like(ids), do_sample=False,
                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
     T = ids.shape[1]
-    labels = torch.full_like(seq, common.IGNORE_INDEX)
+    labels = torch.full_like(seq, vlm.IGNORE_INDEX)
     labels[:, T:] = seq[:, T:]
     batch = {"input_ids": seq, "attention_mask": torch.ones_like(seq), "pixel_values": pv, "labels": labels}
     with torch.no_grad(), gp.probing(layer, [(T - 1, seq.shape[1] - 1)]) as probe:
-        common.response_logps(model, batch)
+        vlm.response_logps(model, batch)
         attn = probe["out"][0]
     return seq[0, T:].tolist(), [float(attn[s:e].sum()) for s, e in spans]
 
@@ -113,6 +117,8 @@ def build_qwen(layers, heads, seed=0):
 
     sys.path.insert(0, str(ROOT / "tests"))
     import common
+    import vlm
+    import token_geometry
     from tiny_families import build
 
     d = build("qwen2_5_vl", Path(tempfile.mkdtemp()) / "qwen")
@@ -125,8 +131,8 @@ def build_qwen(layers, heads, seed=0):
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
     model.generation_config.eos_token_id = None  # answers of exactly --new-tokens tokens
-    proc = common.load_processor(d)
-    common.cap_image_tokens(proc, 256)
+    proc = vlm.load_processor(d)
+    vlm.cap_image_tokens(proc, 256)
     return model, proc
 
 
@@ -137,12 +143,16 @@ def qwen_prompt(proc, n_images, seed=0):
 
     import common
 
+    import vlm
+
+    import token_geometry
+
     rng = np.random.default_rng(seed)
     ims = [Image.fromarray(rng.integers(0, 255, (448, 448, 3), dtype=np.uint8)) for _ in range(n_images)]
     q = "".join(f"Image{k}:<image>\n" for k in range(1, n_images + 1)) + "In Image1, what color is the shape?"
-    batch = common.build_inputs(proc, [q], [ims])
-    counts = [len(b) for b in common.image_token_boxes(proc, ims)]
-    positions = common.image_positions(batch["input_ids"], proc.tokenizer.convert_tokens_to_ids("<|image_pad|>"), [counts])[0]
+    batch = vlm.build_inputs(proc, [q], [ims])
+    counts = [len(b) for b in token_geometry.image_token_boxes(proc, ims)]
+    positions = vlm.image_positions(batch["input_ids"], proc.tokenizer.convert_tokens_to_ids("<|image_pad|>"), [counts])[0]
     return batch, positions
 
 
@@ -151,6 +161,10 @@ def run_qwen(model, batch, positions, layer, new_tokens, gp=None):
     import torch
 
     import common
+
+    import vlm
+
+    import token_geometry
 
     T = batch["input_ids"].shape[1]
     gen = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
@@ -162,9 +176,9 @@ def run_qwen(model, batch, positions, layer, new_tokens, gp=None):
         seq = model.generate(**batch, **gen)
         full = {**batch, "input_ids": seq, "attention_mask": torch.ones_like(seq),
                 "mm_token_type_ids": torch.nn.functional.pad(batch["mm_token_type_ids"], (0, seq.shape[1] - T)),
-                "labels": torch.cat([torch.full((1, T), common.IGNORE_INDEX), seq[:, T:]], dim=1)}
+                "labels": torch.cat([torch.full((1, T), vlm.IGNORE_INDEX), seq[:, T:]], dim=1)}
         with gp.probing(layer, [(T - 1, seq.shape[1] - 1)]) as probe:
-            common.response_logps(model, full)
+            vlm.response_logps(model, full)
             attn = probe["out"][0]
     return seq[0, T:].tolist(), [float(attn[p].sum()) for p in positions]
 

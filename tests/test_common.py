@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import common
+import vlm
 
 # llava-hf/llava-1.5-7b-hf's chat_template, copied here independently of 00_train_toy.py.
 REAL_LLAVA15_TEMPLATE = (
@@ -158,7 +159,7 @@ def test_load_image_errors_name_the_path(tmp_path, content, msg):
 # ---- prompts ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def toy(toy_tiny):
-    model, proc = common.load_model(toy_tiny / "models" / "toy-llava", dtype="float32")
+    model, proc = vlm.load_model(toy_tiny / "models" / "toy-llava", dtype="float32")
     return model, proc, toy_tiny / "data" / "toy" / "images"
 
 
@@ -188,8 +189,8 @@ def _images(root, n, offset=0):
 ])
 def test_render_prompt_keeps_images_in_place_with_the_real_llava15_template(toy, question, expected):
     proc = _with_template(toy[1], REAL_LLAVA15_TEMPLATE)
-    assert common.render_prompt(proc, question) == expected
-    prompt, response = common.render_pair(proc, question, "  Red. ")
+    assert vlm.render_prompt(proc, question) == expected
+    prompt, response = vlm.render_pair(proc, question, "  Red. ")
     assert prompt == expected and response == " Red."
 
 
@@ -203,7 +204,7 @@ def test_the_trap_image_items_move_to_the_front(toy):
 
 
 def test_toy_model_ships_the_real_llava15_template(toy_tiny):
-    _, proc = common.load_model(toy_tiny / "models" / "toy-llava")  # fresh from disk: no other test's edits
+    _, proc = vlm.load_model(toy_tiny / "models" / "toy-llava")  # fresh from disk: no other test's edits
     assert proc.chat_template == REAL_LLAVA15_TEMPLATE
 
 
@@ -213,26 +214,26 @@ def test_build_inputs_masks_prompt_and_padding(toy, side):
     qs = ["<image>\nWhat color is the shape?",
           "Image1:<image>\nImage2:<image>\nImage3:<image>\nIn Image3, what color is the background?"]
     ims = [_images(root, 1), _images(root, 3, 1)]
-    b = common.build_inputs(proc, qs, ims, answers=["red", "dark gray"], padding_side=side)
-    tok, img_id = proc.tokenizer, common.image_token_id(model)
+    b = vlm.build_inputs(proc, qs, ims, answers=["red", "dark gray"], padding_side=side)
+    tok, img_id = proc.tokenizer, vlm.image_token_id(model)
     assert b["pixel_values"].shape[0] == 4
     for i, ans in enumerate(["red", "dark gray"]):
-        kept = b["input_ids"][i][b["labels"][i] != common.IGNORE_INDEX]
+        kept = b["input_ids"][i][b["labels"][i] != vlm.IGNORE_INDEX]
         assert tok.decode(kept) == f" {ans}</s>"
         ids = b["input_ids"][i][b["attention_mask"][i].bool()]
         n_img = int((ids == img_id).sum())
         assert n_img == 64 * len(ims[i])  # 8x8 patches per 64 px image, CLS dropped
         prompt_ids = ids[: int(b["prompt_lens"][i])]
-        gen = common.build_inputs(proc, [qs[i]], [ims[i]])["input_ids"][0]
+        gen = vlm.build_inputs(proc, [qs[i]], [ims[i]])["input_ids"][0]
         assert torch.equal(prompt_ids, gen)  # training prompt == generation prompt, token for token
     pads = b["attention_mask"] == 0
-    assert (b["labels"][pads] == common.IGNORE_INDEX).all()
+    assert (b["labels"][pads] == vlm.IGNORE_INDEX).all()
 
 
 def test_build_inputs_checks_marker_count(toy):
     _, proc, root = toy
     with pytest.raises(ValueError, match="2 <image> markers but 1 images"):
-        common.build_inputs(proc, ["<image><image>"], [_images(root, 1)])
+        vlm.build_inputs(proc, ["<image><image>"], [_images(root, 1)])
 
 
 # ---- tensors ------------------------------------------------------------------------------
@@ -240,21 +241,21 @@ def test_image_spans_hand_cases():
     ids = torch.tensor([[0, 0, 5, 9, 9, 7, 9, 9, 3],  # left-padded, two images
                         [5, 9, 9, 9, 9, 3, 0, 0, 0],  # two adjacent images form one run
                         [5, 3, 0, 0, 0, 0, 0, 0, 0]])  # no image
-    assert common.image_spans(ids, 9) == [[(3, 5), (6, 8)], [(1, 5)], []]
-    assert common.image_spans(ids, 9, n_images=[2, 2, 0]) == [[(3, 5), (6, 8)], [(1, 3), (3, 5)], []]
+    assert vlm.image_spans(ids, 9) == [[(3, 5), (6, 8)], [(1, 5)], []]
+    assert vlm.image_spans(ids, 9, n_images=[2, 2, 0]) == [[(3, 5), (6, 8)], [(1, 3), (3, 5)], []]
     with pytest.raises(ValueError, match="row 1"):
-        common.image_spans(ids, 9, n_images=[2, 3, 0])
+        vlm.image_spans(ids, 9, n_images=[2, 3, 0])
 
 
 def test_image_spans_in_a_padded_batch(toy):
     model, proc, root = toy
-    img_id = common.image_token_id(model)
+    img_id = vlm.image_token_id(model)
     qs = ["Image1:<image>\nImage2:<image>\nIn Image1, why?", "<image>\nWhat?"]
     ims = [_images(root, 2), _images(root, 1, 2)]
-    right = common.build_inputs(proc, qs, ims, padding_side="right")
-    left = common.build_inputs(proc, qs, ims, padding_side="left")
-    sr = common.image_spans(right["input_ids"], img_id)
-    sl = common.image_spans(left["input_ids"], img_id)
+    right = vlm.build_inputs(proc, qs, ims, padding_side="right")
+    left = vlm.build_inputs(proc, qs, ims, padding_side="left")
+    sr = vlm.image_spans(right["input_ids"], img_id)
+    sl = vlm.image_spans(left["input_ids"], img_id)
     assert [len(s) for s in sr] == [2, 1] and all(e - s == 64 for row in sr for s, e in row)
     pad = int((left["attention_mask"][1] == 0).sum())
     assert pad > 0 and sl[0] == sr[0] and sl[1] == [(s + pad, e + pad) for s, e in sr[1]]
@@ -271,7 +272,7 @@ def _naive_logps(model, batch):
     logits = model(**inputs).logits[:, :-1].float()  # (B, T-1, V)
     labels = batch["labels"][:, 1:]
     lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (lp * (labels != common.IGNORE_INDEX)).sum(-1)
+    return (lp * (labels != vlm.IGNORE_INDEX)).sum(-1)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -281,31 +282,31 @@ def test_response_logps_equal_naive_full_logits(toy, side):
           "What is it?\n<image>"]
     ans = ["red", "a much longer answer than the others", "blue"]
     ims = [_images(root, 1), _images(root, 2, 1), _images(root, 1, 3)]
-    b = common.build_inputs(proc, qs, ims, answers=ans, padding_side=side)
+    b = vlm.build_inputs(proc, qs, ims, answers=ans, padding_side=side)
     with torch.no_grad():
-        total, per_token, n = common.response_logps(model, b)
+        total, per_token, n = vlm.response_logps(model, b)
         ref = _naive_logps(model, b)
     assert torch.allclose(total, ref, atol=1e-5)
     assert torch.allclose(per_token.sum(-1), total)
     assert n.tolist() == [int((lab != -100).sum()) for lab in b["labels"]]
     for i in range(3):  # unpadded, one at a time: the same numbers (padding changes nothing)
-        bi = common.build_inputs(proc, [qs[i]], [ims[i]], answers=[ans[i]])
+        bi = vlm.build_inputs(proc, [qs[i]], [ims[i]], answers=[ans[i]])
         with torch.no_grad():
-            assert torch.allclose(common.response_logps(model, bi)[0], total[i:i + 1], atol=1e-4)
+            assert torch.allclose(vlm.response_logps(model, bi)[0], total[i:i + 1], atol=1e-4)
 
 
 def test_batched_generation_equals_one_at_a_time(toy):
     model, proc, root = toy
     qs = ["<image>\nWhat color is the shape?", "Image1:<image>\nImage2:<image>\nIn Image2, what color is the background?"]
     ims = [_images(root, 1), _images(root, 2, 1)]
-    batched = common.generate(model, proc, qs, ims, max_new_tokens=5)
-    single = [common.generate(model, proc, [q], [im], max_new_tokens=5)[0] for q, im in zip(qs, ims)]
+    batched = vlm.generate(model, proc, qs, ims, max_new_tokens=5)
+    single = [vlm.generate(model, proc, [q], [im], max_new_tokens=5)[0] for q, im in zip(qs, ims)]
     assert batched == single
 
 
 def test_load_model_refuses_a_hub_id():
     with pytest.raises(FileNotFoundError, match="never downloads"):
-        common.load_model("llava-hf/llava-1.5-7b-hf")
+        vlm.load_model("llava-hf/llava-1.5-7b-hf")
 
 
 def test_a_llava15_7b_hf_shaped_checkpoint_loads_and_gives_576_tokens_per_image(toy, tmp_path):
@@ -331,14 +332,14 @@ def test_a_llava15_7b_hf_shaped_checkpoint_loads_and_gives_576_tokens_per_image(
     conf = json.loads((tmp_path / "config.json").read_text())
     assert conf["image_token_index"] == tok.convert_tokens_to_ids("<image>")  # spelt as in the hub's config.json
 
-    model, proc = common.load_model(tmp_path, dtype="float32", attn_implementation="eager")
+    model, proc = vlm.load_model(tmp_path, dtype="float32", attn_implementation="eager")
     ims = [Image.new("RGB", (500, 300), (200, 10, 10)), Image.new("RGB", (300, 600), (10, 10, 200))]
-    b = common.build_inputs(proc, ["Image1:<image>\nImage2:<image>\nIn Image2, what color?"], [ims], answers=["blue"])
+    b = vlm.build_inputs(proc, ["Image1:<image>\nImage2:<image>\nIn Image2, what color?"], [ims], answers=["blue"])
     assert b["pixel_values"].shape == (2, 3, 336, 336)
-    spans = common.image_spans(b["input_ids"], common.image_token_id(model))
+    spans = vlm.image_spans(b["input_ids"], vlm.image_token_id(model))
     assert [e - s for s, e in spans[0]] == [576, 576]
     with torch.no_grad():
-        total, _, n = common.response_logps(model, b)
+        total, _, n = vlm.response_logps(model, b)
     assert torch.isfinite(total).all() and n.tolist() == [len(tok(" blue", add_special_tokens=False)["input_ids"]) + 1]
 
 
@@ -347,10 +348,10 @@ def test_generate_reports_whether_the_answer_reached_eos(toy):
     qs = ["<image>\nWhat color is the shape?", "Image1:<image>\nImage2:<image>\nIn Image2, what color is the background?"]
     ims = [_images(root, 1), _images(root, 2, 1)]
     for n in (1, 3, 8):
-        texts, finished = common.generate(model, proc, qs, ims, max_new_tokens=n, return_finished=True)
-        assert texts == common.generate(model, proc, qs, ims, max_new_tokens=n)
+        texts, finished = vlm.generate(model, proc, qs, ims, max_new_tokens=n, return_finished=True)
+        assert texts == vlm.generate(model, proc, qs, ims, max_new_tokens=n)
         for i in range(2):  # reference: this row alone, EOS looked for in the raw new tokens
-            b = common.build_inputs(proc, [qs[i]], [ims[i]])
+            b = vlm.build_inputs(proc, [qs[i]], [ims[i]])
             with torch.no_grad():
                 new = model.generate(**b, do_sample=False, max_new_tokens=n)[0, b["input_ids"].shape[1]:]
             assert finished[i] == (proc.tokenizer.eos_token_id in new.tolist())

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import common
+import vlm
 
 ev = importlib.import_module("07_eval")
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,7 +171,7 @@ def test_resume_after_a_crash_gives_the_same_answers(toy_tiny, tmp_path, monkeyp
     args = ["--model", f"m={toy_tiny / 'models/toy-llava'}", "--image-root", str(toy_tiny / "data/toy/images"),
             "--scenes", *data, "--batch-size", "8", "--data", *data]
     ev.main(ev.get_args(args + ["--out", str(tmp_path / "a")]))
-    calls, real = [], common.generate
+    calls, real = [], vlm.generate
 
     def crash_on_third(*a, **k):
         calls.append(1)
@@ -178,12 +179,12 @@ def test_resume_after_a_crash_gives_the_same_answers(toy_tiny, tmp_path, monkeyp
             raise RuntimeError("killed")
         return real(*a, **k)
 
-    monkeypatch.setattr(common, "generate", crash_on_third)
+    monkeypatch.setattr(vlm, "generate", crash_on_third)
     with pytest.raises(RuntimeError, match="killed"):
         ev.main(ev.get_args(args + ["--out", str(tmp_path / "b")]))
     partial = tmp_path / "b" / "answers-m.jsonl.partial"
     assert len(partial.read_text().splitlines()) == 1 + 16  # the config line, two batches of 8
-    monkeypatch.setattr(common, "generate", real)
+    monkeypatch.setattr(vlm, "generate", real)
     ev.main(ev.get_args(args + ["--out", str(tmp_path / "b")]))
     assert (tmp_path / "a/answers-m.jsonl").read_text() == (tmp_path / "b/answers-m.jsonl").read_text()
     assert not partial.exists()
@@ -319,17 +320,17 @@ def test_mass_is_a_partition_and_the_truth_is_its_log_prob(toy_tiny, tmp_path):
     for r in mass:
         assert sum(r[k] for k in ("truth", "other_images", "other_attributes", "no_image", "rest")) == pytest.approx(1, abs=1e-5)
         assert 0 <= r["truth"] <= r["vocab"] <= 1 + 1e-9
-    model, proc = common.load_model(toy_tiny / "models/toy-llava")
+    model, proc = vlm.load_model(toy_tiny / "models/toy-llava")
     qs = {q["key"]: q for q in ev.load_questions(data, data, "raise", common.Skips())}
     tok_ids = ev.answer_token_ids(proc, next(iter(qs.values()))["question"], ev.answer_vocab(list(qs.values())))
     one = [r for r in mass if len(tok_ids[qs[r["key"]]["gold"]]) == 1]
     assert one and len(one) < len(mass)  # both kinds are checked
     for r in mass[:6] + one[:3]:
         q = qs[r["key"]]
-        batch = common.build_inputs(proc, [q["question"]], [[common.load_image(toy_tiny / "data/toy/images", p)
+        batch = vlm.build_inputs(proc, [q["question"]], [[common.load_image(toy_tiny / "data/toy/images", p)
                                                             for p in q["images"]]], answers=[q["gold"]])  # with EOS
         with torch.no_grad():
-            _, token_logps, n = common.response_logps(model, batch)
+            _, token_logps, n = vlm.response_logps(model, batch)
         lp = token_logps[0][token_logps[0] != 0][: len(tok_ids[q["gold"]])].sum()  # the truth's tokens, not EOS
         assert r["truth"] == pytest.approx(float(lp.exp()), rel=1e-4, abs=1e-9)
     rej = [r for r in mass if "rejected" in r]

@@ -1,6 +1,6 @@
 """Every VLM family of tests/tiny_families.py through stages 04, 06 and common.py, offline.
 
-- loading: each tiny checkpoint loads through common.load_model as its family's real model /
+- loading: each tiny checkpoint loads through vlm.load_model as its family's real model /
   processor / image-processor classes, also without torchvision; a two-image prompt expands into
   exactly the visual tokens the model's vision side produces;
 - prompts: each family's template decides how an image item is written (its wrappers), where the
@@ -24,6 +24,8 @@ import torch
 from PIL import Image
 
 import common
+import vlm
+import token_geometry
 from tiny_families import FAMILIES, FAMILIES_SPEC, tiny_dirs  # noqa: F401  (tiny_dirs is a fixture)
 
 SPEC = {f.name: f for f in FAMILIES_SPEC}
@@ -55,14 +57,14 @@ def _torchvision_imports():
 
 @pytest.fixture(scope="session")
 def loaded(tiny_dirs):  # noqa: F811
-    """loaded(family) -> (model, processor), through common.load_model, once per session."""
+    """loaded(family) -> (model, processor), through vlm.load_model, once per session."""
     cache = {}
 
     def get(family):
         if family == "smolvlm":  # SmolVLMProcessor refuses to start without it (a small pure-Python package)
             pytest.importorskip("num2words", reason="SmolVLMProcessor needs num2words (requirements: num2words)")
         if family not in cache:
-            cache[family] = common.load_model(tiny_dirs(family), dtype="float32")
+            cache[family] = vlm.load_model(tiny_dirs(family), dtype="float32")
         return cache[family]
 
     return get
@@ -114,7 +116,7 @@ def test_a_two_image_prompt_expands_into_the_tokens_the_model_expects(family, lo
     model, proc = loaded(family)
     prompt = proc.apply_chat_template(_template_messages(), add_generation_prompt=True, tokenize=False)
     enc = proc(text=[prompt], images=[IMAGES], return_tensors="pt")
-    n_tokens = int((enc["input_ids"] == common.image_token_id(model)).sum())
+    n_tokens = int((enc["input_ids"] == vlm.image_token_id(model)).sum())
     assert n_tokens == sum(IMAGE_TOKENS[family]) == sum(_feature_counts(model, enc))
     with torch.no_grad():
         logits = model(**enc).logits
@@ -126,9 +128,9 @@ def test_load_processor_without_torchvision_saves_and_reloads_the_video_settings
     save_pretrained writes them back, so the folder still loads on a torchvision machine."""
     if _torchvision_imports():
         pytest.skip("torchvision imports here: load_processor is plain AutoProcessor")
-    proc = common.load_processor(tiny_dirs("qwen2_5_vl"))
+    proc = vlm.load_processor(tiny_dirs("qwen2_5_vl"))
     proc.save_pretrained(tmp_path)
-    again = common.load_processor(tmp_path)
+    again = vlm.load_processor(tmp_path)
     assert type(again).__name__ == "Qwen2_5_VLProcessor"
     assert dict(again.video_processor) == dict(proc.video_processor)
     assert again.video_processor.merge_size == 2  # settings read as attributes, as the processor reads them
@@ -163,8 +165,8 @@ WRAPPED = {"qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>", "internvl"
 def test_render_prompt_writes_each_image_as_the_template_does_next_to_its_label(family, loaded):
     _, proc = loaded(family)
     placeholder = _image_item_placeholder(proc)
-    assert common.image_placeholder(proc) == placeholder == WRAPPED.get(family, placeholder)
-    prompt = common.render_prompt(proc, QUESTION)
+    assert vlm.image_placeholder(proc) == placeholder == WRAPPED.get(family, placeholder)
+    prompt = vlm.render_prompt(proc, QUESTION)
     assert prompt.count(placeholder) == 2
     assert f"Image1:{placeholder}\nImage2:{placeholder}\nIn Image2," in prompt
 
@@ -174,8 +176,8 @@ def test_render_pair_splits_the_conversation_at_the_generation_prompt(family, lo
     """The prompt is the generation prompt, even where the template renders an answer turn's
     opening differently (OneVision: `assistant \\n`; Gemma 4: no empty thought channel)."""
     _, proc = loaded(family)
-    prompt, response = common.render_pair(proc, QUESTION, " blue ")
-    assert prompt == common.render_prompt(proc, QUESTION) and response.strip().startswith("blue")
+    prompt, response = vlm.render_pair(proc, QUESTION, " blue ")
+    assert prompt == vlm.render_prompt(proc, QUESTION) and response.strip().startswith("blue")
 
 
 @FAMILY
@@ -183,31 +185,31 @@ def test_the_scored_response_ends_at_the_first_token_generation_stops_at(family,
     """Answer + the end-of-turn token the model emits, nothing more (Gemma 3 / Idefics3: no EOS
     after <end_of_turn> / <end_of_utterance>), and the prompt's tokens are those generation sees."""
     model, proc = loaded(family)
-    batch = common.build_inputs(proc, [QUESTION], [IMAGES], answers=["blue"])
-    scored = batch["labels"][0][batch["labels"][0] != common.IGNORE_INDEX].tolist()
+    batch = vlm.build_inputs(proc, [QUESTION], [IMAGES], answers=["blue"])
+    scored = batch["labels"][0][batch["labels"][0] != vlm.IGNORE_INDEX].tolist()
     stop = model.generation_config.eos_token_id
     stop = set(stop if isinstance(stop, list) else [stop])
     assert scored[-1] in stop and not stop & set(scored[:-1]), proc.tokenizer.decode(scored)
     assert proc.tokenizer.decode(scored[:-1]).strip() == "blue"
-    gen = common.build_inputs(proc, [QUESTION], [IMAGES])
+    gen = vlm.build_inputs(proc, [QUESTION], [IMAGES])
     n = int(batch["prompt_lens"][0])
     assert torch.equal(batch["input_ids"][0, :n], gen["input_ids"][0])
     for k, v in gen.items():  # every per-token tensor the processor makes is carried, prompt part unchanged
         if torch.is_tensor(v) and v.shape == gen["input_ids"].shape:
             assert torch.equal(batch[k][0, :n], v[0]), k
     with torch.no_grad():
-        total, _, n_tok = common.response_logps(model, batch)
+        total, _, n_tok = vlm.response_logps(model, batch)
     assert torch.isfinite(total).all() and int(n_tok[0]) == len(scored)
 
 
 @FAMILY
 def test_image_positions_give_each_image_its_tokens_whatever_separates_them(family, loaded):
     """Idefics3 / SmolVLM frame each tile with <fake_token_around_image><row_i_col_j>, so an image is
-    several runs of image tokens; the counts of common.image_token_boxes assign them."""
+    several runs of image tokens; the counts of token_geometry.image_token_boxes assign them."""
     model, proc = loaded(family)
-    batch = common.build_inputs(proc, [QUESTION], [IMAGES])
-    counts = [len(b) for b in common.image_token_boxes(proc, IMAGES)]
-    positions = common.image_positions(batch["input_ids"], common.image_token_id(model), [counts])[0]
+    batch = vlm.build_inputs(proc, [QUESTION], [IMAGES])
+    counts = [len(b) for b in token_geometry.image_token_boxes(proc, IMAGES)]
+    positions = vlm.image_positions(batch["input_ids"], vlm.image_token_id(model), [counts])[0]
     assert [len(p) for p in positions] == IMAGE_TOKENS[family]
     assert positions[0].max() < positions[1].min()
 
@@ -262,7 +264,7 @@ def test_06_lora_trains_the_decoder_only_and_the_fast_path_equals_the_plain_one(
     (1e-4); where not, the reason is the family's."""
     if family == "smolvlm":
         pytest.importorskip("num2words")
-    model, proc = common.load_model(tiny_dirs(family), dtype="float32")
+    model, proc = vlm.load_model(tiny_dirs(family), dtype="float32")
     policy = _policy(model)
     decoder, vision, projector = dpo.model_parts(model)
     trained = {n for n, p in policy.named_parameters() if p.requires_grad}
@@ -302,8 +304,8 @@ def test_06_main_runs_two_steps_and_saves_a_model_07_loads(family, tiny_dirs, pa
     assert len(log) == 2 and all(math.isfinite(r["loss"]) for r in log)
     meta = json.loads((out / "log.jsonl.meta.json").read_text())
     assert meta["args"]["prefix_sharing"] is (family not in PLAIN_ONLY)
-    model, proc = common.load_model(out / "final", dtype="float32")
-    assert common.generate(model, proc, [QUESTION], [IMAGES], max_new_tokens=3)
+    model, proc = vlm.load_model(out / "final", dtype="float32")
+    assert vlm.generate(model, proc, [QUESTION], [IMAGES], max_new_tokens=3)
 
 
 # ---- 04: the probe and the three formats on every family --------------------------------------
@@ -312,12 +314,12 @@ gp = importlib.import_module("04_gen_pairs")
 
 def _eager_response_attention(model_dir, batch, layer, model):
     """All layers' attentions kept (eager), the probed layer's response rows, heads averaged."""
-    eager, _ = common.load_model(model_dir, dtype="float32", attn_implementation="eager")
+    eager, _ = vlm.load_model(model_dir, dtype="float32", attn_implementation="eager")
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "prompt_lens")}
     with torch.no_grad():
         att = [a for a in eager(**inputs, output_attentions=True).attentions if a is not None]
     att = att[gp.attention_layers(model).index(layer)]  # hybrid models return the attention layers' only
-    pos = (batch["labels"][0] != common.IGNORE_INDEX).nonzero().flatten()
+    pos = (batch["labels"][0] != vlm.IGNORE_INDEX).nonzero().flatten()
     return att[0].mean(0)[int(pos[0]) - 1:int(pos[-1])].mean(0)
 
 
@@ -326,13 +328,13 @@ def test_04_probe_equals_eager_attentions_and_finds_each_images_tokens(family, l
     model, proc = loaded(family)
     gp.install_probe(model)
     layer = gp.default_layer(model)
-    boxes = common.image_token_boxes(proc, IMAGES)
+    boxes = token_geometry.image_token_boxes(proc, IMAGES)
     attn, positions, _, _ = gp.probe_forward(model, proc, [QUESTION], [IMAGES], ["a red one"], layer,
                                              [[len(b) for b in boxes]])
     assert [len(p) for p in positions[0]] == IMAGE_TOKENS[family]
-    batch = common.build_inputs(proc, [QUESTION], [IMAGES], answers=["a red one"])
+    batch = vlm.build_inputs(proc, [QUESTION], [IMAGES], answers=["a red one"])
     ids = batch["input_ids"][0]
-    assert all((ids[p] == common.image_token_id(model)).all() for p in positions[0])
+    assert all((ids[p] == vlm.image_token_id(model)).all() for p in positions[0])
     ref = _eager_response_attention(tiny_dirs(family), batch, layer, model)
     assert np.abs(attn[0] - ref.numpy()).max() < 1e-5
 
@@ -390,11 +392,11 @@ def test_04_runs_every_format_and_stores_the_reference_06_would_compute(family, 
     assert 0 < grid["ratio"] < 1  # the two cells share the collage's attention
     assert len(list((tmp_path / "pairs.viz").glob("*.png"))) == 3
     assert all(p["ref_model"]["fingerprint"] for p in pairs)
-    # what 04 stores as the reference (common.pair_logps on the clean images) == 06's plain forward
-    model, proc = common.load_model(tiny_dirs(family), dtype="float32")
+    # what 04 stores as the reference (vlm.pair_logps on the clean images) == 06's plain forward
+    model, proc = vlm.load_model(tiny_dirs(family), dtype="float32")
     row = {"id": "s", "images": ["red.png", "blue.png"], "prompt": QUESTION, "chosen": "blue", "rejected": "a red one"}
     ims = [common.load_image(root, x) for x in row["images"]]
-    c, r = common.pair_logps(model, proc, [row["prompt"]], [ims], [row["chosen"]], [row["rejected"]])
+    c, r = vlm.pair_logps(model, proc, [row["prompt"]], [ims], [row["chosen"]], [row["rejected"]])
     with torch.no_grad():
         plain = dpo.concatenated_forward(model, dpo.collate([row], root, proc, "cpu", torch.float32))
     assert abs(c[0] - float(plain[0][0])) < 1e-4 and abs(r[0] - float(plain[1][0])) < 1e-4
@@ -438,14 +440,14 @@ def test_cap_image_tokens_uses_the_familys_own_setting_and_is_recorded(family, t
     what the processor emits; the settings' record changes exactly when a setting did."""
     if family == "smolvlm":
         pytest.importorskip("num2words")
-    proc = common.load_processor(tiny_dirs(family))
+    proc = vlm.load_processor(tiny_dirs(family))
     big = Image.new("RGB", (1000, 700), (90, 90, 90))
-    before, record = common._emitted_image_tokens(proc, [big])[0], common.image_settings_id(proc)
-    changed = common.cap_image_tokens(proc, CAPS[family])
-    (boxes,) = common.image_token_boxes(proc, [big])
+    before, record = common._emitted_image_tokens(proc, [big])[0], vlm.image_settings_id(proc)
+    changed = vlm.cap_image_tokens(proc, CAPS[family])
+    (boxes,) = token_geometry.image_token_boxes(proc, [big])
     assert len(boxes) <= CAPS[family] and len(boxes) <= before
-    assert (common.image_settings_id(proc) != record) == bool(changed)
+    assert (vlm.image_settings_id(proc) != record) == bool(changed)
     if family in ("qwen2_5_vl", "internvl", "idefics3", "llava_onevision"):  # dynamic resolution: really capped
         assert changed and len(boxes) < before
     with pytest.raises(ValueError, match=type(proc).__name__):
-        common.cap_image_tokens(common.load_processor(tiny_dirs(family)), 0)
+        vlm.cap_image_tokens(vlm.load_processor(tiny_dirs(family)), 0)

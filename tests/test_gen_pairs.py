@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 
 import common
+import vlm
+import token_geometry
 from common import DataError
 
 gp = importlib.import_module("04_gen_pairs")
@@ -79,9 +81,9 @@ def world(toy_tiny, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def models(world):
-    probe, processor = common.load_model(world.model)
+    probe, processor = vlm.load_model(world.model)
     n_layers = gp.install_probe(probe)
-    eager, _ = common.load_model(world.model, attn_implementation="eager")
+    eager, _ = vlm.load_model(world.model, attn_implementation="eager")
     return SimpleNamespace(probe=probe, eager=eager, processor=processor, n_layers=n_layers)
 
 
@@ -101,7 +103,7 @@ def _brute(models, batch, layer):
         att = models.eager.model(**inputs, output_attentions=True).attentions[layer]  # (B, H, T, T)
     out = []
     for b in range(att.shape[0]):
-        pos = (batch["labels"][b] != common.IGNORE_INDEX).nonzero().flatten()
+        pos = (batch["labels"][b] != vlm.IGNORE_INDEX).nonzero().flatten()
         out.append(att[b].mean(0)[int(pos[0]) - 1:int(pos[-1])].mean(0).numpy())  # rows predicting response tokens
     return np.stack(out)
 
@@ -113,10 +115,10 @@ def test_probe_matches_eager_attentions_in_padded_batch(world, models, layer):
     images = [[common.load_image(world.root, p) for p in it["image"]] for it in items]
     answers = ["red", "the shape is a blue circle on white", "", "green green green", "no", "it is gray"]
     qs = [it["prompt"] for it in items]
-    boxes = [common.image_token_boxes(models.processor, ims) for ims in images]
+    boxes = [token_geometry.image_token_boxes(models.processor, ims) for ims in images]
     attn, positions, _, _ = gp.probe_forward(models.probe, models.processor, qs, images, answers, layer,
                                              [[len(b) for b in bs] for bs in boxes])
-    batch = common.build_inputs(models.processor, qs, images, answers=answers)
+    batch = vlm.build_inputs(models.processor, qs, images, answers=answers)
     assert len(set(batch["attention_mask"].sum(1).tolist())) > 3  # a padded batch of unequal lengths
     ref = _brute(models, batch, layer)
     assert np.abs(attn - ref).max() < 1e-5
@@ -125,7 +127,7 @@ def test_probe_matches_eager_attentions_in_padded_batch(world, models, layer):
         ratio_ref, masses_ref, _ = gp.row_numbers(it, ref[b], positions[b], boxes[b])
         assert len(masses) == len(it["image"])
         assert np.allclose(masses, masses_ref, atol=1e-5) and abs(ratio - ratio_ref) < 1e-5
-        spans = common.image_spans(batch["input_ids"][b:b + 1], common.image_token_id(models.probe))[0]
+        spans = vlm.image_spans(batch["input_ids"][b:b + 1], vlm.image_token_id(models.probe))[0]
         sums = [float(ref[b][s:e].sum()) for s, e in spans]  # per-image share straight from the eager rows
         assert np.allclose(masses, sums, atol=1e-5)
 
@@ -135,7 +137,7 @@ def test_probe_single_unpadded_row_uses_causal_mask(world, models):
     it = _items(world, [("sequence", 2)])
     images = [[common.load_image(world.root, p) for p in it[0]["image"]]]
     attn, _, _, _ = gp.probe_forward(models.probe, models.processor, [it[0]["prompt"]], images, ["blue"], 1)
-    batch = common.build_inputs(models.processor, [it[0]["prompt"]], images, answers=["blue"])
+    batch = vlm.build_inputs(models.processor, [it[0]["prompt"]], images, answers=["blue"])
     assert np.abs(attn - _brute(models, batch, 1)).max() < 1e-5
 
 
@@ -145,7 +147,7 @@ def test_probe_leaves_the_model_output_unchanged(world, models):
     qs = [x["prompt"] for x in it]
     _, _, lp, n = gp.probe_forward(models.probe, models.processor, qs, images, ["red", "a b"], 1)
     with torch.no_grad():
-        ref = common.response_logps(models.eager, common.build_inputs(models.processor, qs, images, answers=["red", "a b"]))
+        ref = vlm.response_logps(models.eager, vlm.build_inputs(models.processor, qs, images, answers=["red", "a b"]))
     assert np.allclose(lp, ref[0].numpy(), atol=1e-4) and n == ref[2].tolist()
 
 
@@ -164,7 +166,7 @@ def llava_shaped(world, tmp_path_factory):
                    num_additional_image_tokens=1, chat_template=toy_proc.chat_template).save_pretrained(out)
     vision = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                               num_attention_heads=2)
-    cfg = LlavaConfig(vision_config=vision, text_config=toy_cfg.text_config, image_token_index=common.image_token_id(toy_cfg),
+    cfg = LlavaConfig(vision_config=vision, text_config=toy_cfg.text_config, image_token_index=vlm.image_token_id(toy_cfg),
                       vision_feature_select_strategy="default", vision_feature_layer=-1)
     torch.manual_seed(0)
     LlavaForConditionalGeneration(cfg).save_pretrained(out)
@@ -173,16 +175,16 @@ def llava_shaped(world, tmp_path_factory):
 
 def test_llava15_geometry_probe_and_stage_unchanged(world, llava_shaped, tmp_path):
     """Same code on 576 tokens/image with a centre crop: probe == eager, and the stage runs end to end."""
-    model, processor = common.load_model(llava_shaped)
+    model, processor = vlm.load_model(llava_shaped)
     gp.install_probe(model)
-    eager, _ = common.load_model(llava_shaped, attn_implementation="eager")
+    eager, _ = vlm.load_model(llava_shaped, attn_implementation="eager")
     items = _items(world, [("grid", 0), ("sequence", 1), ("pip", 1)])
     images = [[common.load_image(world.root, p) for p in it["image"]] for it in items]
     qs, answers = [it["prompt"] for it in items], ["a b c", "red", ""]
-    boxes = [common.image_token_boxes(processor, ims) for ims in images]
+    boxes = [token_geometry.image_token_boxes(processor, ims) for ims in images]
     attn, positions, _, _ = gp.probe_forward(model, processor, qs, images, answers, 1, [[len(b) for b in bs] for bs in boxes])
     assert [[len(p) for p in ps] for ps in positions] == [[576], [576] * 3, [576]]
-    ref = _brute(SimpleNamespace(eager=eager), common.build_inputs(processor, qs, images, answers=answers), 1)
+    ref = _brute(SimpleNamespace(eager=eager), vlm.build_inputs(processor, qs, images, answers=answers), 1)
     assert np.abs(attn - ref).max() < 1e-5
     ratio, _, maps = gp.row_numbers(items[0], attn[0], positions[0], boxes[0])
     w = gp.box_weights(boxes[0][0], items[0]["mia"]["cells"][items[0]["target"] - 1])
@@ -199,8 +201,8 @@ def test_box_weights_hand_case(world):
     """The toy squashes any image to 64x64 and cuts 8-px patches: a 936x488 collage's tokens see
     936/8 x 488/8 original pixels each; the 1x2 collage's left cell (0, 40, 448, 488) covers three
     columns, 0.83 of the 4th (448 px = 30.63 processed px), and 0.34 of the top row (the label strip)."""
-    proc = common.load_processor(world.model)
-    (boxes,) = common.image_token_boxes(proc, [Image.new("RGB", (936, 488))])
+    proc = vlm.load_processor(world.model)
+    (boxes,) = token_geometry.image_token_boxes(proc, [Image.new("RGB", (936, 488))])
     w = gp.box_weights(boxes, (0, 40, 448, 488)).reshape(8, 8)
     x1 = 448 * 64 / 936
     assert np.allclose(w[3, :], [1, 1, 1, (x1 - 24) / 8, 0, 0, 0, 0])
@@ -217,7 +219,7 @@ def test_box_weights_hand_case(world):
 ])
 def test_box_weights_match_the_real_image_processor(world, kind, size, box):
     """Paint the box white on black, run transformers' image processor, compare per-patch brightness
-    with each token's share of the box (common.image_token_boxes + box_weights)."""
+    with each token's share of the box (token_geometry.image_token_boxes + box_weights)."""
     from transformers import LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
@@ -231,14 +233,14 @@ def test_box_weights_match_the_real_image_processor(world, kind, size, box):
     else:
         ip = LlavaImageProcessorPil(do_pad=True, image_mean=[0, 0, 0], size={"height": 336, "width": 336},
                                     do_center_crop=False, do_normalize=False)
-    proc = LlavaProcessor(image_processor=ip, tokenizer=common.load_processor(world.model).tokenizer, patch_size=patch,
+    proc = LlavaProcessor(image_processor=ip, tokenizer=vlm.load_processor(world.model).tokenizer, patch_size=patch,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1)
     im = Image.new("RGB", size, "black")
     im.paste((255, 255, 255), box)
     px = ip(images=[im], return_tensors="pt")["pixel_values"][0, 0].numpy()  # (H, W) in [0, 1]
     gh, gw = px.shape[0] // patch, px.shape[1] // patch
     bright = px[:gh * patch, :gw * patch].reshape(gh, patch, gw, patch).mean(axis=(1, 3))
-    (boxes,) = common.image_token_boxes(proc, [im])
+    (boxes,) = token_geometry.image_token_boxes(proc, [im])
     w = gp.box_weights(boxes, box).reshape(gh, gw)
     assert np.abs(w - bright).max() < 0.12  # resampling blurs the edges a little
     assert abs(w.sum() - bright.sum()) / w.sum() < 0.02
@@ -391,12 +393,12 @@ def test_cli_writes_pairs_candidates_and_sidecars(world, full_run):
 
 def test_stored_reference_logps_equal_what_the_trainer_computes(world, models, full_run):
     pairs = [json.loads(x) for x in full_run[0].read_text().splitlines()]
-    assert pairs[0]["ref_model"]["fingerprint"] == common.model_fingerprint(models.probe)
+    assert pairs[0]["ref_model"]["fingerprint"] == vlm.model_fingerprint(models.probe)
     for p in pairs[:4] + pairs[-2:]:  # sequence ... pip; clean images, chosen + rejected in one forward
         ims = [common.load_image(world.root, x) for x in p["image"]]
-        batch = common.build_inputs(models.processor, [p["prompt"]] * 2, [ims, ims], answers=[p["chosen"], p["rejected"]])
+        batch = vlm.build_inputs(models.processor, [p["prompt"]] * 2, [ims, ims], answers=[p["chosen"], p["rejected"]])
         with torch.no_grad():
-            lp = common.response_logps(models.eager, batch)[0].tolist()
+            lp = vlm.response_logps(models.eager, batch)[0].tolist()
         assert abs(lp[0] - p["ref_chosen_logps"]) < 1e-4 and abs(lp[1] - p["ref_rejected_logps"]) < 1e-4
 
 

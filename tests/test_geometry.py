@@ -1,4 +1,4 @@
-"""common.image_token_boxes against independent references, for every family of tiny_families.py.
+"""token_geometry.image_token_boxes against independent references, for every family of tiny_families.py.
 
 1. counts: one box row per image-token position the processor emits (2-3 images of other sizes);
 2. receptive fields: with every vision-attention output zeroed (a deepcopy), a visual feature
@@ -20,6 +20,8 @@ import torch
 from PIL import Image
 
 import common
+import vlm
+import token_geometry
 from tiny_families import FAMILIES, tiny_dirs  # noqa: F401,F811  (tiny_dirs is a fixture)
 
 FAMILY = pytest.mark.parametrize("family", FAMILIES)
@@ -44,7 +46,7 @@ def loaded(tiny_dirs):  # noqa: F811
         if family == "smolvlm":
             pytest.importorskip("num2words", reason="SmolVLMProcessor needs num2words (requirements: num2words)")
         if family not in cache:
-            cache[family] = common.load_model(tiny_dirs(family), dtype="float32")
+            cache[family] = vlm.load_model(tiny_dirs(family), dtype="float32")
         return cache[family]
 
     return get
@@ -53,7 +55,7 @@ def loaded(tiny_dirs):  # noqa: F811
 def emitted(model, proc, images):
     """Image-token positions in `processor(text=..., images=...)` for one prompt of these images."""
     enc = proc(text=[proc.image_token * len(images)], images=[images], return_tensors="pt")
-    return int((enc["input_ids"] == common.image_token_id(model)).sum())
+    return int((enc["input_ids"] == vlm.image_token_id(model)).sum())
 
 
 # ---- 1. counts -----------------------------------------------------------------------------
@@ -61,10 +63,10 @@ def emitted(model, proc, images):
 def test_one_box_per_image_token_the_processor_emits(family, loaded):
     model, proc = loaded(family)
     small = [noise(*s) for s in SMALL]
-    boxes = common.image_token_boxes(proc, small)
+    boxes = token_geometry.image_token_boxes(proc, small)
     assert [len(b) for b in boxes] == IMAGE_TOKENS[family]
     for images in ([*small, noise(936, 488)], [noise(936, 488)], [noise(17, 90), noise(200, 31)]):
-        boxes = common.image_token_boxes(proc, images)
+        boxes = token_geometry.image_token_boxes(proc, images)
         assert len(boxes) == len(images)
         assert sum(len(b) for b in boxes) == emitted(model, proc, images)
         for b in boxes:
@@ -80,19 +82,19 @@ def test_an_unknown_processor_is_refused_by_name(loaded):
         image_processor = proc.image_processor
 
     with pytest.raises(ValueError, match="MysteryProcessor"):
-        common.image_token_boxes(MysteryProcessor(), [noise(8, 8)])
+        token_geometry.image_token_boxes(MysteryProcessor(), [noise(8, 8)])
     odd = copy.copy(proc)
     odd.image_processor = loaded("gemma3")[1].image_processor
     with pytest.raises(ValueError, match="LlavaProcessor with Gemma3ImageProcessor"):
-        common.image_token_boxes(odd, [noise(8, 8)])
+        token_geometry.image_token_boxes(odd, [noise(8, 8)])
 
 
 def test_a_count_the_processor_does_not_emit_is_an_error_naming_it(loaded, monkeypatch):
     _, proc = loaded("qwen2_vl")
-    ips, fn = common._GEOMETRY["Qwen2VLProcessor"]
-    monkeypatch.setitem(common._GEOMETRY, "Qwen2VLProcessor", (ips, lambda *a: [b[1:] for b in fn(*a)]))
+    ips, fn = token_geometry._GEOMETRY["Qwen2VLProcessor"]
+    monkeypatch.setitem(token_geometry._GEOMETRY, "Qwen2VLProcessor", (ips, lambda *a: [b[1:] for b in fn(*a)]))
     with pytest.raises(ValueError, match="Qwen2VLProcessor emits"):
-        common.image_token_boxes(proc, [noise(64, 48)])
+        token_geometry.image_token_boxes(proc, [noise(64, 48)])
 
 
 # ---- 2. receptive fields -------------------------------------------------------------------
@@ -141,7 +143,7 @@ def placed_features(model, proc, batch):
     enc = proc(text=[prompt(proc, len(images)) for images in batch], images=batch, return_tensors="pt")
     with torch.no_grad(), pytest.raises(_Stop) as stop:
         model(**enc)
-    mask = enc["input_ids"] == common.image_token_id(model)
+    mask = enc["input_ids"] == vlm.image_token_id(model)
     return [e[m] for e, m in zip(stop.value.args[0], mask)]
 
 
@@ -172,7 +174,7 @@ def check_receptive_fields(model, proc, sizes):
     must change when its (in-image) box shares at least half of its or the block's width and height
     with the block, and must not change when its box grown by MARGIN misses the block."""
     images = [noise(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
-    boxes = common.image_token_boxes(proc, images)
+    boxes = token_geometry.image_token_boxes(proc, images)
     splits = np.cumsum([len(b) for b in boxes])[:-1]
     grids = [blocks(w, h) for w, h in sizes]  # grids[i][k]: block k of image i
     base, *bent = placed_features(model, proc, [images] + [[invert(im, g[k]) for im, g in zip(images, grids)]
@@ -226,7 +228,7 @@ def test_llava15_clip_resize_and_centre_crop_of_a_936x488_collage(loaded):
     ip = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
     proc = LlavaProcessor(ip, tiny.tokenizer, patch_size=14, vision_feature_select_strategy="default",
                           num_additional_image_tokens=1, chat_template=tiny.chat_template)
-    (b,) = common.image_token_boxes(proc, [noise(936, 488)])
+    (b,) = token_geometry.image_token_boxes(proc, [noise(936, 488)])
     assert b.shape == (576, 4)
     np.testing.assert_allclose(b[0], [223.83, 0, 244.17, 20.33], atol=0.01)
     np.testing.assert_allclose(b[575], [691.83, 467.67, 712.17, 488], atol=0.01)
@@ -306,9 +308,9 @@ def affine_boxes(proc, size):
 def test_the_same_boxes_and_weights_as_the_affine_map(which, loaded):
     gp = importlib.import_module("04_gen_pairs")
     toy = Path(common.__file__).parent / "checkpoints" / "toy-llava"
-    proc = loaded("llava")[1] if which == "llava" else common.load_processor(toy)
+    proc = loaded("llava")[1] if which == "llava" else vlm.load_processor(toy)
     sizes = [(936, 488), (64, 64)]
-    boxes = common.image_token_boxes(proc, [noise(*s) for s in sizes])
+    boxes = token_geometry.image_token_boxes(proc, [noise(*s) for s in sizes])
     for b, size in zip(boxes, sizes):
         np.testing.assert_allclose(b, affine_boxes(proc, size), atol=1e-9)
     # a token's share inside a pixel box: 04's box_weights on the boxes == the affine map's cover

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import common
+import vlm
 
 h = importlib.import_module("07_harness")
 ev = importlib.import_module("07_eval")
@@ -76,7 +77,7 @@ def test_mcq_wording_is_07s_and_reaches_the_chat_template_in_place(toy_tiny):
     from transformers import AutoProcessor
 
     proc = AutoProcessor.from_pretrained(toy_tiny / "models" / "toy-llava", local_files_only=True)
-    text = common.render_prompt(proc, q)
+    text = vlm.render_prompt(proc, q)
     assert text.startswith("USER: Image1:<image>\nImage2:<image>\nIn Image2, what color") and text.endswith("ASSISTANT:")
 
 
@@ -362,8 +363,8 @@ def _toy_args(toy_tiny, tiny, out, harness):
 
 
 def _fingerprint(model_dir):
-    model, _ = common.load_model(model_dir)
-    return common.model_fingerprint(model)
+    model, _ = vlm.load_model(model_dir)
+    return vlm.model_fingerprint(model)
 
 
 @pytest.mark.slow

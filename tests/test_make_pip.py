@@ -12,6 +12,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import compose  # noqa: E402
 from test_make_sequence import BAD, make_llava_set, run  # noqa: E402  (the shared tiny LLaVA set)
 
 pip = importlib.import_module("03_make_pip")
@@ -58,12 +59,11 @@ def test_every_phrase_makes_a_prompt_the_later_stages_read_as_pic_in_pic():
     target and 01's rewrite would strip it as a label. Each one opens the question: capitalised,
     no comma of its own (the prompt is `{phrase}, {question}`)."""
     ev = importlib.import_module("07_eval")
-    seq = importlib.import_module("01_make_sequence")
     assert len(set(pip.PHRASES)) == len(pip.PHRASES)
     for phrase in pip.PHRASES:
-        prompt = f"<image>\n{phrase}, {seq.lower_first('What color is the shape?')}"
+        prompt = f"<image>\n{phrase}, {compose.lower_first('What color is the shape?')}"
         assert ev.TARGET.search(prompt) is None, phrase
-        assert seq.clean_question(prompt) == f"{phrase}, what color is the shape?", phrase
+        assert compose.clean_question(prompt) == f"{phrase}, what color is the shape?", phrase
         assert phrase[0].isupper() and "," not in phrase and prompt.count("<image>") == 1
 
 

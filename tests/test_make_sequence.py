@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 import common
+import compose
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -90,24 +91,24 @@ def run(mod, ds, out, *argv):
     ('"Stop" sign?', '"Stop" sign?'), ("Über?", "über?"), ("what now?", "what now?"), ("", ""),
 ])
 def test_lower_first(text, expected):
-    assert seq.lower_first(text) == expected
+    assert compose.lower_first(text) == expected
 
 
 @pytest.mark.parametrize("turn", QUESTIONS + ["What color is the shape? <image>", "  <image> \nWhat color is the shape?  ",
                                               "Image12: <image>\nin image12, What color is the shape?"])
 def test_clean_question_strips_marker_and_labels(turn):
-    q = seq.clean_question(turn)
+    q = compose.clean_question(turn)
     assert q.lower() == "what color is the shape?" and "<image>" not in q
 
 
 def test_clean_question_keeps_text_on_both_sides():
-    assert seq.clean_question("Look here.\n<image>\nWhat is it?") == "Look here.\nWhat is it?"
+    assert compose.clean_question("Look here.\n<image>\nWhat is it?") == "Look here.\nWhat is it?"
 
 
 def _source(questions, answers, image="a/x.png"):
     conv = [t for q, a in zip(questions, answers) for t in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
-    qs, ans = seq.source_turns(conv)
-    return common.Source("s1", image, common.subset_of(image), 1, {"id": "s1", "image": image, "conversations": conv, "toy": 1}, qs, ans)
+    qs, ans = compose.source_turns(conv)
+    return compose.Source("s1", image, compose.subset_of(image), 1, {"id": "s1", "image": image, "conversations": conv, "toy": 1}, qs, ans)
 
 
 def test_sequence_prompt_multi_turn():
@@ -136,31 +137,31 @@ def test_sequence_prompt_multi_turn():
 ])
 def test_parse_conversation_rejects(conv, reason):
     turns = [t for q, a in conv for t in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
-    with pytest.raises(common.SkipRow, match=reason):
-        seq.source_turns(turns)
+    with pytest.raises(compose.SkipRow, match=reason):
+        compose.source_turns(turns)
 
 
 def test_draw_companions_uniform_never_own_and_fallback():
     local, everyone = ["a/1", "a/2", "a/3"], ["a/1", "a/2", "a/3", "b/1", "b/2"]
     seen = set()
     for s in range(300):
-        got, fb = seq.draw_companions(random.Random(s), {"a/2"}, local, everyone, 2)
+        got, fb = compose.draw_companions(random.Random(s), {"a/2"}, local, everyone, 2)
         assert not fb and "a/2" not in got and len(set(got)) == 2 and set(got) <= {"a/1", "a/3"}
-        got, fb = seq.draw_companions(random.Random(s), {"a/2"}, local, everyone, 3)
+        got, fb = compose.draw_companions(random.Random(s), {"a/2"}, local, everyone, 3)
         assert fb and "a/2" not in got and len(set(got)) == 3
         seen.update(got)
     assert seen == {"a/1", "a/3", "b/1", "b/2"}
-    with pytest.raises(common.SkipRow, match="too few images"):
-        seq.draw_companions(random.Random(0), {"a/1"}, local, everyone, 5)
+    with pytest.raises(compose.SkipRow, match="too few images"):
+        compose.draw_companions(random.Random(0), {"a/1"}, local, everyone, 5)
 
 
 def test_count_mix_follows_weights():
-    weights = common.parse_counts(seq.COUNTS, {2, 3, 4, 5})
+    weights = compose.parse_counts(seq.COUNTS, {2, 3, 4, 5})
     draws = [random.Random(i).choices(list(weights), list(weights.values()))[0] for i in range(4000)]
     assert abs(draws.count(2) / 4000 - 0.55) < 0.03 and abs(draws.count(5) / 4000 - 0.13) < 0.03
-    assert common.parse_counts("3", {2, 3}) == {3: 1.0}
+    assert compose.parse_counts("3", {2, 3}) == {3: 1.0}
     with pytest.raises(ValueError):
-        common.parse_counts("6:1", {2, 3, 4, 5})
+        compose.parse_counts("6:1", {2, 3, 4, 5})
 
 
 # ---- the stage on the test set ----
@@ -241,7 +242,7 @@ def test_command_line_smoke(ds, tmp_path):
 
 
 def test_missing_toy_data_says_how_to_build_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(common, "TOY", tmp_path / "no-toy")
+    monkeypatch.setattr(compose, "TOY", tmp_path / "no-toy")
     with pytest.raises(SystemExit, match="00_make_toy.py"):
         seq.main(seq.get_args([]))
 

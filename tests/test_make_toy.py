@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 import common
+import vlm
 from conftest import ROOT
 
 world = importlib.import_module("00_make_toy")
@@ -81,11 +82,11 @@ def test_report_counts_what_the_saved_model_answers(toy_tiny):
     assert held["single"]["n"] == sum(len(r["conversations"]) // 2 for r in rows)
     assert [held[f"sequence {n}"]["n"] for n in (2, 3, 4, 5)] == [5] * 4
     assert held["multi-image"]["n"] == 20
-    model, proc = common.load_model(model_dir, dtype="float32")
+    model, proc = vlm.load_model(model_dir, dtype="float32")
     answers = []
     for i in range(0, len(asked), 64):  # the batches the report was made with (a tiny model's ties could flip)
         ex = asked[i : i + 64]
-        answers += common.generate(model, proc, [e["q"] for e in ex],
+        answers += vlm.generate(model, proc, [e["q"] for e in ex],
                                    [[common.load_image(data / "images", p) for p in e["images"]] for e in ex], max_new_tokens=8)
     singles = [(x, e) for x, e in zip(answers, asked) if len(e["images"]) == 1]
     right = [common.normalise_answer(x) == e["a"] for x, e in singles]

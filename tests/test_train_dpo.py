@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import common
+import vlm
 from conftest import ROOT
 
 dpo = importlib.import_module("06_train_dpo")
@@ -124,7 +125,7 @@ def test_pair_order_same_pairs_whatever_the_world_size():
 
 # ---- log-probs ------------------------------------------------------------------------------------
 def test_concatenated_logps_equal_per_example(toy):
-    model, proc = common.load_model(toy["model"])
+    model, proc = vlm.load_model(toy["model"])
     pairs, _ = dpo.load_pairs(toy["pairs"], toy["images"], proc, 4096, "raise")
     batch_pairs = pairs[:3]
     assert len({p["n_images"] for p in batch_pairs}) > 1  # unequal lengths: padding is exercised
@@ -135,8 +136,8 @@ def test_concatenated_logps_equal_per_example(toy):
         for answer in ("chosen", "rejected"):
             for p in batch_pairs:
                 ims = [common.load_image(toy["images"], r) for r in p["images"]]
-                b = common.build_inputs(proc, [p["prompt"]], [ims], answers=[p[answer]])
-                single.append(common.response_logps(model, b)[0])
+                b = vlm.build_inputs(proc, [p["prompt"]], [ims], answers=[p[answer]])
+                single.append(vlm.response_logps(model, b)[0])
     assert torch.allclose(sums, torch.cat(single), atol=1e-5)
     assert (n >= 2).all()  # the answer word(s) and EOS are scored
 
@@ -174,7 +175,7 @@ def test_first_steps_equal_trl_dpotrainer(toy, tmp_path):
     datasets = pytest.importorskip("datasets")
     rows = make_pairs(toy["root"], 4, seed=3)
     pairs_path = write(tmp_path / "pairs.jsonl", rows)
-    model, proc = common.load_model(toy["model"])
+    model, proc = vlm.load_model(toy["model"])
     tok = proc.tokenizer
 
     # TRL gets 05's export (05_post_select.to_trl): the rendered prompt with the BOS our tokenizer adds
@@ -301,17 +302,17 @@ def test_lora_training_save_merge_reload_same_logps(toy, tmp_path):
     assert log[-1]["loss"] < log[0]["loss"] - 0.05 and log[-1]["acc"] >= log[0]["acc"]  # it learns these 4 pairs
     from peft import PeftModel
 
-    base, proc = common.load_model(toy["model"])
+    base, proc = vlm.load_model(toy["model"])
     pairs, _ = dpo.load_pairs(pairs_path, toy["images"], proc, 4096, "raise")
     batch = dpo.collate(pairs, toy["images"], proc, "cpu", torch.float32)
     with torch.no_grad():
-        ref = common.response_logps(base, batch)[0]
+        ref = vlm.response_logps(base, batch)[0]
         adapter = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter").eval()
-        via_adapter = common.response_logps(adapter.get_base_model(), batch)[0]
-        merged, _ = common.load_model(tmp_path / "run" / "final")  # what 04 and 07 load
-        via_merged = common.response_logps(merged, batch)[0]
-        on_load, _ = common.load_model(toy["model"], adapter=tmp_path / "run" / "adapter")  # merged on load
-        via_on_load = common.response_logps(on_load, batch)[0]
+        via_adapter = vlm.response_logps(adapter.get_base_model(), batch)[0]
+        merged, _ = vlm.load_model(tmp_path / "run" / "final")  # what 04 and 07 load
+        via_merged = vlm.response_logps(merged, batch)[0]
+        on_load, _ = vlm.load_model(toy["model"], adapter=tmp_path / "run" / "adapter")  # merged on load
+        via_on_load = vlm.response_logps(on_load, batch)[0]
     assert not torch.allclose(ref, via_adapter, atol=1e-3)  # training changed the model
     assert torch.allclose(via_adapter, via_merged, atol=1e-4)
     assert torch.allclose(via_on_load, via_merged, atol=1e-4)
@@ -320,8 +321,8 @@ def test_lora_training_save_merge_reload_same_logps(toy, tmp_path):
 
 # ---- reference sources -----------------------------------------------------------------------------
 def test_reference_sources_agree_and_stored_logps_are_checked(toy, tmp_path):
-    model, proc = common.load_model(toy["model"])
-    fp = common.model_fingerprint(model)
+    model, proc = vlm.load_model(toy["model"])
+    fp = vlm.model_fingerprint(model)
     pairs, _ = dpo.load_pairs(toy["pairs"], toy["images"], proc, 4096, "raise")
     with torch.no_grad():
         c, r, _, _ = dpo.make_scorer(model)(dpo.collate(pairs, toy["images"], proc, "cpu", model.dtype))
@@ -367,7 +368,7 @@ def test_bad_pairs_are_listed_or_counted_and_long_ones_dropped(toy, tmp_path):
     meta = sidecar(tmp_path / "b")
     assert meta["counts"]["pairs_used"] == 8 and meta["skipped"]["by_reason"] == {"bad pair": 4}
     # --max-length: the 3-image pairs (3 x 65 visual tokens + text) are dropped and counted, never cut
-    _, proc = common.load_model(toy["model"])
+    _, proc = vlm.load_model(toy["model"])
     kept, skips = dpo.load_pairs(toy["pairs"], toy["images"], proc, 180, "raise")
     assert kept and all(p["n_images"] == 2 for p in kept) and skips.counts["too long"] == 12 - len(kept)
     with pytest.raises(SystemExit, match="04_gen_pairs.py"):
@@ -420,11 +421,11 @@ def test_replay_step_gradient_equals_a_naive_sum_of_both_terms(toy, tmp_path):
     naive = []
     for i in dpo.pair_order(len(run.replay), 1, 0, 4, 0, 1, 0, 1):
         row = run.replay[i]
-        b = common.build_inputs(run.processor, [row["prompt"]], [[common.load_image(toy["images"], x) for x in row["images"]]],
+        b = vlm.build_inputs(run.processor, [row["prompt"]], [[common.load_image(toy["images"], x) for x in row["images"]]],
                                 answers=[row["answer"]])
         logits = run.model(**{k: v for k, v in b.items() if k not in ("labels", "prompt_lens")}).logits[0, :-1]
         tgt = b["labels"][0, 1:]
-        keep = tgt != common.IGNORE_INDEX
+        keep = tgt != vlm.IGNORE_INDEX
         naive.append(-torch.log_softmax(logits[keep].float(), -1).gather(-1, tgt[keep][:, None]).mean())
     assert torch.stack(naive).tolist() == pytest.approx(nlls, abs=1e-5)
     (pair_loss + 0.7 * torch.stack(naive).mean()).backward()

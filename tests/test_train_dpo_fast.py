@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+import vlm
 from test_train_dpo import make_pairs, one_thread, run_main, write  # noqa: F401  (one_thread: autouse fixture)
 
 dpo = importlib.import_module("06_train_dpo")
@@ -49,7 +50,7 @@ def logps_and_grads(policy, model, batch):
 @pytest.mark.parametrize("attn,prefix,encode", [("sdpa", True, False), ("eager", True, False),
                                                ("sdpa", True, True), ("sdpa", False, True)])
 def test_fast_paths_equal_plain_logps_and_grads(toy, attn, prefix, encode):
-    model, proc = common.load_model(toy["model"], dtype="float32", attn_implementation=attn)
+    model, proc = vlm.load_model(toy["model"], dtype="float32", attn_implementation=attn)
     args = dpo.get_args(["--lora-r", "8", "--lora-alpha", "16"])
     torch.manual_seed(0)
     policy, _ = dpo.prepare_policy(model, args, "adapters-disabled")
@@ -79,7 +80,7 @@ def test_fast_paths_equal_plain_logps_and_grads(toy, attn, prefix, encode):
 def test_shared_prefix_mask_and_positions(toy):
     """One pair laid out by hand: rejected sees the prompt and itself, never the chosen answer;
     its positions restart at the prompt end; the first rejected token is scored from p-1."""
-    _, proc = common.load_model(toy["model"])
+    _, proc = vlm.load_model(toy["model"])
     pair = uneven_pairs(toy["root"])[0]
     plain = dpo.collate([pair], toy["images"], proc, "cpu", torch.float32)
     fast = dpo.build_shared_prefix_batch(plain, torch.float32)

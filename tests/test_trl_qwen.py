@@ -10,7 +10,7 @@ skips _prepare_dataset, so no EOS is appended to a completion. The model compute
 positions itself, from input_ids + mm_token_type_ids + image_grid_thw + attention_mask, in both.
 
 Under which format the tokens agree: the standard (non-conversational) format with our rendered
-prompt and common.render_pair's responses ("blue<|im_end|>"). Qwen's tokenizer has no BOS and its
+prompt and vlm.render_pair's responses ("blue<|im_end|>"). Qwen's tokenizer has no BOS and its
 EOS is the template's end-of-turn token, so, unlike the LLaVA test, nothing is written out.
 
 The one difference: TRL's conversational format (its chat-template path, even with the images
@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 import common
+import vlm
 from test_train_dpo import one_thread, recording_trl_trainer  # noqa: F401  (one_thread: autouse fixture)
 from tiny_families import tiny_dirs  # noqa: F401  (a fixture)
 
@@ -59,7 +60,7 @@ def qwen(tiny_dirs, tmp_path_factory):  # noqa: F811
     pairs = root / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     model_dir = tiny_dirs("qwen2_5_vl")
-    model, proc = common.load_model(model_dir, dtype="float32")
+    model, proc = vlm.load_model(model_dir, dtype="float32")
     return {"dir": model_dir, "images": root, "pairs": pairs, "rows": rows, "model": model, "proc": proc}
 
 
@@ -67,7 +68,7 @@ def trl_example(q, r):
     """TRL's standard format as 05 exports it (05_post_select.to_trl): our rendered prompt, our
     responses (they end with <|im_end|> = EOS; Qwen's tokenizer adds no BOS)."""
     (e,) = importlib.import_module("05_post_select").to_trl([r], q["proc"], q["images"])
-    prompt, chosen = common.render_pair(q["proc"], r["prompt"], r["chosen"])
+    prompt, chosen = vlm.render_pair(q["proc"], r["prompt"], r["chosen"])
     assert (e["prompt"], e["chosen"]) == (prompt, chosen)  # nothing added for Qwen
     return {**{k: e[k] for k in ("prompt", "chosen", "rejected")},
             "images": [common.load_image(q["images"], p) for p in r["image"]]}
@@ -131,7 +132,7 @@ def test_trl_vision_collator_builds_our_qwen_tokens_and_scores_one_newline_more_
     assert (pos[0].max(1).values < n - 1).all()
     with torch.no_grad():  # and matters: 1-D positions move the log-probs (by ~2e-4 in this tiny model)
         flat = torch.arange(n.max()).expand_as(mine["input_ids"])
-        gap = (common.response_logps(model, mine)[0] - common.response_logps(model, {**mine, "position_ids": flat})[0])
+        gap = (vlm.response_logps(model, mine)[0] - vlm.response_logps(model, {**mine, "position_ids": flat})[0])
     assert gap.abs().max() > 1e-4
 
     conv = collator([trl_conversational(qwen, r) for r in qwen["rows"]])
@@ -165,7 +166,7 @@ def test_first_steps_equal_trl_dpotrainer_on_qwen2_5_vl(qwen, tmp_path):
                          "--batch-size", "4", "--grad-accum", "1", "--lora-r", "0", "--tune-vision", "--tune-projector",
                          "--ref-logps", "recompute", "--max-steps", "3", "--lr", "1e-4", "--max-grad-norm", "1.0",
                          "--warmup-steps", "0", "--save-every", "0", "--threads", "1"])
-    policy, _ = dpo.prepare_policy(common.load_model(qwen["dir"], dtype="float32")[0], args, "frozen-copy")
+    policy, _ = dpo.prepare_policy(vlm.load_model(qwen["dir"], dtype="float32")[0], args, "frozen-copy")
     assert all(p.requires_grad for p in policy.parameters())  # ours with these flags: every weight too
     dpo.main(args)
     log = [r for _, r in common.read_rows(out / "log.jsonl")]

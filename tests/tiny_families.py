@@ -3,7 +3,7 @@ tests/tiny_families.py — tiny random-weight checkpoints of the VLM families pe
 
   from tiny_families import FAMILIES, build
   out = build("qwen2_5_vl", tmp / "qwen2_5_vl")   # a save_pretrained folder: model + processor
-  model, processor = common.load_model(out)        # loads offline, as the family's real classes
+  model, processor = vlm.load_model(out)        # loads offline, as the family's real classes
   python tests/tiny_families.py /tmp/tiny [family ...]   # build from the command line
   def test_x(tiny_dirs): d = tiny_dirs("gemma3")   # pytest fixture: one cached build per family and session
 
@@ -21,7 +21,7 @@ pool to 2x2, pixel shuffle 2x2, anyres grids in base-size steps) are the release
 
 The chat templates at the bottom are facts (the released templates, reproduced); each names
 its source. The video processor of a family that has one is written into processor_config.json
-(so torchvision users get it) but not built here: see common.load_processor.
+(so torchvision users get it) but not built here: see vlm.load_processor.
 """
 from __future__ import annotations
 
@@ -467,7 +467,7 @@ def build(family, out_dir, seed=0):
 
     The folder is what `save_pretrained` leaves (config.json, model.safetensors,
     generation_config.json, tokenizer files, processor_config.json, chat_template.jinja) and
-    loads with `common.load_model(out_dir)` offline. Same family and seed -> same weights.
+    loads with `vlm.load_model(out_dir)` offline. Same family and seed -> same weights.
       build("gemma3", "/tmp/g3")  ->  Path("/tmp/g3")
     """
     import torch
@@ -491,7 +491,7 @@ def build(family, out_dir, seed=0):
     model.save_pretrained(out)
     tok.save_pretrained(out)
     # processor_config.json is written here, as ProcessorMixin.save_pretrained would write it: building the
-    # processor object itself would need the video processor, i.e. torchvision (common.load_processor reads it)
+    # processor object itself would need the video processor, i.e. torchvision (vlm.load_processor reads it)
     proc = {"processor_class": fam.processor_class, "image_processor": parts.image_processor.to_dict(),
             **parts.settings}
     if parts.video is not None:

@@ -1,0 +1,580 @@
+"""
+vlm.py — talking to a vision-language model: load it, prompt it, score and generate with it.
+
+  model  : load_model / load_processor (a LOCAL Hugging Face checkpoint, never a download),
+           image_token_id, model_fingerprint, cap_image_tokens / image_settings_id (the
+           visual-token budget and its record), resolve_model (a model or LoRA adapter folder)
+  prompts: image_placeholder / render_prompt / render_pair (the family's own chat template: its
+           image item in place of each <image>, the answer turn up to its end-of-turn token),
+           build_inputs (questions [+ answers] + images -> padded batch with labels)
+  tensors: image_spans / image_positions, response_logps + logps_at / next_token_logprobs (LM head
+           only where needed), pair_logps, generate (greedy)
+
+The same build_inputs serves generation (04, 07) and training (06), so the prompt a model is
+trained on can never differ from the prompt it answered — the released code had that bug.
+torch and transformers are imported inside the functions that need them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+from common import MARKER
+
+
+IGNORE_INDEX = -100
+# LLaVA-1.5's conversation format, used only when a processor carries no chat template.
+FALLBACK_TEMPLATE = "USER: {question} ASSISTANT:"
+# ---------------------------------------------------------------------------------------------
+# model and processor
+# ---------------------------------------------------------------------------------------------
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def load_model(path, dtype="auto", device="cpu", attn_implementation=None, adapter=None, max_image_tokens=None):
+    """Load an image-text-to-text checkpoint and its processor from a LOCAL directory.
+
+    Never downloads: `path` must be a directory holding `config.json` (as `save_pretrained` or
+    `huggingface-cli download` leave it). `dtype`: one of DTYPES ("auto" = the checkpoint's).
+    `attn_implementation`: "eager", "sdpa", "flash_attention_2" or None (transformers' default).
+    `adapter`: a LoRA adapter directory (06's OUT/adapter), merged into the weights on load.
+    `max_image_tokens`: cap_image_tokens(processor, N), the same cap for 04, 06 and 07 (--max-image-tokens).
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path}: not a local model directory (no config.json). This toolkit never downloads "
+            f"weights; fetch the checkpoint yourself, or run 00_make_toy.py and 00_train_toy.py for the toy model."
+        )
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")
+    kw = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype), "local_files_only": True}
+    if attn_implementation:
+        kw["attn_implementation"] = attn_implementation
+    model = AutoModelForImageTextToText.from_pretrained(path, **kw)
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{adapter}: not a LoRA adapter directory (no adapter_config.json)")
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    model = model.to(device).eval()
+    processor = load_processor(path)
+    if max_image_tokens:
+        cap_image_tokens(processor, max_image_tokens)
+    return model, processor
+
+
+def load_processor(path):
+    """The processor of a LOCAL checkpoint: `AutoProcessor.from_pretrained(path)`, also where
+    torchvision cannot be imported.
+
+    In transformers 5.23 the Qwen2/2.5/3-VL, Qwen3.5, LLaVA-OneVision, InternVL, SmolVLM and
+    Gemma 4 processors hold a video processor, and every video processor needs torchvision. On a
+    machine where torchvision imports (a GPU user's), this IS AutoProcessor, video processor
+    included. Where it does not (PyPI's torchvision is a CUDA build that fails beside a CPU torch),
+    such a processor is built from the same files, as the same class, with the PIL image processor
+    and, for the video part, its saved settings only (a dict, readable as attributes: SmolVLM's
+    apply_chat_template reads `.num_frames`; save_pretrained writes it back): text and images are
+    processed exactly as AutoProcessor would, and a call with videos raises. Processors without
+    a video part load through AutoProcessor either way (it then picks the PIL image processor).
+      load_processor("models/qwen2-vl")  ->  Qwen2VLProcessor (.video_processor: settings only here)
+    """
+    import inspect
+
+    from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES, processor_class_from_name
+    from transformers.utils import is_torchvision_available
+
+    path = Path(path)
+
+    def torchvision_imports():
+        if not is_torchvision_available():  # not installed: transformers uses its PIL processors
+            return False
+        try:  # installed, but a build that does not match torch fails here, not at install time
+            import torchvision.transforms.v2.functional  # noqa: F401
+        except (ImportError, OSError, RuntimeError, AttributeError):
+            return False
+        return True
+
+    def read(name):
+        f = path / name
+        return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+
+    def processor_class():  # where AutoProcessor looks for it, in the same order
+        for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+            if read(name).get("processor_class"):
+                return processor_class_from_name(read(name)["processor_class"])
+        name = PROCESSOR_MAPPING_NAMES.get(read("config.json").get("model_type"))
+        return processor_class_from_name(name) if name else None
+
+    works = torchvision_imports()
+    broken = is_torchvision_available() and not works  # installed, yet transformers' torchvision paths fail
+    cls = processor_class()
+    if works or cls is None or (not broken and "video_processor" not in cls.get_attributes()):
+        return AutoProcessor.from_pretrained(path, local_files_only=True)
+
+    class VideoSettings(dict):
+        """The video processor's saved settings, standing in for it; processing a video raises."""
+        _auto_class, model_input_names = None, []  # what ProcessorMixin reads of every part
+
+        def __getattr__(self, name):  # settings as attributes; unset ones None, like the class defaults
+            if name.startswith("_"):
+                raise AttributeError(name)
+            return self.get(name)
+
+        def __call__(self, *args, **kwargs):
+            raise RuntimeError(f"{path}: {cls.__name__} cannot process videos on this machine: its video "
+                               f"processor needs torchvision, which does not import here")
+
+    # No usable torchvision: each part loaded the way AutoProcessor loads it, the video part as settings.
+    settings, _ = cls.get_processor_dict(path, local_files_only=True)  # processor_config.json + chat template
+    parts = []
+    for attr in cls.get_attributes():
+        if attr == "tokenizer":
+            parts.append(AutoTokenizer.from_pretrained(path, local_files_only=True))
+        elif attr == "image_processor":
+            parts.append(AutoImageProcessor.from_pretrained(path, local_files_only=True, backend="pil"))
+        elif attr in ("feature_extractor", "audio_processor"):
+            parts.append(AutoFeatureExtractor.from_pretrained(path, local_files_only=True))
+        elif attr == "video_processor":
+            parts.append(VideoSettings(settings.get(attr) or read("video_preprocessor_config.json")))
+        else:
+            raise ValueError(f"{path}: {cls.__name__} needs a {attr}, which cannot be loaded without torchvision")
+    accepted = {p.name for p in inspect.signature(cls.__init__).parameters.values()
+                if p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in cls.get_attributes()}
+    processor = cls.__new__(cls)
+    # subtle: ProcessorMixin.__init__ type-checks every part, the video one against VideoProcessorMixin,
+    # which transformers does not define without torchvision. For this one call, the settings pass.
+    real_check = cls.check_argument_for_proper_class
+    processor.check_argument_for_proper_class = (
+        lambda attr, arg: None if isinstance(arg, VideoSettings) else real_check(processor, attr, arg))
+    processor.__init__(*parts, **{k: v for k, v in settings.items() if k in accepted})
+    del processor.check_argument_for_proper_class
+    return processor
+
+
+def cap_image_tokens(processor, n):
+    """Set the processor's own resolution setting so that no image becomes more than `n` visual
+    tokens -> {setting: new value}. The knob is the family's: Qwen's max_pixels (size.longest_edge),
+    InternVL's max_patches, Idefics3 / SmolVLM's tile size (size.longest_edge), LLaVA-NeXT /
+    OneVision's image_grid_pinpoints (those whose tiles fit), Gemma 4's max_soft_tokens. Families
+    with a fixed count (LLaVA-1.5 576, Gemma 3 256) are left as they are when it fits. Checked on
+    large probe images of three shapes: a cap the processor cannot meet raises, naming it.
+      cap_image_tokens(qwen2_5_vl_processor, 1024)  ->  {"size.longest_edge": 802816}  (1024 x 28 x 28)
+    """
+    from PIL import Image
+
+    ip, name, set_ = processor.image_processor, type(processor).__name__, {}
+    size = dict(getattr(ip, "size", None) or {})
+    before = {"size.longest_edge": size.get("longest_edge"), "max_soft_tokens": getattr(ip, "max_soft_tokens", None),
+              "max_patches": getattr(ip, "max_patches", None),
+              "image_grid_pinpoints": getattr(ip, "image_grid_pinpoints", None)}
+
+    def emitted(w, h):
+        return emitted_image_tokens(processor, [Image.new("RGB", (w, h))])[0]
+
+    if hasattr(ip, "merge_size") and "longest_edge" in size:  # Qwen2/2.5/3-VL, Qwen3.5: area in pixels
+        unit = (ip.patch_size * ip.merge_size) ** 2
+        size["longest_edge"] = max(n * unit, size.get("shortest_edge", 0))
+        set_["size.longest_edge"] = size["longest_edge"]
+        ip.size = size
+        if hasattr(ip, "max_pixels"):
+            ip.max_pixels = size["longest_edge"]
+    elif hasattr(ip, "max_soft_tokens"):  # Gemma 4
+        allowed = [t for t in (70, 140, 280, 560, 1120) if t <= n]
+        if not allowed:
+            raise ValueError(f"{name}: at least 70 visual tokens per image; cannot cap at {n}")
+        ip.max_soft_tokens = set_["max_soft_tokens"] = allowed[-1]
+    elif hasattr(ip, "max_patches"):  # InternVL: tiles of `size`, plus a thumbnail when tiled
+        per_tile = emitted(size["width"], size["height"])
+        ip.max_patches = set_["max_patches"] = max(1, n // per_tile - 1)
+    elif getattr(ip, "do_image_splitting", False):  # Idefics3 / SmolVLM: tiles of max_image_size + a global view
+        tile = ip.max_image_size["longest_edge"]
+        per_tile = emitted(tile, tile)
+        k = int(math.isqrt(max(0, n // per_tile - 1)))  # k x k tiles + the global view
+        size["longest_edge"] = max(tile, k * tile)
+        ip.size = size
+        set_["size.longest_edge"] = size["longest_edge"]
+    elif getattr(ip, "image_grid_pinpoints", None):  # LLaVA-NeXT / OneVision: the grids whose tokens fit
+        fits = [pp for pp in ip.image_grid_pinpoints if emitted(pp[1], pp[0]) <= n]
+        if not fits:
+            raise ValueError(f"{name}: even its smallest anyres grid gives more than {n} visual tokens")
+        ip.image_grid_pinpoints = set_["image_grid_pinpoints"] = fits
+        if hasattr(processor, "image_grid_pinpoints"):
+            processor.image_grid_pinpoints = fits
+    set_ = {k: v for k, v in set_.items() if v != before.get(k)}  # what really changed
+    for w, h in ((4000, 3000), (3000, 4000), (4000, 4000)):
+        got = emitted(w, h)
+        if got > n:
+            raise ValueError(f"{name}: a {w}x{h} image still gives {got} visual tokens, more than the cap {n}"
+                             + ("" if set_ else " (its count is fixed)"))
+    return set_
+
+
+def image_settings_id(processor):
+    """A short hash of every image-processing setting (resolution caps included): stored with the
+    reference log-probs (04) so that 06 can refuse ones computed with other image settings, which
+    the weights' fingerprint cannot see."""
+    d = processor.image_processor.to_dict()
+    extra = {k: getattr(processor, k, None) for k in ("image_grid_pinpoints", "num_image_tokens", "image_seq_len")}
+    text = json.dumps({"image_processor": d, **extra}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def model_fingerprint(model):
+    """A short hash of a model's weights, cheap even at 7B: name, shape, dtype and the first and
+    last 256 values of every tensor. Stored with reference log-probs (04) so that a trainer (06)
+    can refuse log-probs that another model computed."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(torch.cat([flat[:256], flat[-256:]]).float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def image_token_id(model_or_config):
+    """The id that marks visual-token positions in input_ids (`image_token_id` in transformers 5)."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    for name in ("image_token_id", "image_token_index"):
+        if getattr(cfg, name, None) is not None:
+            return getattr(cfg, name)
+    raise ValueError("model config names no image token (image_token_id / image_token_index)")
+
+
+def emitted_image_tokens(processor, images):
+    """Image-token positions `processor(text=..., images=images)` gives each image (one prompt)."""
+    tok = processor.tokenizer
+    # subtle: Gemma 3's processor.image_token is <start_of_image>; the soft token the model fills is the tokenizer's
+    soft = getattr(tok, "image_token", None)
+    token_id = tok.convert_tokens_to_ids(soft) if soft else processor.image_token_id
+    enc = processor(text=[processor.image_token * len(images)], images=[images], return_text_replacement_offsets=True)
+    counts = [tok(span["replacement"], add_special_tokens=False)["input_ids"].count(token_id)
+              for span in enc["text_replacement_offsets"][0]]
+    if sum(counts) != list(enc["input_ids"][0]).count(token_id):
+        raise ValueError(f"{type(processor).__name__}: image tokens outside the images' "
+                         "replacements")
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# prompts: the model's own chat template, with every <image> kept where the question puts it
+# ---------------------------------------------------------------------------------------------
+# Passed to every chat template (a template that does not read a variable ignores it): thinking
+# models (Qwen3.5, Gemma 4) are aligned and evaluated in their non-thinking mode, where the
+# answer follows the generation prompt directly.
+TEMPLATE_KWARGS = {"enable_thinking": False}
+_PLACEHOLDERS = {}  # (id(processor), template) -> image placeholder text
+_SPECIALS = {}  # (id(tokenizer), its size) -> special-token strings
+
+
+def _chat(processor, messages, **kw):
+    # subtle: transformers treats a variable the template does not read as a processor argument (and warns)
+    template = processor.chat_template
+    extra = {k: v for k, v in TEMPLATE_KWARGS.items() if isinstance(template, str) and k in template}
+    return processor.apply_chat_template(messages, tokenize=False, **extra, **kw)
+
+
+def image_placeholder(processor):
+    """What the family's chat template writes for ONE image item, wrappers included, outer white
+    space stripped: the difference between a user message with and without a leading image.
+      llava-1.5: "<image>"   Qwen2.5-VL: "<|vision_start|><|image_pad|><|vision_end|>"
+      InternVL: "<IMG_CONTEXT>"   Gemma 3: "<start_of_image>"   (the processor expands each one)
+    Without a chat template: the processor's image token. A template whose image item does not
+    contain the processor's image token is refused (nothing would mark the image)."""
+    token = getattr(processor, "image_token", None) or MARKER
+    template = getattr(processor, "chat_template", None)
+    if not template:
+        return token
+    key = (id(processor), template)
+    if key not in _PLACEHOLDERS:
+        def render(content):
+            return _chat(processor, [{"role": "user", "content": content}], add_generation_prompt=True)
+
+        a, b = render([{"type": "text", "text": "Q"}]), render([{"type": "image"}, {"type": "text", "text": "Q"}])
+        pre = len(os.path.commonprefix([a, b]))
+        post = len(os.path.commonprefix([a[pre:][::-1], b[pre:][::-1]]))
+        found = b[pre:len(b) - post].strip()
+        if token not in found:
+            raise ValueError(f"{type(processor).__name__}: its chat template renders an image item as {found!r}, "
+                             f"which lacks the processor's image token {token!r}")
+        _PLACEHOLDERS[key] = found
+    return _PLACEHOLDERS[key]
+
+
+def render_prompt(processor, question):
+    """LLaVA-format question (with inline `<image>` markers) -> the model's generation prompt.
+
+    Each `<image>` becomes image_placeholder(processor), in place. subtle: llava-hf templates
+    render a message's image items first and its text after, which would pull every image away
+    from its `ImageK:` label. The question is therefore passed as ONE text item with the
+    placeholders inline; the template only wraps it, e.g. for llava-1.5-7b-hf:
+    `USER: Image1:<image>\\nIn Image1, what ...? ASSISTANT:`; for Qwen2.5-VL:
+    `...<|im_start|>user\\nImage1:<|vision_start|><|image_pad|><|vision_end|>\\nIn Image1, ...`.
+    """
+    question = question.replace(MARKER, image_placeholder(processor))
+    if not getattr(processor, "chat_template", None):
+        return FALLBACK_TEMPLATE.format(question=question)
+    msgs = [{"role": "user", "content": [{"type": "text", "text": question}]}]
+    return _chat(processor, msgs, add_generation_prompt=True)
+
+
+def special_tokens(tokenizer):
+    """The tokenizer's special-token strings (EOS, end-of-turn markers, ...), computed once per
+    tokenizer: render_pair and with_stop ask for every row (Gemma's tokenizers have thousands)."""
+    key = (id(tokenizer), len(tokenizer))
+    if key not in _SPECIALS:
+        found = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+        _SPECIALS[key] = frozenset(found | set(tokenizer.all_special_tokens))
+    return _SPECIALS[key]
+
+
+def render_pair(processor, question, answer):
+    """-> (prompt_text, response_text): the generation prompt, and what the model must generate
+    after it for this answer, as the template writes the answer turn.
+
+    The answer turn is found in the full conversation (rendered with a stand-in answer), not by
+    assuming the generation prompt is a prefix of it: LLaVA-OneVision's template opens a rendered
+    answer turn with `assistant \\n` but prompts with `assistant\\n`; Gemma 4's prompt ends with an
+    empty thought channel a rendered turn lacks. The response is the answer, preceded by what the
+    conversation puts between the prompt and the answer when the prompt IS its prefix (llava-1.5:
+    " "), and followed by the template's text up to and including its first special token (the
+    end-of-turn token generation stops at: `<|im_end|>`, `<end_of_turn>`, `</s>`). A template that
+    writes no end token (llava-1.5) gives the bare answer; build_inputs then appends EOS.
+      llava-1.5 : ("USER: <image>\\nQ ASSISTANT:", " blue")
+      Qwen2.5-VL: ("...<|im_start|>assistant\\n", "blue<|im_end|>")
+    """
+    prompt = render_prompt(processor, question)
+    answer = answer.strip()
+    if not getattr(processor, "chat_template", None):
+        return prompt, " " + answer
+    stand_in = "\u2063MIA-DPO-ANSWER\u2063"  # text no template rewrites
+    msgs = [{"role": "user", "content": [{"type": "text", "text": question.replace(MARKER, image_placeholder(processor))}]},
+            {"role": "assistant", "content": [{"type": "text", "text": stand_in}]}]
+    full = _chat(processor, msgs)
+    if full.count(stand_in) != 1:
+        raise ValueError(f"{type(processor).__name__}: its chat template does not write the answer turn's text once")
+    head, tail = full.split(stand_in)
+    user_turn = prompt[: len(os.path.commonprefix([prompt, head]))]
+    if question.split(MARKER)[-1].strip() not in user_turn:
+        raise ValueError(f"{type(processor).__name__}: its chat template renders the question differently "
+                         f"in a prompt and in a conversation")
+    gap = head[len(prompt):] if head.startswith(prompt) else ""
+    gap = gap if answer or gap.strip() else ""  # an empty answer: the model stopped at once (llava's " " is not said)
+    ends = sorted((i, -len(s)) for s in special_tokens(processor.tokenizer) if (i := tail.find(s)) >= 0)
+    tail = tail[: ends[0][0] - ends[0][1]] if ends else tail.rstrip()  # through the first (longest) one
+    return prompt, gap + answer + tail
+
+
+def with_stop(tokenizer, response):
+    """A render_pair response as it is scored: + EOS unless it already ends with a special token
+    (the template's end-of-turn token). llava-1.5: " blue" -> " blue</s>"; Qwen: "blue<|im_end|>" as is."""
+    return response if any(response.endswith(s) for s in special_tokens(tokenizer)) else response + tokenizer.eos_token
+
+
+def build_inputs(processor, questions, images, answers=None, padding_side="right", add_eos=True):
+    """Questions (+ answers) and their images -> one padded batch for the model.
+
+    questions : list of B LLaVA-format questions with inline `<image>` markers
+    images    : list of B lists of PIL images, one per marker, in marker order
+    answers   : None for generation prompts; else B answers -> `labels` (prompt and padding
+                masked with -100; the response of render_pair kept, + EOS where the template
+                writes no end token and `add_eos`)
+    returns   : dict of tensors the model takes (input_ids (B, T), attention_mask (B, T),
+                pixel_values, image_grid_thw, token_type_ids, ... whatever the processor makes)
+                plus `labels` (B, T) and `prompt_lens` (B,) when answers are given.
+    The prompt's tokens are always those of the generation prompt, processed alone; the
+    response's tokens follow them: the continuation of the joint tokenisation where the prompt's
+    tokens survive it, else the response tokenised on its own (Qwen-style BPE merges "\\n" + "\\n").
+    Use padding_side="left" for generation, "right" for training/scoring.
+    """
+    import torch
+
+    tok = processor.tokenizer
+    for i, (q, ims) in enumerate(zip(questions, images)):
+        n = q.count(MARKER)
+        if n != len(ims):
+            raise ValueError(f"row {i}: question has {n} <image> markers but {len(ims)} images")
+    prompts = [render_prompt(processor, q) for q in questions]
+    # subtle: a template that writes the BOS itself must not get a second one from the tokenizer
+    special = not (tok.bos_token and prompts[0].startswith(tok.bos_token))
+    has_images = any(len(ims) for ims in images)
+    enc = dict(processor(text=prompts, images=[list(ims) for ims in images] if has_images else None, padding=True,
+                         padding_side="right" if answers is not None else padding_side, return_tensors="pt",
+                         add_special_tokens=special))
+    if answers is None:
+        return enc
+    responses = [render_pair(processor, q, a)[1] for q, a in zip(questions, answers)]
+    responses = [with_stop(tok, r) if add_eos else r for r in responses]
+    resp_ids = []
+    for p, r in zip(prompts, responses):
+        p_ids, f_ids = tok(p, add_special_tokens=special)["input_ids"], tok(p + r, add_special_tokens=special)["input_ids"]
+        resp_ids.append(f_ids[len(p_ids):] if f_ids[: len(p_ids)] == p_ids else tok(r, add_special_tokens=False)["input_ids"])
+    # re-lay every per-token tensor as [prompt | response | padding] (or padding first, on the left)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    per_token = [k for k, v in enc.items() if torch.is_tensor(v) and v.shape == ids.shape and k != "input_ids"]
+    lens = mask.sum(1).tolist()
+    T = max(n + len(r) for n, r in zip(lens, resp_ids))
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    out = {"input_ids": torch.full((len(prompts), T), pad_id, dtype=ids.dtype),
+           **{k: torch.zeros((len(prompts), T), dtype=enc[k].dtype) for k in per_token}}
+    labels = torch.full((len(prompts), T), IGNORE_INDEX, dtype=ids.dtype)
+    for i, (n, r) in enumerate(zip(lens, resp_ids)):
+        m = n + len(r)
+        at = slice(0, m) if padding_side == "right" else slice(T - m, T)
+        r = torch.tensor(r, dtype=ids.dtype)
+        out["input_ids"][i, at] = torch.cat([ids[i, :n], r])
+        labels[i, at] = torch.cat([torch.full((n,), IGNORE_INDEX, dtype=ids.dtype), r])
+        for k in per_token:  # the response is text: attended to (mask 1), of token type 0
+            fill = torch.full((len(r),), 1 if k == "attention_mask" else 0, dtype=enc[k].dtype)
+            out[k][i, at] = torch.cat([enc[k][i, :n], fill])
+    return {**enc, **out, "labels": labels, "prompt_lens": torch.tensor(lens)}
+
+
+# ---------------------------------------------------------------------------------------------
+# tensors: image spans, response log-probs, generation
+# ---------------------------------------------------------------------------------------------
+def image_spans(input_ids, image_token_id, n_images=None):
+    """Runs of `image_token_id` per row -> list (B) of lists of (start, end), end exclusive.
+
+    Two images with nothing between them form one run; with `n_images` (list of B counts)
+    such a run is split into equal parts, and a count that does not fit raises ValueError.
+    Example: ids [5, 9, 9, 7, 9, 9, 0] with image id 9 -> [[(1, 3), (4, 6)]].
+    """
+    import torch
+
+    m = (input_ids == image_token_id).to(torch.int8)
+    edges = torch.diff(torch.nn.functional.pad(m, (1, 1)), dim=1)  # +1 at a start, -1 after an end
+    out = []
+    for b in range(m.shape[0]):
+        starts = (edges[b] == 1).nonzero().flatten().tolist()
+        ends = (edges[b] == -1).nonzero().flatten().tolist()
+        spans = list(zip(starts, ends))
+        if n_images is not None and len(spans) != n_images[b]:
+            spans = _split_runs(spans, n_images[b], b)
+        out.append(spans)
+    return out
+
+
+def image_positions(input_ids, image_token_id, counts):
+    """Each image's visual-token positions -> list (B) of lists of int arrays, one per image.
+
+    counts: per row, each image's number of visual tokens (len of image_token_boxes' arrays): the
+    k-th image owns the next counts[k] positions holding `image_token_id`, whatever separates them
+    (Idefics3's tile markers). A count of None: the images' runs as image_spans splits them.
+    Example: ids [5, 9, 9, 7, 9, 9, 0], image id 9, counts [[1, 3]] -> [[array([1]), array([2, 4, 5])]].
+    """
+    import numpy as np
+
+    out = []
+    for b, row_counts in enumerate(counts):
+        found = (input_ids[b] == image_token_id).nonzero().flatten().cpu().numpy()
+        if any(n is None for n in row_counts):
+            spans = image_spans(input_ids[b:b + 1], image_token_id, [len(row_counts)])[0]
+            out.append([np.arange(s, e) for s, e in spans])
+            continue
+        if sum(row_counts) != len(found):
+            raise ValueError(f"row {b}: {len(found)} image-token positions, but the images have {row_counts}")
+        out.append(np.split(found, np.cumsum(row_counts)[:-1]))
+    return out
+
+
+def _split_runs(spans, n, b):
+    total = sum(e - s for s, e in spans)
+    if n <= 0 or total % n:
+        raise ValueError(f"row {b}: {len(spans)} image-token runs ({total} tokens) cannot be {n} images")
+    size, out = total // n, []
+    for s, e in spans:
+        if (e - s) % size:
+            raise ValueError(f"row {b}: an image-token run of {e - s} is not a multiple of {size}")
+        out += [(p, p + size) for p in range(s, e, size)]
+    return out
+
+
+def next_token_logprobs(model, hidden):
+    """hidden (N, H) states -> (N, V) float32 log-probs of the next token over the full vocabulary,
+    with the LM head (and the model's final logit soft-capping, if it has one) on these N rows only."""
+    import torch
+
+    logits = model.get_output_embeddings()(hidden).float()  # (N, V)
+    cap = getattr(getattr(model.config, "text_config", model.config), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return torch.log_softmax(logits, dim=-1)
+
+
+def logps_at(model, hidden, targets):
+    """hidden (N, H) states and targets (N,) next-token ids -> (N,) log-probs, with the LM head
+    (and the model's final logit soft-capping, if it has one) applied to these N rows only."""
+    return next_token_logprobs(model, hidden).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def response_logps(model, batch):
+    """Log-probs of the labelled (response) tokens, LM head applied ONLY at those positions.
+
+    batch   : build_inputs(..., answers=...) output (labels (B, T), -100 where not scored)
+    returns : (sum_logps (B,), token_logps (B, T-1) — 0 where unscored, n_tokens (B,))
+    Full-vocabulary logits over the prompt's hundreds of image tokens are never formed: the
+    decoder's hidden states are gathered at scored positions first, (N, H) -> (N, V).
+    """
+    import torch
+
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "prompt_lens")}
+    inputs.setdefault("use_cache", False)  # scoring never decodes further: no KV cache to build
+    hidden = model.model(**inputs).last_hidden_state  # (B, T, H)
+    targets = batch["labels"][:, 1:]  # position t predicts token t+1
+    mask = targets != IGNORE_INDEX  # (B, T-1)
+    lp = logps_at(model, hidden[:, :-1][mask], targets[mask])  # (N,)
+    token_logps = torch.zeros(mask.shape, dtype=lp.dtype, device=lp.device).masked_scatter(mask, lp)
+    return token_logps.sum(-1), token_logps, mask.sum(-1)
+
+
+def to_model(batch, model):
+    """A build_inputs batch on the model's device, pixel values in the model's dtype."""
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    if "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+    return batch
+
+
+def pair_logps(model, processor, questions, images, chosen, rejected):
+    """Summed response log-probs (incl. EOS) of B chosen and B rejected answers, in ONE forward of
+    2B rows [chosen; rejected] as 06 trains on them -> (chosen (B,), rejected (B,)) float lists."""
+    import torch
+
+    batch = to_model(build_inputs(processor, questions * 2, images * 2, answers=list(chosen) + list(rejected)), model)
+    with torch.no_grad():
+        lp = response_logps(model, batch)[0].float().cpu().tolist()
+    return lp[: len(questions)], lp[len(questions):]
+
+
+def generate(model, processor, questions, images, max_new_tokens=64, return_finished=False):
+    """Greedy answers for a batch of questions (left-padded, same prompts as training).
+
+    With `return_finished`, also a list of bools: did the answer end with EOS (False = it was
+    cut at max_new_tokens)."""
+    import torch
+
+    batch = to_model(build_inputs(processor, questions, images, padding_side="left"), model)
+    tok = processor.tokenizer
+    with torch.no_grad():
+        out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    new = out[:, batch["input_ids"].shape[1]:]
+    texts = [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+    if not return_finished:
+        return texts
+    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tok.eos_token_id
+    eos = torch.tensor(eos if isinstance(eos, list) else [eos], device=new.device)
+    return texts, torch.isin(new, eos).any(dim=1).tolist()
