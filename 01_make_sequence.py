@@ -74,8 +74,6 @@ def make_sequence(src, pools, weights, rng, same_subset=True, first_turn_only=Fa
 # ---- plumbing ----
 def main(args):
     t0 = time.time()
-    common.apply_recipe(args, RECIPES, common.is_toy_data(args.data), "01_make_sequence")
-    resolve_paths(args, "sequence")
     try:
         weights = parse_counts(args.counts, allowed={2, 3, 4, 5})
     except ValueError as e:
@@ -111,7 +109,8 @@ def get_args(argv=None):
                    f"toy: equal shares, paper: the authors' {COUNTS}")
     m.add_argument("--companions", choices=("subset", "any"), default="subset",
                    help="draw companions from the row's sub-dataset (paper) or from all images")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    return resolve_paths(common.apply_recipe(args, RECIPES, common.is_toy_data(args.data), "01_make_sequence"), "sequence")
 
 
 if __name__ == "__main__":

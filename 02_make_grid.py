@@ -187,8 +187,6 @@ def render(item, image_root, image_out, quality):
 
 def main(args):
     t0 = time.time()
-    common.apply_recipe(args, RECIPES, common.is_toy_data(args.data), "02_make_grid")
-    compose.resolve_paths(args, "grid", image_dir="mia_grid")
     weights = compose.parse_counts(args.counts, allowed=set(LAYOUTS))
     get_font()  # fail before any work if the font cannot render
     skips = Skips()
@@ -254,7 +252,8 @@ def get_args(argv=None):
         p.error(f"--counts: {e}")
     if not 0 <= args.merge <= 1:
         p.error("--merge must be in [0, 1]")
-    return args
+    args = common.apply_recipe(args, RECIPES, common.is_toy_data(args.data), "02_make_grid")
+    return compose.resolve_paths(args, "grid", image_dir="mia_grid")
 
 
 if __name__ == "__main__":

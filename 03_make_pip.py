@@ -95,8 +95,6 @@ def render(item, image_root, image_out, quality, scale):
 
 def main(args):
     t0 = time.time()
-    common.apply_recipe(args, RECIPES, common.is_toy_data(args.data), "03_make_pip")
-    compose.resolve_paths(args, "pip", image_dir="mia_pip")
     skips = Skips()
     sources, n_read = compose.load_sources(args, skips, partial(compose.composite_turns, max_answer_chars=args.max_answer_chars,
                                                                 keep_boxes=args.keep_boxes))
@@ -145,7 +143,8 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if not 0 < args.scale <= 1:
         p.error("--scale must be in (0, 1]")
-    return args
+    args = common.apply_recipe(args, RECIPES, common.is_toy_data(args.data), "03_make_pip")
+    return compose.resolve_paths(args, "pip", image_dir="mia_pip")
 
 
 if __name__ == "__main__":

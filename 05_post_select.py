@@ -142,6 +142,17 @@ def load_pairs(paths):
     return pairs
 
 
+def pairs_model(path):
+    """The model that made a pair file (its first row's ref_model.path; None when unreadable or empty):
+    with --recipe auto, pairs from a toy model get the toy recipe."""
+    try:
+        for _, row in read_rows(path):
+            return (row.get("ref_model") or {}).get("path")
+    except DataError:
+        return None  # load_pairs reports the file's problem with its line
+    return None
+
+
 def drop_table(pairs, kept, dropped):
     """Rows: filters; columns: formats + total -> (text table, nested dict for the sidecar)."""
     fmts = sorted({p["mia"]["format"] for p in pairs})
@@ -182,8 +193,6 @@ def to_trl(pairs, processor, image_root):
 def main(args):
     t0 = time.time()
     pairs = load_pairs(args.data)
-    source = next((p.get("ref_model", {}).get("path") for p in pairs), None)
-    common.apply_recipe(args, RECIPES, common.is_toy_model(source), "05_post_select", why=f"pairs from {source}")
     sample = None
     if args.sample_like:  # as many pairs per format as another pair file holds
         sample = {}
@@ -239,7 +248,8 @@ def get_args(argv=None):
     a = p.parse_args(argv)
     if any(Path(a.out).resolve() == Path(d).resolve() for d in a.data):
         p.error("--out would overwrite an input")
-    return a
+    source = pairs_model(a.data[0])
+    return common.apply_recipe(a, RECIPES, common.is_toy_model(source), "05_post_select", why=f"pairs from {source}")
 
 
 if __name__ == "__main__":

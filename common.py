@@ -17,6 +17,7 @@ so stages that only move data (01-03, 05) start in a fraction of a second.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -398,21 +399,19 @@ def is_toy_data(path):
 
 
 def apply_recipe(args, recipes, toy, stage, why="", quiet=False):
-    """Fill every flag left unset (None) from a named recipe: args.recipe "toy" or "paper", or
-    "auto" = "toy" when the stage's input is the toy world (`toy`), else "paper" — so a real
-    checkpoint never silently gets the toy's settings. Explicit flags always win. Prints which
-    recipe and values were used; args.recipe and args.recipe_values land in the sidecar."""
+    """-> a copy of the parsed `args` with every flag left unset (None) taken from a named recipe:
+    args.recipe "toy" or "paper", or "auto" = "toy" when the stage's input is the toy world (`toy`),
+    else "paper" — so a real checkpoint never silently gets the toy's settings. Explicit flags
+    always win. Prints which recipe and values were used; `recipe` (the name) and `recipe_values`
+    (what it filled) land in the sidecar. Stages call it in get_args, so main reads final flags."""
     name = args.recipe if args.recipe != "auto" else ("toy" if toy else "paper")
     filled = {k: v for k, v in recipes[name].items() if getattr(args, k) is None}
-    for k, v in filled.items():
-        setattr(args, k, v)
     how = "--recipe" if args.recipe != "auto" else f"auto: {why or ('toy input' if toy else 'not the toy world')}"
-    args.recipe, args.recipe_values = name, filled
     flag = lambda k, v: f"--{'' if v else 'no-'}{k}" if isinstance(v, bool) else f"--{k} {v}"  # noqa: E731
     shown = " ".join(flag(k.replace("_", "-"), v) for k, v in filled.items())
     if not quiet:
         print(f"{stage}: recipe {name} ({how}){': ' + shown if shown else ''}", flush=True)
-    return name
+    return argparse.Namespace(**{**vars(args), **filled, "recipe": name, "recipe_values": filled})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import argparse
 import bisect
 import os
 import re
@@ -339,21 +340,23 @@ def image_ref(image_out, image_root):
 
 
 def resolve_paths(args, name, image_dir=None):
-    """Fill unset --data/--image-root/--out (and --image-out) with the toy world's paths."""
-    if args.data is None:
-        args.data = TOY / f"{args.split}.json"
-        if not args.data.is_file():
-            sys.exit(f"{args.data} not found: build the toy data first with `python 00_make_toy.py`")
-        args.image_root = args.image_root or TOY / "images"
-        args.out = args.out or TOY / (f"{name}.jsonl" if args.split == "train" else f"{name}-{args.split}.jsonl")
-    if args.image_root is None:
+    """-> a copy of `args` with unset --data/--image-root/--out (and --image-out) filled: the toy
+    world's paths when --data is unset, else --out beside --data. Refuses an --out that is --data."""
+    a = argparse.Namespace(**vars(args))
+    if a.data is None:
+        a.data = TOY / f"{a.split}.json"
+        if not a.data.is_file():
+            sys.exit(f"{a.data} not found: build the toy data first with `python 00_make_toy.py`")
+        a.image_root = a.image_root or TOY / "images"
+        a.out = a.out or TOY / (f"{name}.jsonl" if a.split == "train" else f"{name}-{a.split}.jsonl")
+    if a.image_root is None:
         sys.exit("--image-root is required with --data (the folder the rows' image paths are relative to)")
-    args.out = args.out or Path(args.data).with_name(f"{Path(args.data).stem}-{name}.jsonl")
-    if Path(args.out).resolve() == Path(args.data).resolve():
+    a.out = a.out or Path(a.data).with_name(f"{Path(a.data).stem}-{name}.jsonl")
+    if Path(a.out).resolve() == Path(a.data).resolve():
         sys.exit("--out would overwrite --data; inputs are never modified")
-    if image_dir is not None and getattr(args, "image_out", None) is None:
-        args.image_out = Path(args.image_root) / image_dir
-
+    if image_dir is not None and getattr(a, "image_out", None) is None:
+        a.image_out = Path(a.image_root) / image_dir
+    return a
 
 def add_shared_args(p, image_out=None):
     """The data and system flags of stages 01-03 -> the argument group for method flags."""
