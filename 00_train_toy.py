@@ -507,13 +507,10 @@ def train_and_save(train_ex, eval_ex, image_root, model_dir, a):
               "train_log": [r for r in log if r["phase"] != "text prior"],
               "seconds": {**seconds, **took, "eval": round(time.time() - t, 1)},
               "settings": {k: v for k, v in vars(a).items() if k not in ("force", "retrain")}}
-    tmp = model_dir.with_name(model_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    proc.save_pretrained(tmp)
-    (tmp / "toy_report.json").write_text(json.dumps(report, indent=1))
-    shutil.rmtree(model_dir, ignore_errors=True)
-    tmp.rename(model_dir)
+    with common.atomic_dir(model_dir) as tmp:
+        model.save_pretrained(tmp)
+        proc.save_pretrained(tmp)
+        (tmp / "toy_report.json").write_text(json.dumps(report, indent=1))
     return report
 
 
@@ -547,11 +544,8 @@ def with_world(a, world_settings):
 
 
 def copy_base(src, model_dir):
-    tmp = model_dir.with_name(model_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    shutil.rmtree(model_dir, ignore_errors=True)
-    tmp.rename(model_dir)
+    with common.atomic_dir(model_dir) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
 
 
 def print_report(report):

@@ -182,15 +182,6 @@ def truncate_at(text, stops):
 
 
 # ---- our model, as both harnesses call it ------------------------------------------------------------
-def pick_device(device):
-    """"auto" -> "cuda" when a GPU is visible, else "cpu"; anything else as given."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def pick_dtype(dtype, device):
     """"auto" -> bfloat16 on a GPU (the paper's precision), the checkpoint's own dtype on a CPU."""
     return ("bfloat16" if str(device).startswith("cuda") else "auto") if dtype == "auto" else dtype
@@ -218,7 +209,7 @@ class LocalVLM:
 
     def __init__(self, model_path, device="auto", dtype="auto", record=None):
         self.path = full_checkpoint(model_path)
-        self.device = pick_device(device)
+        self.device = vlm.pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.model, self.processor = vlm.load_model(self.path, dtype=self.dtype, device=self.device)
         self.fingerprint = vlm.model_fingerprint(self.model)
@@ -289,7 +280,7 @@ class LmmsEvalModel:
     def __init__(self, pretrained, device="auto", dtype="auto", max_new_tokens=0, record=None, batch_size=1):
         super().__init__()
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        device = pick_device(device)
+        device = vlm.pick_device(device)
         if device == "cuda" and world > 1:  # accelerate launch: one GPU per process
             device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
         self._rank, self._world_size = rank, world

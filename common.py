@@ -3,7 +3,7 @@ common.py — the data contract between the MIA-DPO stages (no method logic, no 
 
   rows    : read_rows (LLaVA JSON list or JSONL; errors name file:line: field), check_llava_row,
             check_pair_row (the fields 05 and 06 read), Skips (what was passed over, and why), row_rng
-  writes  : atomic_write / write_jsonl (temp file, then rename), write_sidecar (script, args,
+  writes  : atomic_write / write_jsonl / atomic_dir (temp file or folder, then rename), write_sidecar (script, args,
             counts, skips beside every output)
   answers : normalise_answer (one rule for "the same answer" in 04, 05 and 07)
   loops   : Progress (a bar on a terminal, a line every 30 s in a log), ResumeFile (resumable JSONL)
@@ -190,6 +190,25 @@ def atomic_write(path, mode="w"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path):
+    """Yield a fresh temporary folder beside `path` to fill; on success it replaces `path` (a saved
+    model, a checkpoint), on an exception it is removed and any previous `path` stays as it was."""
+    import shutil
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
 
 
 def write_jsonl(path, rows):

@@ -34,6 +34,15 @@ FALLBACK_TEMPLATE = "USER: {question} ASSISTANT:"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def pick_device(device):
+    """--device: "auto" -> "cuda" when a GPU is visible, else "cpu"; anything else as given."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_model(path, dtype="auto", device="cpu", attn_implementation=None, adapter=None, max_image_tokens=None):
     """Load an image-text-to-text checkpoint and its processor from a LOCAL directory.
 

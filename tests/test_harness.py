@@ -88,7 +88,7 @@ def test_truncate_at_stop_strings():
 
 
 def test_device_and_dtype_policy():
-    assert h.pick_device("cpu") == "cpu" and h.pick_device("cuda:1") == "cuda:1"
+    assert vlm.pick_device("cpu") == "cpu" and vlm.pick_device("cuda:1") == "cuda:1"
     assert h.pick_dtype("auto", "cuda") == "bfloat16" and h.pick_dtype("auto", "cuda:0") == "bfloat16"
     assert h.pick_dtype("auto", "cpu") == "auto" and h.pick_dtype("float32", "cuda") == "float32"
 
