@@ -443,8 +443,9 @@ def main(args):
     t0 = time.time()
     common.set_threads(args.threads)
     items = load_items(args)
-    model, processor = vlm.load_model(args.model, dtype=args.dtype, device=args.device,
-                                         max_image_tokens=args.max_image_tokens)
+    out, cands_path, viz_dir = output_paths(args)
+    model, processor = vlm.load_model(args.model, dtype=args.dtype, device=vlm.pick_device(args.device),
+                                      max_image_tokens=args.max_image_tokens)
     install_probe(model)
     layer = default_layer(model) if args.layer is None else args.layer
     if layer not in attention_layers(model):
@@ -453,11 +454,11 @@ def main(args):
     ref_model = {"path": str(args.model), "fingerprint": vlm.model_fingerprint(model),
                  "image_settings": vlm.image_settings_id(processor)}  # 06 refuses other image settings
     viz_ids = {it["id"] for f in FORMATS for it in [x for x in items if x["format"] == f][:args.viz]}
-    ctx = {"layer": layer, "boxes": {}, "thresholds": args.thresholds, "ref_model": ref_model,
-           "viz_ids": viz_ids}
-    config = resume_config(args, layer, ref_model)
+    thresholds = parse_thresholds(args.threshold)
+    ctx = {"layer": layer, "boxes": {}, "thresholds": thresholds, "ref_model": ref_model, "viz_ids": viz_ids}
+    config = resume_config(args, layer, ref_model, thresholds)
     batches = make_batches(items, args.batch_size)
-    partial = common.ResumeFile(str(args.candidates) + ".partial", config, key="i")
+    partial = common.ResumeFile(str(cands_path) + ".partial", config, key="i")
     partial.keep([i for b in batches if all(i in partial.done for i in b) for i in b])  # whole batches only
     by_i = {it["i"]: it for it in items}
     todo = [b for b in batches if not all(i in partial.done for i in b)]
@@ -467,32 +468,42 @@ def main(args):
             recs, viz = run_batch(model, processor, [by_i[i] for i in b], args, ctx)
             partial.add(recs)
             for it, ims, maps, boxes, cand in viz:
-                save_viz(args.viz_dir / f"{it['id']}.png", ims, maps, boxes, cand)
+                save_viz(viz_dir / f"{it['id']}.png", ims, maps, boxes, cand)
             n_sel += sum(r["candidate"]["selected"] for r in recs)
             bar.update(len(recs), pairs=n_sel, yld=f"{n_sel / len(partial.done):.1%}")
-    return finish(args, items, partial, layer, ref_model, t0)
+    return finish(args, items, partial, layer, ref_model, t0, out, cands_path)
 
 
-def resume_config(args, layer, ref_model):
+def output_paths(args):
+    """-> (pairs, candidates, viz folder) of this process: --out, with `-SS-of-NN` for a shard
+    (pairs.jsonl, --shard 1 --num-shards 4 -> pairs-01-of-04.jsonl), --candidates or
+    <out>.candidates.jsonl, and <out>.viz for the heatmaps."""
+    out = Path(args.out)
+    if args.num_shards > 1:
+        out = out.with_name(f"{out.stem}-{args.shard:02d}-of-{args.num_shards:02d}{out.suffix}")
+    return out, args.candidates or out.with_name(f"{out.stem}.candidates.jsonl"), out.with_name(f"{out.stem}.viz")
+
+
+def resume_config(args, layer, ref_model, thresholds):
     """Everything the output depends on; a .partial left with other settings is refused."""
     keys = ("image_root", "batch_size", "max_new_tokens", "seed", "limit", "shard", "num_shards", "no_noise",
-            "grid_noise", "pip_noise", "min_ppl", "thresholds", "dtype", "max_image_tokens")
+            "grid_noise", "pip_noise", "min_ppl", "dtype", "max_image_tokens")
     cfg = {"data": [[str(p), os.path.getsize(p), os.path.getmtime(p)] for p in args.data], "ref_model": ref_model,
-           "layer": layer, **{k: getattr(args, k) for k in keys}}
+           "layer": layer, **{k: getattr(args, k) for k in keys}, "thresholds": thresholds}
     return json.loads(json.dumps(cfg, default=str))  # as it reads back from the file
 
 
-def finish(args, items, partial, layer, ref_model, t0):
+def finish(args, items, partial, layer, ref_model, t0, out, cands_path):
     """Write candidates and pairs in input order (whatever the batching), sidecars, the yield table."""
     recs = [partial.done[i] for i in sorted(partial.done)]
     cands = [r["candidate"] for r in recs]
     pairs = [r["pair"] for r in recs if r["pair"] is not None]
     table, reasons = summarise(cands), Counter(c["reason"].split(":")[0] for c in cands)
     counts = {"rows": len(items), "pairs": len(pairs), "by_format": table, "reasons": dict(reasons)}
-    write_jsonl(args.candidates, cands)
-    write_sidecar(args.candidates, args, counts=counts, layer=layer, ref_model=ref_model)
-    write_jsonl(args.out, pairs)
-    write_sidecar(args.out, args, counts=counts, layer=layer, ref_model=ref_model, candidates=str(args.candidates))
+    write_jsonl(cands_path, cands)
+    write_sidecar(cands_path, args, counts=counts, layer=layer, ref_model=ref_model)
+    write_jsonl(out, pairs)
+    write_sidecar(out, args, counts=counts, layer=layer, ref_model=ref_model, candidates=str(cands_path))
     partial.remove()
     fr = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     print(f"{'format':<9} {'prompts':>7} {'right':>6} {'wrong':>6} {'pairs':>6} {'yield':>7} "
@@ -500,7 +511,7 @@ def finish(args, items, partial, layer, ref_model, t0):
     for fmt, t in table.items():
         print(f"{fmt:<9} {t['prompts']:>7} {t['right']:>6} {t['wrong']:>6} {t['pairs']:>6} {t['yield']:>7.1%} "
               f"{fr(t['mean_ratio_right']):>11} {fr(t['mean_ratio_wrong']):>11} {fr(t['precision']):>9} {fr(t['recall']):>6}")
-    print(f"04_gen_pairs: {len(items)} rows -> {len(pairs)} pairs in {args.out} (candidates: {args.candidates}) | "
+    print(f"04_gen_pairs: {len(items)} rows -> {len(pairs)} pairs in {out} (candidates: {cands_path}) | "
           f"layer {layer} | {', '.join(f'{n} {r}' for r, n in reasons.most_common())} | {time.time() - t0:.1f} s")
     return pairs, cands
 
@@ -549,7 +560,7 @@ def get_args(argv=None):
     s = p.add_argument_group("system")
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--dtype", default="auto", choices=vlm.DTYPES)
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     common.add_max_image_tokens_flag(s)
     common.add_threads_flag(s)
     s.add_argument("--shard", type=int, default=0, help="this process's shard (rows by a hash of their id)")
@@ -558,14 +569,10 @@ def get_args(argv=None):
     if not 0 <= a.shard < a.num_shards:
         p.error("--shard must be in 0..--num-shards-1")
     try:
-        a.thresholds = parse_thresholds(a.threshold)
+        parse_thresholds(a.threshold)
     except ValueError as e:
         p.error(f"--threshold: {e}")
-    if a.num_shards > 1:
-        a.out = a.out.with_name(f"{a.out.stem}-{a.shard:02d}-of-{a.num_shards:02d}{a.out.suffix}")
-    a.candidates = a.candidates or a.out.with_name(f"{a.out.stem}.candidates.jsonl")
-    a.viz_dir = a.out.with_name(f"{a.out.stem}.viz")
-    if any(Path(a.out).resolve() == Path(d).resolve() for d in a.data):
+    if any(path.resolve() == Path(d).resolve() for path in output_paths(a)[:2] for d in a.data):
         p.error("--out would overwrite an input")
     return a
 

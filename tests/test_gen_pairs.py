@@ -344,7 +344,7 @@ def test_shards_partition_the_rows(world):
     for s in range(3):
         a = gp.get_args(["--data", *map(str, world.files), "--shard", str(s), "--num-shards", "3",
                          "--out", str(world.out / "p.jsonl")])
-        assert a.out.name == f"p-{s:02d}-of-03.jsonl"
+        assert gp.output_paths(a)[0].name == f"p-{s:02d}-of-03.jsonl"
         ids += [it["id"] for it in gp.load_items(a)]
     every = [it["id"] for it in gp.load_items(gp.get_args(["--data", *map(str, world.files)]))]
     assert sorted(ids) == sorted(every) and len(set(ids)) == len(ids) == 14
