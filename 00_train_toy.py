@@ -16,7 +16,7 @@ The base is trained the way LLaVA is, in miniature, in one loop over three phase
    Image2, what color is the shape?`), items grown 2 -> 5 and words per item 2 -> 4 as it learns,
    for at least --text-prior-steps and then until learned (at most --text-prior-max-steps). A real LLaVA
    inherits this skill from its language model; a from-scratch toy has to be given it, and
-   without it the toy answers multi-image prompts at chance whatever DPO does (TOY.md);
+   without it the toy answers multi-image prompts at chance whatever DPO does (docs/results.md);
 2. alignment (--freeze-lm-steps): vision tower and projector learn, the language model frozen;
 3. single-image instruction tuning, with a share of text-prior examples mixed in (--text-mix)
    so the prior survives. No multi-image visual example is ever shown (--multi-share 0).

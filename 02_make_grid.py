@@ -10,7 +10,7 @@ Each usable source is pasted with companions into one collage of N = 2, 3, 4, 6 
 (1x2, 1x3, 2x2, 2x3, 3x3; N drawn per row from --counts, default about a third 2-image, the
 rest spread over 3/4/6/9, like the authors' set). Companions: uniform from all usable images
 (the authors' choice; --companions subset for the row's sub-dataset), never a source's own
-image. Geometry (SPEC): 448x448 cells, 40 px between cells and a 40 px strip above each row
+image. Geometry (the authors' released code): 448x448 cells, 40 px between cells and a 40 px strip above each row
 holding the label `Image{n}` (row-major from 1), black, size 36, at x = cell_x + 20. Canvas:
 2 -> 936x488, 3 -> 1424x488, 4 -> 936x976, 6 -> 1424x976, 9 -> 1424x1464.
 Our choices (the authors left them open): each image is resized to fit its cell keeping the

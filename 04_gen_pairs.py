@@ -273,7 +273,8 @@ def make_batches(items, batch_size):
 
 
 def corrupt(item, images, args):
-    """The images the model answers from: noise as SPEC on grid (target cell) and pip (whole image)."""
+    """The images the model answers from: Gaussian noise as in the authors' released code, on grid
+    (the target cell, std 225) and pip (the whole image, std 49)."""
     std = 0.0 if args.no_noise else {"grid": args.grid_noise, "pip": args.pip_noise}.get(item["format"], 0.0)
     if not std:
         return images, 0.0

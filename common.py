@@ -50,6 +50,9 @@ def read_rows(path, on_error="raise", skips=None):
     starts on). A malformed JSONL line raises DataError naming file and line, or — with
     `on_error="skip"` — is recorded in `skips` (a Skips) and passed over. Rows are not
     validated here: stages call `check_llava_row` (or their own check) on what they use.
+    Why not jsonlines' Reader (the writer below uses jsonlines): LLaVA-665k ships as one JSON
+    list, not JSONL, and every good row needs its line for later errors, which the Reader does
+    not hand out; one reader for both shapes keeps the messages alike.
     """
     path = Path(path)
     if not path.is_file():
@@ -212,11 +215,14 @@ def atomic_dir(path):
 
 
 def write_jsonl(path, rows):
-    """Write rows as JSONL, atomically; returns the number written."""
+    """Write rows as JSONL (one `json.dumps(row, ensure_ascii=False)` a line, via jsonlines),
+    atomically; returns the number written."""
+    import jsonlines
+
     n = 0
-    with atomic_write(path) as f:
+    with atomic_write(path) as f, jsonlines.Writer(f) as out:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            out.write(row)
             n += 1
     return n
 
