@@ -176,7 +176,7 @@ def read_world(data_dir):
 
 
 def main(a):
-    data_dir = Path(a.data_out)
+    data_dir = Path(a.data_out or Path(a.root) / "data" / "toy")
     wanted, have = {k: getattr(a, k) for k in WORLD_SETTINGS}, read_world(data_dir)
     if not a.force and have == wanted:
         rows = {s: read_split(data_dir, s) for s in SPLITS}
@@ -211,11 +211,9 @@ def get_args(argv=None):
     g = p.add_argument_group("system")
     g.add_argument("--seed", type=int, default=0, help="decides every scene, question and pixel (and the base's training)")
     g.add_argument("--tiny", action="store_true", help="a second-long build for tests (few samples)")
-    a = p.parse_args(argv)
-    if a.tiny:
-        a.n_train, a.n_dev, a.n_heldout = 90, 15, 30
-    a.data_out = a.data_out or str(Path(a.root) / "data" / "toy")
-    return a
+    if p.parse_known_args(argv)[0].tiny:  # a preset of defaults: flags given beside --tiny still win
+        p.set_defaults(n_train=90, n_dev=15, n_heldout=30)
+    return p.parse_args(argv)
 
 
 if __name__ == "__main__":

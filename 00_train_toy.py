@@ -566,7 +566,8 @@ def print_report(report):
 def main(a):
     t_start = time.time()
     common.set_threads(a.threads)
-    data_dir, model_dir = Path(a.data_dir), Path(a.model_out)
+    data_dir = Path(a.data_dir or Path(a.root) / "data" / "toy")
+    model_dir = Path(a.model_out or Path(a.root) / "models" / "toy-llava")
     found = world.read_world(data_dir)
     if found is None:
         raise SystemExit(f"{data_dir}: no toy world here (its train.json.meta.json from 00_make_toy.py); "
@@ -632,16 +633,13 @@ def get_args(argv=None):
     g = p.add_argument_group("system")
     common.add_threads_flag(g)
     g.add_argument("--tiny", action="store_true", help="a seconds-long build for tests (small model, few steps)")
-    a = p.parse_args(argv)
-    if a.tiny:
-        a.n_eval_sequences, a.steps, a.width, a.layers, a.warmup = 5, 20, 64, 2, 5
+    if p.parse_known_args(argv)[0].tiny:  # a preset of defaults: flags given beside --tiny still win
         # subtle: 20 steps are too few for the prior's phases (the model then answers nothing);
-        # tests/test_make_toy.py runs them on a tiny build of their own
-        a.text_prior_steps, a.text_batch_size, a.freeze_lm_steps, a.text_mix = 0, 8, 0, 0.0
-        a.patch = 8  # 64 tokens per image: an 8x8 grid the tests map grid cells and insets onto
-    a.data_dir = a.data_dir or str(Path(a.root) / "data" / "toy")
-    a.model_out = a.model_out or str(Path(a.root) / "models" / "toy-llava")
-    return a
+        # tests/test_make_toy.py runs them on a tiny build of their own. patch 8: 64 tokens per
+        # image, an 8x8 grid the tests map grid cells and insets onto.
+        p.set_defaults(n_eval_sequences=5, steps=20, width=64, layers=2, warmup=5, text_prior_steps=0,
+                       text_batch_size=8, freeze_lm_steps=0, text_mix=0.0, patch=8)
+    return p.parse_args(argv)
 
 
 if __name__ == "__main__":
