@@ -12,16 +12,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from test_make_sequence import BAD, make_llava_set, run  # noqa: E402  (the shared tiny LLaVA set)
+from conftest import BAD, make_llava_set, run  # noqa: E402  (the shared tiny LLaVA set; fixture `ds`)
 
 grid = importlib.import_module("02_make_grid")
 
 SIZES = {2: (936, 488), 3: (1424, 488), 4: (936, 976), 6: (1424, 976), 9: (1424, 1464)}
-
-
-@pytest.fixture(scope="module")
-def ds(tmp_path_factory):
-    return make_llava_set(tmp_path_factory.mktemp("llava"))
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import compose  # noqa: E402
-from test_make_sequence import BAD, make_llava_set, run  # noqa: E402  (the shared tiny LLaVA set)
+from conftest import BAD, run  # noqa: E402  (the shared tiny LLaVA set; fixture `ds`)
 
 pip = importlib.import_module("03_make_pip")
-
-
-@pytest.fixture(scope="module")
-def ds(tmp_path_factory):
-    return make_llava_set(tmp_path_factory.mktemp("llava"))
 
 
 @pytest.fixture(scope="module")
