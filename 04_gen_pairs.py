@@ -443,6 +443,7 @@ def summarise(cands):
 def main(args):
     t0 = time.time()
     common.set_threads(args.threads)
+    common.set_max_image_pixels(args.max_image_pixels)
     items = load_items(args)
     out, cands_path, viz_dir = output_paths(args)
     model, processor = vlm.load_model(args.model, dtype=args.dtype, device=vlm.pick_device(args.device),
@@ -469,7 +470,7 @@ def main(args):
             recs, viz = run_batch(model, processor, [by_i[i] for i in b], args, ctx)
             partial.add(recs)
             for it, ims, maps, boxes, cand in viz:
-                save_viz(viz_dir / f"{it['id']}.png", ims, maps, boxes, cand)
+                save_viz(viz_dir / f"{common.safe_name(it['id'])}.png", ims, maps, boxes, cand)
             n_sel += sum(r["candidate"]["selected"] for r in recs)
             bar.update(len(recs), pairs=n_sel, yld=f"{n_sel / len(partial.done):.1%}")
     return finish(args, items, partial, layer, ref_model, t0, out, cands_path)
@@ -563,6 +564,7 @@ def get_args(argv=None):
     s.add_argument("--dtype", default="auto", choices=vlm.DTYPES)
     s.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     common.add_max_image_tokens_flag(s)
+    common.add_image_flags(s)
     common.add_threads_flag(s)
     s.add_argument("--shard", type=int, default=0, help="this process's shard (rows by a hash of their id)")
     s.add_argument("--num-shards", type=int, default=1)

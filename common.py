@@ -9,7 +9,8 @@ common.py — the data contract between the MIA-DPO stages (no method logic, no 
   loops   : Progress (a bar on a terminal, a line every 30 s in a log), ResumeFile (resumable JSONL)
   recipes : apply_recipe (unset flags from the toy or the paper recipe), is_toy_model / is_toy_data
   system  : run_stage (bad input ends a run with one located line), shared flags, set_threads
-  images  : load_image (EXIF orientation, any mode -> RGB, errors name the path)
+  images  : load_image / open_image (EXIF orientation, any mode -> RGB; every failure, a
+            too large image included, an ImageError naming the path)
 
 Talking to a model lives in vlm.py, where the visual tokens sit in token_geometry.py, and what
 01-03 share to build multi-image rows in compose.py. Nothing here imports torch or transformers,
@@ -22,6 +23,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import string
 import sys
 import tempfile
@@ -57,12 +59,14 @@ def read_rows(path, on_error="raise", skips=None):
     path = Path(path)
     if not path.is_file():
         raise DataError(path, None, None, "no such file")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if text.lstrip().startswith("["):  # a JSON list, as LLaVA-665k is shipped
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as some editors write
+        data = data[3:]
+    if data.lstrip().startswith(b"["):  # a JSON list, as LLaVA-665k is shipped
+        text = _decode(path, data, 0)  # a list cannot be read past a bad byte: always an error
         try:
             rows = json.loads(text)
-        except json.JSONDecodeError as e:  # a broken list cannot be read past the error
+        except json.JSONDecodeError as e:  # ... nor past a syntax error
             raise DataError(path, e.lineno, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
         starts = _object_start_lines(text, len(rows))
         for i, row in enumerate(rows):
@@ -72,11 +76,16 @@ def read_rows(path, on_error="raise", skips=None):
                 continue
             yield line, row
         return
-    for line, raw in enumerate(text.splitlines(), 1):
+    # subtle: split on b"\n" only; str.splitlines would also split inside a row holding U+2028 or
+    # U+0085, which json.dumps(ensure_ascii=False) writes unescaped
+    for line, raw in enumerate(data.split(b"\n"), 1):
         if not raw.strip():
             continue
         try:
-            row = json.loads(raw)
+            row = json.loads(_decode(path, raw, line))
+        except DataError as e:
+            _bad(path, line, None, e.msg, on_error, skips)
+            continue
         except json.JSONDecodeError as e:
             _bad(path, line, None, f"invalid JSON: {e.msg} (column {e.colno})", on_error, skips)
             continue
@@ -84,6 +93,18 @@ def read_rows(path, on_error="raise", skips=None):
             _bad(path, line, None, f"a {type(row).__name__}, not an object", on_error, skips)
             continue
         yield line, row
+
+
+def _decode(path, data, line):
+    """UTF-8 bytes -> str; a bad byte is a DataError naming its line (counted from `line`, 0 for a
+    whole file) and column."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        start = data.rfind(b"\n", 0, e.start) + 1
+        at = (line or 1) + data.count(b"\n", 0, e.start)
+        raise DataError(path, at, None, f"not UTF-8: byte 0x{data[e.start]:02x} at column {e.start - start + 1} "
+                                        "(save the file as UTF-8)") from None
 
 
 def _bad(path, line, field, msg, on_error, skips):
@@ -161,6 +182,20 @@ class Skips:
 
     def to_json(self):
         return {"total": len(self), "by_reason": dict(self.counts), "rows": self.rows}
+
+
+def safe_name(text, limit=150):
+    """A file name (no folder) for a row id: kept as it is when already safe, else its unsafe
+    characters replaced and a digest of the id added, so ids that differ never share a file and
+    no id ("../../x", "/tmp/x") can place a file outside the output folder.
+      safe_name("seq-12") -> "seq-12";  safe_name("../a b") -> ".._a_b-<10 hex digits>"
+    """
+    import hashlib
+
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", str(text))[:limit]
+    if safe == str(text) and safe.strip(".") and not safe.startswith("."):
+        return safe
+    return f"{safe}-{hashlib.sha1(str(text).encode()).hexdigest()[:10]}"
 
 
 def row_rng(seed, row_id):
@@ -473,28 +508,78 @@ def set_threads(n):
 # images
 # ---------------------------------------------------------------------------------------------
 class ImageError(OSError):
-    """An image that is missing or cannot be decoded; the message names the path."""
+    """An image that is missing, too large or cannot be decoded; the message names the path."""
 
 
-def load_image(root, rel):
-    """Open `root/rel` as an RGB PIL image, EXIF orientation applied.
+class ImageMissing(ImageError):
+    """No file at the image's path."""
+
+
+MAX_IMAGE_PIXELS = [50_000_000]  # --max-image-pixels (set_max_image_pixels): refused before decoding
+
+
+def set_max_image_pixels(n):
+    """--max-image-pixels: refuse images of more than n pixels before decoding them (0: no limit).
+    A 20000x20000 PNG is 1.2 GB decoded; 50 MP (8660x5773) is far above any instruction-tuning
+    image. PIL's own decompression-bomb limit follows, so it never refuses first."""
+    from PIL import Image
+
+    MAX_IMAGE_PIXELS[0] = n
+    Image.MAX_IMAGE_PIXELS = n or None
+
+
+def add_image_flags(group):
+    group.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS[0], metavar="N",
+                       help="refuse (or with --on-error skip, count and skip) images of more than N pixels, "
+                            "before decoding them (0: no limit)")
+
+
+def open_image(root, rel, decode=True):
+    """Open `root/rel` -> an RGB PIL image, EXIF orientation applied (decode=False: only check it
+    -> its (width, height), reading the whole file but decoding no pixels where PIL can verify
+    the format: a truncated PNG fails here).
 
     Modes: RGBA/LA/transparent palette are composited on white (LLaVA's `.convert("RGB")` would
     show whatever colour hides under transparent pixels, often black); CMYK, P, L, 1, 16-bit and
-    float grayscale are converted. Raises ImageError naming the path when missing or unreadable.
+    float grayscale are converted. Every failure is an ImageError naming the path: missing, empty,
+    larger than --max-image-pixels, or whatever PIL raises on a bad file (OSError, ValueError,
+    SyntaxError, DecompressionBombError, struct.error, ...: a decoder meeting a hostile file
+    raises many kinds, and one bad image must never stop a run that skips bad rows).
     """
+    import warnings
+
     from PIL import Image, ImageOps
 
     path = Path(rel) if root is None or os.path.isabs(rel) else Path(root) / rel
     if not path.is_file():
-        raise ImageError(f"{path}: image not found")
+        raise ImageMissing(f"{path}: image not found")
+    limit = MAX_IMAGE_PIXELS[0]
     try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return _to_rgb(im)
-    except (OSError, ValueError, SyntaxError) as e:  # PIL signals corrupt files with all three
-        raise ImageError(f"{path}: cannot read image ({e})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below decides
+            with Image.open(path) as im:
+                w, h = im.size
+                if w < 1 or h < 1:
+                    raise ImageError(f"{path}: empty image ({w}x{h})")
+                if limit and w * h > limit:
+                    raise ImageError(f"{path}: image too large: {w}x{h} = {w * h / 1e6:.0f} MP > "
+                                     f"--max-image-pixels {limit}")
+                if not decode:
+                    im.verify()
+                    return w, h
+                im.load()
+                return _to_rgb(ImageOps.exif_transpose(im))
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{path}: image too large ({e})") from None
+    except Exception as e:  # noqa: BLE001  (see the docstring)
+        raise ImageError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+
+
+def load_image(root, rel):
+    """`root/rel` as an RGB PIL image (open_image); raises ImageError naming the path."""
+    return open_image(root, rel)
 
 
 def _to_rgb(im):

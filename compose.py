@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from common import MARKER, DataError, ImageError, Progress, check_llava_row, load_image, read_rows, row_rng, write_jsonl, write_sidecar
+from common import MARKER, DataError, add_image_flags, ImageError, ImageMissing, Progress, check_llava_row, open_image, read_rows, row_rng, write_jsonl, write_sidecar
 
 # ---------------------------------------------------------------------------------------------
 # source rows for stages 01-03: single-image LLaVA samples in, multi-image samples out
@@ -266,21 +266,14 @@ def load_sources(args, skips, parse):
 
 
 def check_image(root, rel, full=False):
-    """None if `root/rel` opens as an image (header only, or fully decoded with full=True), else a reason."""
-    from PIL import Image
-
-    path = Path(rel) if os.path.isabs(rel) else Path(root) / rel
-    if not path.is_file():
-        return f"missing image: {rel}"
+    """None if `root/rel` is a usable image, else the skip reason. Default: the header, the size
+    limit and PIL's format check (a truncated PNG fails; no pixels decoded); full=True decodes it."""
     try:
-        if full:
-            load_image(root, rel)
-        else:
-            with Image.open(path) as im:
-                if min(im.size) < 1:
-                    return f"unreadable image: {rel} (empty)"
-    except (ImageError, OSError, ValueError, SyntaxError) as e:
-        return f"unreadable image: {rel} ({e})"
+        open_image(root, rel, decode=full)
+    except ImageMissing:
+        return f"missing image: {rel}"
+    except ImageError as e:
+        return f"unreadable image: {rel} ({str(e).split(': ', 1)[-1]})"
     return None
 
 
@@ -378,7 +371,9 @@ def add_shared_args(p, image_out=None):
     s.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                    help="malformed line/row: stop naming file:line, or count and skip")
     s.add_argument("--verify", choices=("header", "full"), default="header",
-                   help="image check before use: read the header (fast), or decode fully (catches truncated files)")
+                   help="image check before use: header, size and the format's own check without decoding "
+                        "(fast; catches truncated PNGs), or decode fully (catches every broken file)")
+    add_image_flags(s)
     return m
 
 
