@@ -74,7 +74,7 @@ def make_sequence(src, pools, weights, rng, same_subset=True, first_turn_only=Fa
 # ---- plumbing ----
 def main(args):
     t0 = time.time()
-    common.set_max_image_pixels(args.max_image_pixels)
+    common.set_image_policy(args.max_image_pixels, args.allow_outside_root)
     try:
         weights = parse_counts(args.counts, allowed={2, 3, 4, 5})
     except ValueError as e:

@@ -187,7 +187,7 @@ def render(item, image_root, image_out, quality):
 
 def main(args):
     t0 = time.time()
-    common.set_max_image_pixels(args.max_image_pixels)
+    common.set_image_policy(args.max_image_pixels, args.allow_outside_root)
     weights = compose.parse_counts(args.counts, allowed=set(LAYOUTS))
     get_font()  # fail before any work if the font cannot render
     skips = Skips()

@@ -95,7 +95,7 @@ def render(item, image_root, image_out, quality, scale):
 
 def main(args):
     t0 = time.time()
-    common.set_max_image_pixels(args.max_image_pixels)
+    common.set_image_policy(args.max_image_pixels, args.allow_outside_root)
     skips = Skips()
     sources, n_read = compose.load_sources(args, skips, partial(compose.composite_turns, max_answer_chars=args.max_answer_chars,
                                                                 keep_boxes=args.keep_boxes))

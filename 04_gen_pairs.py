@@ -443,7 +443,7 @@ def summarise(cands):
 def main(args):
     t0 = time.time()
     common.set_threads(args.threads)
-    common.set_max_image_pixels(args.max_image_pixels)
+    common.set_image_policy(args.max_image_pixels, args.allow_outside_root)
     items = load_items(args)
     out, cands_path, viz_dir = output_paths(args)
     model, processor = vlm.load_model(args.model, dtype=args.dtype, device=vlm.pick_device(args.device),

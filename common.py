@@ -515,23 +515,45 @@ class ImageMissing(ImageError):
     """No file at the image's path."""
 
 
-MAX_IMAGE_PIXELS = [50_000_000]  # --max-image-pixels (set_max_image_pixels): refused before decoding
+class ImageOutside(ImageError):
+    """A path that leads outside --image-root ("../x.png", "/etc/x.png") without --allow-outside-root."""
 
 
-def set_max_image_pixels(n):
-    """--max-image-pixels: refuse images of more than n pixels before decoding them (0: no limit).
-    A 20000x20000 PNG is 1.2 GB decoded; 50 MP (8660x5773) is far above any instruction-tuning
-    image. PIL's own decompression-bomb limit follows, so it never refuses first."""
+IMAGE_POLICY = {"max_pixels": 50_000_000, "outside_root": False}  # set once per run by set_image_policy
+
+
+def set_image_policy(max_pixels=50_000_000, outside_root=False):
+    """The run's image flags (add_image_flags), for every open_image of this process.
+    --max-image-pixels: refuse images of more than N pixels before decoding them (0: no limit). A
+    20000x20000 PNG is 1.2 GB decoded; 50 MP (8660x5773) is far above any instruction-tuning image.
+    PIL's own decompression-bomb limit follows, so it never refuses first.
+    --allow-outside-root: read paths that lead outside --image-root (absolute, or through "..");
+    by default such a row is refused, so a row cannot make a stage read any file on the machine."""
     from PIL import Image
 
-    MAX_IMAGE_PIXELS[0] = n
-    Image.MAX_IMAGE_PIXELS = n or None
+    IMAGE_POLICY.update(max_pixels=max_pixels, outside_root=outside_root)
+    Image.MAX_IMAGE_PIXELS = max_pixels or None
 
 
 def add_image_flags(group):
-    group.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS[0], metavar="N",
+    group.add_argument("--max-image-pixels", type=int, default=IMAGE_POLICY["max_pixels"], metavar="N",
                        help="refuse (or with --on-error skip, count and skip) images of more than N pixels, "
                             "before decoding them (0: no limit)")
+    group.add_argument("--allow-outside-root", action="store_true",
+                       help="read image paths that lead outside --image-root (absolute, or through ..); refused by default")
+
+
+def image_path(root, rel):
+    """root/rel, checked: a path leading outside `root` raises ImageOutside unless --allow-outside-root.
+    Lexical (symlinks inside the root that point elsewhere are fine, as datasets often use them)."""
+    if root is None:
+        return Path(rel)
+    path = Path(rel) if os.path.isabs(rel) else Path(root) / rel
+    inside = os.path.normpath(path) == os.path.normpath(root) or os.path.normpath(path).startswith(
+        os.path.join(os.path.normpath(root), ""))
+    if not inside and not IMAGE_POLICY["outside_root"]:
+        raise ImageOutside(f"{rel}: image path outside --image-root {root} (--allow-outside-root reads it)")
+    return path
 
 
 def open_image(root, rel, decode=True):
@@ -550,10 +572,10 @@ def open_image(root, rel, decode=True):
 
     from PIL import Image, ImageOps
 
-    path = Path(rel) if root is None or os.path.isabs(rel) else Path(root) / rel
+    path = image_path(root, rel)
     if not path.is_file():
         raise ImageMissing(f"{path}: image not found")
-    limit = MAX_IMAGE_PIXELS[0]
+    limit = IMAGE_POLICY["max_pixels"]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below decides

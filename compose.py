@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from common import MARKER, DataError, add_image_flags, ImageError, ImageMissing, Progress, check_llava_row, open_image, read_rows, row_rng, write_jsonl, write_sidecar
+from common import MARKER, DataError, add_image_flags, ImageError, ImageMissing, ImageOutside, Progress, check_llava_row, open_image, read_rows, row_rng, write_jsonl, write_sidecar
 
 # ---------------------------------------------------------------------------------------------
 # source rows for stages 01-03: single-image LLaVA samples in, multi-image samples out
@@ -272,6 +272,8 @@ def check_image(root, rel, full=False):
         open_image(root, rel, decode=full)
     except ImageMissing:
         return f"missing image: {rel}"
+    except ImageOutside:
+        return f"image outside --image-root: {rel} (--allow-outside-root reads it)"
     except ImageError as e:
         return f"unreadable image: {rel} ({str(e).split(': ', 1)[-1]})"
     return None
@@ -349,6 +351,10 @@ def resolve_paths(args, name, image_dir=None):
         sys.exit("--out would overwrite --data; inputs are never modified")
     if image_dir is not None and getattr(a, "image_out", None) is None:
         a.image_out = Path(a.image_root) / image_dir
+    if image_dir is not None and not a.allow_outside_root and not Path(a.image_out).resolve().is_relative_to(
+            Path(a.image_root).resolve()):
+        sys.exit(f"--image-out {a.image_out} is outside --image-root {a.image_root}: the rows would name images "
+                 "outside the root, which later stages refuse; add --allow-outside-root here and there to mean it")
     return a
 
 def add_shared_args(p, image_out=None):

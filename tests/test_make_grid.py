@@ -144,7 +144,8 @@ def test_deterministic_across_workers_and_input_order(ds, tmp_path):
 
 def test_a_crash_never_leaves_rows_pointing_at_missing_images(ds, tmp_path, monkeypatch):
     out, image_out = tmp_path / "g.jsonl", tmp_path / "imgs"
-    argv = ["--data", str(ds["data"]), "--image-root", str(ds["root"]), "--out", str(out), "--image-out", str(image_out)]
+    argv = ["--data", str(ds["data"]), "--image-root", str(ds["root"]), "--out", str(out), "--image-out", str(image_out),
+            "--allow-outside-root"]  # collages outside the image root: rows name them by absolute path
     grid.main(grid.get_args(argv))
     before = out.read_bytes()
     calls = []
