@@ -103,7 +103,8 @@ def since(start):
 def run_stage(data, image_root, out_dir, workers, extra=()):
     out_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "02_make_grid.py", "--data", str(data), "--image-root", str(image_root),
-           "--out", str(out_dir / "grid.jsonl"), "--image-out", str(out_dir / "img"), "--workers", str(workers), *extra]
+           "--out", str(out_dir / "grid.jsonl"), "--image-out", str(out_dir / "img"), "--allow-outside-root",
+           "--workers", str(workers), *extra]
     t = clocks()
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
     return since(t)
