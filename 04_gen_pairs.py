@@ -446,34 +446,35 @@ def main(args):
     common.set_image_policy(args.max_image_pixels, args.allow_outside_root)
     items = load_items(args)
     out, cands_path, viz_dir = output_paths(args)
-    model, processor = vlm.load_model(args.model, dtype=args.dtype, device=vlm.pick_device(args.device),
-                                      max_image_tokens=args.max_image_tokens)
-    install_probe(model)
-    layer = default_layer(model) if args.layer is None else args.layer
-    if layer not in attention_layers(model):
-        raise SystemExit(f"04_gen_pairs: --layer {layer} is not a softmax-attention layer of this model "
-                         f"(those are {attention_layers(model)})")
-    ref_model = {"path": str(args.model), "fingerprint": vlm.model_fingerprint(model),
-                 "image_settings": vlm.image_settings_id(processor)}  # 06 refuses other image settings
-    viz_ids = {it["id"] for f in FORMATS for it in [x for x in items if x["format"] == f][:args.viz]}
-    thresholds = parse_thresholds(args.threshold)
-    ctx = {"layer": layer, "boxes": {}, "thresholds": thresholds, "ref_model": ref_model, "viz_ids": viz_ids}
-    config = resume_config(args, layer, ref_model, thresholds)
-    batches = make_batches(items, args.batch_size)
-    partial = common.ResumeFile(str(cands_path) + ".partial", config, key="i")
-    partial.keep([i for b in batches if all(i in partial.done for i in b) for i in b])  # whole batches only
-    by_i = {it["i"]: it for it in items}
-    todo = [b for b in batches if not all(i in partial.done for i in b)]
-    n_sel = sum(r["candidate"]["selected"] for r in partial.done.values())
-    with common.Progress(len(items), "04 pairs", initial=len(partial.done)) as bar:
-        for b in todo:
-            recs, viz = run_batch(model, processor, [by_i[i] for i in b], args, ctx)
-            partial.add(recs)
-            for it, ims, maps, boxes, cand in viz:
-                save_viz(viz_dir / f"{common.safe_name(it['id'])}.png", ims, maps, boxes, cand)
-            n_sel += sum(r["candidate"]["selected"] for r in recs)
-            bar.update(len(recs), pairs=n_sel, yld=f"{n_sel / len(partial.done):.1%}")
-    return finish(args, items, partial, layer, ref_model, t0, out, cands_path)
+    with common.output_lock(out):  # a second 04 on the same --out stops here, before any work
+        model, processor = vlm.load_model(args.model, dtype=args.dtype, device=vlm.pick_device(args.device),
+                                          max_image_tokens=args.max_image_tokens)
+        install_probe(model)
+        layer = default_layer(model) if args.layer is None else args.layer
+        if layer not in attention_layers(model):
+            raise SystemExit(f"04_gen_pairs: --layer {layer} is not a softmax-attention layer of this model "
+                             f"(those are {attention_layers(model)})")
+        ref_model = {"path": str(args.model), "fingerprint": vlm.model_fingerprint(model),
+                     "image_settings": vlm.image_settings_id(processor)}  # 06 refuses other image settings
+        viz_ids = {it["id"] for f in FORMATS for it in [x for x in items if x["format"] == f][:args.viz]}
+        thresholds = parse_thresholds(args.threshold)
+        ctx = {"layer": layer, "boxes": {}, "thresholds": thresholds, "ref_model": ref_model, "viz_ids": viz_ids}
+        config = resume_config(args, layer, ref_model, thresholds)
+        batches = make_batches(items, args.batch_size)
+        partial = common.ResumeFile(str(cands_path) + ".partial", config, key="i")
+        partial.keep([i for b in batches if all(i in partial.done for i in b) for i in b])  # whole batches only
+        by_i = {it["i"]: it for it in items}
+        todo = [b for b in batches if not all(i in partial.done for i in b)]
+        n_sel = sum(r["candidate"]["selected"] for r in partial.done.values())
+        with common.Progress(len(items), "04 pairs", initial=len(partial.done)) as bar:
+            for b in todo:
+                recs, viz = run_batch(model, processor, [by_i[i] for i in b], args, ctx)
+                partial.add(recs)
+                for it, ims, maps, boxes, cand in viz:
+                    save_viz(viz_dir / f"{common.safe_name(it['id'])}.png", ims, maps, boxes, cand)
+                n_sel += sum(r["candidate"]["selected"] for r in recs)
+                bar.update(len(recs), pairs=n_sel, yld=f"{n_sel / len(partial.done):.1%}")
+        return finish(args, items, partial, layer, ref_model, t0, out, cands_path)
 
 
 def output_paths(args):

@@ -139,6 +139,9 @@ def load_pairs(paths):
             if not isinstance(row.get("mia"), dict) or "format" not in row["mia"]:
                 raise DataError(path, line, "mia.format", "missing: 05 reads the pairs 04_gen_pairs.py writes")
             pairs.append(row)
+    if not pairs:  # an empty shard can happen; nothing at all is a mistake upstream, not "0 kept"
+        raise DataError(paths[0] if len(paths) == 1 else ", ".join(map(str, paths)), None, None,
+                        "no pairs to select from (04_gen_pairs.py writes them; did it find no wrong answer?)")
     return pairs
 
 

@@ -262,6 +262,34 @@ def write_jsonl(path, rows):
     return n
 
 
+@contextlib.contextmanager
+def output_lock(out):
+    """Hold `out` (a file or folder a stage writes) for this process: a second process given the
+    same output stops at once with a message, instead of both doing all the work and overwriting
+    each other. An OS lock (flock) on a small file beside it, released when the process ends
+    however it ends, so a killed run leaves nothing to clean up."""
+    import fcntl
+
+    out = Path(out)
+    lock = out / ".lock" if out.is_dir() else out.with_name(f".{out.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise SystemExit(f"{out}: another process is writing it ({f.read().strip() or 'pid unknown'}, "
+                             f"lock {lock}); wait for it to end or choose another output") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+
 def sidecar_path(out_path):
     return Path(str(out_path) + ".meta.json")
 
