@@ -1,0 +1,225 @@
+"""Hostile but realistic input, through the command line: every case gives one clear line naming
+the file (and line or field where it has one), or a counted skip with its reason; no input
+changes; nothing is written outside the stage's outputs. docs/faults.md is the table of cases.
+
+Each test runs the stage as a user would (a subprocess in a folder of its own) and checks the
+whole folder before and after with `Workspace`.
+"""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import common
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Workspace:
+    """A folder for one case: `snapshot()` before the run, `changed()` after -> the paths written,
+    created or removed since (relative to the folder)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.before = {}
+
+    def _files(self):
+        out = {}
+        for dirpath, _, files in os.walk(self.path):
+            for f in files:
+                p = Path(dirpath) / f
+                out[p.relative_to(self.path).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
+        return out
+
+    def snapshot(self):
+        self.before = self._files()
+
+    def changed(self):
+        after = self._files()
+        return {p for p in set(self.before) | set(after) if self.before.get(p) != after.get(p)}
+
+    def assert_only(self, *prefixes):
+        """Every change is under one of `prefixes` (outputs); inputs are byte-identical."""
+        stray = sorted(p for p in self.changed() if not p.startswith(prefixes))
+        assert not stray, f"written outside the outputs {prefixes}: {stray}"
+
+
+def stage(script, *argv, cwd):
+    """Run a stage as a user would -> CompletedProcess (stdout and stderr as text)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, argv)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def last_line(run):
+    return (run.stderr.strip() or run.stdout.strip()).splitlines()[-1]
+
+
+def llava_rows(ws, n=8, extra=()):
+    """A small LLaVA-format set in ws/images + ws/in.jsonl (n good rows + `extra` rows)."""
+    (ws / "images" / "a").mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        Image.new("RGB", (32, 32), (30 * i, 200 - 20 * i, 90)).save(ws / "images" / "a" / f"{i}.png")
+        rows.append({"id": f"r{i}", "image": f"a/{i}.png",
+                     "conversations": [{"from": "human", "value": "<image>\nWhat color is it?"},
+                                       {"from": "gpt", "value": f"color {i}"}]})
+    rows += list(extra)
+    common.write_jsonl(ws / "in.jsonl", rows)
+    return rows
+
+
+def row(rid, image):
+    return {"id": rid, "image": image, "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
+                                                         {"from": "gpt", "value": "x"}]}
+
+
+def sidecar(path):
+    return json.loads(Path(str(path) + ".meta.json").read_text())
+
+
+# ---- images --------------------------------------------------------------------------------
+def test_decompression_bomb_is_a_counted_skip_in_01_02_03(tmp_path):
+    llava_rows(tmp_path, extra=[row("bomb", "a/bomb.png"), row("big", "a/big.png")])
+    Image.new("1", (20000, 20000)).save(tmp_path / "images" / "a" / "bomb.png")  # PIL refuses it (> 179 MP)
+    Image.new("1", (9000, 9000)).save(tmp_path / "images" / "a" / "big.png")  # 81 MP > --max-image-pixels
+    ws = Workspace(tmp_path)
+    ws.snapshot()
+    for script, out in (("01_make_sequence.py", "seq.jsonl"), ("02_make_grid.py", "grid.jsonl"),
+                        ("03_make_pip.py", "pip.jsonl")):
+        run = stage(script, "--data", "in.jsonl", "--image-root", "images", "--out", out, "--recipe", "toy",
+                    cwd=tmp_path)
+        assert run.returncode == 0, run.stderr
+        skipped = {r["id"]: r["reason"] for r in sidecar(tmp_path / out)["skipped"]["rows"]}
+        assert "image too large" in skipped["bomb"] and "a/bomb.png" in skipped["bomb"], skipped
+        assert "9000x9000" in skipped["big"] and "--max-image-pixels" in skipped["big"], skipped
+    ws.assert_only("seq.jsonl", "grid.jsonl", "pip.jsonl", "images/mia_grid/", "images/mia_pip/")
+    run = stage("01_make_sequence.py", "--data", "in.jsonl", "--image-root", "images", "--out", "seq2.jsonl",
+                "--recipe", "toy", "--max-image-pixels", "0", cwd=tmp_path)  # 0: no limit (PIL's lifted too)
+    assert run.returncode == 0 and sidecar(tmp_path / "seq2.jsonl")["skipped"]["rows"] == []
+
+
+def test_truncated_png_is_caught_by_the_default_check(tmp_path):
+    llava_rows(tmp_path, extra=[row("cut", "a/cut.png")])
+    Image.effect_noise((64, 64), 60).save(tmp_path / "images" / "a" / "full.png")
+    data = (tmp_path / "images" / "a" / "full.png").read_bytes()
+    (tmp_path / "images" / "a" / "cut.png").write_bytes(data[: len(data) // 2])
+    run = stage("01_make_sequence.py", "--data", "in.jsonl", "--image-root", "images", "--out", "seq.jsonl",
+                "--recipe", "toy", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    skipped = {r["id"]: r["reason"] for r in sidecar(tmp_path / "seq.jsonl")["skipped"]["rows"]}
+    assert skipped["cut"].startswith("unreadable image: a/cut.png")
+
+
+@pytest.mark.parametrize("path", ["../../outside.png", "ABSOLUTE"])
+def test_image_path_outside_the_root_is_refused_unless_allowed(tmp_path, path):
+    (tmp_path / "w").mkdir()
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "outside.png")
+    path = str(tmp_path / "outside.png") if path == "ABSOLUTE" else path
+    llava_rows(tmp_path / "w", extra=[row("escape", path)])
+    run = stage("01_make_sequence.py", "--data", "in.jsonl", "--image-root", "images", "--out", "seq.jsonl",
+                "--recipe", "toy", cwd=tmp_path / "w")
+    skipped = {r["id"]: r["reason"] for r in sidecar(tmp_path / "w" / "seq.jsonl")["skipped"]["rows"]}
+    assert run.returncode == 0 and skipped["escape"].startswith("image outside --image-root"), skipped
+    run = stage("01_make_sequence.py", "--data", "in.jsonl", "--image-root", "images", "--out", "seq.jsonl",
+                "--recipe", "toy", "--allow-outside-root", cwd=tmp_path / "w")
+    assert run.returncode == 0 and "escape" not in {r["id"] for r in sidecar(tmp_path / "w" / "seq.jsonl")["skipped"]["rows"]}
+
+
+def test_image_out_outside_the_root_needs_the_flag(tmp_path):
+    llava_rows(tmp_path)
+    ws = Workspace(tmp_path)
+    ws.snapshot()
+    run = stage("02_make_grid.py", "--data", "in.jsonl", "--image-root", "images", "--out", "g.jsonl",
+                "--image-out", "collages", "--recipe", "toy", cwd=tmp_path)
+    assert run.returncode != 0 and "--image-out collages is outside --image-root images" in last_line(run)
+    ws.assert_only()  # nothing at all written
+
+
+# ---- text ----------------------------------------------------------------------------------
+def test_non_utf8_byte_names_file_and_line_and_is_skippable_in_jsonl(tmp_path):
+    rows = llava_rows(tmp_path)
+    lines = [json.dumps(r).encode() for r in rows]
+    lines[3] = lines[3].replace(b"color 3", b"colour caf\xe9")  # Latin-1, as an old export writes it
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    ws = Workspace(tmp_path)
+    ws.snapshot()
+    run = stage("01_make_sequence.py", "--data", "in.jsonl", "--image-root", "images", "--out", "seq.jsonl",
+                "--recipe", "toy", cwd=tmp_path)
+    column = lines[3].index(b"\xe9") + 1
+    assert run.returncode != 0 and last_line(run) == ("01_make_sequence.py: in.jsonl:4: not UTF-8: byte 0xe9 at "
+                                                      f"column {column} (save the file as UTF-8)")
+    ws.assert_only()
+    run = stage("01_make_sequence.py", "--data", "in.jsonl", "--image-root", "images", "--out", "seq.jsonl",
+                "--recipe", "toy", "--on-error", "skip", cwd=tmp_path)
+    meta = sidecar(tmp_path / "seq.jsonl")
+    assert run.returncode == 0 and meta["counts"]["rows_written"] == 7
+    assert meta["skipped"]["rows"][0]["line"] == 4 and "not UTF-8" in meta["skipped"]["rows"][0]["reason"]
+    ws.assert_only("seq.jsonl")
+
+
+def test_non_utf8_byte_in_a_json_list_names_its_line(tmp_path):
+    rows = llava_rows(tmp_path)
+    text = json.dumps(rows, indent=1).encode().replace(b'"color 5"', b'"caf\xe9"')
+    (tmp_path / "in.json").write_bytes(text)
+    line = text[: text.index(b"\xe9")].count(b"\n") + 1
+    run = stage("01_make_sequence.py", "--data", "in.json", "--image-root", "images", "--out", "seq.jsonl",
+                "--recipe", "toy", "--on-error", "skip", cwd=tmp_path)  # a list cannot be read past it
+    assert run.returncode != 0 and last_line(run).startswith(f"01_make_sequence.py: in.json:{line}: not UTF-8")
+
+
+def test_05_on_an_empty_pair_file_says_so(tmp_path):
+    (tmp_path / "pairs.jsonl").write_text("")
+    run = stage("05_post_select.py", "--data", "pairs.jsonl", "--out", "post.jsonl", cwd=tmp_path)
+    assert run.returncode != 0 and last_line(run).startswith("05_post_select.py: pairs.jsonl: no pairs to select from")
+    assert not (tmp_path / "post.jsonl").exists()
+
+
+# ---- 04: a model on hostile rows -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def seq_world(toy_tiny, tmp_path_factory):
+    """A copy of the tiny toy world's images and model, and a few sequence rows from 01."""
+    ws = tmp_path_factory.mktemp("faults04")
+    shutil.copytree(Path(toy_tiny) / "data" / "toy" / "images", ws / "images")
+    shutil.copytree(Path(toy_tiny) / "models" / "toy-llava", ws / "model")
+    shutil.copy(Path(toy_tiny) / "data" / "toy" / "train.json", ws / "train.json")
+    run = stage("01_make_sequence.py", "--data", "train.json", "--image-root", "images", "--out", "seq.jsonl",
+                "--recipe", "toy", "--limit", "6", cwd=ws)
+    assert run.returncode == 0, run.stderr
+    return ws
+
+
+@pytest.mark.slow
+def test_04_viz_file_names_cannot_escape_and_bombs_are_counted(seq_world, tmp_path):
+    ws = tmp_path / "w"
+    shutil.copytree(seq_world, ws)
+    rows = [json.loads(x) for x in (ws / "seq.jsonl").read_text().splitlines()]
+    rows[0]["id"], rows[1]["id"] = "../../../escaped-viz", str(tmp_path / "abs-viz")
+    Image.new("1", (20000, 20000)).save(ws / "images" / "bomb.png")
+    rows[2]["image"][0] = "bomb.png"
+    common.write_jsonl(ws / "seq.jsonl", rows)
+    before = Workspace(tmp_path)
+    before.snapshot()
+    run = stage("04_gen_pairs.py", "--data", "seq.jsonl", "--image-root", "images", "--model", "model",
+                "--out", "out/pairs.jsonl", "--viz", "6", cwd=ws)
+    assert run.returncode == 0, run.stderr
+    before.assert_only("w/out/")
+    assert len(list((ws / "out" / "pairs.viz").glob("*.png"))) == 5  # the bomb row has no picture
+    cands = {c["id"]: c for c in map(json.loads, (ws / "out" / "pairs.candidates.jsonl").read_text().splitlines())}
+    assert cands[rows[2]["id"]]["reason"].startswith("unreadable image") and "too large" in cands[rows[2]["id"]]["reason"]
+
+
+@pytest.mark.slow
+def test_a_second_04_on_the_same_out_stops_at_once(seq_world, tmp_path):
+    out = seq_world / "locked" / "pairs.jsonl"
+    with common.output_lock(out):  # a first run holding it
+        run = stage("04_gen_pairs.py", "--data", "seq.jsonl", "--image-root", "images", "--model", "model",
+                    "--out", out, cwd=seq_world)
+    assert run.returncode != 0 and "another process is writing it" in last_line(run) and f"pid {os.getpid()}" in last_line(run)
+    assert not out.exists() and not list(out.parent.glob("*.partial"))
