@@ -173,16 +173,19 @@ def get_font():
 
 
 def render(item, image_root, image_out, quality):
-    """Worker: load the cell images, compose, save -> (pasted boxes, None) or (None, skip reason)."""
+    """Worker: load the cell images, compose, save -> ((pasted boxes, None) or (None, skip reason),
+    the companion that failed to decode or None)."""
     images = []
     for p in item["cells"]:
         try:
             images.append(load_image(image_root, p))
         except ImageError as e:
-            return None, f"{'unreadable image' if p in item['source_images'] else 'unreadable companion'}: {e}"
+            if p in item["source_images"]:
+                return (None, f"unreadable image: {e}"), None
+            return None, p  # drawn again by plan_and_render
     canvas, pasted = compose_grid(images, get_font())
     compose.save_jpeg(canvas, Path(image_out) / item["file"], quality)
-    return pasted, None
+    return (pasted, None), None
 
 
 def main(args):
@@ -193,31 +196,25 @@ def main(args):
     skips = Skips()
     sources, n_read = compose.load_sources(args, skips, partial(compose.composite_turns, max_answer_chars=args.max_answer_chars,
                                                                 keep_boxes=args.keep_boxes))
-    pools = compose.build_pools(sources)
     max_group = min(3, max(n for n, w in weights.items() if w > 0))
-    groups = group_sources([s.id for s in sources], [s.image for s in sources], args.merge, args.seed, max_group)
-    items = []
-    for g in groups:
-        srcs = [sources[i] for i in g]
-        gid = "_".join(s.id for s in srcs)
-        try:
-            item = plan_grid(srcs, pools, weights, row_rng(args.seed, gid), args.companions == "subset", args.first_turn_only)
-        except compose.SkipRow as e:
-            for s in srcs:
-                skips.add(s.id, str(e), args.data, s.line)
-            continue
-        item["file"] = compose.file_name(item["id"], item["cells"], args.jpeg_quality, CELL, GAP) + ".jpg"
-        item["srcs"] = srcs
-        items.append(item)
+    groups = [[sources[i] for i in g] for g in group_sources([s.id for s in sources], [s.image for s in sources],
+                                                             args.merge, args.seed, max_group)]
+
+    def plan(srcs, pools, rng):
+        item = plan_grid(srcs, pools, weights, rng, args.companions == "subset", args.first_turn_only)
+        return {**item, "file": compose.file_name(item["id"], item["cells"], args.jpeg_quality, CELL, GAP) + ".jpg"}
+
     Path(args.image_out).mkdir(parents=True, exist_ok=True)
-    work = [{k: it[k] for k in ("cells", "source_images", "file")} for it in items]
-    results = compose.run_parallel(partial(render, image_root=args.image_root, image_out=args.image_out,
-                                       quality=args.jpeg_quality), work, args.workers, "collages")
+    done = compose.plan_and_render(groups, lambda srcs: "_".join(s.id for s in srcs), plan,
+                                   partial(render, image_root=args.image_root, image_out=args.image_out,
+                                           quality=args.jpeg_quality), compose.build_pools(sources), args.seed,
+                                   args.workers, "collages")
     ref = compose.image_ref(args.image_out, args.image_root)
     rows, n_fallback, n_images = [], 0, {}
-    for item, (pasted, err) in zip(items, results):
+    for srcs, (item, out) in zip(groups, done):
+        pasted, err = (None, str(out)) if item is None else out
         if err:
-            for s in item["srcs"]:
+            for s in srcs:
                 skips.add(s.id, err, args.data, s.line)
             continue
         size, cells = grid_geometry(item["n"])
@@ -226,7 +223,7 @@ def main(args):
                "companions": [p for p in item["cells"] if p not in item["source_images"]],
                "cell_images": item["cells"], "size": list(size), "cells": [list(c) for c in cells],
                "pasted": [list(b) for b in pasted], "companions_fallback": item["fell_back"]}
-        rows.append(compose.output_row(item["id"], [f"{ref}/{item['file']}"], item["turns"], item["srcs"][0].row, mia))
+        rows.append(compose.output_row(item["id"], [f"{ref}/{item['file']}"], item["turns"], srcs[0].row, mia))
         n_fallback += item["fell_back"]
         n_images[item["n"]] = n_images.get(item["n"], 0) + 1
     counts = {"rows_read": n_read, "rows_written": len(rows), "sources_used": sum(len(r["mia"]["sources"]) for r in rows),

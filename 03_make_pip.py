@@ -34,7 +34,7 @@ from PIL import Image
 
 import common
 import compose
-from common import ImageError, Skips, load_image, row_rng
+from common import ImageError, Skips, load_image
 
 
 
@@ -79,18 +79,19 @@ def plan_pip(src, pools, rng, same_subset=False, first_turn_only=False):
 
 # ---- plumbing ----
 def render(item, image_root, image_out, quality, scale):
-    """Worker: load target and background, compose, save -> (inset box, size, None) or (None, None, reason)."""
+    """Worker: load target and background, compose, save -> ((inset box, size, None) or (None,
+    None, skip reason), the background if it failed to decode, else None)."""
     try:
         target = load_image(image_root, item["target"])
     except ImageError as e:
-        return None, None, f"unreadable image: {e}"
+        return (None, None, f"unreadable image: {e}"), None
     try:
         background = load_image(image_root, item["background"])
-    except ImageError as e:
-        return None, None, f"unreadable companion: {e}"
+    except ImageError:
+        return None, item["background"]  # drawn again by plan_and_render
     canvas, box = compose_pip(target, background, scale)
     compose.save_jpeg(canvas, Path(image_out) / item["file"], quality)
-    return box, canvas.size, None
+    return (box, canvas.size, None), None
 
 
 def main(args):
@@ -99,25 +100,21 @@ def main(args):
     skips = Skips()
     sources, n_read = compose.load_sources(args, skips, partial(compose.composite_turns, max_answer_chars=args.max_answer_chars,
                                                                 keep_boxes=args.keep_boxes))
-    pools = compose.build_pools(sources)
-    items = []
-    for src in sources:
-        try:
-            item = plan_pip(src, pools, row_rng(args.seed, src.id), args.companions == "subset", args.first_turn_only)
-        except compose.SkipRow as e:
-            skips.add(src.id, str(e), args.data, src.line)
-            continue
-        item["file"] = compose.file_name(item["id"], item["target"], item["background"], args.scale, args.jpeg_quality) + ".jpg"
-        item["src"] = src
-        items.append(item)
+
+    def plan(src, pools, rng):
+        item = plan_pip(src, pools, rng, args.companions == "subset", args.first_turn_only)
+        name = compose.file_name(item["id"], item["target"], item["background"], args.scale, args.jpeg_quality)
+        return {**item, "file": name + ".jpg"}
+
     Path(args.image_out).mkdir(parents=True, exist_ok=True)
-    work = [{k: it[k] for k in ("target", "background", "file")} for it in items]
-    results = compose.run_parallel(partial(render, image_root=args.image_root, image_out=args.image_out,
-                                       quality=args.jpeg_quality, scale=args.scale), work, args.workers, "pic-in-pic")
+    done = compose.plan_and_render(sources, lambda src: src.id, plan,
+                                   partial(render, image_root=args.image_root, image_out=args.image_out,
+                                           quality=args.jpeg_quality, scale=args.scale),
+                                   compose.build_pools(sources), args.seed, args.workers, "pic-in-pic")
     ref = compose.image_ref(args.image_out, args.image_root)
     rows, n_fallback = [], 0
-    for item, (box, size, err) in zip(items, results):
-        src = item["src"]
+    for src, (item, out) in zip(sources, done):
+        box, size, err = (None, None, str(out)) if item is None else out
         if err:
             skips.add(src.id, err, args.data, src.line)
             continue

@@ -8,7 +8,8 @@ compose.py — what stages 01-03 share to turn single-image LLaVA samples into m
             composites)
   images  : build_pools / draw_companions (companions from the same sub-dataset), fit,
             file_name, save_jpeg (atomic), image_ref
-  plumbing: run_parallel, resolve_paths, add_shared_args / add_source_flags, output_row, finish
+  plumbing: run_parallel, plan_and_render (a companion that fails to decode is drawn again),
+            resolve_paths, add_shared_args / add_source_flags, output_row, finish
 
 The stages keep their own method: 01 the sequence, 02 the grid geometry, 03 the inset.
 """
@@ -307,6 +308,38 @@ def run_parallel(fn, items, workers=1, desc=None):
             pool.close()
             pool.join()
     return out
+
+
+def plan_and_render(units, key, plan, render, pools, seed, workers=1, desc=None):
+    """Plan every unit (a source, or a group of sources) with its own draws, render the plans over
+    `workers` processes -> [(plan, rendered) or (None, SkipRow)] in unit order.
+
+    `plan(unit, pools, rng)` -> a plan dict (or raises SkipRow); `render(plan)` -> (rendered,
+    companion), where `companion` names a companion image that passed the check before use but
+    fails to decode (a truncated JPEG does). Such an image leaves the pools and only the units
+    that drew it are planned again, from draws of their own (row_rng(seed, "<key>:redraw<k>")):
+    a bad companion never costs good rows, and the output stays independent of order and workers.
+    """
+    done, todo, bad = {}, list(range(len(units))), set()
+    for k in range(len(units) + 1):  # each round removes at least one image: this ends
+        if not todo:
+            break
+        plans = {}
+        for i in todo:
+            try:
+                plans[i] = plan(units[i], pools, row_rng(seed, key(units[i]) if k == 0 else f"{key(units[i])}:redraw{k}"))
+            except SkipRow as e:
+                done[i] = (None, e)
+        order = sorted(plans)
+        todo = []
+        for i, (rendered, companion) in zip(order, run_parallel(render, [plans[i] for i in order], workers, desc)):
+            if companion is None:
+                done[i] = (plans[i], rendered)
+            else:
+                bad.add(companion)
+                todo.append(i)
+        pools = {s: [p for p in ps if p not in bad] for s, ps in pools.items()}
+    return [done[i] for i in range(len(units))]
 
 
 def file_name(row_id, *parts):

@@ -117,6 +117,27 @@ def test_truncated_png_is_caught_by_the_default_check(tmp_path):
     assert skipped["cut"].startswith("unreadable image: a/cut.png")
 
 
+@pytest.mark.parametrize("script", ["02_make_grid.py", "03_make_pip.py"])
+def test_a_companion_that_fails_to_decode_is_drawn_again(tmp_path, script):
+    llava_rows(tmp_path, n=12, extra=[row("cut", "a/cut.jpg")])
+    Image.effect_noise((256, 256), 60).convert("RGB").save(tmp_path / "full.jpg", quality=90)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "images" / "a" / "cut.jpg").write_bytes(data[: len(data) // 2])  # passes the check before use
+    outs = []
+    for workers in (1, 2):
+        run = stage(script, "--data", "in.jsonl", "--image-root", "images", "--out", f"o{workers}.jsonl",
+                    "--recipe", "toy", "--counts" if script == "02_make_grid.py" else "--scale",
+                    "9" if script == "02_make_grid.py" else "0.7", "--workers", workers, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr
+        meta = sidecar(tmp_path / f"o{workers}.jsonl")
+        # its own row is the only one lost: every row that drew it as a companion drew another
+        assert {r["id"]: r["reason"].split(":")[0] for r in meta["skipped"]["rows"]} == {"cut": "unreadable image"}
+        rows = [json.loads(x) for x in (tmp_path / f"o{workers}.jsonl").read_text().splitlines()]
+        assert len(rows) == 12 and all("a/cut.jpg" not in r["mia"]["companions"] for r in rows)
+        outs.append((tmp_path / f"o{workers}.jsonl").read_bytes())
+    assert outs[0] == outs[1]
+
+
 @pytest.mark.parametrize("path", ["../../outside.png", "ABSOLUTE"])
 def test_image_path_outside_the_root_is_refused_unless_allowed(tmp_path, path):
     (tmp_path / "w").mkdir()
