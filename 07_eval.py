@@ -14,7 +14,8 @@ Two kinds of rows, told apart per row:
   first turn is asked, the greedy answer is compared with the first answer after
   common.normalise_answer (the rule 04 and 05 use too: "The red." counts as "red").
 - multiple choice `{id, images, question, options, answer}` (BLINK or Mantis converted
-  offline): options are shown as `A. ...`, the letter is read back by `parse_choice`.
+  offline, NLVR2 by convert_nlvr2.py): asked as common.mc_prompt (options as `A. ...`), the
+  letter is read back by `parse_choice`.
 Groups: `single`, or `<format> <n_images>` from 01-03's `mia` record, or a multiple-choice row's
 `group` field (default: its file's name).
 
@@ -83,14 +84,6 @@ def parse_choice(answer, options):
         return hits[0]
     alone = set(re.findall(rf"\b([{letters}])\b", a))
     return alone.pop() if len(alone) == 1 else None
-
-
-def mc_prompt(question, n_images, options):
-    """A multiple-choice question in VLMEvalKit's wording for LLaVA. Images go first, one
-    `<image>` each, unless the question already places them."""
-    head = "" if common.MARKER in question else "<image>\n" * n_images
-    opts = "".join(f"\n{string.ascii_uppercase[i]}. {o}" for i, o in enumerate(options))
-    return f"{head}{question}{opts}\nAnswer with the option's letter from the given choices directly."
 
 
 def hallucination_type(answer, scenes, target, attr):
@@ -282,7 +275,7 @@ def row_question(row, path, line, scene_of):
             raise common.DataError(path, line, "answer", f"{ans!r} is neither an option letter nor an option's text")
         images = row["images"] if isinstance(row["images"], list) else [row["images"]]
         return {"id": str(row["id"]), "kind": "mc", "images": images, "options": opts, "gold": gold,
-                "question": mc_prompt(row["question"], len(images), opts),
+                "question": common.mc_prompt(row["question"], len(images), opts),
                 "group": row.get("group") or Path(path).name.split(".")[0]}
     images = common.check_llava_row(row, path, line)
     conv = row["conversations"]
@@ -371,33 +364,6 @@ def score(q, answer):
 
 
 # ---- plumbing ---------------------------------------------------------------------------------
-def resolve_model(path):
-    """A model directory, or 06's OUT: OUT/final (merged or full) if there, else OUT/adapter on the
-    base model its adapter_config names. -> (model dir, adapter dir or None)."""
-    p = Path(path)
-    if (p / "config.json").is_file():
-        return p, None
-    if (p / "final" / "config.json").is_file():
-        return p / "final", None
-    cfg = p / "adapter" / "adapter_config.json"
-    if cfg.is_file():
-        base = json.loads(cfg.read_text())["base_model_name_or_path"]
-        return Path(base), p / "adapter"
-    raise FileNotFoundError(f"{path}: no config.json, final/ or adapter/ here: not a model directory or a 06 output")
-
-
-def parse_models(specs):
-    out = {}
-    for s in specs:
-        name, sep, path = s.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"--model {s!r}: expected NAME=PATH (e.g. base=models/toy-llava)")
-        if name in out:
-            raise SystemExit(f"--model: the name {name!r} is given twice")
-        out[name] = path
-    return out
-
-
 def answer_all(name, path, model, proc, questions, args):
     """Greedy answers of one model -> records. Finished batches go to OUT/answers-<name>.jsonl.partial
     (flushed per batch), so a stopped run resumes; a partial from another model or data is refused."""
@@ -607,50 +573,61 @@ def mass_table(report, names):
     return "\n".join(lines)
 
 
-def main(args):
-    t0 = time.time()
-    common.set_threads(args.threads)
-    models = parse_models(args.model)
+def read_questions(args, skips):
+    """--data (+ --scenes, --limit, --on-error) -> the questions; SystemExit when there are none."""
     if not args.data:
         raise SystemExit("--data: give at least one question file (07_eval.sh builds the toy benchmark)")
-    skips = common.Skips()
     questions = load_questions(args.data, args.scenes, args.on_error, skips)
     if args.limit:
         questions = questions[: args.limit]
     if not questions:
         raise SystemExit(f"no questions in {args.data}")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    report, configs, pairs, ref = {}, {}, None, None
+    return questions
+
+
+def evaluate_model(name, path, questions, first, args):
+    """One model: greedy answers, accuracy by group, the mass split, the held-out pairs -> (its report
+    entry, its answers' config). `first` holds what the first model decides for every model: its wrong
+    answers are the mass split's `rejected` and the held-out pairs, its pair log-probs the reference."""
+    t = time.time()
+    model_dir, adapter = vlm.resolve_model(path)
+    model, proc = vlm.load_model(model_dir, dtype=args.dtype, device=vlm.pick_device(args.device), adapter=adapter,
+                                 max_image_tokens=args.max_image_tokens)
+    records, config = answer_all(name, path, model, proc, questions, args)
+    entry = {"model": str(path), "groups": summarise(records)}
     scored = [q for q in questions if "attr" in q]  # toy rows with a one-word answer: the mass split
-    vocab, rejected_of = answer_vocab(scored), None
-    for name, path in models.items():
-        t = time.time()
-        model_dir, adapter = resolve_model(path)
-        model, proc = vlm.load_model(model_dir, dtype=args.dtype, device=args.device, adapter=adapter,
-                                        max_image_tokens=args.max_image_tokens)
-        records, configs[name] = answer_all(name, path, model, proc, questions, args)
-        report[name] = {"model": str(path), "groups": summarise(records)}
-        if args.mass and scored:
-            token_ids = answer_token_ids(proc, scored[0]["question"], vocab)  # per model: its own tokenizer
-            if rejected_of is None:  # held-out rows have no pairs file: rejected = the first model's wrong answer
-                keys = {q["key"] for q in scored}
-                rejected_of = {r["key"]: r["answer"] for r in records
-                               if r["key"] in keys and not r["correct"] and normalise_answer(r["answer"]) in token_ids}
-            if any(len(t) > 1 for t in token_ids.values()):
-                print(f"07 {name} mass: answer words of several tokens, one more forward per question each: "
-                      + ", ".join(w for w, t in token_ids.items() if len(t) > 1))
-            mass = answer_mass(name, model, proc, scored, token_ids, vocab, rejected_of, args)
-            common.write_jsonl(Path(args.out) / f"mass-{name}.jsonl", mass)
-            report[name]["mass"] = mass_summary(mass)
-        if args.pairs:
-            if pairs is None:  # the first model's mistakes, scored by every model
-                pairs = mistake_pairs(questions, records)
-            if pairs:
-                lp = pair_logps(model, proc, pairs, args)
-                report[name]["pairs"] = pair_summary(pairs, *lp, ref=ref)
-                ref = ref or lp
-        report[name]["seconds"] = round(time.time() - t, 1)
-    text = table(report, list(models))
+    if args.mass and scored:
+        entry["mass"] = model_mass(name, model, proc, scored, records, first, args)
+    if args.pairs:
+        if "pairs" not in first:  # the first model's mistakes, scored by every model
+            first["pairs"] = mistake_pairs(questions, records)
+        if first["pairs"]:
+            lp = pair_logps(model, proc, first["pairs"], args)
+            entry["pairs"] = pair_summary(first["pairs"], *lp, ref=first.get("ref"))
+            first.setdefault("ref", lp)
+    entry["seconds"] = round(time.time() - t, 1)
+    return entry, config
+
+
+def model_mass(name, model, proc, scored, records, first, args):
+    """answer_mass for one model -> its summary per group; per question to OUT/mass-<name>.jsonl."""
+    vocab = answer_vocab(scored)
+    token_ids = answer_token_ids(proc, scored[0]["question"], vocab)  # per model: its own tokenizer
+    if "rejected_of" not in first:  # held-out rows have no pairs file: rejected = the first model's wrong answer
+        keys = {q["key"] for q in scored}
+        first["rejected_of"] = {r["key"]: r["answer"] for r in records
+                                if r["key"] in keys and not r["correct"] and normalise_answer(r["answer"]) in token_ids}
+    if any(len(t) > 1 for t in token_ids.values()):
+        print(f"07 {name} mass: answer words of several tokens, one more forward per question each: "
+              + ", ".join(w for w, t in token_ids.items() if len(t) > 1))
+    mass = answer_mass(name, model, proc, scored, token_ids, vocab, first["rejected_of"], args)
+    common.write_jsonl(Path(args.out) / f"mass-{name}.jsonl", mass)
+    return mass_summary(mass)
+
+
+def write_report(report, names, questions, skips, configs, args):
+    """Print the table; OUT/report.json, report.txt and the sidecar -> the report.json path."""
+    text = table(report, names)
     print(text)
     out = Path(args.out) / "report.json"
     with common.atomic_write(out) as f:
@@ -658,6 +635,20 @@ def main(args):
     with common.atomic_write(Path(args.out) / "report.txt") as f:
         f.write(text + "\n")
     common.write_sidecar(out, args, counts={"questions": len(questions), "skipped": len(skips)}, skips=skips, models=configs)
+    return out
+
+
+def main(args):
+    t0 = time.time()
+    common.set_threads(args.threads)
+    models = vlm.parse_models(args.model)
+    skips = common.Skips()
+    questions = read_questions(args, skips)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    report, configs, first = {}, {}, {}
+    for name, path in models.items():
+        report[name], configs[name] = evaluate_model(name, path, questions, first, args)
+    out = write_report(report, list(models), questions, skips, configs, args)
     if len(skips):
         print(f"skipped {len(skips)} rows: {skips.summary()}")
     print(f"07: {len(questions)} questions x {len(models)} models in {time.time() - t0:.0f} s -> {out}")
@@ -685,7 +676,7 @@ def get_args(argv=None):
     s = p.add_argument_group("system")
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--dtype", default="auto", choices=vlm.DTYPES)
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", default="auto", help="auto (CUDA if visible), cpu, cuda, cuda:1 ...")
     common.add_max_image_tokens_flag(s)
     common.add_threads_flag(s)
     args = p.parse_args(argv)

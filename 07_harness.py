@@ -6,7 +6,7 @@ in : local models + benchmark data placed beforehand    out: OUT/<harness>/repor
   bash 07_eval.sh --vlmevalkit --model base=llava-1.5-7b-hf --model dpo=out/mia-dpo/final   # BLINK MMMU MVBench
   bash 07_eval.sh --lmms-eval --model base=llava-1.5-7b-hf --model dpo=out/mia-dpo/final    # BLINK MMMU Mantis
   python 07_harness.py --vlmevalkit --tiny out/tiny --model base=models/toy-llava   # the toy on a CPU, minutes
-  python 07_harness.py convert-nlvr2 --data nlvr2/test1.json --out nlvr2_mc.jsonl   # NLVR2 for 07_eval.py
+  python convert_nlvr2.py --data nlvr2/test1.json --out nlvr2_mc.jsonl              # NLVR2 for 07_eval.py
 
 The paper's five multi-image columns (its Table 1) and what reproduces each:
   column   VLMEvalKit (dataset: class)                    lmms-eval (task)
@@ -14,7 +14,7 @@ The paper's five multi-image columns (its Table 1) and what reproduces each:
   BLINK    BLINK: ImageMCQDataset                          blink (its 14 subtasks, val split)
   Mantis   - (no such VLMEvalKit dataset)                  mantis (its yaml samples at T 0.2; greedy is forced)
   NLVR2    - (no such VLMEvalKit dataset)                  - (only a NLVR2_Mantis subset inside
-           the paper's 6,967 = NLVR2 test-P: `convert-nlvr2`     llava_interleave_bench, another sample)
+           the paper's 6,967 = NLVR2 test-P: `convert_nlvr2.py`  llava_interleave_bench, another sample)
            writes 07's multiple-choice rows, 07_eval.py scores them
   MVBench  MVBench, 8 frames as images: MVBench            - (its task hands over video files, which
            (read from the HF cache of OpenGVLab/MVBench)      LLaVA-1.5's processor cannot take)
@@ -24,41 +24,27 @@ multiple-choice TSV format ($LMUData/NAME.tsv, CustomMCQDataset: no MD5 check, n
 lmms-eval, `custom:NAME=DIR`: a `datasets.save_to_disk` folder in BLINK's schema, scored by lmms-eval's
 own BLINK code (`BLINK=DIR` does the same for a saved copy of the real BLINK).
 
-Our model class (MIADPO_HF in VLMEvalKit, mia_hf in lmms-eval) loads a local checkpoint with
-vlm.load_model (AutoModelForImageTextToText + its processor, offline), on the device asked for
-(auto: CUDA if there is one), in bfloat16 on a GPU (the checkpoint's dtype on a CPU). It builds every
-prompt with vlm.build_inputs, the stages' own prompt builder: the model's chat template with each
-image at its place (`place_images`), and decodes greedily, always. Multiple-choice questions get
-LLaVA-1.5's wording in VLMEvalKit (as its LLaVA class, which the paper used: options as `A. ...`, then
-"Answer with the option's letter from the given choices directly."); lmms-eval tasks keep their own.
-Differences from VLMEvalKit's LLaVA class: the checkpoint's own chat template (llava-1.5-hf: no system
-line), images placed where the text names them (`<image 1>` in MMMU) instead of all first.
+Our model class (MIADPO_HF in VLMEvalKit, mia_hf in lmms-eval, in harness_models.py) answers with the
+stages' own prompt builder, greedily, LLaVA-1.5's multiple-choice wording in VLMEvalKit; this script
+writes each harness's config and runs it through harness_models.py's launcher, in its own process
+(torchrun / accelerate for several GPUs). harness_models.py's docstring says how the class prompts
+and what stands in for torchvision where it does not import.
 
 What makes a run fail (non-zero exit, the harness's own error message): a benchmark file that is not
 there (checked before launching; VLMEvalKit's downloads are switched off unless --allow-download, so a
 file whose MD5 differs from its built-in one fails instead of being fetched again), a benchmark whose
 status.json entry (VLMEvalKit) or results file (lmms-eval) holds no score, a LoRA-only checkpoint (the
 harnesses load full weights: 06 --merge writes OUT/final).
-
-torchvision: VLMEvalKit imports it at module level in many files, and PyPI's build does not load beside
-the CPU torch. When `import torchvision` fails, the launcher puts a stand-in module in its place that
-covers only names used at import time (any call raises, naming the missing torchvision), after
-transformers and datasets have recorded that torchvision is absent, so they keep their PIL image
-processors. A machine with a working torchvision (a GPU user's) gets the real one.
 """
 from __future__ import annotations
 
 import argparse
 import base64
-import importlib
-import importlib.abc
-import importlib.machinery
 import importlib.util
 import io
 import json
 import os
 import re
-import runpy
 import shlex
 import subprocess
 import sys
@@ -66,11 +52,11 @@ import time
 from pathlib import Path
 
 import common
+import harness_models
 import vlm
+from harness_models import LMMS_MODEL, MODEL_CLASS
 
 HERE = Path(__file__).resolve().parent
-MODEL_CLASS = "MIADPO_HF"  # our class's name in vlmeval.vlm
-LMMS_MODEL = "mia_hf"  # ... and in lmms-eval's model registry
 
 # ---- the paper's benchmarks and where each harness keeps them (edit me) -----------------------------
 # Table 1 of the paper (accuracy, %): the five multi-image benchmarks.
@@ -82,7 +68,7 @@ PAPER = {
 }
 NO_VLMEVALKIT = {
     "Mantis": "Mantis-Eval is not a VLMEvalKit dataset: run it with --lmms-eval (task mantis)",
-    "NLVR2": "NLVR2 is in neither harness: `python 07_harness.py convert-nlvr2` writes its test-P split as 07's "
+    "NLVR2": "NLVR2 is in neither harness: `python convert_nlvr2.py` writes its test-P split as 07's "
              "multiple-choice rows, which 07_eval.py scores",
 }
 NO_LMMS = {
@@ -114,219 +100,6 @@ LMMS = {
 }
 PAPER_LMMS = ["MMMU", "BLINK", "Mantis"]
 GREEDY_GEN_KWARGS = "temperature=0,do_sample=False"  # lmms-eval: CLI gen_kwargs override every task's yaml
-
-
-# ---- prompts: harness messages <-> our LLaVA-format question ---------------------------------------
-NUMBERED = re.compile(r"<image\s*(\d+)>")
-
-
-def place_images(text, n_images):
-    """A question text and its image count -> the text with one `<image>` marker per image, each at its
-    place: kept where the text already holds exactly n markers; put at `<image k>` where the text names
-    images 1..n once each, in order (MMMU); else all first, one line each (LLaVA's order).
-
-    place_images("In Image2, what?", 2) -> "<image>\\n<image>\\nIn Image2, what?"
-    place_images("Is <image 1> above <image 2>?", 2) -> "Is <image> above <image>?"
-    place_images("Is <image 2> above <image 1>?", 2) -> all first (the images would change order)."""
-    if text.count(common.MARKER) == n_images:
-        return text
-    if common.MARKER in text:
-        raise ValueError(f"the text holds {text.count(common.MARKER)} {common.MARKER} markers for {n_images} images")
-    if [int(k) for k in NUMBERED.findall(text)] == list(range(1, n_images + 1)):
-        return NUMBERED.sub(common.MARKER, text)
-    return common.MARKER + "\n" + (common.MARKER + "\n") * (n_images - 1) + text if n_images else text
-
-
-def question_to_message(question, images):
-    """Our question (inline `<image>` markers) + its images -> VLMEvalKit's message list, interleaved
-    exactly as the markers stand: "<image>\\nIn Image1, x" -> [image, text "\\nIn Image1, x"]."""
-    parts = question.split(common.MARKER)
-    if len(parts) - 1 != len(images):
-        raise ValueError(f"{len(parts) - 1} markers for {len(images)} images")
-    msg = []
-    for i, text in enumerate(parts):
-        if i:
-            msg.append({"type": "image", "value": images[i - 1]})
-        if text:
-            msg.append({"type": "text", "value": text})
-    return msg
-
-
-def message_to_question(message):
-    """VLMEvalKit's message list -> (our question with inline `<image>` markers, image paths). An image
-    item becomes a marker at its place; a marker ends its line when text follows directly."""
-    question, images = "", []
-    for item in message:
-        if item["type"] == "image":
-            question += ("\n" if question.endswith(common.MARKER) else "") + common.MARKER
-            images.append(item["value"])
-        elif item["type"] == "text":
-            text = item["value"]
-            question += ("\n" if question.endswith(common.MARKER) and not text.startswith(("\n", " ")) else "") + text
-        else:
-            raise ValueError(f"message item of type {item['type']!r}: our class takes images and text only")
-    return question, images
-
-
-def llava_mcq_question(question, options, n_images, hint=None):
-    """A multiple-choice row -> our question in LLaVA-1.5's VLMEvalKit wording (07_eval.mc_prompt):
-    hint, question, `A. option` lines, "Answer with the option's letter from the given choices directly."."""
-    text = f"{hint}\n{question}" if hint else question
-    return _eval().mc_prompt(place_images(text, n_images), n_images, options)
-
-
-def truncate_at(text, stops):
-    """The answer up to the first stop string (lmms-eval's `until`): "B ASSISTANT: x" -> "B "."""
-    cut = min((text.find(s) for s in stops if s and s in text), default=-1)
-    return text if cut < 0 else text[:cut]
-
-
-# ---- our model, as both harnesses call it ------------------------------------------------------------
-def pick_dtype(dtype, device):
-    """"auto" -> bfloat16 on a GPU (the paper's precision), the checkpoint's own dtype on a CPU."""
-    return ("bfloat16" if str(device).startswith("cuda") else "auto") if dtype == "auto" else dtype
-
-
-def full_checkpoint(path):
-    """A model directory a harness can load -> its absolute path; SystemExit for a LoRA-only checkpoint
-    (06's OUT without --merge, or OUT/adapter itself) or a directory that holds no model."""
-    p = Path(path)
-    if (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
-        raise SystemExit(f"{path}: a LoRA adapter only (adapter_config.json, no config.json). The harnesses load full "
-                         f"checkpoints: rerun 06_train_dpo.py with --merge, which writes OUT/final")
-    try:
-        model_dir, adapter = _eval().resolve_model(path)
-    except FileNotFoundError as e:
-        raise SystemExit(f"--model {path}: {e}") from None
-    if adapter is not None:
-        raise SystemExit(f"{path}: a 06 output with a LoRA adapter only ({adapter}), no merged OUT/final. The harnesses "
-                         f"load full checkpoints: rerun 06_train_dpo.py with --merge")
-    return model_dir.resolve()
-
-
-class LocalVLM:
-    """A local checkpoint answering one question at a time, greedily, as the stages prompt it."""
-
-    def __init__(self, model_path, device="auto", dtype="auto", record=None):
-        self.path = full_checkpoint(model_path)
-        self.device = vlm.pick_device(device)
-        self.dtype = pick_dtype(dtype, self.device)
-        self.model, self.processor = vlm.load_model(self.path, dtype=self.dtype, device=self.device)
-        self.fingerprint = vlm.model_fingerprint(self.model)
-        if record:  # what was evaluated, for the report
-            import transformers
-
-            info = {"path": str(self.path), "fingerprint": self.fingerprint, "device": self.device,
-                    "dtype": str(self.model.dtype).replace("torch.", ""), "transformers": transformers.__version__}
-            with common.atomic_write(record) as f:
-                json.dump(info, f, indent=1)
-
-    def answer(self, question, images, max_new_tokens):
-        """Greedy answer to one question with inline `<image>` markers and its PIL images."""
-        return vlm.generate(self.model, self.processor, [question], [list(images)], max_new_tokens=max_new_tokens)[0]
-
-
-def _open_image(path):
-    return common.load_image(Path(path).parent, Path(path).name)
-
-
-class VLMEvalKitModel:
-    """Our model for VLMEvalKit; `vlmevalkit_class` mixes in its BaseModel. Config keys: model_path,
-    device, dtype, max_new_tokens (2048: as VLMEvalKit's LLaVA class), record (a JSON file to describe
-    the loaded model in)."""
-
-    INTERLEAVE = True  # images may stand anywhere in a message
-    VIDEO_LLM = False  # video benchmarks hand over frames as images
-    is_api = False
-
-    def __init__(self, model_path, device="auto", dtype="auto", max_new_tokens=2048, record=None):
-        super().__init__()
-        self.vlm = LocalVLM(model_path, device=device, dtype=dtype, record=record)
-        self.max_new_tokens = int(max_new_tokens)
-
-    def use_custom_prompt(self, dataset):
-        from vlmeval.dataset import DATASET_TYPE
-
-        return DATASET_TYPE(dataset) == "MCQ"  # as VLMEvalKit's LLaVA class
-
-    def build_prompt(self, line, dataset=None):
-        import pandas as pd
-
-        paths = self.dump_image(line, dataset)
-        paths = paths if isinstance(paths, list) else [paths]
-        options = [line[c] for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c in line and not pd.isna(line[c])]
-        hint = line["hint"] if "hint" in line and not pd.isna(line["hint"]) else None
-        return question_to_message(llava_mcq_question(str(line["question"]), options, len(paths), hint), paths)
-
-    def generate_inner(self, message, dataset=None):
-        question, paths = message_to_question(message)
-        return self.vlm.answer(question, [_open_image(p) for p in paths], self.max_new_tokens)
-
-
-def vlmevalkit_class():
-    """Our VLMEvalKit model class, built on its BaseModel (imported here: VLMEvalKit is optional)."""
-    from vlmeval.vlm.base import BaseModel
-
-    return type(MODEL_CLASS, (VLMEvalKitModel, BaseModel), {"__doc__": VLMEvalKitModel.__doc__})
-
-
-class LmmsEvalModel:
-    """Our model for lmms-eval (a "simple" model: text with `<image>` markers + visuals);
-    `lmms_eval_class` mixes in its base class. model_args: pretrained, device, dtype,
-    max_new_tokens (0: each task's own), record."""
-
-    is_simple = True
-
-    def __init__(self, pretrained, device="auto", dtype="auto", max_new_tokens=0, record=None, batch_size=1):
-        super().__init__()
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        device = vlm.pick_device(device)
-        if device == "cuda" and world > 1:  # accelerate launch: one GPU per process
-            device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
-        self._rank, self._world_size = rank, world
-        self.vlm = LocalVLM(pretrained, device=device, dtype=dtype, record=record if rank == 0 else None)
-        self.max_new_tokens = int(max_new_tokens)
-
-    def generate_until(self, requests):
-        from tqdm import tqdm
-
-        out = []
-        for req in tqdm(requests, desc="07 mia_hf", disable=self._rank != 0):
-            context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
-            visuals = _flatten(doc_to_visual(self.task_dict[task][split][doc_id]))
-            if any(not hasattr(v, "convert") for v in visuals):
-                raise ValueError(f"{task} doc {doc_id}: a visual that is not an image ({type(visuals[0]).__name__}): "
-                                 f"this class takes images only (video: use VLMEvalKit's frame sampling)")
-            try:
-                question = place_images(context, len(visuals))
-            except ValueError as e:
-                raise ValueError(f"{task} doc {doc_id}: {e}") from None
-            n = self.max_new_tokens or int(gen_kwargs.get("max_new_tokens") or 1024)
-            text = self.vlm.answer(question, [v.convert("RGB") for v in visuals], n)
-            until = gen_kwargs.get("until") or []
-            out.append(truncate_at(text, [until] if isinstance(until, str) else until))
-        return out
-
-    def loglikelihood(self, requests):
-        raise NotImplementedError("mia_hf answers generate_until tasks only (every benchmark 07 runs is one)")
-
-    def generate_until_multi_round(self, requests):
-        raise NotImplementedError("mia_hf answers single-round generate_until tasks only")
-
-
-def _flatten(visuals):
-    """lmms-eval's visuals, nested or not -> a flat list."""
-    out = []
-    for v in visuals or []:
-        out.extend(_flatten(v) if isinstance(v, (list, tuple)) else [v])
-    return out
-
-
-def lmms_eval_class():
-    """Our lmms-eval model class, built on its `lmms` base (imported here: lmms-eval is optional)."""
-    from lmms_eval.api.model import lmms
-
-    return type("MiaHf", (LmmsEvalModel, lmms), {"__doc__": LmmsEvalModel.__doc__})
 
 
 # ---- VLMEvalKit: config, files, status -----------------------------------------------------------------
@@ -367,10 +140,10 @@ def missing_files(entries, lmu, hub_cache):
 
 
 def vlmevalkit_command(run_py, config, work, nproc, judge):
-    """The launch: our launcher runs VLMEvalKit's run.py in its own process (torchrun for several GPUs,
-    from this Python: `python -m torch.distributed.run`)."""
+    """The launch: our launcher (harness_models.py) runs VLMEvalKit's run.py in its own process (torchrun
+    for several GPUs, from this Python: `python -m torch.distributed.run`)."""
     head = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc-per-node={nproc}"] if nproc > 1 else [])
-    return head + [str(HERE / "07_harness.py"), "launch", "vlmevalkit", str(run_py), "--config", str(config),
+    return head + [str(HERE / "harness_models.py"), "vlmevalkit", str(run_py), "--config", str(config),
                    "--work-dir", str(work), "--mode", "all", "--judge", judge]
 
 
@@ -468,14 +241,14 @@ def vlmevalkit_version(run_py):
     return m.group(1) if m else None
 
 
-def run_vlmevalkit(args, models, out):
+def run_vlmevalkit(args, models, out, benchmarks, lmu_data):
     """Config -> run.py (through the launcher) -> scores read back from status.json."""
-    entries = dict(vlmevalkit_entry(b) for b in args.benchmarks)
+    entries = dict(vlmevalkit_entry(b) for b in benchmarks)
     if args.judge == "exact_matching" and API_JUDGED & set(entries):
         raise SystemExit(f"{', '.join(sorted(API_JUDGED & set(entries)))}: VLMEvalKit scores these with an API judge "
                          f"only; pass --judge gpt-4o-mini (with OPENAI_API_KEY set) or leave them out")
     run_py = find_run_py(args.vlmevalkit_dir)
-    lmu = Path(args.lmu_data).resolve()
+    lmu = Path(lmu_data).resolve()
     hub = os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
     missing = missing_files(entries, lmu, hub)
     if missing and not args.allow_download:
@@ -550,9 +323,10 @@ def lmms_task_yaml(task, template, data_dir, split):
 
 
 def lmms_command(task_names, include, model_args, out, nproc):
-    """The launch of one model: our launcher runs lmms-eval's CLI (`accelerate launch` for several GPUs)."""
+    """The launch of one model: our launcher (harness_models.py) runs lmms-eval's CLI (`accelerate launch`
+    for several GPUs)."""
     head = [sys.executable] + (["-m", "accelerate.commands.launch", f"--num_processes={nproc}"] if nproc > 1 else [])
-    return head + [str(HERE / "07_harness.py"), "launch", "lmms-eval", "--model", LMMS_MODEL, "--model_args", model_args,
+    return head + [str(HERE / "harness_models.py"), "lmms-eval", "--model", LMMS_MODEL, "--model_args", model_args,
                    "--tasks", ",".join(task_names), "--batch_size", "1", "--gen_kwargs", GREEDY_GEN_KWARGS,
                    "--output_path", str(out), "--log_samples"] + (["--include_path", str(include)] if include else [])
 
@@ -586,12 +360,12 @@ def samples_in_yaml(path):
     return any(t > 0 for t in temps) or bool(re.search(r"^\s*do_sample:\s*true\s*$", text, re.M | re.I))
 
 
-def run_lmms(args, models, out):
+def run_lmms(args, models, out, benchmarks):
     """Task yamls -> lmms-eval once per model (through the launcher) -> scores read from results.json."""
     tasks_root = _lmms_tasks_root()
     task_dir = out / "tasks"
     entries = {}
-    for spec in args.benchmarks:
+    for spec in benchmarks:
         key, task, yaml = lmms_entry(spec, tasks_root)
         local = spec.partition("=")[2] or None
         if yaml is not None:
@@ -680,8 +454,8 @@ def report_table(harness, benches, names, models_info, paper_row):
     return "\n".join(lines)
 
 
-def write_report(out, harness, benches, errors, models, args):
-    """OUT/report.json + report.txt (+ sidecar); prints the table and the errors."""
+def write_report(out, harness, benches, errors, models, args, benchmarks=None):
+    """OUT/report.json + report.txt (+ sidecar, with the benchmarks run); prints the table and the errors."""
     info = {}
     for n in models:
         f = out / f"model-{n}.json"
@@ -695,7 +469,8 @@ def write_report(out, harness, benches, errors, models, args):
         json.dump(report, f, indent=1)
     with common.atomic_write(out / "report.txt") as f:
         f.write(text + "\n")
-    common.write_sidecar(out / "report.json", args, counts={"benchmarks": len(benches), "errors": len(errors)})
+    common.write_sidecar(out / "report.json", args, counts={"benchmarks": len(benches), "errors": len(errors)},
+                         benchmarks=benchmarks)
     return report
 
 
@@ -767,41 +542,7 @@ def _write_tiny_lmms(folder, rows, image_root):
     datasets.DatasetDict({"val": ds}).save_to_disk(str(folder))
 
 
-# ---- NLVR2 -> 07's multiple-choice rows --------------------------------------------------------------------
-def nlvr2_row(row):
-    """One NLVR2 row (test1.json / dev.json: identifier, sentence, label) -> 07's multiple-choice row.
-    Images follow NLVR2's naming: identifier "test1-769-1-0" -> test1-769-1-img0.png, -img1.png."""
-    prefix = row["identifier"].rsplit("-", 1)[0]
-    label = str(row["label"]).strip().lower()
-    if label not in ("true", "false"):
-        raise ValueError(f"label {row['label']!r} is not True or False")
-    return {"id": row["identifier"], "images": [f"{prefix}-img0.png", f"{prefix}-img1.png"],
-            "question": f"Left image:<image>\nRight image:<image>\nIs this statement true of the two images? "
-                        f"\"{row['sentence'].strip()}\"",
-            "options": ["true", "false"], "answer": "A" if label == "true" else "B", "group": "NLVR2"}
-
-
-def convert_nlvr2(argv):
-    p = argparse.ArgumentParser(prog="07_harness.py convert-nlvr2", description="NLVR2 JSON lines -> 07's "
-                                "multiple-choice rows (score them with 07_eval.py --data OUT --image-root <images>)")
-    p.add_argument("--data", required=True, help="NLVR2's test1.json (test-P, 6,967 rows) or dev.json")
-    p.add_argument("--out", required=True)
-    a = p.parse_args(argv)
-    rows = []
-    for line, r in common.read_rows(a.data):
-        try:
-            rows.append(nlvr2_row(r))
-        except (KeyError, ValueError) as e:
-            raise common.DataError(a.data, line, "label" if isinstance(e, ValueError) else str(e), str(e)) from None
-    n = common.write_jsonl(a.out, rows)
-    print(f"07 convert-nlvr2: {n} rows -> {a.out}")
-
-
 # ---- plumbing ---------------------------------------------------------------------------------------------
-def _eval():
-    return importlib.import_module("07_eval")
-
-
 def _first(it):
     return next((x for x in it if x is not None), None)
 
@@ -816,7 +557,7 @@ def _gpu_count():
 
 
 def _pythonpath():
-    """The launcher imports common.py and 07_eval.py from here, whatever the harness's cwd."""
+    """The launcher imports common.py and vlm.py from here, whatever the harness's cwd."""
     return os.pathsep.join([str(HERE)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 
@@ -852,24 +593,34 @@ def _run(cmd, cwd, env, log, dry_run):
         return proc.wait()
 
 
+def targets(args):
+    """-> (the benchmarks to run, VLMEvalKit's data folder): with --tiny, its own benchmark (built once
+    in DIR) in this harness's format; else --benchmarks (default: the paper's columns this harness
+    has) and --lmu-data."""
+    if not args.tiny:
+        return args.benchmarks or (PAPER_VLMEVALKIT if args.harness == "vlmevalkit" else PAPER_LMMS), args.lmu_data
+    tiny = Path(args.tiny).resolve()
+    if not (tiny / "mc.jsonl").is_file() or len((tiny / "mc.jsonl").read_text().splitlines()) != args.tiny_rows:
+        write_tiny(tiny, args.toy_split, args.image_root, args.tiny_rows)
+    benchmarks = ["custom:MIA_TINY"] if args.harness == "vlmevalkit" else [f"custom:MIA_TINY={tiny / 'lmms'}"]
+    return benchmarks, str(tiny / "LMUData")
+
+
 def main(args):
     t0 = time.time()
-    models = {n: full_checkpoint(p) for n, p in _eval().parse_models(args.model).items()}
+    models = {n: harness_models.full_checkpoint(p) for n, p in vlm.parse_models(args.model).items()}
     out = Path(args.out).resolve() / args.harness
     out.mkdir(parents=True, exist_ok=True)
     for n in models:  # our class rewrites these when it loads each model: none may be left from a run before
         (out / f"model-{n}.json").unlink(missing_ok=True)
-    if args.tiny:
-        tiny = Path(args.tiny).resolve()
-        if not (tiny / "mc.jsonl").is_file() or len((tiny / "mc.jsonl").read_text().splitlines()) != args.tiny_rows:
-            write_tiny(tiny, args.toy_split, args.image_root, args.tiny_rows)
-        args.lmu_data = str(tiny / "LMUData")
-        args.benchmarks = ["custom:MIA_TINY"] if args.harness == "vlmevalkit" else [f"custom:MIA_TINY={tiny / 'lmms'}"]
-    args.benchmarks = args.benchmarks or (PAPER_VLMEVALKIT if args.harness == "vlmevalkit" else PAPER_LMMS)
-    done = (run_vlmevalkit if args.harness == "vlmevalkit" else run_lmms)(args, models, out)
+    benchmarks, lmu_data = targets(args)
+    if args.harness == "vlmevalkit":
+        done = run_vlmevalkit(args, models, out, benchmarks, lmu_data)
+    else:
+        done = run_lmms(args, models, out, benchmarks)
     if done is None:  # dry run
         return None
-    report = write_report(out, *done, models, args)
+    report = write_report(out, *done, models, args, benchmarks=benchmarks)
     print(f"07_harness: {len(report['benchmarks'])} benchmarks x {len(models)} models in {time.time() - t0:.0f} s "
           f"-> {out / 'report.json'}")
     if report["errors"]:
@@ -915,126 +666,6 @@ def get_args(argv=None):
     return args
 
 
-# ---- the launcher: runs inside the harness's process ---------------------------------------------------
-class _Absent:
-    """Stands in for a torchvision name: attributes chain, hashing works (defaults, dict keys at import
-    time), any call raises naming what is missing."""
-
-    def __init__(self, path):
-        self._path = path
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _Absent(f"{self._path}.{name}")
-
-    def __call__(self, *a, **k):
-        raise ModuleNotFoundError(f"{self._path}: torchvision is not importable here (07_harness stands in for its "
-                                  f"import-time names only); this part of the harness needs a working torchvision")
-
-    def __mro_entries__(self, bases):  # `class X(torchvision.Y)` at import time: defined, fails when used
-        return (object,)
-
-    def __repr__(self):
-        return f"<absent {self._path}>"
-
-
-class _TorchvisionStandIn(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def find_spec(self, name, path=None, target=None):
-        if name == "torchvision" or name.startswith("torchvision."):
-            return importlib.machinery.ModuleSpec(name, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        import types
-
-        mod = type("StandIn", (types.ModuleType,), {"__getattr__": lambda self, n: _absent_attr(self, n)})(spec.name)
-        mod.__path__, mod.__version__ = [], "0.0+absent"
-        return mod
-
-    def exec_module(self, module):
-        pass
-
-
-def _absent_attr(module, name):
-    if name.startswith("__"):
-        raise AttributeError(name)
-    return _Absent(f"{module.__name__}.{name}")
-
-
-def torchvision_or_stand_in():
-    """The real torchvision if it imports; else a stand-in, installed after transformers and datasets have
-    recorded that torchvision is absent (they then keep their PIL-based image processors). -> "real" | reason."""
-    try:
-        import torchvision  # noqa: F401
-
-        return "real"
-    except Exception as e:  # noqa: BLE001 — PyPI's CUDA build beside the CPU torch raises RuntimeError
-        reason = f"{type(e).__name__}: {e}"
-    for k in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
-        del sys.modules[k]
-    sys.modules["torchvision"] = None  # importlib.util.find_spec -> None while they look
-    try:
-        import transformers.utils.import_utils as iu
-
-        iu.is_torchvision_available(), iu.is_torchvision_v2_available()
-        try:
-            import datasets.config  # noqa: F401 — its TORCHVISION_AVAILABLE is read at import
-        except ImportError:
-            pass
-    finally:
-        del sys.modules["torchvision"]
-    sys.meta_path.insert(0, _TorchvisionStandIn())
-    return reason
-
-
-def _no_download(url, *a, **k):
-    raise RuntimeError(f"VLMEvalKit tried to download {url}: the benchmark file is missing or its MD5 differs from "
-                       f"VLMEvalKit's built-in one. Place the exact file under $LMUData, run your own file as "
-                       f"custom:NAME, or pass --allow-download")
-
-
-def launch(argv):
-    """`07_harness.py launch vlmevalkit RUN_PY ARGS...` | `launch lmms-eval ARGS...`: register our class
-    with the harness, then run its own entry point in this process with ARGS."""
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # VLMEvalKit's litellm reads it at import
-    tv = torchvision_or_stand_in()
-    print(f"07_harness launcher: torchvision {tv if tv == 'real' else 'stand-in (' + tv[:120] + ')'}", flush=True)
-    which = argv[0]
-    if which == "vlmevalkit":
-        run_py, rest = argv[1], argv[2:]
-        sys.path.insert(0, str(Path(run_py).parent))  # a clone that is not pip-installed
-        import vlmeval.config  # noqa: F401 — imports vlmeval.vlm and vlmeval.api
-        import vlmeval.dataset  # noqa: F401
-        import vlmeval.inference  # noqa: F401
-        import vlmeval.vlm
-
-        setattr(vlmeval.vlm, MODEL_CLASS, vlmevalkit_class())  # run.py looks config classes up here
-        if os.environ.get("MIA_NO_DOWNLOAD"):
-            for mod in [m for k, m in list(sys.modules.items()) if k.startswith("vlmeval") and m is not None]:
-                if callable(getattr(mod, "download_file", None)):
-                    mod.download_file = _no_download
-        sys.argv = [run_py] + rest
-        runpy.run_path(run_py, run_name="__main__")
-    elif which == "lmms-eval":
-        from lmms_eval.models import MODEL_REGISTRY_V2
-        from lmms_eval.models.registry_v2 import ModelManifest
-
-        sys.modules["__main__"].MiaHf = lmms_eval_class()  # importable as __main__.MiaHf
-        MODEL_REGISTRY_V2.register_manifest(ModelManifest(model_id=LMMS_MODEL, simple_class_path="__main__.MiaHf"),
-                                            overwrite=True)
-        from lmms_eval.__main__ import cli_evaluate
-
-        sys.argv = ["lmms-eval"] + argv[1:]
-        cli_evaluate()
-    else:
-        raise SystemExit(f"07_harness.py launch: vlmevalkit or lmms-eval, not {which!r}")
-
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["launch"]:
-        launch(sys.argv[2:])
-    elif sys.argv[1:2] == ["convert-nlvr2"]:
-        convert_nlvr2(sys.argv[2:])
-    else:
-        main(get_args())
+    main(get_args())

@@ -5,7 +5,8 @@ common.py — the data contract between the MIA-DPO stages (no method logic, no 
             check_pair_row (the fields 05 and 06 read), Skips (what was passed over, and why), row_rng
   writes  : atomic_write / write_jsonl / atomic_dir (temp file or folder, then rename), write_sidecar (script, args,
             counts, skips beside every output)
-  answers : normalise_answer (one rule for "the same answer" in 04, 05 and 07)
+  answers : normalise_answer (one rule for "the same answer" in 04, 05 and 07), mc_prompt (how a
+            multiple-choice row is asked: 07_eval.py and the harness model classes)
   loops   : Progress (a bar on a terminal, a line every 30 s in a log), ResumeFile (resumable JSONL)
   recipes : apply_recipe (unset flags from the toy or the paper recipe), is_toy_model / is_toy_data
   system  : run_stage (bad input ends a run with one located line), shared flags, set_threads
@@ -363,6 +364,17 @@ def normalise_answer(text):
     words = [w.strip(_EDGE_PUNCT) for w in str(text).lower().split()]
     kept = [w for w in words if w and w not in _ARTICLES]
     return " ".join(kept or [w for w in words if w])
+
+
+def mc_prompt(question, n_images, options):
+    """How a multiple-choice row is asked: LLaVA-1.5's wording as VLMEvalKit's LLaVA class builds it
+    (open-compass/VLMEvalKit, vlmeval/vlm/llava/llava.py, build_prompt): the question, one `A. option`
+    line per option, then "Answer with the option's letter from the given choices directly.". Images
+    go first, one `<image>` each, unless the question already places them.
+    mc_prompt("Same?", 2, ["yes", "no"]) -> "<image>\\n<image>\\nSame?\\nA. yes\\nB. no\\nAnswer with ..."."""
+    head = "" if MARKER in question else "<image>\n" * n_images
+    opts = "".join(f"\n{string.ascii_uppercase[i]}. {o}" for i, o in enumerate(options))
+    return f"{head}{question}{opts}\nAnswer with the option's letter from the given choices directly."
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,10 @@ vlm.py — talking to a vision-language model: load it, prompt it, score and gen
 
   model  : load_model / load_processor (a LOCAL Hugging Face checkpoint, never a download),
            image_token_id, model_fingerprint, cap_image_tokens / image_settings_id (the
-           visual-token budget and its record), resolve_model (a model or LoRA adapter folder)
+           visual-token budget and its record), resolve_model (a model or LoRA adapter folder),
+           parse_models (--model NAME=PATH, 07's flag)
+  torchvision: torchvision_problem (does it import here? the one answer, asked once per process),
+           torchvision_or_stand_in (a stand-in for code that imports it at module level: the harnesses)
   prompts: image_placeholder / render_prompt / render_pair (the family's own chat template: its
            image item in place of each <image>, the answer turn up to its end-of-turn token),
            build_inputs (questions [+ answers] + images -> padded batch with labels)
@@ -13,13 +16,21 @@ vlm.py — talking to a vision-language model: load it, prompt it, score and gen
 The same build_inputs serves generation (04, 07) and training (06), so the prompt a model is
 trained on can never differ from the prompt it answered — the released code had that bug.
 torch and transformers are imported inside the functions that need them.
+
+Without a torchvision that imports (PyPI's torchvision is a CUDA build that fails beside a CPU
+torch), two things need a fallback: transformers' processors (load_processor: PIL image processors,
+a video part as its saved settings) and harness code that imports torchvision at module level
+(VLMEvalKit: torchvision_or_stand_in). Both ask torchvision_problem, so they never disagree.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.abc
+import importlib.machinery
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 from common import MARKER
@@ -41,6 +52,35 @@ def pick_device(device):
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_model(path):
+    """A --model path -> (model dir, adapter dir or None): a model directory as it is; 06's OUT:
+    OUT/final (merged or full) if there, else OUT/adapter on the base model its adapter_config names."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return p, None
+    if (p / "final" / "config.json").is_file():
+        return p / "final", None
+    cfg = p / "adapter" / "adapter_config.json"
+    if cfg.is_file():
+        base = json.loads(cfg.read_text())["base_model_name_or_path"]
+        return Path(base), p / "adapter"
+    raise FileNotFoundError(f"{path}: no config.json, final/ or adapter/ here: not a model directory or a 06 output")
+
+
+def parse_models(specs):
+    """--model NAME=PATH flags (07_eval.py and 07_harness.py) -> {name: path}, in the order given;
+    SystemExit for a flag that is not NAME=PATH or a name given twice."""
+    out = {}
+    for s in specs:
+        name, sep, path = s.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--model {s!r}: expected NAME=PATH (e.g. base=models/toy-llava)")
+        if name in out:
+            raise SystemExit(f"--model: the name {name!r} is given twice")
+        out[name] = path
+    return out
 
 
 def load_model(path, dtype="auto", device="cpu", attn_implementation=None, adapter=None, max_image_tokens=None):
@@ -103,15 +143,6 @@ def load_processor(path):
 
     path = Path(path)
 
-    def torchvision_imports():
-        if not is_torchvision_available():  # not installed: transformers uses its PIL processors
-            return False
-        try:  # installed, but a build that does not match torch fails here, not at install time
-            import torchvision.transforms.v2.functional  # noqa: F401
-        except (ImportError, OSError, RuntimeError, AttributeError):
-            return False
-        return True
-
     def read(name):
         f = path / name
         return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
@@ -123,7 +154,7 @@ def load_processor(path):
         name = PROCESSOR_MAPPING_NAMES.get(read("config.json").get("model_type"))
         return processor_class_from_name(name) if name else None
 
-    works = torchvision_imports()
+    works = torchvision_problem() is None
     broken = is_torchvision_available() and not works  # installed, yet transformers' torchvision paths fail
     cls = processor_class()
     if works or cls is None or (not broken and "video_processor" not in cls.get_attributes()):
@@ -167,6 +198,106 @@ def load_processor(path):
     processor.__init__(*parts, **{k: v for k, v in settings.items() if k in accepted})
     del processor.check_argument_for_proper_class
     return processor
+
+
+# ---------------------------------------------------------------------------------------------
+# torchvision: one answer to "does it import here?", and a stand-in for module-level imports
+# ---------------------------------------------------------------------------------------------
+_TORCHVISION = {}  # torchvision_problem's answer, once per process
+
+
+def torchvision_problem():
+    """None when torchvision imports here; else why not ("ModuleNotFoundError: No module named
+    'torchvision'", or the error of a build that does not match torch). It imports the submodule
+    transformers' torchvision paths use: a mismatched build installs fine and fails here.
+
+    Asked once per process and remembered: after torchvision_or_stand_in has put its stand-in in
+    place the import would succeed, and load_processor must still hear "no"."""
+    if "problem" not in _TORCHVISION:
+        try:
+            import torchvision.transforms.v2.functional  # noqa: F401
+
+            _TORCHVISION["problem"] = None
+        except Exception as e:  # noqa: BLE001 — PyPI's CUDA build beside the CPU torch raises RuntimeError, OSError...
+            _TORCHVISION["problem"] = f"{type(e).__name__}: {e}"
+    return _TORCHVISION["problem"]
+
+
+class _Absent:
+    """Stands in for a torchvision name: attributes chain, hashing works (defaults, dict keys at import
+    time), any call raises naming what is missing."""
+
+    def __init__(self, path):
+        self._path = path
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Absent(f"{self._path}.{name}")
+
+    def __call__(self, *a, **k):
+        raise ModuleNotFoundError(f"{self._path}: torchvision is not importable here (vlm.torchvision_or_stand_in "
+                                  f"stands in for its import-time names only); this part of the harness needs a "
+                                  f"working torchvision")
+
+    def __mro_entries__(self, bases):  # `class X(torchvision.Y)` at import time: defined, fails when used
+        return (object,)
+
+    def __repr__(self):
+        return f"<absent {self._path}>"
+
+
+class _TorchvisionStandIn(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """A meta-path finder that answers every `torchvision[.x]` import with a module of _Absent names."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torchvision" or name.startswith("torchvision."):
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        import types
+
+        mod = type("StandIn", (types.ModuleType,), {"__getattr__": lambda self, n: _absent_attr(self, n)})(spec.name)
+        mod.__path__, mod.__version__ = [], "0.0+absent"
+        return mod
+
+    def exec_module(self, module):
+        pass
+
+
+def _absent_attr(module, name):
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return _Absent(f"{module.__name__}.{name}")
+
+
+def torchvision_or_stand_in():
+    """For a process that runs code importing torchvision at module level (VLMEvalKit does, in many
+    files): the real torchvision if it imports (torchvision_problem); else a stand-in that covers
+    only names used at import time (any call raises, naming the missing torchvision), installed after
+    transformers and datasets have recorded that torchvision is absent, so they keep their PIL image
+    processors and load_processor still takes its no-torchvision path. -> "real" | the reason."""
+    reason = torchvision_problem()
+    if reason is None:
+        return "real"
+    if any(isinstance(f, _TorchvisionStandIn) for f in sys.meta_path):
+        return reason
+    for k in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
+        del sys.modules[k]
+    sys.modules["torchvision"] = None  # importlib.util.find_spec -> None while they look
+    try:
+        import transformers.utils.import_utils as iu
+
+        iu.is_torchvision_available(), iu.is_torchvision_v2_available()  # both are cached from here on
+        try:
+            import datasets.config  # noqa: F401 — its TORCHVISION_AVAILABLE is read at import
+        except ImportError:
+            pass
+    finally:
+        del sys.modules["torchvision"]
+    sys.meta_path.insert(0, _TorchvisionStandIn())
+    return reason
 
 
 def cap_image_tokens(processor, n):

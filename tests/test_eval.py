@@ -30,10 +30,13 @@ def test_parse_choice_hand_cases(answer, choice):
 
 
 def test_mc_prompt_places_images_and_options():
-    p = ev.mc_prompt("Which image shows a dog?", 2, ["the first", "the second"])
+    p = common.mc_prompt("Which image shows a dog?", 2, ["the first", "the second"])
     assert p == ("<image>\n<image>\nWhich image shows a dog?\nA. the first\nB. the second\n"
                  "Answer with the option's letter from the given choices directly.")
-    assert ev.mc_prompt("<image> vs <image>: same?", 2, ["yes", "no"]).startswith("<image> vs")
+    assert common.mc_prompt("<image> vs <image>: same?", 2, ["yes", "no"]).startswith("<image> vs")
+    row = {"id": 1, "images": ["a.png", "b.png"], "question": "Which image shows a dog?", "options": ["the first", "the second"],
+           "answer": "B"}
+    assert ev.row_question(row, "mc.jsonl", 1, {})["question"] == p  # how 07_eval.py asks a multiple-choice row
 
 
 @pytest.mark.parametrize("answer,target,attr,kind", [
@@ -127,15 +130,15 @@ def test_mc_rows_and_their_errors(tmp_path):
 def test_resolve_model_layouts(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
-    assert ev.resolve_model(tmp_path / "m") == (tmp_path / "m", None)
+    assert vlm.resolve_model(tmp_path / "m") == (tmp_path / "m", None)
     (tmp_path / "o" / "adapter").mkdir(parents=True)
     (tmp_path / "o" / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "models/base"}))
-    assert ev.resolve_model(tmp_path / "o") == (Path("models/base"), tmp_path / "o" / "adapter")
+    assert vlm.resolve_model(tmp_path / "o") == (Path("models/base"), tmp_path / "o" / "adapter")
     (tmp_path / "o" / "final").mkdir()
     (tmp_path / "o" / "final" / "config.json").write_text("{}")
-    assert ev.resolve_model(tmp_path / "o") == (tmp_path / "o" / "final", None)  # merged beats adapter
+    assert vlm.resolve_model(tmp_path / "o") == (tmp_path / "o" / "final", None)  # merged beats adapter
     with pytest.raises(FileNotFoundError, match="not a model directory"):
-        ev.resolve_model(tmp_path)
+        vlm.resolve_model(tmp_path)
 
 
 def _env():
@@ -310,9 +313,11 @@ def test_mass_is_a_partition_and_the_truth_is_its_log_prob(toy_tiny, tmp_path):
     import torch
 
     data = [str(toy_tiny / "data/toy/heldout.json")]
-    report = ev.main(ev.get_args(["--model", f"m={toy_tiny / 'models/toy-llava'}", "--image-root",
-                                  str(toy_tiny / "data/toy/images"), "--scenes", *data, "--data", *data,
-                                  "--batch-size", "8", "--out", str(tmp_path), "--no-pairs"]))
+    args = ev.get_args(["--model", f"m={toy_tiny / 'models/toy-llava'}", "--image-root", str(toy_tiny / "data/toy/images"),
+                        "--scenes", *data, "--data", *data, "--batch-size", "8", "--out", str(tmp_path), "--no-pairs"])
+    before = dict(vars(args))
+    report = ev.main(args)
+    assert vars(args) == before  # main reads the flags, never rewrites them (the sidecar records them as given)
     mass = [json.loads(x) for x in (tmp_path / "mass-m.jsonl").read_text().splitlines()]
     one_word = [r for r in json.loads((toy_tiny / "data/toy/heldout.json").read_text())
                 if " " not in r["conversations"][1]["value"]]  # describe answers get no mass split

@@ -1,4 +1,5 @@
-"""07_harness.py: prompts, configs, status/result reading and errors (fast, no harness needed), then
+"""07_harness.py (the driver), harness_models.py (our class inside a harness, its launcher) and
+convert_nlvr2.py: prompts, configs, status/result reading and errors (fast, no harness needed), then
 real runs of VLMEvalKit and lmms-eval on the toy model (skipped, with the reason, where not installed).
 
 VLMEvalKit is not on PyPI: its tests run where `vlmeval` imports or VLMEVALKIT_DIR names a clone.
@@ -15,6 +16,8 @@ from pathlib import Path
 import pytest
 
 import common
+import convert_nlvr2
+import harness_models as hm
 import vlm
 
 h = importlib.import_module("07_harness")
@@ -34,9 +37,13 @@ def _env():
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
 
-def _harness(args, cwd, timeout=600):
-    return subprocess.run([sys.executable, str(ROOT / "07_harness.py"), *args], cwd=cwd, capture_output=True, text=True,
+def _script(name, args, cwd, timeout=600):
+    return subprocess.run([sys.executable, str(ROOT / name), *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=_env())
+
+
+def _harness(args, cwd, timeout=600):
+    return _script("07_harness.py", args, cwd, timeout)
 
 
 def _model_dir(path):
@@ -47,33 +54,33 @@ def _model_dir(path):
 
 # ---- prompts -------------------------------------------------------------------------------------------
 def test_place_images_hand_cases():
-    assert h.place_images("In Image2, what?", 2) == "<image>\n<image>\nIn Image2, what?"
+    assert hm.place_images("In Image2, what?", 2) == "<image>\n<image>\nIn Image2, what?"
     placed = "Image1:<image>\nImage2:<image>\nIn Image2, what?"
-    assert h.place_images(placed, 2) == placed
-    assert h.place_images("Is <image 1> above <image 2>?", 2) == "Is <image> above <image>?"
-    assert h.place_images("Is <image 2> above <image 1>?", 2) == "<image>\n<image>\nIs <image 2> above <image 1>?"
-    assert h.place_images("no image", 0) == "no image"
+    assert hm.place_images(placed, 2) == placed
+    assert hm.place_images("Is <image 1> above <image 2>?", 2) == "Is <image> above <image>?"
+    assert hm.place_images("Is <image 2> above <image 1>?", 2) == "<image>\n<image>\nIs <image 2> above <image 1>?"
+    assert hm.place_images("no image", 0) == "no image"
     with pytest.raises(ValueError, match="1 <image> markers for 2 images"):
-        h.place_images("A <image> only", 2)
+        hm.place_images("A <image> only", 2)
 
 
 def test_messages_and_questions_round_trip_with_images_in_place():
     q = "Image1:<image>\nImage2:<image>\nIn Image2, what color is the shape?"
-    msg = h.question_to_message(q, ["a.png", "b.png"])
+    msg = hm.question_to_message(q, ["a.png", "b.png"])
     assert [m["type"] for m in msg] == ["text", "image", "text", "image", "text"]
-    assert h.message_to_question(msg) == (q, ["a.png", "b.png"])
+    assert hm.message_to_question(msg) == (q, ["a.png", "b.png"])
     # a dataset's own message (images first, then the text): one line per image, as place_images does
     dataset_msg = [{"type": "image", "value": "a"}, {"type": "image", "value": "b"}, {"type": "text", "value": "Question: x"}]
-    assert h.message_to_question(dataset_msg) == ("<image>\n<image>\nQuestion: x", ["a", "b"])
+    assert hm.message_to_question(dataset_msg) == ("<image>\n<image>\nQuestion: x", ["a", "b"])
     with pytest.raises(ValueError, match="images and text only"):
-        h.message_to_question([{"type": "video", "value": "v.mp4"}])
+        hm.message_to_question([{"type": "video", "value": "v.mp4"}])
 
 
 def test_mcq_wording_is_07s_and_reaches_the_chat_template_in_place(toy_tiny):
-    q = h.llava_mcq_question("Image1:<image>\nImage2:<image>\nIn Image2, what color is the shape?", ["red", "blue"], 2)
-    assert q == ev.mc_prompt("Image1:<image>\nImage2:<image>\nIn Image2, what color is the shape?", 2, ["red", "blue"])
+    q = hm.llava_mcq_question("Image1:<image>\nImage2:<image>\nIn Image2, what color is the shape?", ["red", "blue"], 2)
+    assert q == common.mc_prompt("Image1:<image>\nImage2:<image>\nIn Image2, what color is the shape?", 2, ["red", "blue"])
     assert q.endswith("\nA. red\nB. blue\nAnswer with the option's letter from the given choices directly.")
-    assert h.llava_mcq_question("Which?", ["x", "y"], 1, hint="Look.").startswith("<image>\nLook.\nWhich?\nA. x")
+    assert hm.llava_mcq_question("Which?", ["x", "y"], 1, hint="Look.").startswith("<image>\nLook.\nWhich?\nA. x")
     from transformers import AutoProcessor
 
     proc = AutoProcessor.from_pretrained(toy_tiny / "models" / "toy-llava", local_files_only=True)
@@ -82,43 +89,42 @@ def test_mcq_wording_is_07s_and_reaches_the_chat_template_in_place(toy_tiny):
 
 
 def test_truncate_at_stop_strings():
-    assert h.truncate_at("B ASSISTANT: more", ["ASSISTANT:"]) == "B "
-    assert h.truncate_at("B\n\nC", ["\n\n", "zz"]) == "B"
-    assert h.truncate_at("B", []) == "B"
+    assert hm.truncate_at("B ASSISTANT: more", ["ASSISTANT:"]) == "B "
+    assert hm.truncate_at("B\n\nC", ["\n\n", "zz"]) == "B"
+    assert hm.truncate_at("B", []) == "B"
 
 
 def test_device_and_dtype_policy():
     assert vlm.pick_device("cpu") == "cpu" and vlm.pick_device("cuda:1") == "cuda:1"
-    assert h.pick_dtype("auto", "cuda") == "bfloat16" and h.pick_dtype("auto", "cuda:0") == "bfloat16"
-    assert h.pick_dtype("auto", "cpu") == "auto" and h.pick_dtype("float32", "cuda") == "float32"
+    assert hm.pick_dtype("auto", "cuda") == "bfloat16" and hm.pick_dtype("auto", "cuda:0") == "bfloat16"
+    assert hm.pick_dtype("auto", "cpu") == "auto" and hm.pick_dtype("float32", "cuda") == "float32"
 
 
 # ---- VLMEvalKit: entries, config, command, status -------------------------------------------------------------
 def test_vlmevalkit_entries_and_routes():
-    assert h.vlmevalkit_entry("BLINK") == ("BLINK", {"class": "ImageMCQDataset", "dataset": "BLINK"})
-    assert h.vlmevalkit_entry("MMMU_DEV_VAL") == ("MMMU", {"class": "MMMUDataset", "dataset": "MMMU_DEV_VAL"})
-    assert h.vlmevalkit_entry("MVBench")[1] == {"class": "MVBench", "dataset": "MVBench", "nframe": 8}
+    assert h.vlmevalkit_entry("MMMU_DEV_VAL")[0] == h.vlmevalkit_entry("MMMU")[0] == "MMMU"  # our key or its dataset
+    key, entry = h.vlmevalkit_entry("MVBench")
+    entry["nframe"] = 1  # a copy: a config built from it leaves the table as it was
+    assert h.vlmevalkit_entry("MVBench")[1]["nframe"] == 8 and key == "MVBench"
     assert h.vlmevalkit_entry("custom:MINE") == ("MINE", {"class": "CustomMCQDataset", "dataset": "MINE"})
     with pytest.raises(SystemExit, match="--lmms-eval"):
         h.vlmevalkit_entry("Mantis")
-    with pytest.raises(SystemExit, match="convert-nlvr2"):
+    with pytest.raises(SystemExit, match="convert_nlvr2.py"):
         h.vlmevalkit_entry("NLVR2")
     with pytest.raises(SystemExit, match="custom:NAME"):
         h.vlmevalkit_entry("NOPE")
-    for e in h.VLMEVALKIT.values():  # run.py needs class + dataset in every entry
-        assert {"class", "dataset"} <= set(e)
 
 
 def test_vlmevalkit_config_and_command_use_absolute_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     entries = dict(h.vlmevalkit_entry(b) for b in ["BLINK", "custom:T"])
     cfg = h.vlmevalkit_config({"base": Path("m")}, entries, {"base": {"device": "cpu"}})
-    assert cfg["model"]["base"] == {"class": h.MODEL_CLASS, "model_path": str(tmp_path / "m"), "device": "cpu"}
+    assert cfg["model"]["base"] == {"class": hm.MODEL_CLASS, "model_path": str(tmp_path / "m"), "device": "cpu"}
     assert cfg["data"] == {"BLINK": {"class": "ImageMCQDataset", "dataset": "BLINK"},
                            "T": {"class": "CustomMCQDataset", "dataset": "T"}}
     one = h.vlmevalkit_command("/k/run.py", "/o/c.json", "/o/work", 1, "exact_matching")
-    assert one[:4] == [sys.executable, str(ROOT / "07_harness.py"), "launch", "vlmevalkit"]
-    assert one[4:] == ["/k/run.py", "--config", "/o/c.json", "--work-dir", "/o/work", "--mode", "all",
+    assert one[:3] == [sys.executable, str(ROOT / "harness_models.py"), "vlmevalkit"]
+    assert one[3:] == ["/k/run.py", "--config", "/o/c.json", "--work-dir", "/o/work", "--mode", "all",
                        "--judge", "exact_matching"]
     assert h.vlmevalkit_command("/k/run.py", "c", "w", 8, "exact_matching")[:4] == [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=8"]
@@ -174,7 +180,7 @@ def test_check_vlmevalkit_reads_only_the_new_run(tmp_path):
 def test_api_judged_benchmarks_need_a_judge(tmp_path):
     args = h.get_args(["--vlmevalkit", "--benchmarks", "MMVet", "--model", f"m={_model_dir(tmp_path / 'm')}"])
     with pytest.raises(SystemExit, match="MMVet: VLMEvalKit scores these with an API judge"):
-        h.run_vlmevalkit(args, {"m": tmp_path / "m"}, tmp_path / "o")
+        h.run_vlmevalkit(args, {"m": tmp_path / "m"}, tmp_path / "o", args.benchmarks, args.lmu_data)
 
 
 # ---- lmms-eval: entries, yaml, results -------------------------------------------------------------------------
@@ -189,7 +195,7 @@ def test_lmms_entries_yaml_and_routes(tmp_path):
     assert h.lmms_entry(f"MMMU={tmp_path}", root)[:2] == ("MMMU", "mia_mmmu")
     with pytest.raises(SystemExit, match="--vlmevalkit"):
         h.lmms_entry("MVBench", root)
-    with pytest.raises(SystemExit, match="convert-nlvr2"):
+    with pytest.raises(SystemExit, match="convert_nlvr2.py"):
         h.lmms_entry("NLVR2", root)
     with pytest.raises(SystemExit, match="custom:NAME=DIR"):
         h.lmms_entry("custom:X", root)
@@ -244,20 +250,61 @@ def test_tiny_rows_are_valid_07_rows():
 
 def test_nlvr2_rows_and_conversion(tmp_path):
     row = {"identifier": "test1-769-1-0", "sentence": " There are two dogs. ", "label": "False"}
-    out = h.nlvr2_row(row)
+    out = convert_nlvr2.nlvr2_row(row)
     assert out["images"] == ["test1-769-1-img0.png", "test1-769-1-img1.png"]
     assert out["question"] == ('Left image:<image>\nRight image:<image>\nIs this statement true of the two images? '
                                '"There are two dogs."')
     assert (out["options"], out["answer"], out["group"]) == (["true", "false"], "B", "NLVR2")
     src = tmp_path / "test1.json"
     src.write_text(json.dumps(row) + "\n" + json.dumps({**row, "identifier": "test1-1-0-0", "label": "True"}) + "\n")
-    run = _harness(["convert-nlvr2", "--data", str(src), "--out", str(tmp_path / "mc.jsonl")], tmp_path)
+    run = _script("convert_nlvr2.py", ["--data", str(src), "--out", str(tmp_path / "mc.jsonl")], tmp_path)
     assert run.returncode == 0, run.stderr
     rows = [json.loads(x) for x in (tmp_path / "mc.jsonl").read_text().splitlines()]
     assert [r["answer"] for r in rows] == ["B", "A"] and ev.row_question(rows[1], "mc.jsonl", 2, {})["gold"] == "A"
     src.write_text(json.dumps({**row, "label": "maybe"}) + "\n")
-    run = _harness(["convert-nlvr2", "--data", str(src), "--out", str(tmp_path / "mc2.jsonl")], tmp_path)
+    run = _script("convert_nlvr2.py", ["--data", str(src), "--out", str(tmp_path / "mc2.jsonl")], tmp_path)
     assert run.returncode != 0 and "test1.json:1" in run.stderr and "'maybe'" in run.stderr
+
+
+# ---- one file per job: the driver, the in-harness code, the converter ------------------------------------------
+def test_each_script_has_its_own_help(tmp_path):
+    run = _harness(["--help"], tmp_path)
+    assert run.returncode == 0 and "--vlmevalkit" in run.stdout and "--tiny" in run.stdout and "convert" not in run.stdout
+    run = _script("convert_nlvr2.py", ["--help"], tmp_path)
+    assert run.returncode == 0 and "--data" in run.stdout and "--out" in run.stdout and "test-P" in run.stdout
+    run = _script("harness_models.py", ["--help"], tmp_path)
+    assert run.returncode == 0 and "harness_models.py vlmevalkit" in run.stdout
+    run = _script("harness_models.py", ["nope"], tmp_path)
+    assert run.returncode != 0 and "vlmevalkit or lmms-eval, not 'nope'" in run.stderr
+
+
+def test_no_stage_imports_another():
+    """07_eval.py, 07_harness.py and the modules they use import no stage script (NN_name.py)."""
+    import ast
+
+    for f in ("07_eval.py", "07_harness.py", "harness_models.py", "convert_nlvr2.py", "common.py", "vlm.py"):
+        tree = ast.parse((ROOT / f).read_text())
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        names += [n.args[0].value for n in ast.walk(tree) if isinstance(n, ast.Call) and n.args
+                  and getattr(n.func, "attr", getattr(n.func, "id", None)) == "import_module"
+                  and isinstance(n.args[0], ast.Constant)]
+        assert not [x for x in names if x[:2].isdigit()], (f, names)
+
+
+def test_tiny_run_leaves_the_flags_as_given(toy_tiny, tiny, tmp_path):
+    """--tiny picks its own benchmark and data folder without rewriting args: the config names
+    MIA_TINY, and args after main are the args parsed."""
+    kit = tmp_path / "VLMEvalKit"
+    kit.mkdir()
+    (kit / "run.py").write_text("")
+    args = h.get_args(["--vlmevalkit", "--vlmevalkit-dir", str(kit), "--tiny", str(tiny), "--model",
+                       f"toy={toy_tiny / 'models' / 'toy-llava'}", "--out", str(tmp_path / "o"), "--dry-run"])
+    before = dict(vars(args))
+    assert h.main(args) is None and vars(args) == before and args.benchmarks is None
+    cfg = json.loads((tmp_path / "o" / "vlmevalkit" / "config-toy.json").read_text())
+    assert cfg["data"] == {"MIA_TINY": {"class": "CustomMCQDataset", "dataset": "MIA_TINY"}}
+    assert h.targets(args) == (["custom:MIA_TINY"], str(tiny / "LMUData"))
 
 
 # ---- errors: a clear message and a non-zero exit ---------------------------------------------------------------
@@ -309,21 +356,22 @@ def test_dry_run_writes_a_valid_config(tmp_path):
                     "--model", f"m={_model_dir(tmp_path / 'm')}", "--out", "o", "--dry-run"], tmp_path)
     assert run.returncode == 0, run.stderr
     cfg = json.loads((tmp_path / "o" / "vlmevalkit" / "config-m.json").read_text())
-    assert cfg["model"]["m"]["class"] == h.MODEL_CLASS and cfg["model"]["m"]["model_path"] == str(tmp_path / "m")
+    assert cfg["model"]["m"]["class"] == hm.MODEL_CLASS and cfg["model"]["m"]["model_path"] == str(tmp_path / "m")
     assert cfg["data"] == {"BLINK": {"class": "ImageMCQDataset", "dataset": "BLINK"}}
     assert f"--work-dir {tmp_path / 'o' / 'vlmevalkit' / 'work'}" in run.stdout and "--judge exact_matching" in run.stdout
 
 
 @pytest.mark.slow
 def test_torchvision_stand_in_keeps_transformers_on_pil(toy_tiny):
-    """Where torchvision does not import, VLMEvalKit-style module-level uses work and transformers still
-    loads the toy's PIL image processor; a real call fails naming torchvision."""
+    """Where torchvision does not import, VLMEvalKit-style module-level uses work, transformers and
+    vlm.load_processor still load the toy's PIL image processor (one answer: torchvision_problem, not
+    fooled by the stand-in), and a real call fails naming torchvision."""
     if importlib.util.find_spec("torchvision") is not None:
         pytest.skip("a torchvision is installed here: the launcher uses it when it imports")
     code = f"""
 import importlib, sys
-h = importlib.import_module("07_harness")
-print(h.torchvision_or_stand_in())
+import vlm
+print(vlm.torchvision_or_stand_in())
 import torchvision, torchvision.transforms as T
 from torchvision.transforms.functional import InterpolationMode
 from torchvision import transforms
@@ -332,7 +380,9 @@ class Mine(T.Compose): pass
 import transformers.utils.import_utils as iu
 from transformers import AutoProcessor
 proc = AutoProcessor.from_pretrained({str(toy_tiny / 'models' / 'toy-llava')!r}, local_files_only=True)
-print(iu.is_torchvision_available(), type(proc.image_processor).__name__)
+ours = vlm.load_processor({str(toy_tiny / 'models' / 'toy-llava')!r})
+print(iu.is_torchvision_available(), type(proc.image_processor).__name__, type(ours.image_processor).__name__)
+print(vlm.torchvision_problem() == vlm.torchvision_or_stand_in())
 try:
     transforms.Resize(3)
 except ModuleNotFoundError as e:
@@ -341,8 +391,9 @@ except ModuleNotFoundError as e:
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, env=_env())
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
-    assert lines[0].startswith("ModuleNotFoundError") and lines[1].split()[0] == "False" and lines[1].endswith("Pil")
-    assert "torchvision.transforms.Resize: torchvision is not importable here" in lines[2]
+    assert lines[0].startswith("ModuleNotFoundError") and lines[1].split()[0] == "False"
+    assert all(c.endswith("Pil") for c in lines[1].split()[1:]) and lines[2] == "True"
+    assert "torchvision.transforms.Resize: torchvision is not importable here" in lines[3]
 
 
 # ---- real runs on the toy model ----------------------------------------------------------------------------------
