@@ -281,6 +281,8 @@ def row_question(row, path, line, scene_of):
     conv = row["conversations"]
     mia = row.get("mia") or {}
     group = f"{mia['format']} {mia['n_images']}" if mia else ("single" if len(images) == 1 else f"multi {len(images)}")
+    if len(conv) < 2 or not str(conv[1].get("value", "")).strip():  # nothing to score an answer against
+        raise common.DataError(path, line, "conversations[1].value", "empty gold answer")
     q = {"id": str(row["id"]), "kind": "open", "images": images, "question": conv[0]["value"],
          "gold": conv[1]["value"], "group": group}
     # scenes of the images the question is about (for the hallucination breakdown)
@@ -580,9 +582,30 @@ def read_questions(args, skips):
     questions = load_questions(args.data, args.scenes, args.on_error, skips)
     if args.limit:
         questions = questions[: args.limit]
+    questions = usable_images(questions, args.image_root, args.on_error, skips)
     if not questions:
         raise SystemExit(f"no questions in {args.data}")
     return questions
+
+
+def usable_images(questions, image_root, on_error, skips):
+    """Every image the questions use, decoded once before any model runs: a bad one stops the run
+    naming it (or, with --on-error skip, its questions are counted and skipped), instead of a crash
+    in the middle of a model's answers."""
+    bad = {}
+    for p in sorted({p for q in questions for p in q["images"]}):
+        try:
+            common.open_image(image_root, p)
+        except common.ImageError as e:
+            if on_error == "raise":
+                raise SystemExit(f"07_eval: {e} (--on-error skip counts and skips its questions)") from None
+            bad[p] = str(e)
+    for q in questions:
+        for p in q["images"]:
+            if p in bad:
+                skips.add(q["id"], f"unreadable image: {bad[p]}", q["key"].split(":")[0])
+                break
+    return [q for q in questions if not any(p in bad for p in q["images"])]
 
 
 def evaluate_model(name, path, questions, first, args):
@@ -641,7 +664,13 @@ def write_report(report, names, questions, skips, configs, args):
 def main(args):
     t0 = time.time()
     common.set_threads(args.threads)
+    common.set_image_policy(args.max_image_pixels, args.allow_outside_root)
     models = vlm.parse_models(args.model)
+    for name, path in models.items():  # every model checked before the first one runs
+        try:
+            vlm.resolve_model(path)
+        except FileNotFoundError as e:
+            raise SystemExit(f"07_eval: --model {name}={e}") from None
     skips = common.Skips()
     questions = read_questions(args, skips)
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -659,7 +688,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
-                   help="a model to score (repeat to compare): a local model directory or a 06 output directory")
+                   help="a model to score (repeat to compare): a local model directory or a 06 output directory "
+                        f"(default: {' '.join(vlm.TOY_MODELS)})")
     g.add_argument("--data", nargs="+", default=[], help="question files: LLaVA-format rows and/or multiple-choice rows")
     g.add_argument("--image-root", default="data/toy/images", help="folder the rows' image paths are relative to")
     g.add_argument("--scenes", nargs="*", default=[], help="rows with `image` + `toy` attributes (the toy splits): "
@@ -678,11 +708,9 @@ def get_args(argv=None):
     s.add_argument("--dtype", default="auto", choices=vlm.DTYPES)
     s.add_argument("--device", default="auto", help="auto (CUDA if visible), cpu, cuda, cuda:1 ...")
     common.add_max_image_tokens_flag(s)
+    common.add_image_flags(s)
     common.add_threads_flag(s)
-    args = p.parse_args(argv)
-    if not args.model:
-        args.model = ["base=models/toy-llava", "dpo=out/dpo-toy"]
-    return args
+    return p.parse_args(argv)
 
 
 if __name__ == "__main__":

@@ -660,10 +660,7 @@ def get_args(argv=None):
     m.add_argument("--device", default="auto", help="auto (CUDA if visible), cpu, cuda, cuda:1 ...")
     m.add_argument("--dtype", default="auto", choices=vlm.DTYPES, help="auto: bfloat16 on a GPU, the checkpoint's on a CPU")
     m.add_argument("--max-new-tokens", type=int, default=0, help="0: VLMEvalKit 2048 (its LLaVA class), lmms-eval each task's")
-    args = p.parse_args(argv)
-    if not args.model:
-        args.model = ["base=models/toy-llava", "dpo=out/dpo-toy"]
-    return args
+    return p.parse_args(argv)
 
 
 

@@ -69,11 +69,14 @@ def resolve_model(path):
     raise FileNotFoundError(f"{path}: no config.json, final/ or adapter/ here: not a model directory or a 06 output")
 
 
+TOY_MODELS = ("base=models/toy-llava", "dpo=out/dpo-toy")  # no --model: the toy demo's base and its 06 output
+
+
 def parse_models(specs):
-    """--model NAME=PATH flags (07_eval.py and 07_harness.py) -> {name: path}, in the order given;
-    SystemExit for a flag that is not NAME=PATH or a name given twice."""
+    """--model NAME=PATH flags (07_eval.py and 07_harness.py) -> {name: path}, in the order given
+    (none given: TOY_MODELS); SystemExit for a flag that is not NAME=PATH or a name given twice."""
     out = {}
-    for s in specs:
+    for s in specs or TOY_MODELS:
         name, sep, path = s.partition("=")
         if not sep or not name or not path:
             raise SystemExit(f"--model {s!r}: expected NAME=PATH (e.g. base=models/toy-llava)")

@@ -244,3 +244,46 @@ def test_a_second_04_on_the_same_out_stops_at_once(seq_world, tmp_path):
                     "--out", out, cwd=seq_world)
     assert run.returncode != 0 and "another process is writing it" in last_line(run) and f"pid {os.getpid()}" in last_line(run)
     assert not out.exists() and not list(out.parent.glob("*.partial"))
+
+
+# ---- 07: every input checked before the first model runs -------------------------------------------
+@pytest.fixture()
+def eval_world(seq_world, tmp_path):
+    ws = tmp_path / "w"
+    shutil.copytree(seq_world, ws)
+    rows = [json.loads(x) for x in (ws / "seq.jsonl").read_text().splitlines()]
+    return ws, rows
+
+
+@pytest.mark.slow
+def test_07_refuses_a_missing_model_before_evaluating_any(eval_world):
+    ws, _ = eval_world
+    run = stage("07_eval.py", "--model", "base=model", "--model", "dpo=out/missing", "--data", "seq.jsonl",
+                "--image-root", "images", "--out", "eval", cwd=ws)
+    assert run.returncode != 0 and last_line(run).startswith("07_eval: --model dpo=out/missing: no config.json")
+    assert not (ws / "eval").exists()  # the base was not evaluated first
+
+
+@pytest.mark.slow
+def test_07_bad_image_stops_naming_it_or_is_a_counted_skip(eval_world):
+    ws, rows = eval_world
+    (ws / "images" / "broken.png").write_bytes(b"not a png")
+    rows[1]["image"][0] = "broken.png"
+    common.write_jsonl(ws / "seq.jsonl", rows)
+    args = ("--model", "base=model", "--data", "seq.jsonl", "--image-root", "images", "--out", "eval", "--no-mass")
+    run = stage("07_eval.py", *args, cwd=ws)
+    assert run.returncode != 0 and "images/broken.png: cannot read image" in last_line(run) and "--on-error skip" in last_line(run)
+    run = stage("07_eval.py", *args, "--on-error", "skip", cwd=ws)
+    assert run.returncode == 0, run.stderr
+    meta = sidecar(ws / "eval" / "report.json")
+    assert meta["counts"] == {"questions": 5, "skipped": 1} and meta["skipped"]["rows"][0]["id"] == rows[1]["id"]
+
+
+@pytest.mark.slow
+def test_07_empty_gold_answer_is_a_located_error(eval_world):
+    ws, rows = eval_world
+    rows[2]["conversations"][1]["value"] = ""
+    common.write_jsonl(ws / "seq.jsonl", rows)
+    run = stage("07_eval.py", "--model", "base=model", "--data", "seq.jsonl", "--image-root", "images", "--out", "eval",
+                cwd=ws)
+    assert run.returncode != 0 and last_line(run) == "07_eval.py: seq.jsonl:3: conversations[1].value: empty gold answer"
