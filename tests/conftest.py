@@ -92,3 +92,11 @@ def run(mod, ds, out, *argv):
     mod.main(mod.get_args(["--data", str(ds["data"]), "--image-root", str(ds["root"]), "--out", str(out), *argv]))
     rows = [json.loads(line) for line in Path(out).read_text().splitlines()]
     return rows, json.loads(Path(str(out) + ".meta.json").read_text())
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that needs the session's toy world (`toy_tiny`: two stage runs as subprocesses, tens of
+    seconds on 2 cores) is slow: `-m "not slow"` leaves it out, so the edit-test loop stays fast."""
+    for item in items:
+        if "toy_tiny" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
