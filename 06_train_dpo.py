@@ -560,9 +560,9 @@ def main(args):
     if master:
         if args.plot and log_path.is_file() and log_path.stat().st_size:
             train_state.plot_curves(log_path, out / "curves.png")
-        counts = {"pairs_read": len(pairs) + len(skips), "pairs_used": len(pairs), "steps": step, "world_size": world,
-                  "replay_rows": len(replay or [])}
-        common.write_sidecar(log_path, flags, counts=counts, skips=skips, replay_skips=replay_skips and replay_skips.to_json(),
+        common.write_sidecar(log_path, flags, counts={"pairs_read": len(pairs) + len(skips), "pairs_used": len(pairs),
+                             "steps": step, "world_size": world, "replay_rows": len(replay or [])}, skips=skips,
+                             replay_skips=None if replay_skips is None else replay_skips.to_json(),
                              reference=reference, model_fingerprint=fingerprint, status=status, saved=saved)
         print(f"06_train_dpo: {status} in {time.time() - t_start:.0f} s, {step} steps -> {out}"
               + (f" ({', '.join(saved)})" if saved else ""))

@@ -345,7 +345,9 @@ def test_replay_step_gradient_equals_a_naive_sum_of_both_terms(toy, tmp_path, mo
     monkeypatch.setattr(dpo, "replay_loss", record_nlls)
     log = run_main(toy, tmp_path / "g", "--lora-r", "0", "--gamma", "0.5", "--batch-size", "3", "--max-grad-norm", "1e9",
                    "--replay", str(replay), "--replay-weight", "0.7", "--replay-batch", "4", "--max-steps", "1")
-    assert log[0]["n"] == 3 and len(nlls) == 4 and len(grads) == 1 and sidecar(tmp_path / "g")["args"]["replay_batch"] == 4
+    assert log[0]["n"] == 3 and len(nlls) == 4 and len(grads) == 1
+    meta = sidecar(tmp_path / "g")
+    assert meta["args"]["replay_batch"] == 4 and meta["replay_skips"] == {"total": 0, "by_reason": {}, "rows": []}
 
     model, proc = vlm.load_model(toy["model"], dtype="float32")  # the weights the step saw (frozen copy = reference)
     train_state.prepare_policy(model, "stored")  # the same trainable weights: vision tower and projector frozen
