@@ -362,6 +362,7 @@ def train(state, model, pairs, replay, *, reference, ref_scorer, image_root, pro
 
     state        train_state.TrainState: policy, scorer (`score`, wrapped for the processes), optimizer, scheduler
     reference    pick_reference's answer (+ ref_scorer, the frozen copy's scorer, for "frozen-copy")
+    share_prefix, encode_once   the fast path's two halves (prefix_sharing.py), as main decided them
     objective    dpo_step's loss settings (beta, loss_type, label_smoothing, dpo_alpha, gamma)
     replay       load_replay rows or None; replay_batch rows per process per micro-step, replay_weight
     global_batch pairs per optimizer step over all `world` processes and `grad_accum` micro-steps
@@ -530,7 +531,7 @@ def main(args):
     if why and (args.prefix_sharing or args.encode_images_once) and master:
         print(f"06_train_dpo: plain path ([chosen; rejected] rows), not the fast path, for {type(model).__name__}: {why}")
     share_prefix, encode_images = args.prefix_sharing and not why, args.encode_images_once and not why
-    flags = argparse.Namespace(**{**vars(args), "prefix_sharing": share_prefix, "encode_images_once": encode_images})
+    flags = argparse.Namespace(**{**vars(args), "prefix_sharing": share_prefix, "encode_images_once": encode_images})  # as run
     # image features can be shared only while no gradient needs to reach the vision tower / projector
     encode_once = encode_images and not (args.tune_vision or args.tune_projector or args.fsdp)
     scorer, ref_scorer = train_state.make_scorers(model, frozen, score, args.fsdp, world)
@@ -543,8 +544,8 @@ def main(args):
     state = train_state.TrainState(policy, scorer, optimizer, scheduler, args.fsdp)
     step, resumed = train_state.resume(state, args.resume, out, rank, world)
     if master:
-        print(describe(flags, world, pairs, skips, total, optimizer, reference, fingerprint, encode_once, replay,
-                       replay_file, replay_skips) + (f" | resumed at step {step} from {resumed}" if resumed else ""), flush=True)
+        print(describe(flags, world, pairs, skips, total, optimizer, reference, fingerprint, encode_once, replay, replay_file,
+                       replay_skips) + (f" | resumed at step {step} from {resumed}" if resumed else ""), flush=True)
     meta = {"args": vars(flags), "reference": reference, "fingerprint": fingerprint}  # what each checkpoint records
 
     status, step = train(
