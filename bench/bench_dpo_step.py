@@ -187,7 +187,7 @@ def worker_trl(a):
     from trl import DPOConfig, DPOTrainer
 
     import common
-
+    import train_state
     import vlm
 
     base = rss_mb()
@@ -195,7 +195,7 @@ def worker_trl(a):
     import importlib
 
     model_tmp, proc = vlm.load_model(a.model)
-    decoder = importlib.import_module("06_train_dpo").model_parts(model_tmp)[0]
+    decoder = train_state.model_parts(model_tmp)[0]  # LoRA on the same layers as 06 (train_state.prepare_policy)
     lm = model_tmp.get_submodule(decoder)
     targets = [f"{decoder}.{n}" for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)]
     del model_tmp, lm

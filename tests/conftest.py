@@ -100,3 +100,94 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "toy_tiny" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+
+# ---- 06_train_dpo.py: helpers its test files share (tests/test_train_dpo.py, test_prefix_sharing.py, test_trl_qwen.py)
+@pytest.fixture
+def one_thread():
+    """One torch thread: on the shared 2-core machine it is several times faster than two.
+    A test module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_pairs(toy_root, n, seed=0, n_images=(2, 3)):
+    """Pairs like 04's: 'In ImageK, what color is the shape?' -> chosen = ImageK's colour,
+    rejected = another image's colour (a sequence-confusion answer). A few rows carry grid /
+    no `mia` record so the log's breakdown has several groups."""
+    import json
+    import random
+
+    rows = json.loads((toy_root / "data" / "toy" / "train.json").read_text())
+    rng, pairs = random.Random(seed), []
+    while len(pairs) < n:
+        k = rng.choice(n_images)
+        pick = rng.sample(rows, k)
+        t = rng.randrange(k)
+        other = [r for j, r in enumerate(pick) if j != t and r["toy"]["color"] != pick[t]["toy"]["color"]]
+        if not other:
+            continue
+        labels = "".join(f"Image{j + 1}:<image>\n" for j in range(k))
+        pair = {"id": f"pair-{len(pairs)}", "image": [r["image"] for r in pick],
+                "prompt": f"{labels}In Image{t + 1}, what color is the shape?",
+                "chosen": pick[t]["toy"]["color"], "rejected": other[0]["toy"]["color"]}
+        if len(pairs) % 4 != 3:
+            pair["mia"] = {"format": "grid" if len(pairs) % 4 == 2 else "sequence", "n_images": k, "target": t + 1}
+        pairs.append(pair)
+    return pairs
+
+
+def write(path, rows):
+    """rows -> a JSONL file at `path` (returned)."""
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def dpo_argv(toy, out, *extra, pairs=None):
+    """06's command line for a toy dict {pairs, images, model}: the paper's recipe in float32 without
+    checkpointing, a tiny LoRA and global batch 2 (tests spell out what they change after these)."""
+    return ["--pairs", str(pairs or toy["pairs"]), "--image-root", str(toy["images"]), "--model", str(toy["model"]),
+            "--out", str(out), "--recipe", "paper", "--dtype", "float32", "--no-grad-ckpt", "--no-merge", "--batch-size", "2",
+            "--grad-accum", "1", "--lora-r", "8", "--lora-alpha", "16", "--warmup-steps", "0", "--save-every", "0",
+            "--threads", "1", *extra]
+
+
+def run_main(toy, out, *extra, pairs=None):
+    """06's main on dpo_argv(...) -> the rows of OUT/log.jsonl."""
+    import importlib
+
+    import common
+
+    dpo = importlib.import_module("06_train_dpo")
+    dpo.main(dpo.get_args(dpo_argv(toy, out, *extra, pairs=pairs)))
+    return [r for _, r in common.read_rows(out / "log.jsonl")]
+
+
+def recording_trl_trainer(model_dir, ds, proc, out_dir):
+    """TRL's DPOTrainer on `ds` with the settings both parity tests compare against (one global batch
+    of 4, 3 steps, AdamW lr 1e-4, linear schedule, clipping 1.0, fp32 on the CPU) -> (trainer, seen):
+    `seen` gets loss, rewards and log-probs of every step."""
+    from trl import DPOConfig, DPOTrainer
+
+    cfg = DPOConfig(output_dir=str(out_dir), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-4,
+                    lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, beta=0.1,
+                    max_length=None, use_cpu=True, bf16=False, gradient_checkpointing=False, optim="adamw_torch",
+                    remove_unused_columns=False, report_to="none", logging_steps=1, save_strategy="no", seed=0,
+                    dataloader_num_workers=0, disable_tqdm=True)
+    seen = []
+
+    class Recording(DPOTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            m = self._metrics["train"]
+            seen.append({"loss": loss.item(), **{k: m[k][-1] for k in ("rewards/chosen", "rewards/rejected",
+                                                                       "logps/chosen", "logps/rejected")}})
+            return loss
+
+    return Recording(model=str(model_dir), args=cfg, train_dataset=ds, processing_class=proc), seen

@@ -24,6 +24,8 @@ import torch
 from PIL import Image
 
 import common
+import prefix_sharing
+import train_state
 import vlm
 import token_geometry
 from tiny_families import FAMILIES, FAMILIES_SPEC, tiny_dirs  # noqa: F401  (tiny_dirs is a fixture)
@@ -224,7 +226,7 @@ PAIRS = [  # 1-3 images of different sizes; answers of different lengths
      "prompt": "Image1:<image>\nImage2:<image>\nImage3:<image>\nIn Image3, what color is the background?",
      "chosen": "red", "rejected": "green"},
 ]
-PLAIN_ONLY = {  # why 06 trains these on the plain path (section 2): fast_path_blocker's reason
+PLAIN_ONLY = {  # why 06 trains these on the plain [chosen; rejected] rows: prefix_sharing.fast_path_blocker's reason
     **{f: "M-RoPE" for f in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")},
     "gemma3": "sliding-window", "gemma4": "sliding-window",
 }
@@ -239,10 +241,9 @@ def pair_images(tmp_path_factory):
 
 
 def _policy(model, lora=True):
-    args = dpo.get_args(["--lora-r", "4" if lora else "0", "--lora-alpha", "8", "--recipe", "paper"])
-    common.apply_recipe(args, dpo.RECIPES, False, "06", quiet=True)
     torch.manual_seed(0)
-    policy, _ = dpo.prepare_policy(model, args, "adapters-disabled" if lora else "frozen-copy")
+    policy, _ = train_state.prepare_policy(model, "adapters-disabled" if lora else "frozen-copy", lora_r=4 if lora else 0,
+                                           lora_alpha=8)
     for name, p in policy.named_parameters():  # LoRA B starts at 0: make policy != reference
         if "lora_B" in name:
             p.data.normal_(0, 0.05)
@@ -251,7 +252,7 @@ def _policy(model, lora=True):
 
 def _logps_and_grads(policy, model, batch):
     policy.zero_grad(set_to_none=True)
-    pc, pr, _, _ = dpo.pair_forward(model, batch)
+    pc, pr, _, _ = dpo.score(model, batch)
     (pc.sum() - pr.sum()).backward()
     return torch.cat([pc, pr]).detach(), {k: p.grad.clone() for k, p in policy.named_parameters() if p.grad is not None}
 
@@ -266,18 +267,18 @@ def test_06_lora_trains_the_decoder_only_and_the_fast_path_equals_the_plain_one(
         pytest.importorskip("num2words")
     model, proc = vlm.load_model(tiny_dirs(family), dtype="float32")
     policy = _policy(model)
-    decoder, vision, projector = dpo.model_parts(model)
+    decoder, vision, projector = train_state.model_parts(model)
     trained = {n for n, p in policy.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n and f".{decoder}." in f".{n}" for n in trained), sorted(trained)[:3]
-    plain = dpo.collate(PAIRS, pair_images, proc, "cpu", torch.float32)
-    why = dpo.fast_path_blocker(model, plain)
+    plain = dpo.collate(PAIRS, pair_images, proc, model)
+    why = prefix_sharing.fast_path_blocker(model, plain)
     lp_a, g_a = _logps_and_grads(policy, model, plain)
     assert torch.isfinite(lp_a).all() and g_a and any(g.abs().max() > 1e-4 for g in g_a.values())
     if family in PLAIN_ONLY:
         assert why and PLAIN_ONLY[family] in why
         return
     assert why is None
-    fast = dpo.encode_images(model, dpo.build_shared_prefix_batch(plain, torch.float32))
+    fast = prefix_sharing.encode_images(model, prefix_sharing.build_shared_prefix_batch(plain, torch.float32))
     assert fast["input_ids"].shape[0] == len(PAIRS) and "pixel_values" not in fast
     lp_b, g_b = _logps_and_grads(policy, model, fast)
     torch.testing.assert_close(lp_b, lp_a, atol=1e-4, rtol=0)
@@ -398,7 +399,7 @@ def test_04_runs_every_format_and_stores_the_reference_06_would_compute(family, 
     ims = [common.load_image(root, x) for x in row["images"]]
     c, r = vlm.pair_logps(model, proc, [row["prompt"]], [ims], [row["chosen"]], [row["rejected"]])
     with torch.no_grad():
-        plain = dpo.concatenated_forward(model, dpo.collate([row], root, proc, "cpu", torch.float32))
+        plain = dpo.concatenated_forward(model, dpo.collate([row], root, proc, model))
     assert abs(c[0] - float(plain[0][0])) < 1e-4 and abs(r[0] - float(plain[1][0])) < 1e-4
 
 

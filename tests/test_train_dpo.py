@@ -4,7 +4,6 @@ import importlib
 import json
 import math
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -13,48 +12,15 @@ import pytest
 import torch
 
 import common
+import train_state
 import vlm
-from conftest import ROOT
+from conftest import ROOT, dpo_argv, make_pairs, recording_trl_trainer, run_main, write
 
 dpo = importlib.import_module("06_train_dpo")
 
 
 # ---- fixtures ---------------------------------------------------------------------------------
-def make_pairs(toy_root, n, seed=0, n_images=(2, 3)):
-    """Pairs like 04's: 'In ImageK, what color is the shape?' -> chosen = ImageK's colour,
-    rejected = another image's colour (a sequence-confusion answer). A few rows carry grid /
-    no `mia` record so the log's breakdown has several groups."""
-    rows = json.loads((toy_root / "data" / "toy" / "train.json").read_text())
-    rng, pairs = random.Random(seed), []
-    while len(pairs) < n:
-        k = rng.choice(n_images)
-        pick = rng.sample(rows, k)
-        t = rng.randrange(k)
-        other = [r for j, r in enumerate(pick) if j != t and r["toy"]["color"] != pick[t]["toy"]["color"]]
-        if not other:
-            continue
-        labels = "".join(f"Image{j + 1}:<image>\n" for j in range(k))
-        pair = {"id": f"pair-{len(pairs)}", "image": [r["image"] for r in pick],
-                "prompt": f"{labels}In Image{t + 1}, what color is the shape?",
-                "chosen": pick[t]["toy"]["color"], "rejected": other[0]["toy"]["color"]}
-        if len(pairs) % 4 != 3:
-            pair["mia"] = {"format": "grid" if len(pairs) % 4 == 2 else "sequence", "n_images": k, "target": t + 1}
-        pairs.append(pair)
-    return pairs
-
-
-def write(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on the shared 2-core machine it is several times faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -62,20 +28,6 @@ def toy(toy_tiny, tmp_path_factory):
     d = tmp_path_factory.mktemp("pairs")
     return {"root": toy_tiny, "model": toy_tiny / "models" / "toy-llava", "images": toy_tiny / "data" / "toy" / "images",
             "pairs": write(d / "pairs.jsonl", make_pairs(toy_tiny, 12)), "dir": d}
-
-
-def argv(toy, out, *extra, pairs=None):
-    """The paper's recipe in float32 without checkpointing, a tiny LoRA and global batch 2 (tests
-    spell out what they change after these)."""
-    return ["--pairs", str(pairs or toy["pairs"]), "--image-root", str(toy["images"]), "--model", str(toy["model"]),
-            "--out", str(out), "--recipe", "paper", "--dtype", "float32", "--no-grad-ckpt", "--no-merge", "--batch-size", "2",
-            "--grad-accum", "1", "--lora-r", "8", "--lora-alpha", "16", "--warmup-steps", "0", "--save-every", "0",
-            "--threads", "1", *extra]
-
-
-def run_main(toy, out, *extra, pairs=None):
-    dpo.main(dpo.get_args(argv(toy, out, *extra, pairs=pairs)))
-    return [r for _, r in common.read_rows(out / "log.jsonl")]
 
 
 def sidecar(out):
@@ -130,7 +82,7 @@ def test_concatenated_logps_equal_per_example(toy):
     batch_pairs = pairs[:3]
     assert len({p["n_images"] for p in batch_pairs}) > 1  # unequal lengths: padding is exercised
     with torch.no_grad():
-        chosen, rejected, n_chosen, n_rejected = dpo.make_scorer(model)(dpo.collate(batch_pairs, toy["images"], proc, "cpu", model.dtype))
+        chosen, rejected, n_chosen, n_rejected = dpo.concatenated_forward(model, dpo.collate(batch_pairs, toy["images"], proc, model))
         sums, n = torch.cat([chosen, rejected]), torch.cat([n_chosen, n_rejected])
         single = []
         for answer in ("chosen", "rejected"):
@@ -143,30 +95,6 @@ def test_concatenated_logps_equal_per_example(toy):
 
 
 # ---- parity with TRL's DPOTrainer -------------------------------------------------------------------
-def recording_trl_trainer(model_dir, ds, proc, out_dir):
-    """TRL's DPOTrainer on `ds` with the settings both parity tests compare against (one global batch
-    of 4, 3 steps, AdamW lr 1e-4, linear schedule, clipping 1.0, fp32 on the CPU) -> (trainer, seen):
-    `seen` gets loss, rewards and log-probs of every step."""
-    from trl import DPOConfig, DPOTrainer
-
-    cfg = DPOConfig(output_dir=str(out_dir), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-4,
-                    lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, beta=0.1,
-                    max_length=None, use_cpu=True, bf16=False, gradient_checkpointing=False, optim="adamw_torch",
-                    remove_unused_columns=False, report_to="none", logging_steps=1, save_strategy="no", seed=0,
-                    dataloader_num_workers=0, disable_tqdm=True)
-    seen = []
-
-    class Recording(DPOTrainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            m = self._metrics["train"]
-            seen.append({"loss": loss.item(), **{k: m[k][-1] for k in ("rewards/chosen", "rewards/rejected",
-                                                                       "logps/chosen", "logps/rejected")}})
-            return loss
-
-    return Recording(model=str(model_dir), args=cfg, train_dataset=ds, processing_class=proc), seen
-
-
 @pytest.mark.slow
 def test_first_steps_equal_trl_dpotrainer(toy, tmp_path):
     """Same model, same 4 pairs (one global batch, so every step sees all of them in both), full
@@ -192,7 +120,7 @@ def test_first_steps_equal_trl_dpotrainer(toy, tmp_path):
     # 1. tokens: TRL's collated batch == ours, row by row (padding aside), scored positions too
     theirs = trainer.data_collator([ds[i] for i in range(4)])
     ours_pairs, _ = dpo.load_pairs(pairs_path, toy["images"], proc, 4096, "raise")
-    ours = dpo.collate(ours_pairs, toy["images"], proc, "cpu", torch.float32)
+    ours = dpo.collate(ours_pairs, toy["images"], proc, model)
     for i in range(8):
         t_mask, o_mask = theirs["attention_mask"][i].bool(), ours["attention_mask"][i].bool()
         assert theirs["input_ids"][i][t_mask].tolist() == ours["input_ids"][i][o_mask].tolist(), i
@@ -231,7 +159,7 @@ def test_torchrun_two_processes_equal_one_process(toy, tmp_path, capsys):
     one = capsys.readouterr().out
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-                          str(ROOT / "06_train_dpo.py"), *argv(toy, tmp_path / "two", "--batch-size", "1", "--replay-batch", "1",
+                          str(ROOT / "06_train_dpo.py"), *dpo_argv(toy, tmp_path / "two", "--batch-size", "1", "--replay-batch", "1",
                                                                "--grad-ckpt", *common_args)],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert two.returncode == 0, two.stdout + two.stderr
@@ -263,7 +191,7 @@ def test_fsdp_full_finetune_equals_one_process_and_resumes(toy, tmp_path):
     def torchrun(out, *extra):
         run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                               str(_free_port()), str(ROOT / "06_train_dpo.py"),
-                              *argv(toy, out, "--batch-size", "1", "--replay-batch", "1", "--fsdp", *args, *extra)],
+                              *dpo_argv(toy, out, "--batch-size", "1", "--replay-batch", "1", "--fsdp", *args, *extra)],
                              capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
         assert run.returncode == 0, run.stdout + run.stderr
         return [r for _, r in common.read_rows(out / "log.jsonl")]
@@ -304,7 +232,7 @@ def test_lora_training_save_merge_reload_same_logps(toy, tmp_path):
 
     base, proc = vlm.load_model(toy["model"])
     pairs, _ = dpo.load_pairs(pairs_path, toy["images"], proc, 4096, "raise")
-    batch = dpo.collate(pairs, toy["images"], proc, "cpu", torch.float32)
+    batch = dpo.collate(pairs, toy["images"], proc, base)
     with torch.no_grad():
         ref = vlm.response_logps(base, batch)[0]
         adapter = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter").eval()
@@ -325,7 +253,7 @@ def test_reference_sources_agree_and_stored_logps_are_checked(toy, tmp_path):
     fp = vlm.model_fingerprint(model)
     pairs, _ = dpo.load_pairs(toy["pairs"], toy["images"], proc, 4096, "raise")
     with torch.no_grad():
-        c, r, _, _ = dpo.make_scorer(model)(dpo.collate(pairs, toy["images"], proc, "cpu", model.dtype))
+        c, r, _, _ = dpo.concatenated_forward(model, dpo.collate(pairs, toy["images"], proc, model))
     rows = [json.loads(x) for x in toy["pairs"].read_text().splitlines()]
     stored = [{**row, "ref_chosen_logps": float(c[i]), "ref_rejected_logps": float(r[i]),
                "ref_model": {"path": str(toy["model"]), "fingerprint": fp}} for i, row in enumerate(rows)]
@@ -400,36 +328,51 @@ def test_replay_loss_hand_case():
     assert dpo.replay_loss(lp, n).tolist() == [0.0, 0.0]
 
 
-def test_replay_step_gradient_equals_a_naive_sum_of_both_terms(toy, tmp_path):
+def test_replay_step_gradient_equals_a_naive_sum_of_both_terms(toy, tmp_path, monkeypatch):
     """One step's gradient with the replay term = the gradient of mean(pair loss) (plain path) +
     weight x mean over the step's replay rows of each row's own token NLL, from full logits."""
     replay = toy["root"] / "data" / "toy" / "train.json"
-    args = dpo.get_args(argv(toy, tmp_path / "g", "--lora-r", "0", "--gamma", "0.5", "--batch-size", "3", "--max-grad-norm",
-                             "1e9", "--replay", str(replay), "--replay-weight", "0.7", "--replay-batch", "4"))
-    run = dpo.build_run(args, *dpo.start(args))
-    assert run.replay and run.args.replay_batch == 4
-    grads = []
-    run.optimizer.step = lambda: grads.append([p.grad.detach().clone() for p in run.trainable])
-    recs, nlls = dpo.train_step(run)
-    assert len(recs) == 3 and len(nlls) == 4
+    grads, nlls, real = [], [], dpo.replay_loss
 
-    pairs = [run.pairs[i] for i in dpo.pair_order(len(run.pairs), 0, 0, 3, 0, 1, 0, 1)]
-    plain = dpo.collate(pairs, toy["images"], run.processor, "cpu", torch.float32)
-    ref_c, ref_r = dpo.reference_logps(run, plain, pairs)
-    c, r, nc, _ = dpo.concatenated_forward(run.model, plain)
+    def record_grads(opt, *a, **k):  # the gradients the first step would apply; the weights stay as loaded
+        grads.append([p.grad.detach().clone() for p in opt.param_groups[0]["params"]])
+
+    def record_nlls(logps, n_tokens, weight):
+        nlls.extend((-logps.detach() / n_tokens).tolist())
+        return real(logps, n_tokens, weight)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record_grads)
+    monkeypatch.setattr(dpo, "replay_loss", record_nlls)
+    log = run_main(toy, tmp_path / "g", "--lora-r", "0", "--gamma", "0.5", "--batch-size", "3", "--max-grad-norm", "1e9",
+                   "--replay", str(replay), "--replay-weight", "0.7", "--replay-batch", "4", "--max-steps", "1")
+    assert log[0]["n"] == 3 and len(nlls) == 4 and len(grads) == 1
+    meta = sidecar(tmp_path / "g")
+    assert meta["args"]["replay_batch"] == 4 and meta["replay_skips"] == {"total": 0, "by_reason": {}, "rows": []}
+
+    model, proc = vlm.load_model(toy["model"], dtype="float32")  # the weights the step saw (frozen copy = reference)
+    train_state.prepare_policy(model, "stored")  # the same trainable weights: vision tower and projector frozen
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    pairs, _ = dpo.load_pairs(toy["pairs"], toy["images"], proc, 4096, "raise")
+    rows, _ = dpo.load_replay(replay, toy["images"], proc, 4096, "raise")
+    pairs = [pairs[i] for i in dpo.pair_order(len(pairs), 0, 0, 3, 0, 1, 0, 1)]
+    plain = dpo.collate(pairs, toy["images"], proc, model)
+    with torch.no_grad():
+        ref_c, ref_r, _, _ = dpo.concatenated_forward(model, plain)
+    c, r, nc, _ = dpo.concatenated_forward(model, plain)
     pair_loss = dpo.mia_dpo_loss(dpo.dpo_loss(c, r, ref_c, ref_r, 0.1)[0], c, nc, 1.0, 0.5).mean()
     naive = []
-    for i in dpo.pair_order(len(run.replay), 1, 0, 4, 0, 1, 0, 1):
-        row = run.replay[i]
-        b = vlm.build_inputs(run.processor, [row["prompt"]], [[common.load_image(toy["images"], x) for x in row["images"]]],
-                                answers=[row["answer"]])
-        logits = run.model(**{k: v for k, v in b.items() if k not in ("labels", "prompt_lens")}).logits[0, :-1]
+    for i in dpo.pair_order(len(rows), 1, 0, 4, 0, 1, 0, 1):
+        row = rows[i]
+        b = vlm.build_inputs(proc, [row["prompt"]], [[common.load_image(toy["images"], x) for x in row["images"]]],
+                             answers=[row["answer"]])
+        logits = model(**{k: v for k, v in b.items() if k not in ("labels", "prompt_lens")}).logits[0, :-1]
         tgt = b["labels"][0, 1:]
         keep = tgt != vlm.IGNORE_INDEX
         naive.append(-torch.log_softmax(logits[keep].float(), -1).gather(-1, tgt[keep][:, None]).mean())
     assert torch.stack(naive).tolist() == pytest.approx(nlls, abs=1e-5)
     (pair_loss + 0.7 * torch.stack(naive).mean()).backward()
-    for got, p in zip(grads[0], run.trainable):
+    assert len(grads[0]) == len(trainable)
+    for got, p in zip(grads[0], trainable):
         assert torch.allclose(got, p.grad, atol=1e-6, rtol=1e-4)
     assert sum(float(g.abs().sum()) for g in grads[0]) > 0
 
@@ -479,10 +422,8 @@ def test_recipe_toy_for_a_toy_model_paper_for_any_other_and_flags_win(toy, tmp_p
     cases = {"toy": [], "real": ["--model", str(real)], "forced": ["--model", str(real), "--recipe", "toy"],
              "flag": ["--model", str(real), "--lr", "1e-3", "--no-grad-ckpt"]}
     got = {}
-    for name, extra in cases.items():
-        args = dpo.get_args(["--model", str(toy["model"]), *extra])
-        common.apply_recipe(args, dpo.RECIPES, common.is_toy_model(args.model), "06_train_dpo")
-        got[name] = args
+    for name, extra in cases.items():  # get_args applies the recipe: main reads final flags
+        got[name] = dpo.get_args(["--model", str(toy["model"]), *extra])
     assert {n: a.recipe for n, a in got.items()} == {"toy": "toy", "real": "paper", "forced": "toy", "flag": "paper"}
     assert (got["toy"].lora_r, got["toy"].lr, got["toy"].gamma, got["toy"].epochs) == (0, 2e-4, 1.0, 6)
     assert (got["toy"].replay, got["toy"].replay_weight, got["real"].replay, got["real"].replay_weight) == ("auto", 1.0, "none", 0.0)
@@ -490,7 +431,7 @@ def test_recipe_toy_for_a_toy_model_paper_for_any_other_and_flags_win(toy, tmp_p
     assert got["real"].dtype == "bfloat16" and got["real"].grad_ckpt and got["real"].grad_accum == 8
     assert got["flag"].lr == 1e-3 and got["flag"].grad_ckpt is False and "lr" not in got["flag"].recipe_values
     out = capsys.readouterr().out
-    assert "06_train_dpo: recipe paper (auto: not the toy world): --lora-r 128 --lora-alpha 256" in out
+    assert "06_train_dpo: recipe paper (auto: not a toy model): --lora-r 128 --lora-alpha 256" in out
     assert "--dtype bfloat16 --grad-ckpt --save-every 100 --merge" in out
     # the recipe a run used is in its sidecar
     run_main(toy, tmp_path / "run", "--max-steps", "1")

@@ -29,10 +29,12 @@ from PIL import Image
 
 import common
 import vlm
-from test_train_dpo import one_thread, recording_trl_trainer  # noqa: F401  (one_thread: autouse fixture)
+import train_state
+from conftest import recording_trl_trainer
 from tiny_families import tiny_dirs  # noqa: F401  (a fixture)
 
 dpo = importlib.import_module("06_train_dpo")
+pytestmark = pytest.mark.usefixtures("one_thread")
 pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
@@ -88,7 +90,7 @@ def trl_conversational(q, r):
 
 def ours(q):
     pairs, _ = dpo.load_pairs(q["pairs"], q["images"], q["proc"], 4096, "raise")
-    return dpo.collate(pairs, q["images"], q["proc"], "cpu", torch.float32)
+    return dpo.collate(pairs, q["images"], q["proc"], q["model"])
 
 
 def rope(model, b):
@@ -166,7 +168,8 @@ def test_first_steps_equal_trl_dpotrainer_on_qwen2_5_vl(qwen, tmp_path):
                          "--batch-size", "4", "--grad-accum", "1", "--lora-r", "0", "--tune-vision", "--tune-projector",
                          "--ref-logps", "recompute", "--max-steps", "3", "--lr", "1e-4", "--max-grad-norm", "1.0",
                          "--warmup-steps", "0", "--save-every", "0", "--threads", "1"])
-    policy, _ = dpo.prepare_policy(vlm.load_model(qwen["dir"], dtype="float32")[0], args, "frozen-copy")
+    policy, _ = train_state.prepare_policy(vlm.load_model(qwen["dir"], dtype="float32")[0], "frozen-copy", lora_r=0,
+                                           tune_vision=True, tune_projector=True)
     assert all(p.requires_grad for p in policy.parameters())  # ours with these flags: every weight too
     dpo.main(args)
     log = [r for _, r in common.read_rows(out / "log.jsonl")]

@@ -1,17 +1,20 @@
-"""06_train_dpo.py's fast path: prefix-shared pairs give the plain path's log-probs and
-gradients, fp32, tiny toy model, 1-5 images per prompt, a padded batch of unequal lengths."""
+"""prefix_sharing.py, 06_train_dpo.py's fast path: prefix-shared pairs and images encoded once give
+the plain path's log-probs and gradients, fp32, tiny toy model, 1-5 images per prompt, a padded
+batch of unequal lengths; the first-batch self-check; a training run logs the plain losses."""
 import importlib
 import random
 
 import pytest
 import torch
 
-import common
+import prefix_sharing
+import train_state
 import vlm
-from test_train_dpo import make_pairs, one_thread, run_main, write  # noqa: F401  (one_thread: autouse fixture)
+from conftest import make_pairs, run_main, write
 
 dpo = importlib.import_module("06_train_dpo")
 TOL = 1e-4
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +42,8 @@ def logps_and_grads(policy, model, batch):
     DPO loss w.r.t. the trainable parameters."""
     policy.zero_grad(set_to_none=True)
     with torch.no_grad(), policy.disable_adapter():
-        rc, rr, _, _ = dpo.pair_forward(model, batch)
-    pc, pr, nc, nr = dpo.pair_forward(model, batch)
+        rc, rr, _, _ = dpo.score(model, batch)
+    pc, pr, nc, nr = dpo.score(model, batch)
     losses, _, _ = dpo.dpo_loss(pc, pr, rc, rr, beta=0.1)
     losses.sum().backward()
     grads = {k: p.grad.clone() for k, p in policy.named_parameters() if p.requires_grad}
@@ -51,21 +54,20 @@ def logps_and_grads(policy, model, batch):
                                                ("sdpa", True, True), ("sdpa", False, True)])
 def test_fast_paths_equal_plain_logps_and_grads(toy, attn, prefix, encode):
     model, proc = vlm.load_model(toy["model"], dtype="float32", attn_implementation=attn)
-    args = dpo.get_args(["--lora-r", "8", "--lora-alpha", "16"])
     torch.manual_seed(0)
-    policy, _ = dpo.prepare_policy(model, args, "adapters-disabled")
+    policy, _ = train_state.prepare_policy(model, "adapters-disabled", lora_r=8, lora_alpha=16)
     for name, p in policy.named_parameters():  # LoRA B starts at 0: make policy != reference
         if "lora_B" in name:
             p.data.normal_(0, 0.05)
     pairs = uneven_pairs(toy["root"])
-    plain = dpo.collate(pairs, toy["images"], proc, "cpu", torch.float32)
-    fast = dpo.build_shared_prefix_batch(plain, torch.float32) if prefix else plain
+    plain = dpo.collate(pairs, toy["images"], proc, model)
+    fast = prefix_sharing.build_shared_prefix_batch(plain, torch.float32) if prefix else plain
     if prefix:  # the shared layout really is shorter: one prompt per pair, padded batch of unequal rows
         assert fast["input_ids"].shape[0] == len(pairs) and plain["input_ids"].shape[0] == 2 * len(pairs)
         assert fast["input_ids"].numel() < plain["input_ids"].numel()
         assert fast["pixel_values"].shape[0] == sum(len(p["images"]) for p in pairs)
     if encode:
-        fast = dpo.encode_images(model, fast)
+        fast = prefix_sharing.encode_images(model, fast)
         assert "pixel_values" not in fast and "mm_encoder_outputs" in fast
     pol_a, ref_a, n_a, g_a = logps_and_grads(policy, model, plain)
     pol_b, ref_b, n_b, g_b = logps_and_grads(policy, model, fast)
@@ -80,10 +82,10 @@ def test_fast_paths_equal_plain_logps_and_grads(toy, attn, prefix, encode):
 def test_shared_prefix_mask_and_positions(toy):
     """One pair laid out by hand: rejected sees the prompt and itself, never the chosen answer;
     its positions restart at the prompt end; the first rejected token is scored from p-1."""
-    _, proc = vlm.load_model(toy["model"])
+    model, proc = vlm.load_model(toy["model"])
     pair = uneven_pairs(toy["root"])[0]
-    plain = dpo.collate([pair], toy["images"], proc, "cpu", torch.float32)
-    fast = dpo.build_shared_prefix_batch(plain, torch.float32)
+    plain = dpo.collate([pair], toy["images"], proc, model)
+    fast = prefix_sharing.build_shared_prefix_batch(plain, torch.float32)
     p = int(plain["prompt_lens"][0])
     c, r = [int(m.sum()) - p for m in plain["attention_mask"]]
     allowed = fast["attention_mask"][0, 0] == 0  # (T, T)
@@ -106,3 +108,25 @@ def test_default_fast_training_run_logs_the_plain_losses(toy, tmp_path):
     assert len(plain) == len(fast) == 2
     for a, b in zip(plain, fast):
         assert abs(a["loss"] - b["loss"]) < TOL and abs(a["logps_chosen"] - b["logps_chosen"]) < TOL
+
+
+def test_self_check_passes_the_exact_layout_and_stops_a_wrong_one(toy, monkeypatch):
+    """The first-batch check 06 runs before training: the layout as built agrees with the plain
+    rows; one whose rejected positions run on after the chosen answer (a plain concatenation's
+    positions) gives other log-probs and stops the run. (An absolute tolerance of 1e-3 here: in
+    the tiny model the wrong positions move the summed log-probs by ~2e-3, which 06's default
+    tolerance, 1e-4 relative + 1e-3, lets through.)"""
+    model, proc = vlm.load_model(toy["model"], dtype="float32")
+    scorer, _ = train_state.make_scorers(model, None, dpo.score, fsdp=False, world=1)
+    plain = dpo.collate(uneven_pairs(toy["root"]), toy["images"], proc, model)
+    assert prefix_sharing.self_check(scorer, model, plain) < TOL
+    assert prefix_sharing.self_check(scorer, model, plain, tol=(0, 1e-3)) < TOL
+    real = prefix_sharing.build_shared_prefix_batch
+
+    def positions_run_on(batch, dtype):
+        out = real(batch, dtype)
+        return {**out, "position_ids": torch.arange(out["input_ids"].shape[1]).expand_as(out["input_ids"])}
+
+    monkeypatch.setattr(prefix_sharing, "build_shared_prefix_batch", positions_run_on)
+    with pytest.raises(SystemExit, match="fast path's log-probs differ from the plain path's"):
+        prefix_sharing.self_check(scorer, model, plain, tol=(0, 1e-3))
