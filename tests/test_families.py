@@ -443,7 +443,7 @@ def test_cap_image_tokens_uses_the_familys_own_setting_and_is_recorded(family, t
         pytest.importorskip("num2words")
     proc = vlm.load_processor(tiny_dirs(family))
     big = Image.new("RGB", (1000, 700), (90, 90, 90))
-    before, record = common._emitted_image_tokens(proc, [big])[0], vlm.image_settings_id(proc)
+    before, record = vlm.emitted_image_tokens(proc, [big])[0], vlm.image_settings_id(proc)
     changed = vlm.cap_image_tokens(proc, CAPS[family])
     (boxes,) = token_geometry.image_token_boxes(proc, [big])
     assert len(boxes) <= CAPS[family] and len(boxes) <= before
