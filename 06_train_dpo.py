@@ -513,11 +513,10 @@ def start(args):
 
 
 def main(args):
-    import torch
-
     t_start = time.time()
     rank, world, device = start(args)
     master, out, log_path = rank == 0, Path(args.out), Path(args.out) / "log.jsonl"
+    train_state.claim(out, args.resume, args.overwrite, rank, world)  # OUT: this run's, held by this process
     model, processor = vlm.load_model(args.model, dtype=args.dtype, device=device, max_image_tokens=args.max_image_tokens)
     fingerprint = vlm.model_fingerprint(model)  # of the base model, before any adapter
     pairs, skips = load_pairs(args.pairs, args.image_root, processor, args.max_length, args.on_error)
@@ -542,7 +541,8 @@ def main(args):
     replay, replay_skips = load_replay(replay_file, args.image_root, processor, args.max_length, args.on_error,
                                        need=args.replay_batch * args.grad_accum * world) if replay_file else (None, None)
     state = train_state.TrainState(policy, scorer, optimizer, scheduler, args.fsdp)
-    step, resumed = train_state.resume(state, args.resume, out, rank, world)
+    run = dict(zip(("run_id", "settings"), train_state.run_settings(flags, args.pairs, fingerprint)))
+    step, resumed = train_state.resume(state, args.resume, out, rank, world, run)  # same settings only
     if master:
         print(describe(flags, world, pairs, skips, total, optimizer, reference, fingerprint, encode_once, replay, replay_file,
                        replay_skips) + (f" | resumed at step {step} from {resumed}" if resumed else ""), flush=True)
@@ -555,7 +555,7 @@ def main(args):
         objective=dict(beta=args.beta, loss_type=args.loss, label_smoothing=args.label_smoothing,
                        dpo_alpha=args.dpo_alpha, gamma=args.gamma), replay_weight=args.replay_weight,
         max_grad_norm=args.max_grad_norm, rank=rank, world=world, log_path=log_path, save_every=args.save_every,
-        save=lambda s: train_state.save_checkpoint(state, out, s, rank, world, args.keep_checkpoints, meta))
+        save=lambda s: train_state.save_checkpoint(state, out, s, rank, world, args.keep_checkpoints, meta, run))
 
     saved = train_state.save_final(state, processor, out, master, args.lora_r > 0, args.merge) if status == "done" else None
     if master:
@@ -567,8 +567,7 @@ def main(args):
                              reference=reference, model_fingerprint=fingerprint, status=status, saved=saved)
         print(f"06_train_dpo: {status} in {time.time() - t_start:.0f} s, {step} steps -> {out}"
               + (f" ({', '.join(saved)})" if saved else ""))
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    train_state.end_processes(world)
     if status != "done":
         raise SystemExit(f"06_train_dpo: {status}")
     return out
@@ -611,7 +610,8 @@ def get_args(argv=None):
     common.add_max_image_tokens_flag(g)
     common.add_threads_flag(g)
     g.add_argument("--save-every", type=int, help=f"checkpoint every N steps (and at the end); 0: never {recipe}")
-    g.add_argument("--resume", default=None, help="checkpoint folder, or 'auto' for OUT's latest")
+    g.add_argument("--resume", default=None, help="checkpoint folder, or 'auto' for OUT's latest (of the same settings)")
+    g.add_argument("--overwrite", action="store_true", help="OUT holds an earlier run: remove it and start over")
     g.add_argument("--merge", action=argparse.BooleanOptionalAction, help=f"LoRA: also save the merged model to OUT/final {recipe}")
     g.add_argument("--plot", action="store_true", help="draw OUT/curves.png from the log")
     g = p.add_argument_group("advanced (defaults are right for almost every run)")

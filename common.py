@@ -263,32 +263,54 @@ def write_jsonl(path, rows):
     return n
 
 
-@contextlib.contextmanager
-def output_lock(out):
-    """Hold `out` (a file or folder a stage writes) for this process: a second process given the
-    same output stops at once with a message, instead of both doing all the work and overwriting
-    each other. An OS lock (flock) on a small file beside it, released when the process ends
-    however it ends, so a killed run leaves nothing to clean up."""
+_HELD = {}  # output path -> (open lock file, its path): held until released or the process ends
+
+
+def hold_output(out):
+    """Hold `out` (a file or folder a stage writes) for the rest of this process: a second process
+    given the same output stops at once with a message, instead of both doing all the work and
+    overwriting each other. An OS lock (flock) on a small file beside it, released when the process
+    ends however it ends, so a killed run leaves nothing to clean up."""
+    import atexit
     import fcntl
 
     out = Path(out)
+    if str(out) in _HELD:  # this process holds it already (a stage's main called twice, as tests do)
+        return
     lock = out / ".lock" if out.is_dir() else out.with_name(f".{out.name}.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise SystemExit(f"{out}: another process is writing it ({f.read().strip() or 'pid unknown'}, "
-                             f"lock {lock}); wait for it to end or choose another output") from None
+    f = open(lock, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            lock.unlink(missing_ok=True)
+        holder = f.read().strip() or "pid unknown"
+        f.close()
+        raise SystemExit(f"{out}: another process is writing it ({holder}, lock {lock}); wait for it to end or "
+                         "choose another output") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    _HELD[str(out)] = (f, lock)
+    atexit.register(release_output, out)  # the lock file goes too (the OS lock goes with the process anyway)
+
+
+def release_output(out):
+    f, lock = _HELD.pop(str(Path(out)), (None, None))
+    if f is not None:
+        lock.unlink(missing_ok=True)
+        f.close()
+
+
+@contextlib.contextmanager
+def output_lock(out):
+    """hold_output(out) for the block only."""
+    hold_output(out)
+    try:
+        yield
+    finally:
+        release_output(out)
 
 
 def sidecar_path(out_path):

@@ -50,7 +50,7 @@ case "${1:-}" in
     stage "03 pic-in-pic" "$PY" 03_make_pip.py
     stage "04 answers + attention selection" "$PY" 04_gen_pairs.py
     stage "05 post-selection" "$PY" 05_post_select.py
-    stage "06 DPO" "$PY" 06_train_dpo.py
+    stage "06 DPO" "$PY" 06_train_dpo.py --overwrite  # the demo starts over each time it runs
     stage "07 evaluation (held-out)" env PYTHON="$PY" bash 07_eval.sh
     "$PY" - <<'SUMMARY'
 import json
@@ -103,7 +103,7 @@ SUMMARY
           --min-ppl 0 --max-ppl inf --sample-like "$T/pairs.post.jsonl" --seed "$S"
       dpo() {  # dpo ARM PAIRS MODEL [06 flags]: the toy recipe, skipped when trained
         [ -f "$R/out/$1/final/config.json" ] || "$PY" 06_train_dpo.py --model "$3" --pairs "$T/$2.post.jsonl" \
-            --image-root "$T/images" --out "$R/out/$1" --seed "$S" --recipe toy "${@:4}" ${DPO_FLAGS:-}
+            --image-root "$T/images" --out "$R/out/$1" --seed "$S" --recipe toy --overwrite "${@:4}" ${DPO_FLAGS:-}
       }
       dpo attention pairs "$M"
       dpo all-wrong pairs-all "$M"

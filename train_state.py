@@ -7,9 +7,12 @@ processes (DDP, FSDP2), and how they reach the disk so that a run resumes exactl
                         (+ a frozen copy as the reference when no stored log-probs are used)
   make_scorers, gather  DDP averages gradients in the backward; FSDP2 (`fully_shard`) gives each
                         rank a shard of every weight and of the optimizer state
+  claim                 OUT belongs to one run: held by one process; another run's folder is refused
+                        unless --overwrite or --resume (of a checkpoint with the same settings)
   OUT/checkpoints/step-NNNNNN/trainer_state.pt   trainable weights, optimizer, schedule, every rank's
                         RNG states and the step (the data position follows from it: 06's
                         pair_order is a function of seed and step alone); resume() restores it
+                        run.json: the run's id and settings (run_settings), for claim and pruning
   OUT/adapter/          LoRA: the peft adapter (+ processor)
   OUT/final/            merged LoRA (--merge) or the full fine-tune, as 04 and 07 load it
   OUT/curves.png        loss, reward accuracy and margin per step (--plot)
@@ -101,6 +104,14 @@ def gather(obj, world):
     return out
 
 
+def end_processes(world):
+    """The end of a torchrun run: every process leaves the group (nothing to do for one process)."""
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
 def make_scorers(model, frozen, forward, fsdp, world):
     """The modules the loop calls: forward(model, batch, ...) inside a module's forward, for the policy
     and for the frozen copy (None without one), so DDP's and FSDP's hooks wrap the whole computation.
@@ -148,10 +159,100 @@ def full_state(state, master, with_optimizer=True, only_trainable=True):
     return weights, get_optimizer_state_dict(state.scorer, state.optimizer, options=opts) if with_optimizer else None
 
 
+# ---- whose folder is OUT ---------------------------------------------------------------------------
+# What a run is, for its folder: every flag that changes the numbers, the pairs file and the model's
+# weights. Flags that only say where, how often or how fast are left out.
+NOT_SETTINGS = ("out", "resume", "overwrite", "save_every", "keep_checkpoints", "threads", "plot", "device")
+
+
+def run_settings(flags, pairs_file, model_fingerprint):
+    """-> (run id, settings): a 16-hex-digit hash of what decides this run's numbers, and those
+    settings as JSON-able values (stored with every checkpoint, so a refusal can say what differs)."""
+    import hashlib
+    import json
+    import os
+
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(flags).items()) if k not in NOT_SETTINGS}
+    settings["pairs_file"] = [str(pairs_file), os.path.getsize(pairs_file), os.path.getmtime(pairs_file)]
+    settings["model_fingerprint"] = model_fingerprint
+    settings = json.loads(json.dumps(settings, default=str))
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16], settings
+
+
+def checkpoints(out):
+    """OUT's checkpoint folders, oldest first -> [(folder, its run.json or None)]."""
+    return [(p, run_record(p)) for p in sorted((Path(out) / "checkpoints").glob("step-*"))
+            if not p.name.endswith(".tmp") and (p / "trainer_state.pt").is_file()]
+
+
+def run_record(folder):
+    """A checkpoint's run.json (run id, settings, step), or None (an older 06 wrote no settings)."""
+    import json
+
+    try:
+        return json.loads((Path(folder) / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def differences(old, new):
+    """The settings that differ, for a message: "lr 0.0002 -> 0.001, epochs 6 -> 1"."""
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in keys[:6]) + (" ..." if len(keys) > 6 else "")
+
+
+def claim(out, resume, overwrite, rank, world):
+    """Make OUT this run's, before any work. OUT is held by one process at a time
+    (common.hold_output); a folder holding an earlier run (its log, checkpoints, adapter or final
+    model) is refused unless --overwrite (which removes them) or --resume continues it (resume()
+    then refuses a checkpoint written with other settings). Every process gets rank 0's answer."""
+    error = None
+    if rank == 0:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        common.hold_output(out)
+        previous = [p for p in ("log.jsonl", "final", "adapter", "checkpoints") if (out / p).exists()]
+        if overwrite:
+            for p in previous + ["log.jsonl.meta.json", "curves.png"]:
+                shutil.rmtree(out / p) if (out / p).is_dir() else (out / p).unlink(missing_ok=True)
+        elif previous and (resume is None or (resume == "auto" and not checkpoints(out))):
+            error = (f"{out} holds an earlier run ({', '.join(previous)}): --resume auto continues it (same settings), "
+                     "--overwrite replaces it, or choose another --out")
+    error = gather(error, world)[0]
+    if error:
+        raise SystemExit(f"06_train_dpo: {error}")
+
+
+def resume_from(where, out, run):
+    """--resume ("auto": OUT's latest checkpoint; a folder; None) -> the folder to load, or None.
+    A checkpoint of other settings is refused, naming the settings that differ."""
+    if where is None:
+        return None
+    found = checkpoints(out)
+    if where == "auto" and not found:
+        return None
+    folder = found[-1][0] if where == "auto" else Path(where)
+    if not (folder / "trainer_state.pt").is_file():
+        raise SystemExit(f"06_train_dpo: --resume {folder}: not a checkpoint folder (no trainer_state.pt)")
+    record = run_record(folder)
+    if record is None:
+        raise SystemExit(f"06_train_dpo: checkpoint {folder} records no settings (an older 06 wrote it): --overwrite "
+                         "starts over")
+    if record["run_id"] != run["run_id"]:
+        raise SystemExit(f"06_train_dpo: checkpoint {folder} was written with other settings "
+                         f"({differences(record['settings'], run['settings'])}); resume with those, or --overwrite "
+                         "to start over")
+    return folder
+
+
 # ---- checkpoints ---------------------------------------------------------------------------------
-def save_checkpoint(state, out, step, rank, world, keep=2, meta=None):
+def save_checkpoint(state, out, step, rank, world, keep=2, meta=None, run=None):
     """OUT/checkpoints/step-NNNNNN/trainer_state.pt (see the module docstring) + `meta` (what the
-    run was: flags, reference, model fingerprint); keeps the last `keep` (0: all) -> the folder."""
+    run was: flags, reference, model fingerprint) + run.json (`run`: its id and settings, which
+    claim() and pruning read); keeps this run's last `keep` (0: all) -> the folder. A write that
+    fails (a full disk) ends the run with one line and leaves no partial folder."""
+    import json
+
     import numpy as np
     import torch
 
@@ -161,11 +262,15 @@ def save_checkpoint(state, out, step, rank, world, keep=2, meta=None):
     trainable, optim = full_state(state, rank == 0)
     final = Path(out) / "checkpoints" / f"step-{step:06d}"
     if rank == 0:
-        with common.atomic_dir(final) as tmp:
-            torch.save({"trainable": trainable, "optimizer": optim, "scheduler": state.scheduler.state_dict(),
-                        "fsdp": state.fsdp, "rng": rngs, "step": step, **(meta or {})}, tmp / "trainer_state.pt")
-        done = sorted(p for p in final.parent.glob("step-*") if not p.name.endswith(".tmp"))
-        for old in done[:-keep] if keep > 0 else []:
+        try:
+            with common.atomic_dir(final) as tmp:
+                torch.save({"trainable": trainable, "optimizer": optim, "scheduler": state.scheduler.state_dict(),
+                            "fsdp": state.fsdp, "rng": rngs, "step": step, **(meta or {})}, tmp / "trainer_state.pt")
+                (tmp / "run.json").write_text(json.dumps({**(run or {}), "step": step}))
+        except (OSError, RuntimeError) as e:  # torch's writer reports ENOSPC as a RuntimeError
+            raise SystemExit(f"06_train_dpo: cannot write checkpoint {final}: {str(e).splitlines()[0]} (disk full?)") from None
+        mine = [p for p, rec in checkpoints(out) if rec is not None and rec.get("run_id") == (run or {}).get("run_id")]
+        for old in mine[:-keep] if keep > 0 else []:  # never another run's
             shutil.rmtree(old, ignore_errors=True)
     if world > 1:
         import torch.distributed as dist
@@ -211,22 +316,22 @@ def load_checkpoint(state, path, rank, world):
     return ck["step"]
 
 
-def resume(state, where, out, rank, world):
-    """--resume: a checkpoint folder, "auto" (OUT's latest, if any) or None -> (step, folder or None).
-    Restores `state` from it, and on rank 0 makes OUT and drops the log lines of steps after it."""
-    folder = latest_checkpoint(out) if where == "auto" else where
+def resume(state, where, out, rank, world, run):
+    """--resume: restore `state` from resume_from's checkpoint -> (its step, its folder), or (0, None)
+    for a fresh start. On rank 0 the log keeps the lines of steps up to it (a line torn by a kill
+    mid-write is dropped)."""
+    folder = resume_from(where, out, run)
     step = load_checkpoint(state, folder, rank, world) if folder else 0
     if rank == 0:
         log_path = Path(out) / "log.jsonl"
-        Path(out).mkdir(parents=True, exist_ok=True)
-        old = [r for _, r in common.read_rows(log_path)] if folder and log_path.is_file() else []
+        old = []
+        if folder and log_path.is_file():
+            data = log_path.read_bytes()
+            if not data.endswith(b"\n"):  # the last line was being written when the run died
+                log_path.write_bytes(data[: data.rfind(b"\n") + 1])
+            old = [r for _, r in common.read_rows(log_path)]
         common.write_jsonl(log_path, [r for r in old if r.get("step", 0) <= step])
     return step, folder
-
-
-def latest_checkpoint(out):
-    done = sorted(p for p in (Path(out) / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))
-    return done[-1] if done else None
 
 
 # ---- the trained model ---------------------------------------------------------------------------
@@ -238,16 +343,21 @@ def save_final(state, processor, out, master, lora, merge):
     if not master:
         return None
     saved, policy, out = [], state.policy, Path(out)
-    if lora:
-        policy.save_pretrained(out / "adapter")
-        processor.save_pretrained(out / "adapter")
-        saved.append(str(out / "adapter"))
-        if not merge:
-            return saved
-        policy = policy.merge_and_unload()
-    with common.atomic_dir(out / "final") as tmp:
-        policy.save_pretrained(tmp, **({} if weights is None else {"state_dict": weights}))
-        processor.save_pretrained(tmp)
+    try:
+        if lora:
+            with common.atomic_dir(out / "adapter") as tmp:
+                policy.save_pretrained(tmp)
+                processor.save_pretrained(tmp)
+            saved.append(str(out / "adapter"))
+            if not merge:
+                return saved
+            policy = policy.merge_and_unload()
+        with common.atomic_dir(out / "final") as tmp:
+            policy.save_pretrained(tmp, **({} if weights is None else {"state_dict": weights}))
+            processor.save_pretrained(tmp)
+    except (OSError, RuntimeError) as e:
+        raise SystemExit(f"06_train_dpo: cannot write the trained model to {out}: {str(e).splitlines()[0]} "
+                         "(disk full?)") from None
     return saved + [str(out / "final")]
 
 

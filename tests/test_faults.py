@@ -287,3 +287,87 @@ def test_07_empty_gold_answer_is_a_located_error(eval_world):
     run = stage("07_eval.py", "--model", "base=model", "--data", "seq.jsonl", "--image-root", "images", "--out", "eval",
                 cwd=ws)
     assert run.returncode != 0 and last_line(run) == "07_eval.py: seq.jsonl:3: conversations[1].value: empty gold answer"
+
+
+# ---- 06: an output folder belongs to one run -------------------------------------------------------
+@pytest.fixture(scope="module")
+def dpo_world(toy_tiny, tmp_path_factory):
+    from conftest import make_pairs, write
+
+    d = tmp_path_factory.mktemp("faults06")
+    return {"model": toy_tiny / "models" / "toy-llava", "images": toy_tiny / "data" / "toy" / "images",
+            "pairs": write(d / "pairs.jsonl", make_pairs(toy_tiny, 8))}
+
+
+def dpo(world, out, *extra, limit_bytes=None):
+    """06 through its command line (4 steps of 2 pairs, checkpoints every 2) -> CompletedProcess."""
+    from conftest import dpo_argv
+
+    argv = dpo_argv(world, out, "--max-steps", "4", "--save-every", "2", "--keep-checkpoints", "1", *extra)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+    def limit():  # a full disk, as the process sees it: writes past limit_bytes fail (EFBIG)
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return subprocess.run([sys.executable, str(ROOT / "06_train_dpo.py"), *argv], capture_output=True, text=True,
+                          timeout=600, env=env, preexec_fn=limit if limit_bytes else None)
+
+
+def tree(path):
+    return {p.relative_to(path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in Path(path).rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_06_never_overwrites_a_finished_run_nor_resumes_one_of_other_settings(dpo_world, tmp_path):
+    out = tmp_path / "out"
+    assert dpo(dpo_world, out, "--lr", "2e-4").returncode == 0
+    finished = tree(out)
+    run = dpo(dpo_world, out, "--lr", "1e-3")  # a new run into the finished one's folder
+    assert run.returncode != 0 and "holds an earlier run" in last_line(run) and "--overwrite" in last_line(run)
+    run = dpo(dpo_world, out, "--lr", "1e-3", "--resume", "auto")  # ... or resuming it with other settings
+    assert run.returncode != 0 and "written with other settings (lr 0.0002 -> 0.001)" in last_line(run), last_line(run)
+    assert tree(out) == finished  # log, checkpoints, final: all as the first run left them
+    run = dpo(dpo_world, out, "--lr", "2e-4", "--resume", "auto")  # the same settings: its own checkpoint
+    assert run.returncode == 0 and "resumed at step 4" in run.stdout
+    run = dpo(dpo_world, out, "--lr", "1e-3", "--overwrite")
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert run.returncode == 0 and [r["lr"] > 2e-4 for r in log[1:]] == [True] * 3
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000004"]
+
+
+@pytest.mark.slow
+def test_06_resumes_past_a_torn_log_line(dpo_world, tmp_path):
+    out = tmp_path / "out"
+    assert dpo(dpo_world, out, "--keep-checkpoints", "0").returncode == 0
+    shutil.rmtree(out / "checkpoints" / "step-000004")  # as if killed while writing step 3's log line:
+    shutil.rmtree(out / "adapter")  # (dpo_argv: LoRA, not merged)
+    lines = (out / "log.jsonl").read_text().splitlines(True)
+    (out / "log.jsonl").write_text("".join(lines[:2]) + lines[2][:25])  # steps 1-2, and half of 3
+    run = dpo(dpo_world, out, "--keep-checkpoints", "0", "--resume", "auto")
+    assert run.returncode == 0, run.stderr
+    assert [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_06_full_disk_is_one_line_and_leaves_no_partial_checkpoint(dpo_world, tmp_path):
+    out = tmp_path / "out"
+    run = dpo(dpo_world, out, limit_bytes=100_000)  # a checkpoint here is ~330 kB
+    assert run.returncode != 0 and last_line(run).startswith("06_train_dpo: cannot write checkpoint")
+    assert "Traceback" not in run.stderr
+    assert not list(out.rglob("*.tmp")) and not (out / "checkpoints").exists() or not list((out / "checkpoints").iterdir())
+
+
+@pytest.mark.slow
+def test_a_second_06_on_the_same_out_stops_at_once(dpo_world, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    common.hold_output(out)  # a first run holding it
+    try:
+        run = dpo(dpo_world, out)
+    finally:
+        common.release_output(out)
+    assert run.returncode != 0 and "another process is writing it" in last_line(run)
+    assert sorted(p.name for p in out.iterdir()) == []
