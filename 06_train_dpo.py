@@ -504,6 +504,7 @@ def start(args):
     random.seed(args.seed)
     np.random.seed(args.seed)
     common.set_threads(args.threads)
+    common.set_image_policy(args.max_image_pixels, args.allow_outside_root)
     if not Path(args.pairs).is_file():
         raise SystemExit(f"06_train_dpo: {args.pairs}: no such file. Make pairs first (python 04_gen_pairs.py, "
                          f"then python 05_post_select.py) or pass --pairs.")
@@ -609,6 +610,7 @@ def get_args(argv=None):
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     common.add_max_image_tokens_flag(g)
     common.add_threads_flag(g)
+    common.add_image_flags(g)
     g.add_argument("--save-every", type=int, help=f"checkpoint every N steps (and at the end); 0: never {recipe}")
     g.add_argument("--resume", default=None, help="checkpoint folder, or 'auto' for OUT's latest (of the same settings)")
     g.add_argument("--overwrite", action="store_true", help="OUT holds an earlier run: remove it and start over")
