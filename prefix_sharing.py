@@ -19,16 +19,33 @@ Chosen and rejected share that prompt token for token, so the fast path runs it 
      features depend on nothing being trained, so they are computed once per batch, without
      gradient, and handed to the policy's and the reference's forward (`mm_encoder_outputs`).
 
-Exact for decoders whose attention is full causal softmax attention over 1-D positions, i.e. where
-a token's output depends only on the keys it may see and on its own position id. fast_path_blocker
-names the families where that is not so, and 06 trains them on the plain path, saying why:
-M-RoPE (Qwen2-VL ... Qwen3.5: the model computes 3-D positions itself from the token layout),
-sliding-window layers (Gemma 3/4: a second mask the single block mask is not), linear-attention
-layers (a recurrent state reads every earlier token), and per-token inputs the processor makes
-(e.g. bidirectional attention inside images). Extending the layout to those is future work.
+Exact wherever a token's output depends only on the keys it may see and on its own position, and
+both can be given to the model from outside (a mask and position_ids). Two families need more
+than 1-D positions and one mask; fit_to_model re-lays what their decoders read, derived from the
+model's config and forward, not from its name:
+  3. M-RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): the model computes (t, h, w) positions from the
+     token layout itself (get_rope_index) only when position_ids is None. They are computed on
+     the plain [chosen; rejected] rows with the model's own get_rope_index, and the shared row
+     takes the chosen row's for prompt + chosen and the rejected row's from the prompt's end on:
+     each token keeps the positions it had, images included (they sit in the prompt).
+  4. per-layer-type masks (Gemma 3, Gemma 4): sliding-window layers see keys less than
+     config.sliding_window positions back, and image blocks (runs of image tokens) attend both
+     ways (Gemma 3 in every layer, Gemma 4 in its sliding layers). The window is measured in
+     positions, not indices: a rejected token sits c (chosen length) indices further from the
+     prompt than in its plain row. So each mask is the plain row's rule evaluated at every
+     token's plain (row, column), allowed only between tokens of one plain row (a prompt token
+     belongs to both), and the model gets {"full_attention": m, "sliding_attention": m}, which
+     its forward uses instead of building masks from token_type_ids / mm_token_type_ids.
+Not exact, so on the plain path (fast_path_blocker says why, 06 logs it): linear-attention layers
+(Qwen3.5's Gated DeltaNet: a recurrent state runs through every earlier token, chosen ones
+included, and no mask reaches it), per-token inputs it does not know, attention kernels that take
+no 4-D mask (flash / flex). Qwen3-VL's DeepStack features are per image like the pooled ones, so
+encode_images duplicates both for plain rows.
 06 checks the fast path against the plain one on its first batch (self_check) and stops rather
 than train on numbers the plain path would not give. tests/test_prefix_sharing.py and
-tests/test_families.py compare log-probs and gradients with the plain path to 1e-4.
+tests/test_families.py compare log-probs and gradients with the plain path to 1e-4, the latter on
+every family of tests/tiny_families.py that takes the fast path, Gemma's also with a sliding
+window shorter than the prompt.
 """
 from __future__ import annotations
 
@@ -59,10 +76,13 @@ def build_shared_prefix_batch(batch, dtype):
                   R x x . . x .
                   R x x . . x x
          pixel_values: the first half only (each pair's images once)
+         per-token inputs (token types: mm_token_type_ids, token_type_ids): token by token, as input_ids
          score_src (N,) flat index into (B*T) of the hidden state that predicts score_tgt (N,),
          score_row (N,) its output row in [chosen; rejected] order (0..2B-1); N = all answer tokens.
     A 4-D mask goes through transformers 5's masking_utils untouched (`_preprocess_mask_arguments`
     returns it as-is), and an additive float mask is what both eager (`weights + mask`) and SDPA take.
+    Decoders that read M-RoPE positions or one mask per layer type: fit_to_model replaces
+    position_ids / attention_mask (lay_out runs both).
     """
     import torch
 
@@ -107,10 +127,33 @@ def build_shared_prefix_batch(batch, dtype):
     for k, v in batch.items():  # images and their sizes / grids / masks: the chosen rows' half, once per pair
         if k in ("input_ids", "attention_mask", "labels", "prompt_lens"):
             continue
-        if not torch.is_tensor(v) or v.shape[:2] == ids.shape:
-            raise ValueError(f"the fast path cannot re-lay the per-token input {k!r}; use the plain path")
+        if not torch.is_tensor(v):
+            raise ValueError(f"the fast path cannot re-lay the input {k!r}; use the plain path")
+        if v.shape[:2] == ids.shape:  # a per-token input (token types): taken token by token, as input_ids
+            src = plain_sources(batch).to(v.device)  # (B, T)
+            out[k] = v.flatten(0, 1)[src.clamp(min=0)]  # (B, T, ...)
+            out[k][src < 0] = 0
+            continue
         out[k] = v[: v.shape[0] // 2]  # subtle: rows [chosen; rejected] hold the same images, chosen first
     return out
+
+
+def plain_sources(batch):
+    """Where each token of the prefix-shared layout comes from in the plain batch: (B, T) flat
+    indices into its (2B * T0) tokens (row * T0 + column), -1 on padding. [prompt | chosen] is the
+    chosen row's columns 0..p+c-1, [rejected] the rejected row's columns p..p+r-1; the same order
+    and length build_shared_prefix_batch lays out. The column is the token's 1-D position in its
+    plain row (06's rows are right-padded), which is what the sliding window measures."""
+    import torch
+
+    plens, lens = batch["prompt_lens"].tolist(), batch["attention_mask"].sum(-1).tolist()
+    B, T0 = batch["input_ids"].shape[0] // 2, batch["input_ids"].shape[1]
+    rows = [torch.cat([torch.arange(lens[i]) + i * T0, torch.arange(plens[i], lens[B + i]) + (B + i) * T0])
+            for i in range(B)]
+    src = torch.full((B, max(len(x) for x in rows)), -1, dtype=torch.long)
+    for i, x in enumerate(rows):
+        src[i, :len(x)] = x
+    return src
 
 
 def shared_prefix_forward(model, batch):
@@ -130,6 +173,98 @@ def shared_prefix_forward(model, batch):
     chosen_logps, rejected_logps = summed.float().chunk(2)
     chosen_n, rejected_n = n_tokens.chunk(2)
     return chosen_logps, rejected_logps, chosen_n, rejected_n
+
+
+# ---- 1b. the positions and masks the decoder reads, where 1-D positions and one mask are not all ----
+def decoder_rules(model, batch):
+    """What the model's decoder reads besides the tokens, for a plain batch `batch`, from its config
+    and forward (transformers 5 sources):
+      rope_index   the model computes its positions itself from the token layout (M-RoPE:
+                   `get_rope_index` of modeling_qwen2_vl / qwen2_5_vl / qwen3_vl), so the shared row
+                   needs them computed on the plain rows and re-laid.
+      layer_types  text config `layer_types` (default all "full_attention"); "sliding_attention"
+                   layers see keys within `window` = config.sliding_window positions
+                   (masking_utils.sliding_window_overlay: key > query - window).
+      blocks       the per-token input that marks image blocks the model lets attend both ways, and
+                   the layer types that do: Gemma 3 (modeling_gemma3.create_masks_for_vision_model,
+                   from `token_type_ids`, which its forward takes) in every layer; Gemma 4
+                   (modeling_gemma4.create_masks_for_vision_model, from `mm_token_type_ids` when
+                   text config use_bidirectional_attention == "vision") in sliding layers only.
+    """
+    text = model.config.get_text_config()
+    layer_types = list(getattr(text, "layer_types", None) or ["full_attention"])
+    forward = inspect.signature(model.model.forward).parameters
+    if getattr(text, "use_bidirectional_attention", None) == "vision" and "mm_token_type_ids" in batch:
+        blocks = ("mm_token_type_ids", {"sliding_attention"})
+    elif "token_type_ids" in forward and "token_type_ids" in batch:
+        blocks = ("token_type_ids", set(layer_types))
+    else:
+        blocks = None
+    return {"rope_index": hasattr(model.model, "get_rope_index"), "layer_types": layer_types,
+            "window": getattr(text, "sliding_window", None), "blocks": blocks}
+
+
+def fit_to_model(model, plain, shared):
+    """build_shared_prefix_batch's layout (1-D positions, one mask) -> the positions and masks this
+    model's decoder reads, each token keeping exactly what it had in its plain row:
+      position_ids (3, B, T) where the model computes M-RoPE positions itself: its own
+          get_rope_index on the plain [chosen; rejected] batch, then prompt + chosen take the chosen
+          row's, rejected the rejected row's from the prompt's end on (padding 0). Images sit in the
+          prompt, so their (t, h, w) positions are the same in both rows.
+      attention_mask {layer type: (B, 1, T, T)} where layer types differ (sliding windows) or image
+          blocks attend both ways: the plain row's rule evaluated at each token's plain coordinates
+          (row, column = 1-D position), allowed only between tokens of one plain row (a prompt
+          token belongs to both). So a rejected query and a prompt key are measured by the rejected
+          row's distance, not the shared row's (c indices more), and a rejected token never sees a
+          chosen one. Gemma 3/4's forwards take such a dict as is and then build no mask of their
+          own (a 4-D tensor goes through Qwen's create_causal_mask unchanged).
+    Otherwise (LLaVA-style decoders) `shared` is returned as built."""
+    import torch
+
+    rules = decoder_rules(model, plain)
+    per_type = rules["blocks"] is not None or len(set(rules["layer_types"])) > 1 or (
+        "sliding_attention" in rules["layer_types"])
+    if not rules["rope_index"] and not per_type:
+        return shared
+    shared, dev = dict(shared), plain["input_ids"].device
+    src = plain_sources(plain).to(dev)  # (B, T) flat index into the plain (2B * T0) tokens, -1 = padding
+    real, at = src >= 0, src.clamp(min=0)
+    if rules["rope_index"]:
+        takes = inspect.signature(model.model.get_rope_index).parameters
+        pos = model.model.get_rope_index(**{k: v for k, v in plain.items() if k in takes})[0]  # (3, 2B, T0)
+        shared["position_ids"] = pos.flatten(1)[:, at].masked_fill(~real, 0)  # (3, B, T)
+    if per_type:
+        T0 = plain["input_ids"].shape[1]
+        row, col = at // T0, at % T0  # (B, T) plain row and column (= 1-D position) of each token
+        prompt = col < plain["prompt_lens"].to(dev)[row]  # (B, T)
+        q, k = (slice(None), slice(None), None), (slice(None), None, slice(None))  # (B, T, 1), (B, 1, T)
+        same_row = (row[q] == row[k]) | prompt[k]  # (B, T, T): a prompt key is in both rows
+        base = same_row & real[k]
+        causal = col[k] <= col[q]
+        if rules["blocks"] is not None:
+            key, block_types = rules["blocks"]
+            block = image_blocks(plain[key]).flatten()[at]  # (B, T) image block id per token, -1 = none
+            both_ways = (block[q] == block[k]) & (block[q] >= 0)
+        masks = {}
+        for t in dict.fromkeys(rules["layer_types"]):
+            allowed = causal | both_ways if rules["blocks"] is not None and t in block_types else causal
+            if t == "sliding_attention":
+                allowed = allowed & (col[k] > col[q] - rules["window"])
+            allowed = (base & allowed) | torch.eye(src.shape[1], dtype=torch.bool, device=dev)  # padding queries see themselves
+            masks[t] = torch.zeros(allowed.shape, dtype=model.dtype, device=dev).masked_fill_(
+                ~allowed, torch.finfo(model.dtype).min)[:, None]  # (B, 1, T, T) additive
+        shared["attention_mask"] = masks
+    return shared
+
+
+def image_blocks(token_types):
+    """(N, T) token types (1 image, 2 video) -> (N, T) block ids: each run of image or video tokens
+    one id, -1 elsewhere (as get_block_sequence_ids_for_mask in modeling_gemma3 / modeling_gemma4)."""
+    import torch
+
+    vision = (token_types == 1) | (token_types == 2)
+    start = vision & ~torch.nn.functional.pad(vision, (1, 0))[:, :-1]
+    return torch.where(vision, start.long().cumsum(-1) - 1, -1)
 
 
 # ---- 2. images encoded once ----------------------------------------------------------------------
@@ -160,6 +295,8 @@ def encode_images(model, batch):
     if plain:  # the same images again for the rejected rows
         po = feats.pooler_output
         feats.pooler_output = torch.cat([po, po]) if torch.is_tensor(po) else type(po)(list(po) * 2)
+        if getattr(feats, "deepstack_features", None) is not None:  # Qwen3-VL: per LM layer, per image
+            feats.deepstack_features = [type(f)(list(f) * 2) for f in feats.deepstack_features]
     batch["mm_encoder_outputs"] = {"image": feats}
     return batch
 
@@ -169,7 +306,7 @@ def lay_out(model, batch, share_prefix=True, encode_once=True):
     """A plain [chosen; rejected] batch -> the batch a step trains on: one prefix-shared row per
     pair and/or the images' features computed once (shared by the policy and the reference)."""
     if share_prefix:
-        batch = build_shared_prefix_batch(batch, model.dtype)
+        batch = fit_to_model(model, batch, build_shared_prefix_batch(batch, model.dtype))
     if encode_once:
         batch = encode_images(model, batch)
     return batch
@@ -180,18 +317,37 @@ def fast_path_blocker(model, batch):
     `batch`: a plain batch (06's collate: what the processor makes for this family)."""
     import torch
 
-    layer_types = getattr(model.config.get_text_config(), "layer_types", None) or []
-    if hasattr(model.model, "get_rope_index"):
-        return "its M-RoPE positions come from the model's own rope index, which the fast path does not re-lay"
-    if any(t not in ("full_attention", "sliding_attention") for t in layer_types):
-        return "its linear-attention layers read every earlier token, so rejected rows would see chosen ones"
-    if "sliding_attention" in layer_types:
-        return "its sliding-window layers need their own mask, which the fast path's single mask is not"
+    rules = decoder_rules(model, batch)
+    other = sorted(set(rules["layer_types"]) - {"full_attention", "sliding_attention"})
+    if other:  # Qwen3.5's Gated DeltaNet: no mask reaches a recurrent state
+        return (f"its {'/'.join(other)} layers carry a recurrent state through every earlier token, which no "
+                f"attention mask can keep the chosen answer out of")
     per_token = [k for k, v in batch.items() if torch.is_tensor(v) and v.shape == batch["input_ids"].shape
                  and k not in ("input_ids", "attention_mask", "labels")]
-    if per_token:
-        return f"its per-token inputs {per_token} (e.g. bidirectional attention inside images) are not re-laid"
+    read = {"mm_token_type_ids"} if rules["rope_index"] else set()  # the rope index reads them
+    read |= {rules["blocks"][0]} if rules["blocks"] else set()
+    if set(per_token) - read:
+        return f"its per-token inputs {sorted(set(per_token) - read)} are not re-laid for the shared row"
+    if rules["rope_index"] and "mm_token_type_ids" not in batch:
+        return "its M-RoPE rope index needs mm_token_type_ids, which the processor did not give"
+    if "sliding_attention" in rules["layer_types"] and not rules["window"]:
+        return "it has sliding-window layers but no config.sliding_window"
+    attn = model.config.get_text_config()._attn_implementation
+    if attn not in ("sdpa", "eager"):
+        return f"its attention ({attn}) takes no 4-D mask"
     return None
+
+
+def describe(model, batch):
+    """One line for 06's log: what the fast path re-lays for this model (plain batch `batch`)."""
+    rules, parts = decoder_rules(model, batch), []
+    if rules["rope_index"]:
+        parts.append("M-RoPE positions from the model's rope index on the plain rows")
+    if "sliding_attention" in rules["layer_types"]:
+        parts.append(f"sliding-window masks ({rules['window']} positions, measured in each plain row)")
+    if rules["blocks"]:
+        parts.append(f"image blocks attending both ways in {'/'.join(sorted(rules['blocks'][1]))} layers")
+    return "; ".join(parts) or "1-D positions, one block mask"
 
 
 def self_check(scorer, model, plain, share_prefix=True, encode_once=True, tol=None):

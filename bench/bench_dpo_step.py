@@ -5,7 +5,9 @@ bench_dpo_step.py — one DPO training step of 06_train_dpo.py against TRL's DPO
   python bench/bench_dpo_step.py                  # 3 repeats x (1 warm-up + 4 timed steps) per contender
   python bench/bench_dpo_step.py --repeats 5 --steps 6 --batch-size 2 --images 3
   python bench/bench_dpo_step.py --contenders ours,fast --images 5   # a subset
-  python bench/bench_dpo_step.py --family qwen2_5_vl --contenders ours,trl   # Qwen2.5-VL, 448 px -> 256 tokens
+  python bench/bench_dpo_step.py --family qwen2_5_vl --contenders ours,fast,trl   # Qwen2.5-VL, 448 px -> 256 tokens
+  python bench/bench_dpo_step.py --family qwen3_vl --contenders ours,fast,trl     # Qwen3-VL, 512 px -> 256 tokens
+  python bench/bench_dpo_step.py --family gemma3 --contenders ours,fast,trl       # Gemma 3, 256 tokens per image
 
 Contenders: `ours` = 06_train_dpo.py's plain path (chosen and rejected rows each carry the prompt),
 `shared` = --prefix-sharing (one [prompt | chosen | rejected] row per pair, block mask), `fast` =
@@ -18,10 +20,10 @@ image, --images per prompt, answers of ~10-40 tokens. Built in a temporary folde
 All contenders train the same LoRA (r 8 on every language-model linear layer), fp32, no
 activation checkpointing, reference = adapters disabled, on the same pairs, --batch-size pairs
 per step (chosen + rejected = 2x rows), AdamW, clipping.
---family qwen2_5_vl: a random Qwen2_5_VLForConditionalGeneration of the same text size (M-RoPE;
-vision tower, processor and chat template from tests/tiny_families.py), 448 px images -> 256
-visual tokens each after the 2x2 merge (max_pixels 448^2); 06 trains it on its plain path (the
-fast path falls back for M-RoPE), so the contenders there are ours and trl.
+--family qwen2_5_vl / qwen3_vl / gemma3: a random model of that family with the same text size
+(vision tower, processor and chat template from tests/tiny_families.py), 256 visual tokens per
+image (build_family says how); 06's fast path re-lays M-RoPE positions (Qwen) and the
+sliding-window / image-block masks (Gemma 3) for the prefix-shared rows.
 
 Each contender runs in its own fresh process (so peak memory is its own), alternating
 ours/trl/ours/trl... for --repeats rounds. Per process: the time of each step after the first
@@ -85,29 +87,51 @@ def build_model(out, toy_model, width, layers):
     proc.save_pretrained(out)
 
 
-def build_qwen(out, width, layers):
-    """Random Qwen2.5-VL of `width` x `layers` (4 heads), 448 px images -> 256 tokens -> saved at `out`."""
+# the other geometries: tests/tiny_families.py's checkpoint (vision tower, processor, chat template),
+# the text model widened to the bench's size, random weights, images sized to 256 visual tokens each
+GEOMETRY = {  # family -> (image side in px, visual tokens per image)
+    "llava": (336, 576), "qwen2_5_vl": (448, 256), "qwen3_vl": (512, 256), "gemma3": (448, 256)}
+
+
+def build_family(family, out, width, layers):
+    """Random `family` model of `width` x `layers` (4 heads), 256 visual tokens per image -> saved at `out`.
+    qwen2_5_vl: patch 14, 2x2 merge, 448 px; qwen3_vl: patch 16, 2x2 merge, 512 px (DeepStack into
+    LM layer 0); both M-RoPE, full attention. gemma3: SigLIP-style tower on 64 px / patch 4 -> 16x16
+    patches -> 256 tokens (the release: 896 px / 14 -> 64x64 pooled 4x4 -> 256), 3 sliding-window
+    layers per global one (the release: 5) with a 512-token window, so the window cuts into a
+    3-image row (~850 tokens; the release's is 1024), and bidirectional attention inside images."""
     import torch
-    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+    import transformers
+    from transformers import AutoConfig
 
     sys.path.insert(0, str(ROOT / "tests"))
     from tiny_families import build
 
-    build("qwen2_5_vl", out)
+    build(family, out)
     cfg = AutoConfig.from_pretrained(out)
     t = cfg.text_config
     t.hidden_size, t.intermediate_size, t.num_hidden_layers = width, 4 * width, layers
     t.num_attention_heads = t.num_key_value_heads = 4
-    t.layer_types = ["full_attention"] * layers
     if getattr(t, "head_dim", None):
         t.head_dim = width // 4
-    h = width // 8  # rotary frequencies per head, split over (t, h, w) like the release's [16, 24, 24] of 64
-    t.rope_parameters["mrope_section"] = [h // 4, (h - h // 4) // 2, h - h // 4 - (h - h // 4) // 2]
-    cfg.vision_config.out_hidden_size = width  # the merger projects into the text width
-    torch.manual_seed(0)
-    Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").save_pretrained(out)
     pc = json.loads((out / "processor_config.json").read_text())
-    pc["image_processor"]["size"]["longest_edge"] = 448 * 448  # max_pixels: 256 merged tokens at 448 px
+    side, tokens = GEOMETRY[family]
+    if family.startswith("qwen"):
+        t.layer_types = ["full_attention"] * layers
+        h = width // 8  # rotary frequencies per head, split over (t, h, w) like the release's [16, 24, 24] of 64
+        t.rope_parameters["mrope_section"] = [h // 4, (h - h // 4) // 2, h - h // 4 - (h - h // 4) // 2]
+        cfg.vision_config.out_hidden_size = width  # the merger projects into the text width
+        pc["image_processor"]["size"]["longest_edge"] = side * side  # max_pixels: 256 merged tokens
+    else:  # gemma3
+        t.query_pre_attn_scalar = width // 4
+        t.sliding_window = 512
+        t.layer_types = [("full_attention" if (i + 1) % 4 == 0 else "sliding_attention") for i in range(layers)]
+        cfg.vision_config.image_size, cfg.mm_tokens_per_image = 64, tokens
+        pc["image_processor"]["size"] = {"height": 64, "width": 64}
+        pc["image_seq_length"] = tokens
+    torch.manual_seed(0)
+    model = getattr(transformers, cfg.architectures[0])._from_config(cfg, attn_implementation="sdpa")
+    model.save_pretrained(out)
     (out / "processor_config.json").write_text(json.dumps(pc, indent=2))
 
 
@@ -252,13 +276,13 @@ def main(a):
         return
     tmp = Path(a.tmp or tempfile.mkdtemp(prefix="bench_dpo_"))
     try:
-        qwen = a.family == "qwen2_5_vl"
-        if qwen:
-            build_qwen(tmp / "model", a.width, a.layers)
-        else:
+        side, tokens = GEOMETRY[a.family]
+        if a.family == "llava":
             build_model(tmp / "model", ROOT / a.toy_model, a.width, a.layers)
+        else:
+            build_family(a.family, tmp / "model", a.width, a.layers)
         n_pairs = a.batch_size * (a.steps + 1)  # one epoch = the run: no pair is seen twice
-        make_pairs(tmp / "data", n_pairs, a.images, size=448 if qwen else 336)
+        make_pairs(tmp / "data", n_pairs, a.images, size=side)
         if "stored" in a.contenders.split(","):
             add_ref_logps(tmp / "data", tmp / "model")
         names = a.contenders.split(",")
@@ -277,7 +301,7 @@ def main(a):
             summary[name] = {"step_ms": step, "pairs_per_s": a.batch_size / step * 1000,
                              "peak_mb": statistics.median(x["peak_mb"] for x in rs),
                              "step_mb": statistics.median(x["peak_mb"] - x["base_mb"] for x in rs)}
-        print(f"\n{a.family}: {a.images} images x {256 if qwen else 576} tokens, {a.batch_size} pairs/step, width {a.width}, {a.layers} layers, "
+        print(f"\n{a.family}: {a.images} images x {tokens} tokens, {a.batch_size} pairs/step, width {a.width}, {a.layers} layers, "
               f"{a.repeats} repeats x {a.steps} timed steps")
         print("| contender | step (ms) | pairs/s | peak RSS (MB) | peak over imports (MB) |\n|---|---|---|---|---|")
         for name, s in summary.items():
@@ -295,8 +319,8 @@ def main(a):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("setting")
-    g.add_argument("--family", choices=("llava", "qwen2_5_vl"), default="llava", help="the token geometry (see above)")
-    g.add_argument("--images", type=int, default=3, help="images per prompt (576 tokens each; Qwen: 256)")
+    g.add_argument("--family", choices=sorted(GEOMETRY), default="llava", help="the token geometry (see above)")
+    g.add_argument("--images", type=int, default=3, help="images per prompt (576 tokens each; the others: 256)")
     g.add_argument("--batch-size", type=int, default=2, help="pairs per step")
     g.add_argument("--width", type=int, default=128, help="language model hidden size")
     g.add_argument("--layers", type=int, default=4)

@@ -17,6 +17,7 @@ import inspect
 import io
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -227,8 +228,7 @@ PAIRS = [  # 1-3 images of different sizes; answers of different lengths
      "chosen": "red", "rejected": "green"},
 ]
 PLAIN_ONLY = {  # why 06 trains these on the plain [chosen; rejected] rows: prefix_sharing.fast_path_blocker's reason
-    **{f: "M-RoPE" for f in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")},
-    "gemma3": "sliding-window", "gemma4": "sliding-window",
+    "qwen3_5": "linear_attention layers carry a recurrent state",  # Gated DeltaNet: no mask reaches it
 }
 
 
@@ -278,19 +278,54 @@ def test_06_lora_trains_the_decoder_only_and_the_fast_path_equals_the_plain_one(
         assert why and PLAIN_ONLY[family] in why
         return
     assert why is None
-    fast = prefix_sharing.encode_images(model, prefix_sharing.build_shared_prefix_batch(plain, torch.float32))
+    fast = prefix_sharing.lay_out(model, plain)  # prefix-shared rows, images encoded once: what 06 trains on
     assert fast["input_ids"].shape[0] == len(PAIRS) and "pixel_values" not in fast
+    if hasattr(model.model, "get_rope_index"):  # M-RoPE: (t, h, w) positions re-laid from the plain rows
+        assert fast["position_ids"].shape == (3, *fast["input_ids"].shape)
+    if "sliding_attention" in (getattr(model.config.get_text_config(), "layer_types", None) or []):
+        assert set(fast["attention_mask"]) == {"full_attention", "sliding_attention"}  # one mask per layer type
+    _assert_same_logps_and_grads(policy, model, fast, lp_a, g_a)
+
+
+def _assert_same_logps_and_grads(policy, model, fast, lp_a, g_a):
     lp_b, g_b = _logps_and_grads(policy, model, fast)
     torch.testing.assert_close(lp_b, lp_a, atol=1e-4, rtol=0)
     for k in g_a:
         torch.testing.assert_close(g_b[k], g_a[k], atol=1e-4, rtol=0, msg=lambda m: f"{k}: {m}")
 
 
+@pytest.mark.parametrize("family", ["gemma3", "gemma4"])
+def test_06_fast_path_with_a_sliding_window_shorter_than_the_prompt_equals_the_plain_one(family, tiny_dirs, pair_images,
+                                                                                         tmp_path):  # noqa: F811
+    """The tiny Gemma with 3 layers [full, sliding, full] and a 4-token window: far shorter than
+    the 1-3 image prompts, so the window cuts into what a rejected token sees of the prompt, and it
+    must be measured in positions (a rejected token's distance in its plain row), not in the
+    shared row's indices (c more). A full layer before the sliding one makes the image-block rule
+    of full layers count too (Gemma 3: both ways; Gemma 4: causal), which a last layer would not
+    (its image tokens' outputs reach no answer token). Log-probs and gradients equal the plain path's."""
+    src, _ = vlm.load_model(tiny_dirs(family), dtype="float32")
+    cfg = src.config
+    text = cfg.get_text_config()
+    text.num_hidden_layers, text.sliding_window = 3, 4
+    text.layer_types = ["full_attention", "sliding_attention", "full_attention"]  # Gemma 4: the last must be full
+    torch.manual_seed(0)
+    folder = tmp_path / family
+    shutil.copytree(tiny_dirs(family), folder)
+    type(src)._from_config(cfg).save_pretrained(folder)
+    model, proc = vlm.load_model(folder, dtype="float32")
+    assert model.config.get_text_config().layer_types == text.layer_types
+    policy = _policy(model)
+    plain = dpo.collate(PAIRS, pair_images, proc, model)
+    assert int(plain["prompt_lens"].min()) > 4 * text.sliding_window and prefix_sharing.fast_path_blocker(model, plain) is None
+    lp_a, g_a = _logps_and_grads(policy, model, plain)
+    _assert_same_logps_and_grads(policy, model, prefix_sharing.lay_out(model, plain), lp_a, g_a)
+
+
 @pytest.mark.slow
 @FAMILY
-def test_06_main_runs_two_steps_and_saves_a_model_07_loads(family, tiny_dirs, pair_images, tmp_path):  # noqa: F811
+def test_06_main_runs_two_steps_and_saves_a_model_07_loads(family, tiny_dirs, pair_images, tmp_path, capsys):  # noqa: F811
     """The command line end to end: pairs without stored log-probs, LoRA, batch 2, the fast path's
-    first-batch self-check (or the plain path, said in the log), merge, and the result loads."""
+    first-batch self-check (or the plain path, said in the log with its reason), merge, and the result loads."""
     if family == "smolvlm":
         pytest.importorskip("num2words")
     pairs = tmp_path / "pairs.jsonl"
@@ -305,6 +340,11 @@ def test_06_main_runs_two_steps_and_saves_a_model_07_loads(family, tiny_dirs, pa
     assert len(log) == 2 and all(math.isfinite(r["loss"]) for r in log)
     meta = json.loads((out / "log.jsonl.meta.json").read_text())
     assert meta["args"]["prefix_sharing"] is (family not in PLAIN_ONLY)
+    said = capsys.readouterr().out
+    if family in PLAIN_ONLY:
+        assert "06_train_dpo: plain path" in said and PLAIN_ONLY[family] in said
+    else:
+        assert "06_train_dpo: fast path for" in said and "fast path checked against the plain path" in said
     model, proc = vlm.load_model(out / "final", dtype="float32")
     assert vlm.generate(model, proc, [QUESTION], [IMAGES], max_new_tokens=3)
 

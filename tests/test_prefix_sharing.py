@@ -1,6 +1,8 @@
 """prefix_sharing.py, 06_train_dpo.py's fast path: prefix-shared pairs and images encoded once give
 the plain path's log-probs and gradients, fp32, tiny toy model, 1-5 images per prompt, a padded
-batch of unequal lengths; the first-batch self-check; a training run logs the plain losses."""
+batch of unequal lengths; the first-batch self-check; a training run logs the plain losses. On
+tests/tiny_families.py checkpoints: Qwen2.5-VL's re-laid M-RoPE positions and Gemma 3's
+per-layer-type masks (window in positions, image blocks) token by token."""
 import importlib
 import random
 
@@ -130,3 +132,63 @@ def test_self_check_passes_the_exact_layout_and_stops_a_wrong_one(toy, monkeypat
     monkeypatch.setattr(prefix_sharing, "build_shared_prefix_batch", positions_run_on)
     with pytest.raises(SystemExit, match="fast path's log-probs differ from the plain path's"):
         prefix_sharing.self_check(scorer, model, plain, tol=(0, 1e-3))
+
+
+# ---- M-RoPE positions and per-layer-type masks (tests/tiny_families.py checkpoints) ---------------
+from tiny_families import tiny_dirs  # noqa: E402,F401  (a fixture)
+from test_families import PAIRS  # noqa: E402  (1-3 images per prompt, answers of unequal length)
+
+
+@pytest.fixture(scope="module")
+def family_images(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("family_images")
+    for i, (size, colour) in enumerate([((64, 48), (200, 30, 30)), ((40, 64), (30, 30, 200)), ((56, 56), (30, 200, 30))]):
+        Image.new("RGB", size, colour).save(root / f"im{i}.png")
+    return root
+
+
+def test_m_rope_positions_are_each_tokens_plain_row_positions(tiny_dirs, family_images):  # noqa: F811
+    """Qwen2.5-VL: prompt + chosen carry the chosen row's (t, h, w) positions, rejected the rejected
+    row's from the prompt's end on, as the model's own get_rope_index gives them for the plain rows."""
+    model, proc = vlm.load_model(tiny_dirs("qwen2_5_vl"), dtype="float32")
+    plain = dpo.collate(PAIRS, family_images, proc, model)
+    fast = prefix_sharing.lay_out(model, plain, encode_once=False)
+    want = model.model.get_rope_index(plain["input_ids"], plain["mm_token_type_ids"], plain["image_grid_thw"],
+                                      attention_mask=plain["attention_mask"])[0]  # (3, 2B, T0)
+    B = len(PAIRS)
+    for i in range(B):
+        p, (c_end, r_end) = int(plain["prompt_lens"][i]), (int(plain["attention_mask"][i].sum()),
+                                                           int(plain["attention_mask"][B + i].sum()))
+        got = fast["position_ids"][:, i]
+        assert torch.equal(got[:, :c_end], want[:, i, :c_end])
+        assert torch.equal(got[:, c_end:c_end + r_end - p], want[:, B + i, p:r_end])
+        assert (want[:, i, :p] != torch.arange(p)).any()  # M-RoPE really at work: image tokens share positions
+    scorer, _ = train_state.make_scorers(model, None, dpo.score, fsdp=False, world=1)
+    assert prefix_sharing.self_check(scorer, model, plain) < TOL
+
+
+def test_the_sliding_window_is_measured_in_positions_not_shared_row_indices(tiny_dirs, family_images):  # noqa: F811
+    """Gemma 3 (window 16): a rejected query sees a prompt key exactly when their distance in the
+    rejected row is under the window, though in the shared row c more indices lie between them;
+    image tokens of one image see each other both ways; chosen keys stay hidden from rejected queries."""
+    model, proc = vlm.load_model(tiny_dirs("gemma3"), dtype="float32")
+    W = model.config.get_text_config().sliding_window
+    plain = dpo.collate(PAIRS, family_images, proc, model)
+    fast = prefix_sharing.lay_out(model, plain, encode_once=False)
+    B, i = len(PAIRS), 2  # three images
+    p, c_end, r_end = int(plain["prompt_lens"][i]), int(plain["attention_mask"][i].sum()), int(plain["attention_mask"][B + i].sum())
+    c, r = c_end - p, r_end - p
+    sliding = fast["attention_mask"]["sliding_attention"][i, 0] == 0  # (T, T)
+    full = fast["attention_mask"]["full_attention"][i, 0] == 0
+    assert p > W and c > 0
+    for j in range(r):  # rejected token j: plain position p + j, shared index c_end + j
+        sees = sliding[c_end + j, :p].nonzero().flatten().tolist()
+        assert sees == [k for k in range(p) if k > p + j - W], j
+        assert not sliding[c_end + j, p:c_end].any() and not full[c_end + j, p:c_end].any()
+    image = (plain["token_type_ids"][i, :p] == 1).nonzero().flatten()  # 3 images x 4 tokens
+    first = image[0]  # the first image's first token sees the whole of its image, not the next image
+    assert len(image) == 12 and full[first, image[:4]].all() and not full[first, image[4:]].any()
+    scorer, _ = train_state.make_scorers(model, None, dpo.score, fsdp=False, world=1)
+    assert prefix_sharing.self_check(scorer, model, plain) < TOL
