@@ -526,6 +526,26 @@ def with_stop(tokenizer, response):
     return response if any(response.endswith(s) for s in special_tokens(tokenizer)) else response + tokenizer.eos_token
 
 
+def _process(processor, prompts, images, **kw):
+    """processor(text=prompts, images=images, **kw) as a dict. Rows [x; x] (06's chosen and rejected
+    rows, pair_logps) are processed once and doubled: every output lists rows, or images in row
+    order, along its first dimension, so [v; v] is what the processor gives for [x; x], without
+    processing every image twice (image processing was ~15 % of a Qwen2.5-VL training step)."""
+    import torch
+
+    h = len(prompts) // 2
+    twice = h and len(prompts) == 2 * h and prompts[:h] == prompts[h:] and all(
+        a is b for a, b in zip(images[:h], images[h:]))
+    rows, ims = (prompts[:h], images[:h]) if twice else (prompts, images)
+    has_images = any(len(i) for i in ims)
+    enc = dict(processor(text=rows, images=[list(i) for i in ims] if has_images else None, **kw))
+    if twice and all(torch.is_tensor(x) or isinstance(x, list) for x in enc.values()):
+        return {k: torch.cat([x, x]) if torch.is_tensor(x) else x + x for k, x in enc.items()}
+    if twice:  # an output of another kind: process all rows, as asked
+        return dict(processor(text=prompts, images=[list(i) for i in images] if has_images else None, **kw))
+    return enc
+
+
 def build_inputs(processor, questions, images, answers=None, padding_side="right", add_eos=True):
     """Questions (+ answers) and their images -> one padded batch for the model.
 
@@ -552,10 +572,8 @@ def build_inputs(processor, questions, images, answers=None, padding_side="right
     prompts = [render_prompt(processor, q) for q in questions]
     # subtle: a template that writes the BOS itself must not get a second one from the tokenizer
     special = not (tok.bos_token and prompts[0].startswith(tok.bos_token))
-    has_images = any(len(ims) for ims in images)
-    enc = dict(processor(text=prompts, images=[list(ims) for ims in images] if has_images else None, padding=True,
-                         padding_side="right" if answers is not None else padding_side, return_tensors="pt",
-                         add_special_tokens=special))
+    enc = _process(processor, prompts, images, padding=True, return_tensors="pt", add_special_tokens=special,
+                   padding_side="right" if answers is not None else padding_side)
     if answers is None:
         return enc
     responses = [render_pair(processor, q, a)[1] for q, a in zip(questions, answers)]

@@ -165,6 +165,36 @@ WRAPPED = {"qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>", "internvl"
 
 
 @FAMILY
+def test_chosen_and_rejected_rows_process_their_prompt_once_and_equal_processing_both(family, loaded):
+    """build_inputs on [x; x] rows (06's chosen and rejected, pair_logps) runs the processor on the
+    prompts once and doubles its outputs: every tensor equals processing all 2B rows."""
+    _, proc = loaded(family)
+    qs = [QUESTION, "<image>\nWhat color is the shape?"]
+    ims = [IMAGES, IMAGES[:1]]
+    answers = ["red", "a blue shape", "green", "a red shape on gray"]
+    calls = []
+    real = type(proc).__call__
+
+    def counting(self, *a, **k):
+        calls.append(len(k.get("text") or a[0]))
+        return real(self, *a, **k)
+
+    try:
+        type(proc).__call__ = counting
+        once = vlm.build_inputs(proc, qs * 2, ims * 2, answers=answers)  # the same image lists twice
+    finally:
+        type(proc).__call__ = real
+    both = vlm.build_inputs(proc, qs * 2, [list(i) for i in ims * 2], answers=answers)  # new lists: no sharing
+    assert calls == [2]
+    assert once.keys() == both.keys()
+    for k in both:
+        if torch.is_tensor(both[k]):
+            assert torch.equal(once[k], both[k]), k
+        else:
+            assert once[k] == both[k], k
+
+
+@FAMILY
 def test_render_prompt_writes_each_image_as_the_template_does_next_to_its_label(family, loaded):
     _, proc = loaded(family)
     placeholder = _image_item_placeholder(proc)
