@@ -61,7 +61,8 @@ gpu_lane_setup() {  # sets LANE_PY, building the venv on first use
     rm -rf "$dir"
     python3 -m venv "$dir"
     "$LANE_PY" -m pip install -q -r requirements-gpu-lane.txt
-    "$LANE_PY" -c "import torchvision.transforms.v2.functional"  # the lane is void without it
+    "$LANE_PY" -c "import torchvision.transforms.v2.functional" || {  # the lane is void without it
+      echo "the GPU-user lane's torchvision does not import in $dir (no stamp: the next run rebuilds)" >&2; exit 1; }
     echo "$key" > "$dir/.complete"
   fi
   exec 9>&-
