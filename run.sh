@@ -3,6 +3,7 @@
 #   bash run.sh demo    the toy pipeline end to end on the CPU (the embedded default)
 #   bash run.sh test    the test suite
 #   bash run.sh effect  the ablation (which pairs, which loss terms, a second round) over three seeds, behind the README's numbers
+#   bash run.sh test-gpu-lane   the family tests where a GPU user's torch + torchvision are installed (their own venv)
 # On a GPU machine, create .venv and install your own CUDA build of torch first; this
 # script only installs torch (the CPU build it was tested with) when none is importable.
 set -euo pipefail
@@ -28,6 +29,43 @@ harness_setup() {  # lmms-eval for tests/test_harness.py; --no-deps: its own req
     "$PY" -m pip install -q -r requirements-harness.txt && "$PY" -m pip install -q --no-deps lmms-eval==0.7.3
     echo "$want" > "$stamp"
   fi
+}
+
+# The GPU-user lane: transformers picks its torchvision image processors wherever torchvision imports
+# (every GPU machine), its PIL ones in .venv (the CPU torch, no torchvision); the two differ in what
+# their helpers take and return, so the family tests run in both. The lane's venv is about 5.5 GB and
+# takes ~12 minutes to build, so it lives outside the clone (shared by every clone and CI run here),
+# named by a hash of what it installs: a changed pin makes a new one, and an interrupted build has no
+# stamp and starts over.
+GPU_LANE_TESTS=(tests/test_geometry.py tests/test_families.py tests/test_trl_qwen.py tests/test_prefix_sharing.py
+                tests/test_gen_pairs.py tests/test_common.py)
+
+requirement_files() {  # $1 and every file it includes with -r, depth first
+  echo "$1"
+  local inc
+  for inc in $(sed -n 's/^-r[[:space:]]*//p' "$1"); do requirement_files "$(dirname "$1")/$inc"; done
+}
+
+gpu_lane_setup() {  # sets LANE_PY, building the venv on first use
+  local key dir
+  # the base interpreter is part of the key: a venv only runs with the Python it was made from
+  key=$( (python3 --version; for f in $(requirement_files requirements-gpu-lane.txt); do cat "$f"; done) \
+        | sha256sum | cut -c1-16)
+  dir="${MIA_DPO_CACHE:-$HOME/.cache/mia-dpo}/venv-gpu-lane-$key"
+  LANE_PY="$dir/bin/python"
+  [ "$(cat "$dir/.complete" 2>/dev/null)" = "$key" ] && return
+  mkdir -p "$(dirname "$dir")"
+  exec 9>"$dir.lock"; flock 9  # two runs at once: one builds, the other waits and reuses it
+  if [ "$(cat "$dir/.complete" 2>/dev/null)" != "$key" ]; then
+    echo "building the GPU-user lane's venv in $dir (about 5.5 GB, ~12 minutes; reused afterwards)" >&2
+    rm -rf "$dir"
+    python3 -m venv "$dir"
+    "$LANE_PY" -m pip install -q -r requirements-gpu-lane.txt
+    "$LANE_PY" -c "import torchvision.transforms.v2.functional" || {  # the lane is void without it
+      echo "the GPU-user lane's torchvision does not import in $dir (no stamp: the next run rebuilds)" >&2; exit 1; }
+    echo "$key" > "$dir/.complete"
+  fi
+  exec 9>&-
 }
 
 # Every stage's defaults are the toy demo: with no flags a stage reads the toy world and takes
@@ -183,8 +221,13 @@ SUMMARY
     shift
     "$PY" -m pytest -q tests "$@"
     ;;
+  test-gpu-lane)
+    gpu_lane_setup
+    shift
+    "$LANE_PY" -m pytest -q "${GPU_LANE_TESTS[@]}" "$@"
+    ;;
   *)
-    echo "usage: bash run.sh demo | test [pytest args] | effect" >&2
+    echo "usage: bash run.sh demo | test [pytest args] | test-gpu-lane [pytest args] | effect" >&2
     exit 2
     ;;
 esac

@@ -7,6 +7,10 @@ thumbnail, Gemma pooling, Idefics3 / SmolVLM tiles and global view) and returns,
 box of original pixels per visual token, in the order the model places them. 04 turns these
 boxes into the share of attention that lands on the target image (grid cells, pic-in-pic
 insets) and paints them for --viz.
+
+Either image-processor backend: transformers' torchvision processors (any machine where torchvision
+imports: every GPU user's) and its PIL ones (this CPU lane). Where the geometry calls a processor's
+own helper, it hands it the backend's own input type and reads the backend's own layout back.
 """
 from __future__ import annotations
 
@@ -95,20 +99,56 @@ class _View:
         return out
 
 
+def _torchvision_backend(ip):
+    """Is this one of transformers' torchvision image processors (what every machine with a working
+    torchvision gets by default) rather than a PIL one? Their helpers take torch tensors, not numpy
+    arrays, and a few of them lay out their results differently (padding, centre crop)."""
+    return getattr(ip, "backend", None) == "torchvision"
+
+
+def _blank(ip, h, w):
+    """A 1-channel zero image of h x w in the type the image processor's own helpers take:
+    a torch tensor for the torchvision backend (its F.resize refuses numpy), numpy for PIL."""
+    import numpy as np
+
+    if _torchvision_backend(ip):
+        import torch
+
+        return torch.zeros((1, h, w), dtype=torch.uint8)
+    return np.zeros((1, h, w), np.uint8)
+
+
 def _resized_hw(ip, h, w, size):
     """(height, width) the image processor's own resize gives an h x w image for `size` (run on a
     1-channel zero image: the size rules live in resize, and differ per processor)."""
-    import numpy as np
     from transformers.image_utils import SizeDict
 
     size = size if isinstance(size, SizeDict) else SizeDict(**size)
-    return tuple(ip.resize(np.zeros((1, h, w), np.uint8), size=size, resample=0).shape[-2:])
+    return tuple(ip.resize(_blank(ip, h, w), size=size, resample=0).shape[-2:])
 
 
-def _center_crop(view, crop):
-    """transformers' center_crop (zero-padding a side that is too small): top = (h - ch) // 2."""
+def _padding_top_left(ip, hw, target):
+    """(top, left) padding of LLaVA-NeXT / OneVision's centred pad to the best pinpoint, read from the
+    image processor's own _get_padding_size: the PIL backend returns np.pad's ((top, bottom),
+    (left, right)), the torchvision one tvF.pad's [left, top, right, bottom]."""
+    pad = ip._get_padding_size(hw, target)
+    if _torchvision_backend(ip):
+        left, top, _, _ = pad
+        return top, left
+    (top, _), (left, _) = pad
+    return top, left
+
+
+def _center_crop(ip, view, crop):
+    """The image processor's center_crop, zero-padding a side that is too small: top = (h - ch) // 2,
+    so a side short by an odd count gets the extra row on top (ceil) in the PIL backend; the
+    torchvision one pads floor((ch - h) / 2) on top instead, one pixel off from PIL."""
     ch, cw = crop["height"], crop["width"]
-    return view.crop((view.h - ch) // 2, (view.w - cw) // 2, ch, cw)
+
+    def start(n, c):
+        return -((c - n) // 2) if c > n and _torchvision_backend(ip) else (n - c) // 2
+
+    return view.crop(start(view.h, ch), start(view.w, cw), ch, cw)
 
 
 def _clip_like_view(ip, kwargs, view):
@@ -116,7 +156,7 @@ def _clip_like_view(ip, kwargs, view):
     if kwargs.get("do_resize"):
         view = view.resize(*_resized_hw(ip, view.h, view.w, kwargs["size"]))
     if kwargs.get("do_center_crop"):
-        view = _center_crop(view, kwargs["crop_size"])
+        view = _center_crop(ip, view, kwargs["crop_size"])
     return view
 
 
@@ -154,7 +194,7 @@ def _anyres_grid(ip, kwargs, image_size, tile, tile_tokens, tile_view):
     best = select_best_resolution((H, W), kwargs["image_grid_pinpoints"])
     nh, nw = get_patch_output_size(np.broadcast_to(np.uint8(0), (1, H, W)), best, input_data_format="channels_first")
     view = _View(H, W).resize(nh, nw)
-    (top, _), (left, _) = ip._get_padding_size((nh, nw), best)
+    top, left = _padding_top_left(ip, (nh, nw), best)
     view = view.crop(-top, -left, best[0], best[1])
     rows, cols = best[0] // tile, best[1] // tile
     grid = np.empty((rows * tile_tokens, cols * tile_tokens, 4))

@@ -126,12 +126,19 @@ def test_a_two_image_prompt_expands_into_the_tokens_the_model_expects(family, lo
     assert logits.shape[:2] == enc["input_ids"].shape and torch.isfinite(logits).all()
 
 
-def test_load_processor_without_torchvision_saves_and_reloads_the_video_settings(tiny_dirs, tmp_path):  # noqa: F811
-    """On this machine a video family's processor is the real class with its video settings only;
-    save_pretrained writes them back, so the folder still loads on a torchvision machine."""
-    if _torchvision_imports():
-        pytest.skip("torchvision imports here: load_processor is plain AutoProcessor")
+def test_load_processor_without_torchvision_saves_and_reloads_the_video_settings(tiny_dirs, tmp_path, monkeypatch):  # noqa: F811
+    """Where torchvision does not import, a video family's processor is the real class with the PIL
+    image processor and its video settings only; save_pretrained writes them back, so the folder
+    still loads on a torchvision machine. The CPU lane has no torchvision; the GPU-user lane has one,
+    so there vlm is told it fails (a build that installs but does not match torch: the fallback's
+    other branch), and the saved folder is loaded back as a torchvision machine loads it."""
+    torchvision_here = _torchvision_imports()
+    if torchvision_here:
+        monkeypatch.setitem(vlm._TORCHVISION, "problem", "RuntimeError: simulated: torchvision does not match torch")
     proc = vlm.load_processor(tiny_dirs("qwen2_5_vl"))
+    assert type(proc.image_processor).__name__ == "Qwen2VLImageProcessorPil"
+    with pytest.raises(RuntimeError, match="torchvision"):
+        proc.video_processor([torch.zeros(2, 3, 32, 32)])
     proc.save_pretrained(tmp_path)
     again = vlm.load_processor(tmp_path)
     assert type(again).__name__ == "Qwen2_5_VLProcessor"
@@ -140,6 +147,14 @@ def test_load_processor_without_torchvision_saves_and_reloads_the_video_settings
     a = proc(text=["<|image_pad|>"], images=[IMAGES[0]], return_tensors="pt")
     b = again(text=["<|image_pad|>"], images=[IMAGES[0]], return_tensors="pt")
     assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["input_ids"], b["input_ids"])
+    if torchvision_here:  # the saved folder on a machine where torchvision works: the real video processor
+        monkeypatch.undo()
+        real = vlm.load_processor(tmp_path)
+        assert type(real.video_processor).__name__ == "Qwen2VLVideoProcessor"
+        for k in ("merge_size", "patch_size", "temporal_patch_size"):
+            assert getattr(real.video_processor, k) == proc.video_processor[k], k
+        c = real(text=["<|image_pad|>"], images=[IMAGES[0]], return_tensors="pt")
+        assert torch.equal(c["input_ids"], a["input_ids"])
 
 
 # ---- prompts and responses, as each family's template writes them ----------------------------

@@ -215,6 +215,26 @@ def test_a_token_changes_iff_its_box_meets_the_changed_pixels(family, loaded):
     check_receptive_fields(model, proc, [(190, 100)])  # an image alone (OneVision: anyres tiles, grid shrunk 1.5x)
 
 
+@pytest.mark.parametrize("hw, crop", [((5, 7), (8, 10)), ((12, 11), (4, 4)), ((5, 12), (8, 9))])
+def test_centre_crop_lands_each_pixel_where_the_image_processors_own_crop_does(hw, crop, loaded):
+    """_center_crop against the lane's CLIP image processor's own center_crop (PIL: numpy; torchvision:
+    tensors), on an image whose pixels are their own indices: a side too small by an odd count is
+    padded ceil on top / left by PIL, floor by torchvision, and the view must say which."""
+    ip = loaded("llava")[1].image_processor
+    from transformers.image_utils import SizeDict
+
+    h, w = hw
+    index = np.arange(1, h * w + 1, dtype=np.float32).reshape(1, h, w)
+    pixels = torch.from_numpy(index) if getattr(ip, "backend", None) == "torchvision" else index
+    out = np.asarray(ip.center_crop(pixels, size=SizeDict(height=crop[0], width=crop[1])))[0]
+    view = token_geometry._center_crop(ip, token_geometry._View(h, w), {"height": crop[0], "width": crop[1]})
+    assert out.shape == (view.h, view.w) == crop
+    rows, cols = np.nonzero(out)
+    r, c = np.divmod(out[rows, cols].astype(int) - 1, w)  # the original pixel at each kept position
+    np.testing.assert_array_equal(rows, r + view.oy)
+    np.testing.assert_array_equal(cols, c + view.ox)
+
+
 # ---- 3. hand-worked cases and 04's geometry ----------------------------------------------------
 def test_llava15_clip_resize_and_centre_crop_of_a_936x488_collage(loaded):
     """CLIP as in llava-1.5: shortest edge 336, centre crop 336, 14-px patches, CLS dropped.
