@@ -527,13 +527,8 @@ def main(args):
     reference = pick_reference(pairs, args.ref_logps, fingerprint, args.lora_r > 0, vlm.image_settings_id(processor))
     policy, frozen = train_state.prepare_policy(model, reference, args.lora_r, args.lora_alpha, args.lora_dropout,
                                                 args.tune_vision, args.tune_projector, args.grad_ckpt)
-    probe = collate(pairs[:1], args.image_root, processor, model)
-    why = prefix_sharing.fast_path_blocker(model, probe)
-    if why and (args.prefix_sharing or args.encode_images_once) and master:
-        print(f"06_train_dpo: plain path ([chosen; rejected] rows), not the fast path, for {type(model).__name__}: {why}")
-    elif args.prefix_sharing and master:
-        print(f"06_train_dpo: fast path for {type(model).__name__}: {prefix_sharing.describe(model, probe)}")
-    share_prefix, encode_images = args.prefix_sharing and not why, args.encode_images_once and not why
+    share_prefix, encode_images = prefix_sharing.choose_path(model, collate(pairs[:1], args.image_root, processor, model),
+                                                             args.prefix_sharing, args.encode_images_once, master)
     flags = argparse.Namespace(**{**vars(args), "prefix_sharing": share_prefix, "encode_images_once": encode_images})  # as run
     # image features can be shared only while no gradient needs to reach the vision tower / projector
     encode_once = encode_images and not (args.tune_vision or args.tune_projector or args.fsdp)

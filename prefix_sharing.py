@@ -350,6 +350,17 @@ def describe(model, batch):
     return "; ".join(parts) or "1-D positions, one block mask"
 
 
+def choose_path(model, batch, share_prefix, encode_once, master):
+    """The fast path's two halves as 06 was asked for them, unless fast_path_blocker says this model cannot
+    take them exactly -> (share_prefix, encode_once); 06's log says which path runs and why."""
+    why = fast_path_blocker(model, batch)
+    if why and (share_prefix or encode_once) and master:
+        print(f"06_train_dpo: plain path ([chosen; rejected] rows), not the fast path, for {type(model).__name__}: {why}")
+    elif share_prefix and master:
+        print(f"06_train_dpo: fast path for {type(model).__name__}: {describe(model, batch)}")
+    return share_prefix and not why, encode_once and not why
+
+
 def self_check(scorer, model, plain, share_prefix=True, encode_once=True, tol=None):
     """The fast path against the plain path on one batch, no grad -> the largest difference of the
     summed log-probs; SystemExit when it is above tolerance (float32: 1e-4 relative + 1e-3).

@@ -8,6 +8,7 @@ bench_dpo_step.py — one DPO training step of 06_train_dpo.py against TRL's DPO
   python bench/bench_dpo_step.py --family qwen2_5_vl --contenders ours,fast,trl   # Qwen2.5-VL, 448 px -> 256 tokens
   python bench/bench_dpo_step.py --family qwen3_vl --contenders ours,fast,trl     # Qwen3-VL, 512 px -> 256 tokens
   python bench/bench_dpo_step.py --family gemma3 --contenders ours,fast,trl       # Gemma 3, 256 tokens per image
+  python bench/bench_dpo_step.py --family qwen3_5 --contenders ours,fast,trl      # Qwen3.5, 512 px -> 256 tokens (plain only)
 
 Contenders: `ours` = 06_train_dpo.py's plain path (chosen and rejected rows each carry the prompt),
 `shared` = --prefix-sharing (one [prompt | chosen | rejected] row per pair, block mask), `fast` =
@@ -20,10 +21,12 @@ image, --images per prompt, answers of ~10-40 tokens. Built in a temporary folde
 All contenders train the same LoRA (r 8 on every language-model linear layer), fp32, no
 activation checkpointing, reference = adapters disabled, on the same pairs, --batch-size pairs
 per step (chosen + rejected = 2x rows), AdamW, clipping.
---family qwen2_5_vl / qwen3_vl / gemma3: a random model of that family with the same text size
-(vision tower, processor and chat template from tests/tiny_families.py), 256 visual tokens per
+--family qwen2_5_vl / qwen3_vl / gemma3 / qwen3_5: a random model of that family with the same text
+size (vision tower, processor and chat template from tests/tiny_families.py), 256 visual tokens per
 image (build_family says how); 06's fast path re-lays M-RoPE positions (Qwen) and the
-sliding-window / image-block masks (Gemma 3) for the prefix-shared rows.
+sliding-window / image-block masks (Gemma 3) for the prefix-shared rows. Qwen3.5 has no fast path
+(prefix_sharing.fast_path_blocker: its Gated-DeltaNet layers carry a recurrent state through every
+earlier token), so `shared` / `fast` run 06's plain path there, and say so (the `note` lines).
 
 Each contender runs in its own fresh process (so peak memory is its own), alternating
 ours/trl/ours/trl... for --repeats rounds. Per process: the time of each step after the first
@@ -90,7 +93,8 @@ def build_model(out, toy_model, width, layers):
 # the other geometries: tests/tiny_families.py's checkpoint (vision tower, processor, chat template),
 # the text model widened to the bench's size, random weights, images sized to 256 visual tokens each
 GEOMETRY = {  # family -> (image side in px, visual tokens per image)
-    "llava": (336, 576), "qwen2_5_vl": (448, 256), "qwen3_vl": (512, 256), "gemma3": (448, 256)}
+    "llava": (336, 576), "qwen2_5_vl": (448, 256), "qwen3_vl": (512, 256), "gemma3": (448, 256),
+    "qwen3_5": (512, 256)}
 
 
 def build_family(family, out, width, layers):
@@ -99,7 +103,12 @@ def build_family(family, out, width, layers):
     LM layer 0); both M-RoPE, full attention. gemma3: SigLIP-style tower on 64 px / patch 4 -> 16x16
     patches -> 256 tokens (the release: 896 px / 14 -> 64x64 pooled 4x4 -> 256), 3 sliding-window
     layers per global one (the release: 5) with a 512-token window, so the window cuts into a
-    3-image row (~850 tokens; the release's is 1024), and bidirectional attention inside images."""
+    3-image row (~850 tokens; the release's is 1024), and bidirectional attention inside images.
+    qwen3_5: Qwen3-VL's tower (patch 16, 2x2 merge, 512 px, no DeepStack), the release's hybrid LM:
+    3 Gated-DeltaNet (linear attention) layers per gated full-attention one (full_attention_interval
+    4), Gated DeltaNet sized like the release's ratios to the width (key heads half the value heads,
+    value heads x head dim = width, head dims = the attention head dim), partial rotary 0.25 with
+    interleaved M-RoPE over the remaining frequencies (the release: [11, 11, 10] of 32)."""
     import torch
     import transformers
     from transformers import AutoConfig
@@ -116,10 +125,17 @@ def build_family(family, out, width, layers):
         t.head_dim = width // 4
     pc = json.loads((out / "processor_config.json").read_text())
     side, tokens = GEOMETRY[family]
+    if family == "qwen3_5":
+        t.layer_types = [("full_attention" if (i + 1) % 4 == 0 else "linear_attention") for i in range(layers)]
+        t.linear_num_value_heads, t.linear_num_key_heads = 4, 2  # the release's 2:1 (32:16 at 4096)
+        t.linear_key_head_dim = t.linear_value_head_dim = width // 4  # value heads x dim = width
+        f = int(t.head_dim * t.rope_parameters["partial_rotary_factor"]) // 2  # rotary frequencies per head
+        t.rope_parameters["mrope_section"] = [len(range(i, f, 3)) for i in range(3)]  # interleaved t, h, w
     if family.startswith("qwen"):
-        t.layer_types = ["full_attention"] * layers
-        h = width // 8  # rotary frequencies per head, split over (t, h, w) like the release's [16, 24, 24] of 64
-        t.rope_parameters["mrope_section"] = [h // 4, (h - h // 4) // 2, h - h // 4 - (h - h // 4) // 2]
+        if family != "qwen3_5":
+            t.layer_types = ["full_attention"] * layers
+            h = width // 8  # rotary frequencies per head, split over (t, h, w) like the release's [16, 24, 24] of 64
+            t.rope_parameters["mrope_section"] = [h // 4, (h - h // 4) // 2, h - h // 4 - (h - h // 4) // 2]
         cfg.vision_config.out_hidden_size = width  # the merger projects into the text width
         pc["image_processor"]["size"]["longest_edge"] = side * side  # max_pixels: 256 merged tokens
     else:  # gemma3
@@ -266,7 +282,9 @@ def run_worker(name, a, data, model):
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if res.returncode != 0:
         raise SystemExit(f"{name} worker failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    lines = res.stdout.strip().splitlines()
+    # 06's line on which path it took (fast path, or the plain path and why)
+    return {**json.loads(lines[-1]), "notes": [x for x in lines if x.startswith("06_train_dpo: ") and " path" in x]}
 
 
 def main(a):
@@ -293,6 +311,9 @@ def main(a):
             for name in names:
                 res = run_worker(name, a, tmp / "data", tmp / "model")
                 results[name].append(res)
+                if r == 0:
+                    for note in res["notes"]:
+                        print(f"note {name}: {note}", flush=True)
                 print(f"repeat {r + 1} {name:6s}: step {statistics.median(res['ms']):7.0f} ms (median of {len(res['ms'])}), "
                       f"peak RSS {res['peak_mb']:6.0f} MB, over imports {res['peak_mb'] - res['base_mb']:6.0f} MB", flush=True)
         summary = {}
