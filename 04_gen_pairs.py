@@ -454,8 +454,8 @@ def main(args):
         if layer not in attention_layers(model):
             raise SystemExit(f"04_gen_pairs: --layer {layer} is not a softmax-attention layer of this model "
                              f"(those are {attention_layers(model)})")
-        ref_model = {"path": str(args.model), "fingerprint": vlm.model_fingerprint(model),
-                     "image_settings": vlm.image_settings_id(processor)}  # 06 refuses other image settings
+        ref_model = {"path": str(args.model), "fingerprint": vlm.model_fingerprint(model), "dtype": vlm.dtype_name(model),
+                     "image_settings": vlm.image_settings_id(processor)}  # 06 refuses other weights or image settings
         viz_ids = {it["id"] for f in FORMATS for it in [x for x in items if x["format"] == f][:args.viz]}
         thresholds = parse_thresholds(args.threshold)
         ctx = {"layer": layer, "boxes": {}, "thresholds": thresholds, "ref_model": ref_model, "viz_ids": viz_ids}

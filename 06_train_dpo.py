@@ -127,9 +127,10 @@ def score(model, batch, replay=False):
 
 
 # ---- method: the reference -----------------------------------------------------------------------
-def pick_reference(pairs, mode, fingerprint, lora, image_settings=None):
+def pick_reference(pairs, mode, fingerprint, lora, image_settings=None, dtype=None):
     """-> "stored" | "adapters-disabled" | "frozen-copy", or SystemExit saying why not: stored
-    log-probs are used only when the same weights AND the same image settings computed them."""
+    log-probs are used only when the same weights AND the same image settings computed them
+    (`dtype`: the loaded weights', named when 04 loaded the model in another one)."""
     live = "adapters-disabled" if lora else "frozen-copy"
     stored = [p["ref"] is not None for p in pairs]
     if mode == "recompute" or (mode == "auto" and not any(stored)):
@@ -139,8 +140,10 @@ def pick_reference(pairs, mode, fingerprint, lora, image_settings=None):
                          f"ref_rejected_logps; pass --ref-logps recompute to compute them all with the model")
     other = {p["ref_fingerprint"] for p in pairs} - {fingerprint}
     if other:
+        dtypes = sorted({p["ref_dtype"] for p in pairs if p["ref_dtype"] and p["ref_dtype"] != dtype})
+        hint = f"04 loaded the weights as {', '.join(dtypes)}, this run as {dtype}: --dtype {dtypes[0]}, or " if dtypes else ""
         raise SystemExit(f"06_train_dpo: the pairs' reference log-probs come from model(s) {sorted(other)}, "
-                         f"not the loaded model ({fingerprint}); they would be wrong here. Pass "
+                         f"not the loaded model ({fingerprint}); they would be wrong here. {hint}Pass "
                          f"--ref-logps recompute to compute the reference with this model.")
     other = {p["ref_images"] for p in pairs if p["ref_images"]} - {image_settings}
     if image_settings and other:
@@ -228,7 +231,8 @@ def load_pairs(path, image_root, processor, max_length, on_error):
                 "n_images": int(mia.get("n_images", len(images))),
                 "ref": (row["ref_chosen_logps"], row["ref_rejected_logps"]) if stored else None,
                 "ref_fingerprint": row["ref_model"]["fingerprint"] if stored else None,
-                "ref_images": row["ref_model"].get("image_settings") if stored else None}
+                "ref_images": row["ref_model"].get("image_settings") if stored else None,
+                "ref_dtype": row["ref_model"].get("dtype") if stored else None}
         return pair, (row["chosen"], row["rejected"])
 
     return _checked_rows(path, image_root, processor, max_length, on_error, "pair", parse, unique_ids=True,
@@ -461,6 +465,21 @@ def log_line(row, total):
 
 
 # ---- plumbing ------------------------------------------------------------------------------------
+def preflight(pairs, global_batch, pick):
+    """Everything that stops a run before its first step, said in ONE message with every flag to
+    change (a small run on one CPU with the paper recipe meets two at once) -> pick()'s reference."""
+    problems = [] if len(pairs) >= global_batch else [
+        f"{len(pairs)} usable pairs, fewer than one global batch ({global_batch} = --batch-size x --grad-accum x "
+        f"processes): give --grad-accum (or --batch-size) so that it is at most {len(pairs)}"]
+    try:
+        reference = pick()
+    except SystemExit as e:
+        problems.append(str(e).removeprefix("06_train_dpo: "))
+    if problems:
+        raise SystemExit("06_train_dpo: cannot start:\n  - " + "\n  - ".join(problems))
+    return reference
+
+
 def configure_optimizer(policy, lr, weight_decay, warmup, total):
     """AdamW over the policy's trainable weights and its schedule: linear warm-up over `warmup` steps,
     then linear decay to 0 at `total` (lr_factor) -> (optimizer, scheduler)."""
@@ -469,21 +488,6 @@ def configure_optimizer(policy, lr, weight_decay, warmup, total):
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
-
-
-def describe(flags, world, pairs, skips, total, optimizer, reference, fingerprint, encode_once, replay, replay_file,
-             replay_skips):
-    """The run in one line, printed before the first step; `flags`: the flags as the run uses them."""
-    global_batch = flags.batch_size * flags.grad_accum * world
-    n_trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
-    return (f"06_train_dpo: {len(pairs)} pairs ({len(skips)} skipped: {skips.summary()}) | {world} "
-            f"process(es) x {flags.batch_size} pairs x {flags.grad_accum} accumulation = {global_batch} per step | "
-            f"{total} steps ({len(pairs) // global_batch}/epoch) | {'LoRA r ' + str(flags.lora_r) if flags.lora_r else 'full fine-tune'}, "
-            f"{n_trainable / 1e6:.2f}M trainable | reference: {reference} (model "
-            f"{fingerprint}) | {'prefix-shared' if flags.prefix_sharing else 'plain'} rows"
-            f"{', images encoded once' if encode_once else ''}"
-            + (f" | replay: {len(replay)} rows of {replay_file} ({len(replay_skips)} skipped), {flags.replay_batch} "
-               f"per micro-step, weight {flags.replay_weight:g}" if replay else ""))
 
 
 def start(args):
@@ -522,9 +526,8 @@ def main(args):
     fingerprint = vlm.model_fingerprint(model)  # of the base model, before any adapter
     pairs, skips = load_pairs(args.pairs, args.image_root, processor, args.max_length, args.on_error)
     global_batch = args.batch_size * args.grad_accum * world  # pairs per optimizer step
-    if len(pairs) < global_batch:
-        raise SystemExit(f"06_train_dpo: {len(pairs)} usable pairs, fewer than one global batch ({global_batch})")
-    reference = pick_reference(pairs, args.ref_logps, fingerprint, args.lora_r > 0, vlm.image_settings_id(processor))
+    reference = preflight(pairs, global_batch, lambda: pick_reference(
+        pairs, args.ref_logps, fingerprint, args.lora_r > 0, vlm.image_settings_id(processor), vlm.dtype_name(model)))
     policy, frozen = train_state.prepare_policy(model, reference, args.lora_r, args.lora_alpha, args.lora_dropout,
                                                 args.tune_vision, args.tune_projector, args.grad_ckpt)
     share_prefix, encode_images = prefix_sharing.choose_path(model, collate(pairs[:1], args.image_root, processor, model),
@@ -543,8 +546,8 @@ def main(args):
     run = dict(zip(("run_id", "settings"), train_state.run_settings(flags, args.pairs, fingerprint)))
     step, resumed = train_state.resume(state, args.resume, out, rank, world, run)  # same settings only
     if master:
-        print(describe(flags, world, pairs, skips, total, optimizer, reference, fingerprint, encode_once, replay, replay_file,
-                       replay_skips) + (f" | resumed at step {step} from {resumed}" if resumed else ""), flush=True)
+        print(train_state.describe(flags, world, pairs, skips, total, optimizer, reference, fingerprint, encode_once, replay,
+                                   replay_file, replay_skips) + (f" | resumed at step {step} from {resumed}" if resumed else ""))
     meta = {"args": vars(flags), "reference": reference, "fingerprint": fingerprint}  # what each checkpoint records
 
     status, step = train(

@@ -334,6 +334,22 @@ def resume(state, where, out, rank, world, run):
     return step, folder
 
 
+# ---- the run in one line -------------------------------------------------------------------------
+def describe(flags, world, pairs, skips, total, optimizer, reference, fingerprint, encode_once, replay, replay_file,
+             replay_skips):
+    """06's run in one line, printed before the first step; `flags`: the flags as the run uses them."""
+    global_batch = flags.batch_size * flags.grad_accum * world
+    n_trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    return (f"06_train_dpo: {len(pairs)} pairs ({len(skips)} skipped: {skips.summary()}) | {world} "
+            f"process(es) x {flags.batch_size} pairs x {flags.grad_accum} accumulation = {global_batch} per step | "
+            f"{total} steps ({len(pairs) // global_batch}/epoch) | {'LoRA r ' + str(flags.lora_r) if flags.lora_r else 'full fine-tune'}, "
+            f"{n_trainable / 1e6:.2f}M trainable | reference: {reference} (model "
+            f"{fingerprint}) | {'prefix-shared' if flags.prefix_sharing else 'plain'} rows"
+            f"{', images encoded once' if encode_once else ''}"
+            + (f" | replay: {len(replay)} rows of {replay_file} ({len(replay_skips)} skipped), {flags.replay_batch} "
+               f"per micro-step, weight {flags.replay_weight:g}" if replay else ""))
+
+
 # ---- the trained model ---------------------------------------------------------------------------
 def save_final(state, processor, out, master, lora, merge):
     """LoRA: OUT/adapter (peft) and, with `merge`, OUT/final (merged); full fine-tune: OUT/final

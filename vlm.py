@@ -371,6 +371,11 @@ def image_settings_id(processor):
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def dtype_name(model):
+    """The loaded weights' dtype as --dtype names it: "float32", "bfloat16", "float16"."""
+    return str(model.dtype).removeprefix("torch.")
+
+
 def model_fingerprint(model):
     """A short hash of a model's weights, cheap even at 7B: name, shape, dtype and the first and
     last 256 values of every tensor. Stored with reference log-probs (04) so that a trainer (06)

@@ -371,3 +371,27 @@ def test_a_second_06_on_the_same_out_stops_at_once(dpo_world, tmp_path):
         common.release_output(out)
     assert run.returncode != 0 and "another process is writing it" in last_line(run)
     assert sorted(p.name for p in out.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_06_paper_recipe_on_a_small_cpu_run_names_every_flag_at_once(dpo_world, tmp_path):
+    """04 stored fp32 reference log-probs for 3 pairs; the paper recipe (bf16, 1 pair x 8 accumulation)
+    meets two problems at once, and says both with the flags that fix them."""
+    import vlm
+    from conftest import write
+
+    model, _ = vlm.load_model(dpo_world["model"], dtype="float32")
+    ref = {"path": str(dpo_world["model"]), "fingerprint": vlm.model_fingerprint(model), "dtype": "float32"}
+    rows = [{**json.loads(x), "ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0, "ref_model": ref}
+            for x in dpo_world["pairs"].read_text().splitlines()[:3]]
+    pairs = write(tmp_path / "pairs.jsonl", rows)
+    run = stage("06_train_dpo.py", "--pairs", pairs, "--image-root", dpo_world["images"], "--model", dpo_world["model"],
+                "--out", tmp_path / "out", "--recipe", "paper", cwd=tmp_path)
+    msg = run.stderr.strip().split("06_train_dpo: cannot start:", 1)[-1]
+    assert run.returncode != 0 and "cannot start:" in run.stderr
+    assert "3 usable pairs, fewer than one global batch (8" in msg and "--grad-accum" in msg
+    assert "04 loaded the weights as float32, this run as bfloat16: --dtype float32" in msg and "--ref-logps recompute" in msg
+    run = stage("06_train_dpo.py", "--pairs", pairs, "--image-root", dpo_world["images"], "--model", dpo_world["model"],
+                "--out", tmp_path / "out", "--recipe", "paper", "--grad-accum", "1", "--dtype", "float32",
+                "--max-steps", "1", "--no-merge", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
