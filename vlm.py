@@ -589,7 +589,11 @@ def build_inputs(processor, questions, images, answers=None, padding_side="right
         resp_ids.append(f_ids[len(p_ids):] if f_ids[: len(p_ids)] == p_ids else tok(r, add_special_tokens=False)["input_ids"])
     # re-lay every per-token tensor as [prompt | response | padding] (or padding first, on the left)
     ids, mask = enc["input_ids"], enc["attention_mask"]
-    per_token = [k for k, v in enc.items() if torch.is_tensor(v) and v.shape == ids.shape and k != "input_ids"]
+    # per-token: laid out like input_ids and not an image output, chosen by the image processor's own
+    # names (an image tensor can have the prompt batch's shape by chance: LFM2-VL's pixel_attention_mask)
+    image_keys = set(getattr(getattr(processor, "image_processor", None), "model_input_names", None) or ())
+    per_token = [k for k, v in enc.items()
+                 if torch.is_tensor(v) and v.shape == ids.shape and k != "input_ids" and k not in image_keys]
     lens = mask.sum(1).tolist()
     T = max(n + len(r) for n, r in zip(lens, resp_ids))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0

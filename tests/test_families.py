@@ -209,6 +209,26 @@ def test_chosen_and_rejected_rows_process_their_prompt_once_and_equal_processing
             assert once[k] == both[k], k
 
 
+def test_an_image_output_shaped_like_the_prompt_is_not_taken_for_a_per_token_input(loaded, monkeypatch):
+    """build_inputs re-lays per-token tensors ([prompt | response | padding]); which ones is decided by
+    name (not an image processor output), not by shape: LFM2-VL's pixel_attention_mask can have the
+    prompt batch's shape and was re-laid as text, and its vision tower then failed."""
+    _, proc = loaded("qwen2_5_vl")
+    real = type(proc).__call__
+
+    def with_a_mask(self, *a, **k):
+        out = real(self, *a, **k)
+        out["pixel_attention_mask"] = torch.ones_like(out["input_ids"])  # an image output, the prompt's shape
+        return out
+
+    monkeypatch.setattr(type(proc), "__call__", with_a_mask)
+    monkeypatch.setattr(type(proc.image_processor), "model_input_names",
+                        [*proc.image_processor.model_input_names, "pixel_attention_mask"], raising=False)
+    enc = vlm.build_inputs(proc, [QUESTION], [IMAGES], answers=["red"])
+    prompt_shape = real(proc, text=[vlm.render_prompt(proc, QUESTION)], images=[IMAGES], return_tensors="pt")["input_ids"].shape
+    assert enc["pixel_attention_mask"].shape == prompt_shape != enc["input_ids"].shape  # left as the processor made it
+
+
 @FAMILY
 def test_render_prompt_writes_each_image_as_the_template_does_next_to_its_label(family, loaded):
     _, proc = loaded(family)
