@@ -537,3 +537,34 @@ def test_cap_image_tokens_uses_the_familys_own_setting_and_is_recorded(family, t
         assert changed and len(boxes) < before
     with pytest.raises(ValueError, match=type(proc).__name__):
         vlm.cap_image_tokens(vlm.load_processor(tiny_dirs(family)), 0)
+
+
+@FAMILY
+def test_04_probe_during_generation_equals_teacher_forced_rows(family, loaded):  # noqa: F811
+    """04 --probe during-generation on every family: each generation step's probe row (prefill's
+    last position, then each fed token, over the KV cache) and each generated token's log-prob
+    equal a teacher-forced forward over prompt + the same generated token ids, to 1e-5. (04 uses
+    them only where those ids are the tokens it scores; a random tiny model's answers rarely are,
+    and such rows take the teacher-forced path: test_gen_pairs covers that on the toy.)"""
+    if family == "smolvlm":
+        pytest.importorskip("num2words")
+    model, proc = loaded(family)
+    gp.install_probe(model)
+    layer = gp.default_layer(model)
+    with torch.no_grad(), gp.probing(layer, "last") as probe:
+        g = vlm.generate_scored(model, proc, [QUESTION], [IMAGES], 4)
+        steps = list(probe["steps"])
+    toks = g["tokens"][0]
+    assert toks and len(steps) >= len(toks)
+    batch = vlm.to_model(vlm.build_inputs(proc, [QUESTION], [IMAGES]), model)  # one row: no padding
+    P, ids = batch["input_ids"].shape[1], batch["input_ids"]
+    fed = torch.tensor([toks[:-1]], dtype=ids.dtype, device=ids.device)  # the last token is produced, never fed
+    inputs = {k: torch.cat([v, torch.ones_like(fed) if k == "attention_mask" else torch.zeros_like(fed)], dim=1)
+              if torch.is_tensor(v) and v.shape == ids.shape and k != "input_ids" else v for k, v in batch.items()}
+    inputs["input_ids"] = torch.cat([ids, fed], dim=1)
+    with torch.no_grad(), gp.probing(layer, [(P - 1, P - 1 + len(toks))]) as tf:
+        logits = model(**inputs, use_cache=False).logits[0, P - 1:].float()
+    rows = torch.stack([s[0, :P] for s in steps[:len(toks)]]).mean(0)
+    assert torch.abs(rows - tf["out"][0, :P]).max() < 1e-5
+    want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(toks, device=logits.device)[:, None])[:, 0]
+    assert np.allclose(g["token_logps"][0], want.cpu().numpy(), atol=1e-5, rtol=0)
