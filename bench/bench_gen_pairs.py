@@ -12,8 +12,8 @@ Same rows, same fixed batches (04's make_batches), same model weights, in one pr
                       while generating; teacher-forced fallback rows and the pairs' chosen forward).
 Each round runs every batch through the three contenders, in an order rotated per round so a busy
 spell on the shared machine hits each; a contender's round time is the sum over batches (wall and
-process CPU time). Reported: medians over rounds and the ratios 04/generate. One warm-up batch of
-each contender first (not timed).
+process CPU time). Reported: medians over rounds and the ratios 04/generate. One untimed round
+first: on CPU the first forward of each new input shape ran ~10x slower than later ones.
 """
 import argparse
 import importlib
@@ -63,8 +63,9 @@ def main():
                   "04 teacher-forced": lambda b: gp.run_batch(probed, processor, b, modes["teacher-forced"], ctx()),
                   "04 during-gen": lambda b: gp.run_batch(probed, processor, b, modes["during-generation"], ctx())}
     names = list(contenders)
-    for n in names:  # warm-up
-        contenders[n](batches[0])
+    for b in batches:  # warm-up: a whole untimed round (the first call of a new shape was ~10x slower here)
+        for n in names:
+            contenders[n](b)
     wall, cpu = {n: [] for n in names}, {n: [] for n in names}
     for r in range(a.repeats):
         order = names[r % 3:] + names[:r % 3]
