@@ -24,6 +24,11 @@ view, merges, pooling), and a token counts with the share of its box inside the 
 (The authors cut the map into equal blocks and a fixed 16x16 centre, which ignores label strips,
 gaps, the inset's real size, what a centre crop removes and every dynamic-resolution layout.)
 --viz N draws the maps (the paper's Fig. 2).
+--probe during-generation takes the same rows while generating instead (each step's newest query row
+at that layer, over the KV cache), and the answer's log-probs from generation's raw logits; a row
+whose generated tokens are not the tokens scored (render_pair's response + stop token: e.g. "r","o"
+where " ro" is scored with a leading space token, or no stop token at --max-new-tokens) falls back
+to the teacher-forced forward. Equal to teacher-forced to 1e-5 (tests); the default stays teacher-forced.
 A row becomes a pair (chosen = ground truth, rejected = answer) when the normalised answer
 differs, both are non-empty, the answer was not cut by --max-new-tokens, PPL > 1.1 (PPL of the
 answer + EOS on the images it was generated from) and the ratio is under THRESHOLDS. Every row
@@ -167,7 +172,7 @@ def attention_ratio(fmt, maps, target, weights=None):
 
 # ---- plumbing ----
 PROBE_NAME = "mia_probe"
-_PROBE = {"layer": None, "rows": None, "out": None}  # set by probing(); read by the attention function
+_PROBE = {"layer": None, "rows": None, "out": None, "steps": []}  # set by probing(); read by the attention function
 
 
 def _probe_attention(module, query, key, value, attention_mask, **kwargs):
@@ -176,8 +181,28 @@ def _probe_attention(module, query, key, value, attention_mask, **kwargs):
 
     out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if _PROBE["rows"] is not None and getattr(module, "layer_idx", None) == _PROBE["layer"]:
-        _PROBE["out"] = response_attention(query, key, attention_mask, kwargs.get("scaling"), _PROBE["rows"])
+        if _PROBE["rows"] == "last":  # generating: each step's newest query row, over the cache
+            _PROBE["steps"].append(last_row_attention(query, key, attention_mask, kwargs.get("scaling")))
+        else:
+            _PROBE["out"] = response_attention(query, key, attention_mask, kwargs.get("scaling"), _PROBE["rows"])
     return out
+
+
+def last_row_attention(query, key, attention_mask, scaling):
+    """The probe while generating: one step's LAST query row (the one that predicts the next token),
+    heads averaged, over all keys in the cache -> (B, K) float32. In the prefill it is the prompt's
+    last position; in a decode step the one fed token. The last row of a causal mask sees every key,
+    so a None mask means no column is masked; a (B|1, 1, q, K) mask's last row is used as is."""
+    import torch
+
+    H, D = query.shape[1], query.shape[-1]
+    key = key.repeat_interleave(H // key.shape[1], dim=1)  # (B, H, K, D)
+    scaling = D ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query[:, :, -1:].float(), key.float().transpose(-1, -2)) * scaling  # (B, H, 1, K)
+    if attention_mask is not None:
+        m = attention_mask[:, :, -1:, -key.shape[2]:]  # (B|1, 1, 1, K)
+        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
+    return torch.softmax(scores, dim=-1).mean(dim=(1, 2))  # (B, K)
 
 
 def install_probe(model):
@@ -209,7 +234,7 @@ def default_layer(model):
 
 @contextlib.contextmanager
 def probing(layer, rows):
-    _PROBE.update(layer=layer, rows=rows, out=None)
+    _PROBE.update(layer=layer, rows=rows, out=None, steps=[])
     try:
         yield _PROBE
     finally:
@@ -310,6 +335,54 @@ def probe_forward(model, processor, questions, images, answers, layer, counts=No
     return attn.cpu().numpy(), positions, sum_lp.float().cpu().tolist(), n_tok.cpu().tolist()
 
 
+def generate_and_probe(model, processor, questions, images, max_new_tokens, layer, counts=None):
+    """Greedy answers with the probe and the answers' log-probs taken DURING generation -> answers,
+    finished, attn (B arrays over the left-padded prompt's positions), positions, sum_logps, n_tokens,
+    exact (B bools). Each step's last query row at `layer` (prefill: the prompt's last position; then
+    each fed token) is the teacher-forced row for the same token, with the same keys before it over
+    the KV cache; the answer's log-probs are the steps' raw logits, log-softmaxed. Both equal
+    probe_forward's only where the generated tokens ARE the tokens probe_forward scores (render_pair's
+    response + stop token, vlm.response_ids): `exact` says where; other rows need probe_forward.
+    Visual tokens all lie in the prompt, so the maps keep the prompt's columns only."""
+    import torch
+
+    with torch.no_grad(), probing(layer, "last") as probe:
+        g = vlm.generate_scored(model, processor, questions, images, max_new_tokens)
+        steps = probe["steps"]
+    if not steps:
+        raise RuntimeError(f"the probe did not run at layer {layer}: is the model's attention routed through {PROBE_NAME}?")
+    P = g["input_ids"].shape[1]
+    maps = torch.stack([s[:, :P] for s in steps], dim=1).cpu().numpy()  # (B, steps, P)
+    want = vlm.response_ids(processor, questions, g["texts"])
+    exact = [t == w and len(t) <= maps.shape[1] for t, w in zip(g["tokens"], want)]
+    attn = [maps[b, :len(t)].mean(axis=0) if len(t) else np.zeros(P, np.float32) for b, t in enumerate(g["tokens"])]
+    positions = vlm.image_positions(g["input_ids"], vlm.image_token_id(model),
+                                    counts or [[None] * len(ims) for ims in images])
+    return (g["texts"], g["finished"], attn, positions, [float(sum(x)) for x in g["token_logps"]],
+            [len(t) for t in g["tokens"]], exact)
+
+
+def answer_and_probe(model, processor, qs, seen, args, ctx, counts):
+    """--probe teacher-forced: generate, then probe_forward over prompt + answer. --probe
+    during-generation: generate_and_probe, and probe_forward only for the rows it cannot score
+    exactly (their generated tokens differ from the scored ones) -> answers, finished, attn,
+    positions, sum_logps, n_tokens, exact (B bools: numbers taken during generation)."""
+    if args.probe == "teacher-forced":
+        answers, finished = vlm.generate(model, processor, qs, seen, args.max_new_tokens, return_finished=True)
+        attn, positions, sum_lp, n_tok = probe_forward(model, processor, qs, seen, answers, ctx["layer"], counts)
+        return answers, finished, list(attn), positions, sum_lp, n_tok, [False] * len(qs)
+    answers, finished, attn, positions, sum_lp, n_tok, exact = generate_and_probe(
+        model, processor, qs, seen, args.max_new_tokens, ctx["layer"], counts)
+    redo = [b for b, e in enumerate(exact) if not e]
+    if redo:
+        a2, p2, s2, n2 = probe_forward(model, processor, [qs[b] for b in redo], [seen[b] for b in redo],
+                                       [answers[b] for b in redo], ctx["layer"], [counts[b] for b in redo])
+        for k, b in enumerate(redo):
+            attn[b], positions[b], sum_lp[b], n_tok[b] = a2[k], p2[k], s2[k], n2[k]
+    ctx.setdefault("probe_rows", Counter()).update(during=len(qs) - len(redo), teacher_forced=len(redo))
+    return answers, finished, attn, positions, sum_lp, n_tok, exact
+
+
 def token_boxes(processor, images, cache):
     """token_geometry.image_token_boxes for one prompt's images, cached by their sizes (all it depends on)."""
     key = tuple(im.size for im in images)
@@ -363,10 +436,9 @@ def run_batch(model, processor, items, args, ctx):
     if not ok:
         return out, []
     qs = [it["prompt"] for it in ok]
-    answers, finished = vlm.generate(model, processor, qs, seen, args.max_new_tokens, return_finished=True)
     boxes = [token_boxes(processor, ims, ctx["boxes"]) for ims in clean]
-    attn, positions, sum_lp, n_tok = probe_forward(model, processor, qs, seen, answers, ctx["layer"],
-                                                   [[len(b) for b in bs] for bs in boxes])
+    answers, finished, attn, positions, sum_lp, n_tok, exact = answer_and_probe(
+        model, processor, qs, seen, args, ctx, [[len(b) for b in bs] for bs in boxes])
     recs, viz = [], []
     for b, it in enumerate(ok):
         ratio, masses, maps = row_numbers(it, attn[b], positions[b], boxes[b])
@@ -376,13 +448,37 @@ def run_batch(model, processor, items, args, ctx):
         if it["id"] in ctx["viz_ids"]:
             viz.append((it, seen[b], maps, boxes[b], cand))
     chosen = [(r, it, ims) for r, it, ims in zip(recs, ok, clean) if r["candidate"]["selected"]]
-    if chosen:  # reference log-probs on the CLEAN images: chosen rows then rejected rows, one forward (as 06)
+    if chosen and args.probe == "teacher-forced":  # reference log-probs on the CLEAN images: chosen rows then rejected rows, one forward (as 06)
         q, ims = [it["prompt"] for _, it, _ in chosen], [im for _, _, im in chosen]
         lp_c, lp_r = vlm.pair_logps(model, processor, q, ims, [it["truth"] for _, it, _ in chosen],
                                        [r["candidate"]["answer"] for r, _, _ in chosen])
         for k, (r, it, _) in enumerate(chosen):
             r["pair"] = make_pair(it, r["candidate"], lp_c[k], lp_r[k], ctx)
+    elif chosen:
+        reference_during_generation(model, processor, recs, ok, clean, noise, exact, sum_lp, ctx)
     return out + recs, viz
+
+
+def reference_during_generation(model, processor, recs, ok, clean, noise, exact, sum_lp, ctx):
+    """Reference log-probs, --probe during-generation: a rejected answer generated from the CLEAN
+    images (no noise: sequence rows) token for token as it is scored has generation's own summed
+    log-probs as its reference; the others (answered from noisy images, or tokens that differ) are
+    scored as before. One forward: every chosen row, then the rejected rows still needed."""
+    import torch
+
+    sel = [b for b, r in enumerate(recs) if r["candidate"]["selected"]]
+    again = [b for b in sel if not (exact[b] and noise[b] == 0.0)]
+    rows = sel + again
+    answers = [ok[b]["truth"] for b in sel] + [recs[b]["candidate"]["answer"] for b in again]
+    batch = vlm.to_model(vlm.build_inputs(processor, [ok[b]["prompt"] for b in rows], [clean[b] for b in rows],
+                                          answers=answers), model)
+    with torch.no_grad():
+        lp = vlm.response_logps(model, batch)[0].float().cpu().tolist()
+    rejected = {b: sum_lp[b] for b in sel} | dict(zip(again, lp[len(sel):]))
+    for k, b in enumerate(sel):
+        recs[b]["pair"] = make_pair(ok[b], recs[b]["candidate"], lp[k], rejected[b], ctx)
+    ctx.setdefault("probe_rows", Counter()).update(ref_rejected_during=len(sel) - len(again),
+                                                   ref_rejected_forward=len(again))
 
 
 def save_viz(path, images, maps, boxes, cand, height=192):
@@ -474,6 +570,9 @@ def main(args):
                     save_viz(viz_dir / f"{common.safe_name(it['id'])}.png", ims, maps, boxes, cand)
                 n_sel += sum(r["candidate"]["selected"] for r in recs)
                 bar.update(len(recs), pairs=n_sel, yld=f"{n_sel / len(partial.done):.1%}")
+        if ctx.get("probe_rows"):  # a family or rows where generation's numbers are not the scored ones: say so
+            print(f"04_gen_pairs: --probe during-generation: {dict(ctx['probe_rows'])} (teacher_forced: generated tokens "
+                  f"differ from the scored ones; ref_rejected_forward: answered from noisy images or such tokens)")
         return finish(args, items, partial, layer, ref_model, t0, out, cands_path)
 
 
@@ -559,6 +658,10 @@ def get_args(argv=None):
     m.add_argument("--threshold", action="append", default=[], metavar="FORMAT[:N]=VALUE",
                    help="override a ratio threshold, e.g. grid:9=0.35, or grid=0.5 for every count; "
                         "FORMAT=inf for every wrong answer (repeatable)")
+    m.add_argument("--probe", choices=("teacher-forced", "during-generation"), default="teacher-forced",
+                   help="teacher-forced: a forward over prompt + answer after generating (default); during-generation: "
+                        "the attention rows and the answer's log-probs taken while generating (equal to 1e-5, tested), "
+                        "a row whose generated tokens differ from the scored ones falls back to teacher-forced")
     m.add_argument("--seed", type=int, default=0, help="with the row id, seeds the noise")
     s = p.add_argument_group("system")
     s.add_argument("--batch-size", type=int, default=16)

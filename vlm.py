@@ -748,3 +748,48 @@ def generate(model, processor, questions, images, max_new_tokens=64, return_fini
     eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tok.eos_token_id
     eos = torch.tensor(eos if isinstance(eos, list) else [eos], device=new.device)
     return texts, torch.isin(new, eos).any(dim=1).tolist()
+
+
+def response_ids(processor, questions, answers):
+    """The response token ids build_inputs(..., answers=answers) labels, row by row (render_pair's
+    response + the stop token, tokenised as a continuation of the prompt), without the processor
+    or any image: what a generated answer must equal token for token to be scored by generation."""
+    tok = processor.tokenizer
+    prompts = [render_prompt(processor, q) for q in questions]
+    special = not (tok.bos_token and prompts[0].startswith(tok.bos_token))
+    out = []
+    for p, q, a in zip(prompts, questions, answers):
+        r = with_stop(tok, render_pair(processor, q, a)[1])
+        p_ids, f_ids = tok(p, add_special_tokens=special)["input_ids"], tok(p + r, add_special_tokens=special)["input_ids"]
+        out.append(f_ids[len(p_ids):] if f_ids[: len(p_ids)] == p_ids else tok(r, add_special_tokens=False)["input_ids"])
+    return out
+
+
+def generate_scored(model, processor, questions, images, max_new_tokens=64):
+    """generate(), plus what it computed on the way: per row the generated token ids through the
+    first stop token and their log-probs under the model's raw logits (`output_logits`: before any
+    logits processor, so the model's own distribution, as response_logps scores it), and the
+    left-padded prompt batch it ran on (`input_ids`, for locating image tokens).
+    -> dict texts, finished, tokens (B lists), token_logps (B lists), input_ids (B, P).
+    See transformers' GenerationMixin.generate (`output_logits`, `return_dict_in_generate`)."""
+    import torch
+
+    batch = to_model(build_inputs(processor, questions, images, padding_side="left"), model)
+    tok = processor.tokenizer
+    with torch.no_grad():
+        out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens, output_logits=True,
+                             return_dict_in_generate=True,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    new = out.sequences[:, batch["input_ids"].shape[1]:]
+    texts = [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tok.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    lps = torch.stack([torch.log_softmax(x.float(), dim=-1) for x in out.logits], dim=1)  # (B, S, V)
+    lps = lps.gather(-1, new[:, :lps.shape[1]].unsqueeze(-1)).squeeze(-1)  # (B, S)
+    tokens, token_logps, finished = [], [], []
+    for b, row in enumerate(new.tolist()):
+        stop = next((k for k, t in enumerate(row) if t in eos), None)
+        n = len(row) if stop is None else stop + 1  # after the stop token: padding of a finished row
+        tokens.append(row[:n]), token_logps.append(lps[b, :n].tolist()), finished.append(stop is not None)
+    return {"texts": texts, "finished": finished, "tokens": tokens, "token_logps": token_logps,
+            "input_ids": batch["input_ids"]}

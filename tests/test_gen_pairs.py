@@ -1,4 +1,5 @@
 """04_gen_pairs.py: the probe against eager attentions, geometry, noise, selection, the CLI and resume."""
+import ast
 import contextlib
 import importlib
 import io
@@ -446,3 +447,73 @@ def test_summarise_selection_precision_and_recall_hand_case():
     assert (t["sequence"]["precision"], t["sequence"]["recall"]) == (0.5, 0.5)
     assert (t["sequence"]["mean_ratio_right"], t["sequence"]["mean_ratio_wrong"]) == (0.625, 0.85)
     assert (t["pip"]["precision"], t["pip"]["recall"], t["pip"]["prompts"], t["pip"]["wrong"]) == (None, 0.0, 2, 1)
+
+
+# ---- --probe during-generation: the numbers taken while generating equal the teacher-forced ones ----------------
+def test_response_ids_are_the_tokens_build_inputs_labels(world, models):
+    items = _items(world, [("sequence", 1), ("grid", 0), ("pip", 0)])
+    images = [[common.load_image(world.root, p) for p in it["image"]] for it in items]
+    qs, answers = [it["prompt"] for it in items], ["red", "", "the shape is a blue circle"]
+    labels = vlm.build_inputs(models.processor, qs, images, answers=answers)["labels"]
+    assert vlm.response_ids(models.processor, qs, answers) == [[t for t in row.tolist() if t != vlm.IGNORE_INDEX]
+                                                               for row in labels]
+
+
+@pytest.mark.parametrize("layer", [None, 0])
+def test_probe_during_generation_equals_teacher_forced(world, models, layer):
+    """A padded batch of every format, noisy images as 04 answers from: generation's attention rows,
+    log-probs and token counts == probe_forward's over the generated answers, to 1e-5."""
+    layer = models.n_layers // 2 if layer is None else layer
+    items = _items(world, [("sequence", 1), ("grid", 0), ("sequence", 2), ("pip", 0), ("grid", 1), ("sequence", 0)])
+    args = gp.get_args(["--data", *map(str, world.files)])
+    seen = [gp.corrupt(it, [common.load_image(world.root, p) for p in it["image"]], args)[0] for it in items]
+    qs = [it["prompt"] for it in items]
+    boxes = [token_geometry.image_token_boxes(models.processor, ims) for ims in seen]
+    counts = [[len(b) for b in bs] for bs in boxes]
+    answers, finished, attn, positions, lp, n, exact = gp.generate_and_probe(models.probe, models.processor, qs, seen,
+                                                                             24, layer, counts)
+    assert (answers, finished) == vlm.generate(models.probe, models.processor, qs, seen, 24, return_finished=True)
+    # exact: the generated tokens are the scored ones; the tiny toy also answers e.g. "r","o" where " ro" is
+    # scored as "Ġ","r","o" (no leading space token): such rows are 04's teacher-forced fallback
+    assert sum(exact) >= 4
+    attn_t, pos_t, lp_t, n_t = gp.probe_forward(models.probe, models.processor, qs, seen, answers, layer, counts)
+    ex = np.array(exact)
+    assert np.array(n)[ex].tolist() == np.array(n_t)[ex].tolist()
+    assert np.allclose(np.array(lp)[ex], np.array(lp_t)[ex], atol=1e-5, rtol=0)
+    for b, it in enumerate(items):
+        if not exact[b]:
+            continue
+        maps = [attn[b][p] for p in positions[b]]
+        maps_t = [attn_t[b][p] for p in pos_t[b]]
+        assert all(np.abs(m - m_t).max() < 1e-5 for m, m_t in zip(maps, maps_t))
+        ratio = gp.row_numbers(it, attn[b], positions[b], boxes[b])[0]
+        assert abs(ratio - gp.row_numbers(it, attn_t[b], pos_t[b], boxes[b])[0]) < 1e-5
+        # ppl = exp(-mean log p): the log-probs' float error (~5e-7) grows with it; 1e-5 relative
+        assert math.isclose(gp.perplexity(lp[b], n[b]), gp.perplexity(lp_t[b], n_t[b]), rel_tol=1e-5)
+
+
+def test_probe_during_generation_cli_equals_teacher_forced(world, full_run):
+    """The stage with --probe during-generation: the same answers, selections and reasons as the
+    default run; every number (ratio, attention masses, ppl, reference log-probs) to 1e-5. Rows cut at
+    --max-new-tokens (no stop token generated) fall back to teacher-forced, and the log says so."""
+    out = world.out / "during" / "pairs.jsonl"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        gp.main(gp.get_args([*_argv(world, out), "--probe", "during-generation"]))
+    used = ast.literal_eval(re.search(r"--probe during-generation: (\{.*?\})", buf.getvalue()).group(1))
+    assert used["during"] >= 7 and used["during"] + used["teacher_forced"] == 14 and used["ref_rejected_during"] >= 1
+    for name in ("pairs.candidates.jsonl", "pairs.jsonl"):
+        want = [json.loads(x) for x in full_run[0].with_name(name).read_text().splitlines()]
+        got = [json.loads(x) for x in out.with_name(name).read_text().splitlines()]
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            g, w = {**g, **g.get("probe", {})}, {**w, **w.get("probe", {})}
+            for k in w:
+                if k in ("ratio", "ref_chosen_logps", "ref_rejected_logps"):
+                    assert abs(g[k] - w[k]) <= 1e-5 + 1e-6, (w["id"], k)  # + 1e-6: both are rounded to 6 places
+                elif k == "ppl" and w[k] is not None:
+                    assert math.isclose(g[k], w[k], rel_tol=1e-5, abs_tol=1e-6), w["id"]
+                elif k == "attn_images":
+                    assert np.allclose(g[k], w[k], atol=1e-5 + 1e-6, rtol=0)
+                elif k not in ("probe", "viz"):
+                    assert g[k] == w[k], (w["id"], k)
