@@ -185,6 +185,11 @@ class Skips:
         return {"total": len(self), "by_reason": dict(self.counts), "rows": self.rows}
 
 
+def path_safe(text, limit=150):
+    """`text` with every character but letters, digits, '.', '_' and '-' replaced by '_', cut to `limit`."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", str(text))[:limit]
+
+
 def safe_name(text, limit=150):
     """A file name (no folder) for a row id: kept as it is when already safe, else its unsafe
     characters replaced and a digest of the id added, so ids that differ never share a file and
@@ -193,7 +198,7 @@ def safe_name(text, limit=150):
     """
     import hashlib
 
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", str(text))[:limit]
+    safe = path_safe(text, limit)
     if safe == str(text) and safe.strip(".") and not safe.startswith("."):
         return safe
     return f"{safe}-{hashlib.sha1(str(text).encode()).hexdigest()[:10]}"
@@ -306,11 +311,13 @@ def release_output(out):
 @contextlib.contextmanager
 def output_lock(out):
     """hold_output(out) for the block only."""
+    held = str(Path(out)) in _HELD  # held already: this block does not release it
     hold_output(out)
     try:
         yield
     finally:
-        release_output(out)
+        if not held:
+            release_output(out)
 
 
 def sidecar_path(out_path):

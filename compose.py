@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from common import MARKER, DataError, add_image_flags, ImageError, ImageMissing, ImageOutside, Progress, check_llava_row, open_image, read_rows, row_rng, write_jsonl, write_sidecar
+from common import (MARKER, DataError, ImageError, ImageMissing, ImageOutside, Progress, add_image_flags, check_llava_row,
+                    open_image, path_safe, read_rows, row_rng, write_jsonl, write_sidecar)
 
 # ---------------------------------------------------------------------------------------------
 # source rows for stages 01-03: single-image LLaVA samples in, multi-image samples out
@@ -345,7 +346,7 @@ def plan_and_render(units, key, plan, render, pools, seed, workers=1, desc=None)
 def file_name(row_id, *parts):
     """A file name for an output image: the id made path-safe + a digest of what it shows, so a
     re-run with other settings never overwrites an image an older JSONL still points to."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", row_id)[:150]
+    safe = path_safe(row_id)
     return f"{safe}-{hashlib.sha1(json.dumps([row_id, *parts]).encode()).hexdigest()[:10]}"
 
 

@@ -581,12 +581,7 @@ def build_inputs(processor, questions, images, answers=None, padding_side="right
                    padding_side="right" if answers is not None else padding_side)
     if answers is None:
         return enc
-    responses = [render_pair(processor, q, a)[1] for q, a in zip(questions, answers)]
-    responses = [with_stop(tok, r) if add_eos else r for r in responses]
-    resp_ids = []
-    for p, r in zip(prompts, responses):
-        p_ids, f_ids = tok(p, add_special_tokens=special)["input_ids"], tok(p + r, add_special_tokens=special)["input_ids"]
-        resp_ids.append(f_ids[len(p_ids):] if f_ids[: len(p_ids)] == p_ids else tok(r, add_special_tokens=False)["input_ids"])
+    resp_ids = _response_ids(processor, questions, prompts, answers, special, add_eos)
     # re-lay every per-token tensor as [prompt | response | padding] (or padding first, on the left)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     # per-token: laid out like input_ids and not an image output, chosen by the image processor's own
@@ -734,20 +729,26 @@ def generate(model, processor, questions, images, max_new_tokens=64, return_fini
 
     With `return_finished`, also a list of bools: did the answer end with EOS (False = it was
     cut at max_new_tokens)."""
+    _, _, new, texts, eos = _greedy(model, processor, questions, images, max_new_tokens)
+    if not return_finished:
+        return texts
+    return texts, [any(t in eos for t in row) for row in new.tolist()]
+
+
+def _greedy(model, processor, questions, images, max_new_tokens, **kw):
+    """model.generate, greedy, on the left-padded prompts -> (batch, its output, the new tokens
+    (B, S), their texts, the stop token ids as a set). `kw`: what else generate should return."""
     import torch
 
     batch = to_model(build_inputs(processor, questions, images, padding_side="left"), model)
     tok = processor.tokenizer
     with torch.no_grad():
-        out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
+        out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens, **kw,
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    new = out[:, batch["input_ids"].shape[1]:]
+    new = (out.sequences if kw.get("return_dict_in_generate") else out)[:, batch["input_ids"].shape[1]:]
     texts = [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
-    if not return_finished:
-        return texts
     eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tok.eos_token_id
-    eos = torch.tensor(eos if isinstance(eos, list) else [eos], device=new.device)
-    return texts, torch.isin(new, eos).any(dim=1).tolist()
+    return batch, out, new, texts, set(eos if isinstance(eos, list) else [eos])
 
 
 def response_ids(processor, questions, answers):
@@ -757,9 +758,16 @@ def response_ids(processor, questions, answers):
     tok = processor.tokenizer
     prompts = [render_prompt(processor, q) for q in questions]
     special = not (tok.bos_token and prompts[0].startswith(tok.bos_token))
-    out = []
+    return _response_ids(processor, questions, prompts, answers, special)
+
+
+def _response_ids(processor, questions, prompts, answers, special, add_eos=True):
+    """Each answer's response tokens after its rendered prompt: the continuation of the joint
+    tokenisation where the prompt's tokens survive it, else the response tokenised on its own."""
+    tok, out = processor.tokenizer, []
     for p, q, a in zip(prompts, questions, answers):
-        r = with_stop(tok, render_pair(processor, q, a)[1])
+        r = render_pair(processor, q, a)[1]
+        r = with_stop(tok, r) if add_eos else r
         p_ids, f_ids = tok(p, add_special_tokens=special)["input_ids"], tok(p + r, add_special_tokens=special)["input_ids"]
         out.append(f_ids[len(p_ids):] if f_ids[: len(p_ids)] == p_ids else tok(r, add_special_tokens=False)["input_ids"])
     return out
@@ -774,16 +782,8 @@ def generate_scored(model, processor, questions, images, max_new_tokens=64):
     See transformers' GenerationMixin.generate (`output_logits`, `return_dict_in_generate`)."""
     import torch
 
-    batch = to_model(build_inputs(processor, questions, images, padding_side="left"), model)
-    tok = processor.tokenizer
-    with torch.no_grad():
-        out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens, output_logits=True,
-                             return_dict_in_generate=True,
-                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    new = out.sequences[:, batch["input_ids"].shape[1]:]
-    texts = [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
-    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tok.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
+    batch, out, new, texts, eos = _greedy(model, processor, questions, images, max_new_tokens, output_logits=True,
+                                          return_dict_in_generate=True)
     lps = torch.stack([torch.log_softmax(x.float(), dim=-1) for x in out.logits], dim=1)  # (B, S, V)
     lps = lps.gather(-1, new[:, :lps.shape[1]].unsqueeze(-1)).squeeze(-1)  # (B, S)
     tokens, token_logps, finished = [], [], []
