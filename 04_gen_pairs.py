@@ -28,7 +28,9 @@ gaps, the inset's real size, what a centre crop removes and every dynamic-resolu
 at that layer, over the KV cache), and the answer's log-probs from generation's raw logits; a row
 whose generated tokens are not the tokens scored (render_pair's response + stop token: e.g. "r","o"
 where " ro" is scored with a leading space token, or no stop token at --max-new-tokens) falls back
-to the teacher-forced forward. Equal to teacher-forced to 1e-5 (tests); the default stays teacher-forced.
+to the teacher-forced forward; the pairs' chosen references of rows answered from the clean images are
+scored from generation's KV cache of the prompt (vlm.score_after_prompt). Equal to teacher-forced
+to 1e-5 (tests); the default stays teacher-forced.
 A row becomes a pair (chosen = ground truth, rejected = answer) when the normalised answer
 differs, both are non-empty, the answer was not cut by --max-new-tokens, PPL > 1.1 (PPL of the
 answer + EOS on the images it was generated from) and the ratio is under THRESHOLDS. Every row
@@ -338,7 +340,8 @@ def probe_forward(model, processor, questions, images, answers, layer, counts=No
 def generate_and_probe(model, processor, questions, images, max_new_tokens, layer, counts=None):
     """Greedy answers with the probe and the answers' log-probs taken DURING generation -> answers,
     finished, attn (B arrays over the left-padded prompt's positions), positions, sum_logps, n_tokens,
-    exact (B bools). Each step's last query row at `layer` (prefill: the prompt's last position; then
+    exact (B bools), prompt (generation's KV cache of the prompts, for vlm.score_after_prompt; None
+    where it cannot be put back to the prompt). Each step's last query row at `layer` (prefill: the prompt's last position; then
     each fed token) is the teacher-forced row for the same token, with the same keys before it over
     the KV cache; the answer's log-probs are the steps' raw logits, log-softmaxed. Both equal
     probe_forward's only where the generated tokens ARE the tokens probe_forward scores (render_pair's
@@ -347,7 +350,7 @@ def generate_and_probe(model, processor, questions, images, max_new_tokens, laye
     import torch
 
     with torch.no_grad(), probing(layer, "last") as probe:
-        g = vlm.generate_scored(model, processor, questions, images, max_new_tokens)
+        g = vlm.generate_scored(model, processor, questions, images, max_new_tokens, keep_prompt=True)
         steps = probe["steps"]
     if not steps:
         raise RuntimeError(f"the probe did not run at layer {layer}: is the model's attention routed through {PROBE_NAME}?")
@@ -359,19 +362,20 @@ def generate_and_probe(model, processor, questions, images, max_new_tokens, laye
     positions = vlm.image_positions(g["input_ids"], vlm.image_token_id(model),
                                     counts or [[None] * len(ims) for ims in images])
     return (g["texts"], g["finished"], attn, positions, [float(sum(x)) for x in g["token_logps"]],
-            [len(t) for t in g["tokens"]], exact)
+            [len(t) for t in g["tokens"]], exact, g["prompt"])
 
 
 def answer_and_probe(model, processor, qs, seen, args, ctx, counts):
     """--probe teacher-forced: generate, then probe_forward over prompt + answer. --probe
     during-generation: generate_and_probe, and probe_forward only for the rows it cannot score
     exactly (their generated tokens differ from the scored ones) -> answers, finished, attn,
-    positions, sum_logps, n_tokens, exact (B bools: numbers taken during generation)."""
+    positions, sum_logps, n_tokens, exact (B bools: numbers taken during generation), prompt
+    (generate_and_probe's; None in teacher-forced mode)."""
     if args.probe == "teacher-forced":
         answers, finished = vlm.generate(model, processor, qs, seen, args.max_new_tokens, return_finished=True)
         attn, positions, sum_lp, n_tok = probe_forward(model, processor, qs, seen, answers, ctx["layer"], counts)
-        return answers, finished, list(attn), positions, sum_lp, n_tok, [False] * len(qs)
-    answers, finished, attn, positions, sum_lp, n_tok, exact = generate_and_probe(
+        return answers, finished, list(attn), positions, sum_lp, n_tok, [False] * len(qs), None
+    answers, finished, attn, positions, sum_lp, n_tok, exact, prompt = generate_and_probe(
         model, processor, qs, seen, args.max_new_tokens, ctx["layer"], counts)
     redo = [b for b, e in enumerate(exact) if not e]
     if redo:
@@ -380,7 +384,7 @@ def answer_and_probe(model, processor, qs, seen, args, ctx, counts):
         for k, b in enumerate(redo):
             attn[b], positions[b], sum_lp[b], n_tok[b] = a2[k], p2[k], s2[k], n2[k]
     ctx.setdefault("probe_rows", Counter()).update(during=len(qs) - len(redo), teacher_forced=len(redo))
-    return answers, finished, attn, positions, sum_lp, n_tok, exact
+    return answers, finished, attn, positions, sum_lp, n_tok, exact, prompt
 
 
 def token_boxes(processor, images, cache):
@@ -437,7 +441,7 @@ def run_batch(model, processor, items, args, ctx):
         return out, []
     qs = [it["prompt"] for it in ok]
     boxes = [token_boxes(processor, ims, ctx["boxes"]) for ims in clean]
-    answers, finished, attn, positions, sum_lp, n_tok, exact = answer_and_probe(
+    answers, finished, attn, positions, sum_lp, n_tok, exact, prompt = answer_and_probe(
         model, processor, qs, seen, args, ctx, [[len(b) for b in bs] for bs in boxes])
     recs, viz = [], []
     for b, it in enumerate(ok):
@@ -455,29 +459,38 @@ def run_batch(model, processor, items, args, ctx):
         for k, (r, it, _) in enumerate(chosen):
             r["pair"] = make_pair(it, r["candidate"], lp_c[k], lp_r[k], ctx)
     elif chosen:
-        reference_during_generation(model, processor, recs, ok, clean, noise, exact, sum_lp, ctx)
+        reference_during_generation(model, processor, recs, ok, clean, noise, sum_lp, prompt, ctx)
     return out + recs, viz
 
 
-def reference_during_generation(model, processor, recs, ok, clean, noise, exact, sum_lp, ctx):
-    """Reference log-probs, --probe during-generation: a rejected answer generated from the CLEAN
-    images (no noise: sequence rows) token for token as it is scored has generation's own summed
-    log-probs as its reference; the others (answered from noisy images, or tokens that differ) are
-    scored as before. One forward: every chosen row, then the rejected rows still needed."""
+def reference_during_generation(model, processor, recs, ok, clean, noise, sum_lp, prompt, ctx):
+    """Reference log-probs (on the CLEAN images), --probe during-generation. A row answered from the
+    clean images (no noise: sequence rows) was scored on them already: its rejected reference is its
+    sum_logps, and its chosen is scored from generation's KV cache of the same prompt
+    (vlm.score_after_prompt: the chosen tokens only, no vision tower, no prompt again). The others
+    (answered from noisy images, or a model whose cache cannot be put back) get one forward as
+    before: every chosen row, then the rejected rows still needed."""
     import torch
 
     sel = [b for b, r in enumerate(recs) if r["candidate"]["selected"]]
-    again = [b for b in sel if not (exact[b] and noise[b] == 0.0)]
-    rows = sel + again
-    answers = [ok[b]["truth"] for b in sel] + [recs[b]["candidate"]["answer"] for b in again]
-    batch = vlm.to_model(vlm.build_inputs(processor, [ok[b]["prompt"] for b in rows], [clean[b] for b in rows],
-                                          answers=answers), model)
-    with torch.no_grad():
-        lp = vlm.response_logps(model, batch)[0].float().cpu().tolist()
-    rejected = {b: sum_lp[b] for b in sel} | dict(zip(again, lp[len(sel):]))
-    for k, b in enumerate(sel):
-        recs[b]["pair"] = make_pair(ok[b], recs[b]["candidate"], lp[k], rejected[b], ctx)
-    ctx.setdefault("probe_rows", Counter()).update(ref_rejected_during=len(sel) - len(again),
+    cached = [b for b in sel if noise[b] == 0.0 and prompt is not None]
+    fwd = [b for b in sel if b not in cached]
+    again = [b for b in fwd if noise[b] != 0.0]
+    ref_c, ref_r = {}, {b: sum_lp[b] for b in sel if noise[b] == 0.0}
+    if cached:
+        chosen = vlm.response_ids(processor, [ok[b]["prompt"] for b in cached], [ok[b]["truth"] for b in cached])
+        ref_c.update(zip(cached, vlm.score_after_prompt(model, prompt, cached, chosen)))
+    if fwd:
+        rows = fwd + again
+        answers = [ok[b]["truth"] for b in fwd] + [recs[b]["candidate"]["answer"] for b in again]
+        batch = vlm.to_model(vlm.build_inputs(processor, [ok[b]["prompt"] for b in rows], [clean[b] for b in rows],
+                                              answers=answers), model)
+        with torch.no_grad():
+            lp = vlm.response_logps(model, batch)[0].float().cpu().tolist()
+        ref_c.update(zip(fwd, lp)), ref_r.update(zip(again, lp[len(fwd):]))
+    for b in sel:
+        recs[b]["pair"] = make_pair(ok[b], recs[b]["candidate"], ref_c[b], ref_r[b], ctx)
+    ctx.setdefault("probe_rows", Counter()).update(ref_chosen_cached=len(cached), ref_chosen_forward=len(fwd),
                                                    ref_rejected_forward=len(again))
 
 
@@ -572,7 +585,8 @@ def main(args):
                 bar.update(len(recs), pairs=n_sel, yld=f"{n_sel / len(partial.done):.1%}")
         if ctx.get("probe_rows"):  # a family or rows where generation's numbers are not the scored ones: say so
             print(f"04_gen_pairs: --probe during-generation: {dict(ctx['probe_rows'])} (teacher_forced: generated tokens "
-                  f"differ from the scored ones; ref_rejected_forward: answered from noisy images or such tokens)")
+                  f"differ from the scored ones; ref_chosen_cached: scored from generation's prompt cache; *_forward: "
+                  f"answered from noisy images, or a cache that cannot be put back to the prompt)")
         return finish(args, items, partial, layer, ref_model, t0, out, cands_path)
 
 

@@ -773,23 +773,75 @@ def _response_ids(processor, questions, prompts, answers, special, add_eos=True)
     return out
 
 
-def generate_scored(model, processor, questions, images, max_new_tokens=64):
+def generate_scored(model, processor, questions, images, max_new_tokens=64, keep_prompt=False):
     """generate(), plus what it computed on the way: per row the generated token ids through the
     first stop token and their log-probs under the model's raw logits (`output_logits`: before any
     logits processor, so the model's own distribution, as response_logps scores it), and the
     left-padded prompt batch it ran on (`input_ids`, for locating image tokens).
-    -> dict texts, finished, tokens (B lists), token_logps (B lists), input_ids (B, P).
+    -> dict texts, finished, tokens (B lists), token_logps (B lists), input_ids (B, P), and with
+    keep_prompt `prompt`: what score_after_prompt needs to score other answers to these prompts from
+    generation's own KV cache (None where the cache cannot be put back to the prompt, see there).
     See transformers' GenerationMixin.generate (`output_logits`, `return_dict_in_generate`)."""
     import torch
+    from transformers import DynamicCache
 
-    batch, out, new, texts, eos = _greedy(model, processor, questions, images, max_new_tokens, output_logits=True,
-                                          return_dict_in_generate=True)
-    lps = torch.stack([torch.log_softmax(x.float(), dim=-1) for x in out.logits], dim=1)  # (B, S, V)
-    lps = lps.gather(-1, new[:, :lps.shape[1]].unsqueeze(-1)).squeeze(-1)  # (B, S)
+    kw, first = {}, {}
+    if keep_prompt and model.generation_config.cache_implementation in (None, "dynamic"):
+        kw["past_key_values"] = DynamicCache(config=model.config.get_text_config(decoder=True))
+        kw["past_key_values"].activate_past_recording()  # sliding-window layers keep what they drop until crop
+
+    def prefill_positions(module, args, kwargs):  # the position ids generate made for the prompt (M-RoPE: 3-4 rows)
+        first.setdefault("position_ids", kwargs.get("position_ids"))
+
+    hook = model.register_forward_pre_hook(prefill_positions, with_kwargs=True)
+    try:
+        batch, out, new, texts, eos = _greedy(model, processor, questions, images, max_new_tokens, output_logits=True,
+                                              return_dict_in_generate=True, **kw)
+    finally:
+        hook.remove()
+    lps = torch.stack([torch.log_softmax(x.float(), dim=-1).gather(-1, new[:, k:k + 1]).squeeze(-1)
+                       for k, x in enumerate(out.logits)], dim=1)  # (B, S): never the (B, S, V) of every step
     tokens, token_logps, finished = [], [], []
     for b, row in enumerate(new.tolist()):
         stop = next((k for k, t in enumerate(row) if t in eos), None)
         n = len(row) if stop is None else stop + 1  # after the stop token: padding of a finished row
         tokens.append(row[:n]), token_logps.append(lps[b, :n].tolist()), finished.append(stop is not None)
+    cache = kw.get("past_key_values")
+    prompt = None if cache is None or not cache.is_croppable else {
+        "cache": cache, "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+        "position_ids": first.get("position_ids")}
     return {"texts": texts, "finished": finished, "tokens": tokens, "token_logps": token_logps,
-            "input_ids": batch["input_ids"]}
+            "input_ids": batch["input_ids"], "prompt": prompt}
+
+
+def score_after_prompt(model, prompt, rows, responses):
+    """Summed log-probs of response token lists (response_ids) after prompts `rows` of one
+    generate_scored(..., keep_prompt=True) batch, from generation's KV cache: the prompt is never
+    run again. Equal to response_logps over prompt + response (tests: 1e-5). Uses the cache up:
+    call it once per batch. A row may be asked for twice (two answers to one prompt).
+    How: the cache is cropped back to the prompt less its last token, its rows picked; that token and
+    each response (right-padded) are fed on, at the positions generation would give them (the prompt's
+    last position ids + 0, 1, 2 ...; M-RoPE's too), so row t predicts response token t.
+    subtle: the cache holds the prompt left-padded, so every row's last prompt token is column P-1."""
+    import torch
+
+    cache, ids, P = prompt["cache"], prompt["input_ids"], prompt["input_ids"].shape[1]
+    idx = torch.tensor(rows, device=ids.device)
+    cache.crop(P - 1 - cache.get_seq_length())  # a negative count: tokens to drop from the end
+    cache.batch_select_indices(idx)
+    L = max(len(r) for r in responses)
+    feed = torch.zeros((len(rows), L), dtype=ids.dtype, device=ids.device)  # [last prompt token | response[:-1] | pad]
+    targets = torch.full((len(rows), L), IGNORE_INDEX, dtype=ids.dtype, device=ids.device)
+    for k, (b, r) in enumerate(zip(rows, responses)):
+        feed[k, 0], feed[k, 1:len(r)] = ids[b, -1], torch.tensor(r[:-1], dtype=ids.dtype)
+        targets[k, :len(r)] = torch.tensor(r, dtype=ids.dtype)
+    valid = targets != IGNORE_INDEX  # fed position t is real iff response token t is
+    mask = torch.cat([prompt["attention_mask"][idx, :-1], valid.to(prompt["attention_mask"].dtype)], dim=1)
+    pos = prompt["position_ids"]
+    if pos is not None:  # (..., B, P) -> (..., rows, L): the last prompt position onwards
+        pos = pos.index_select(-2, idx)[..., -1:] + torch.arange(L, device=pos.device)
+    with torch.no_grad():
+        hidden = model.model(input_ids=feed, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                             use_cache=True).last_hidden_state  # (rows, L, H)
+        lp = logps_at(model, hidden[valid], targets[valid])  # (N,)
+    return torch.zeros(targets.shape, dtype=lp.dtype, device=lp.device).masked_scatter(valid, lp).sum(-1).tolist()

@@ -11,12 +11,14 @@
 - 06: LoRA on the decoder only; the fast path equals the plain path where fast_path_blocker lets
   it run, the family's reason otherwise; the command line trains, merges and saves (slow).
 """
+import ast
 import contextlib
 import importlib
 import inspect
 import io
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -590,26 +592,89 @@ def test_04_probe_during_generation_equals_teacher_forced_rows(family, loaded): 
     assert np.allclose(g["token_logps"][0], want.cpu().numpy(), atol=1e-5, rtol=0)
 
 
+NO_PROMPT_CACHE = {"qwen3_5": "linear-attention layers carry a recurrent state crop cannot put back"}
+
+
+def _chosen_from_the_prompt_cache(model, proc, questions, images):
+    """score_after_prompt on generation's cache vs the teacher-forced forward 04 runs otherwise:
+    three left-padded prompts of 2, 1 and 2 images, rows out of order, one row with two answers."""
+    with torch.no_grad():
+        g = vlm.generate_scored(model, proc, questions, images, 4, keep_prompt=True)
+    if g["prompt"] is None:
+        return None
+    rows, answers = [2, 0, 1, 1], ["blue", "a red one", "red", "the shape is red"]
+    got = vlm.score_after_prompt(model, g["prompt"], rows, vlm.response_ids(proc, [questions[b] for b in rows], answers))
+    batch = vlm.to_model(vlm.build_inputs(proc, [questions[b] for b in rows], [images[b] for b in rows],
+                                          answers=answers), model)
+    with torch.no_grad():
+        want = vlm.response_logps(model, batch)[0].tolist()
+    return np.abs(np.array(got) - np.array(want)).max()
+
+
+@FAMILY
+def test_04_chosen_scored_from_the_prompt_cache_equals_teacher_forced(family, loaded):  # noqa: F811
+    """04 --probe during-generation scores a pair's chosen answer from generation's KV cache of its prompt
+    (only the answer's tokens run: no vision tower, no prompt again), equal to the teacher-forced
+    forward to 1e-5 on every family whose cache crop can put back to the prompt (M-RoPE positions,
+    Gemma's bidirectional image blocks inside the cached prompt); the others keep the forward."""
+    if family == "smolvlm":
+        pytest.importorskip("num2words")
+    model, proc = loaded(family)
+    gp.install_probe(model)
+    one = "Image1:<image>\nWhat color is the shape?"
+    diff = _chosen_from_the_prompt_cache(model, proc, [QUESTION, one, QUESTION], [IMAGES, IMAGES[:1], IMAGES[::-1]])
+    assert (diff is None) == (family in NO_PROMPT_CACHE)
+    assert diff is None or diff < 1e-5
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gemma4"])
+def test_04_chosen_from_the_prompt_cache_with_a_sliding_window_shorter_than_the_prompt(family, tiny_dirs, tmp_path):  # noqa: F811
+    """A 4-token sliding window (layers [full, sliding, full]): generation's sliding layers record what
+    they drop until the cache is cropped back to the prompt, so the chosen still sees the right window."""
+    src, _ = vlm.load_model(tiny_dirs(family), dtype="float32")
+    text = src.config.get_text_config()
+    text.num_hidden_layers, text.sliding_window = 3, 4
+    text.layer_types = ["full_attention", "sliding_attention", "full_attention"]
+    torch.manual_seed(0)
+    shutil.copytree(tiny_dirs(family), tmp_path / family)
+    type(src)._from_config(src.config).save_pretrained(tmp_path / family)
+    model, proc = vlm.load_model(tmp_path / family, dtype="float32")
+    gp.install_probe(model)
+    one = "Image1:<image>\nWhat color is the shape?"
+    assert _chosen_from_the_prompt_cache(model, proc, [QUESTION, one, QUESTION], [IMAGES, IMAGES[:1], IMAGES[::-1]]) < 1e-5
+
+
 @FAMILY
 def test_04_during_generation_stage_equals_teacher_forced(family, tiny_dirs, mia_rows, tmp_path):  # noqa: F811
     """04 end to end on every family in both --probe modes: the same answers and reasons, ratios,
-    PPL and reference log-probs to 1e-5. The random tiny models emit no stop token within 4 tokens,
-    so every row here takes the teacher-forced fallback (the log line counts them: during 0); this
-    checks the fallback end to end, test_04_probe_during_generation_equals_teacher_forced_rows the
-    rows taken while generating, test_gen_pairs the toy where most rows are."""
+    PPL and reference log-probs to 1e-5. A random tiny model rarely emits a stop token, so its copy
+    here ends every answer within a few tokens (generation_config's exponential_decay_length_penalty:
+    a logits processor, the raw logits scored are unchanged) and, thresholds off, every row is a pair:
+    the sequence row's chosen reference comes from generation's prompt cache (the log counts it;
+    NO_PROMPT_CACHE families: the forward). Most rows still take the teacher-forced probe (random
+    tokens rarely re-tokenise as generated); test_04_probe_during_generation_equals_teacher_forced_rows
+    checks the rows taken while generating, test_gen_pairs the toy where most rows are."""
     if family == "smolvlm":
         pytest.importorskip("num2words")
     root, files = mia_rows
+    model_dir = shutil.copytree(tiny_dirs(family), tmp_path / "model")
+    gen = json.loads((model_dir / "generation_config.json").read_text())
+    (model_dir / "generation_config.json").write_text(json.dumps({**gen, "exponential_decay_length_penalty": [1, 1e4]}))
     runs = {}
     for mode in ("teacher-forced", "during-generation"):
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
             runs[mode] = gp.main(gp.get_args(
-                ["--data", *files, "--image-root", str(root), "--model", str(tiny_dirs(family)), "--out",
-                 str(tmp_path / mode / "pairs.jsonl"), "--max-new-tokens", "4", "--min-ppl", "0", "--threads", "1",
+                ["--data", *files, "--image-root", str(root), "--model", str(model_dir), "--out",
+                 str(tmp_path / mode / "pairs.jsonl"), "--max-new-tokens", "6", "--min-ppl", "0", "--threads", "1",
                  "--threshold", "sequence=inf", "--threshold", "grid=inf", "--threshold", "pip=inf", "--probe", mode]))
-    assert "--probe during-generation: {'during':" in buf.getvalue()
+    used = ast.literal_eval(re.search(r"--probe during-generation: (\{.*?\})", buf.getvalue()).group(1))
     (p_t, c_t), (p_d, c_d) = runs["teacher-forced"], runs["during-generation"]
+    assert [c["format"] for c in c_t] == ["sequence", "grid", "pip"]
+    assert len(p_t) == 3 or family == "internvl"  # every row a pair; tiny InternVL answers "\n\n": empty
+    if p_t:  # the sequence row was answered from its clean images: its chosen from the cache
+        assert used["ref_chosen_cached"] == (0 if family in NO_PROMPT_CACHE else 1)
+        assert used["ref_chosen_forward"] == 3 - used["ref_chosen_cached"] and used["ref_rejected_forward"] == 2
     assert [(c["answer"], c["reason"]) for c in c_d] == [(c["answer"], c["reason"]) for c in c_t]
     for d, t in zip(c_d, c_t):
         assert abs(d["ratio"] - t["ratio"]) <= 1.1e-5

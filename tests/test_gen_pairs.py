@@ -470,8 +470,8 @@ def test_probe_during_generation_equals_teacher_forced(world, models, layer):
     qs = [it["prompt"] for it in items]
     boxes = [token_geometry.image_token_boxes(models.processor, ims) for ims in seen]
     counts = [[len(b) for b in bs] for bs in boxes]
-    answers, finished, attn, positions, lp, n, exact = gp.generate_and_probe(models.probe, models.processor, qs, seen,
-                                                                             24, layer, counts)
+    answers, finished, attn, positions, lp, n, exact, _ = gp.generate_and_probe(models.probe, models.processor, qs, seen,
+                                                                                24, layer, counts)
     assert (answers, finished) == vlm.generate(models.probe, models.processor, qs, seen, 24, return_finished=True)
     # exact: the generated tokens are the scored ones; the tiny toy also answers e.g. "r","o" where " ro" is
     # scored as "Ġ","r","o" (no leading space token): such rows are 04's teacher-forced fallback
@@ -501,7 +501,7 @@ def test_probe_during_generation_cli_equals_teacher_forced(world, full_run):
     with contextlib.redirect_stdout(buf):
         gp.main(gp.get_args([*_argv(world, out), "--probe", "during-generation"]))
     used = ast.literal_eval(re.search(r"--probe during-generation: (\{.*?\})", buf.getvalue()).group(1))
-    assert used["during"] >= 7 and used["during"] + used["teacher_forced"] == 14 and used["ref_rejected_during"] >= 1
+    assert used["during"] >= 7 and used["during"] + used["teacher_forced"] == 14 and used["ref_chosen_cached"] >= 1
     for name in ("pairs.candidates.jsonl", "pairs.jsonl"):
         want = [json.loads(x) for x in full_run[0].with_name(name).read_text().splitlines()]
         got = [json.loads(x) for x in out.with_name(name).read_text().splitlines()]
@@ -517,3 +517,22 @@ def test_probe_during_generation_cli_equals_teacher_forced(world, full_run):
                     assert np.allclose(g[k], w[k], atol=1e-5 + 1e-6, rtol=0)
                 elif k not in ("probe", "viz"):
                     assert g[k] == w[k], (w["id"], k)
+
+
+def test_chosen_scored_from_the_prompt_cache_equals_teacher_forced(world, models):
+    """--probe during-generation scores a pair's chosen answer from generation's KV cache of the prompt
+    (vlm.score_after_prompt): a left-padded batch of 2-4 image prompts, rows picked out of order and
+    one row twice (two answers), equal to the teacher-forced forward 04 runs otherwise (1e-5)."""
+    items = _items(world, [("sequence", k) for k in range(6)])
+    qs = [it["prompt"] for it in items]
+    images = [[common.load_image(world.root, p) for p in it["image"]] for it in items]
+    with torch.no_grad():
+        g = vlm.generate_scored(models.probe, models.processor, qs, images, 8, keep_prompt=True)
+    assert g["prompt"] is not None and len({len(ims) for ims in images}) == 3  # prompts of 3 lengths: padding
+    rows, answers = [4, 1, 1, 2], [items[4]["truth"], items[1]["truth"], "a blue circle", items[2]["truth"]]
+    got = vlm.score_after_prompt(models.probe, g["prompt"], rows, vlm.response_ids(models.processor,
+                                                                                    [qs[b] for b in rows], answers))
+    batch = vlm.build_inputs(models.processor, [qs[b] for b in rows], [images[b] for b in rows], answers=answers)
+    with torch.no_grad():
+        want = vlm.response_logps(models.eager, batch)[0].tolist()
+    assert np.allclose(got, want, atol=1e-5, rtol=0), (got, want)
