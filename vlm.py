@@ -581,7 +581,7 @@ def build_inputs(processor, questions, images, answers=None, padding_side="right
                    padding_side="right" if answers is not None else padding_side)
     if answers is None:
         return enc
-    resp_ids = _response_ids(processor, questions, prompts, answers, special, add_eos)
+    resp_ids = _response_ids(processor, questions, answers, special, add_eos)
     # re-lay every per-token tensor as [prompt | response | padding] (or padding first, on the left)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     # per-token: laid out like input_ids and not an image output, chosen by the image processor's own
@@ -756,21 +756,21 @@ def response_ids(processor, questions, answers):
     response + the stop token, tokenised as a continuation of the prompt), without the processor
     or any image: what a generated answer must equal token for token to be scored by generation."""
     tok = processor.tokenizer
-    prompts = [render_prompt(processor, q) for q in questions]
-    special = not (tok.bos_token and prompts[0].startswith(tok.bos_token))
-    return _response_ids(processor, questions, prompts, answers, special)
+    special = not (tok.bos_token and questions and render_prompt(processor, questions[0]).startswith(tok.bos_token))
+    return _response_ids(processor, questions, answers, special)
 
 
-def _response_ids(processor, questions, prompts, answers, special, add_eos=True):
+def _response_ids(processor, questions, answers, special, add_eos=True):
     """Each answer's response tokens after its rendered prompt: the continuation of the joint
-    tokenisation where the prompt's tokens survive it, else the response tokenised on its own."""
-    tok, out = processor.tokenizer, []
-    for p, q, a in zip(prompts, questions, answers):
-        r = render_pair(processor, q, a)[1]
-        r = with_stop(tok, r) if add_eos else r
-        p_ids, f_ids = tok(p, add_special_tokens=special)["input_ids"], tok(p + r, add_special_tokens=special)["input_ids"]
-        out.append(f_ids[len(p_ids):] if f_ids[: len(p_ids)] == p_ids else tok(r, add_special_tokens=False)["input_ids"])
-    return out
+    tokenisation where the prompt's tokens survive it, else the response tokenised on its own.
+    (The texts of all rows are tokenised in one call each: the tokenizer's batch path.)"""
+    tok = processor.tokenizer
+    pairs = [render_pair(processor, q, a) for q, a in zip(questions, answers)]
+    resps = [with_stop(tok, r) if add_eos else r for _, r in pairs]
+    p_ids = tok([p for p, _ in pairs], add_special_tokens=special)["input_ids"] if pairs else []
+    f_ids = tok([p + r for (p, _), r in zip(pairs, resps)], add_special_tokens=special)["input_ids"] if pairs else []
+    return [f[len(p):] if f[:len(p)] == p else tok(r, add_special_tokens=False)["input_ids"]
+            for p, f, r in zip(p_ids, f_ids, resps)]
 
 
 def generate_scored(model, processor, questions, images, max_new_tokens=64, keep_prompt=False):
