@@ -28,6 +28,7 @@ process CPU time). Reported: medians over rounds and the ratios 04/generate. One
 first: on CPU the first forward of each new input shape ran ~10x slower than later ones.
 """
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -73,6 +74,31 @@ def quantile_thresholds(recs, share, gp):
     table = {f: dict(v) for f, v in gp.THRESHOLDS.items()}
     table["sequence"] = {n: float(np.quantile(v, share)) for n, v in by_n.items()}
     return table
+
+
+def breakdown(run, batches, parts):
+    """CPU seconds of one round of `run` over the batches, and of each (module, function) in `parts`
+    within it (nested parts are counted in each: generate_scored holds model.generate)."""
+    spent, saved = dict.fromkeys((f for _, f in parts), 0.0), []
+    for mod, f in parts:
+        real = getattr(mod, f)
+
+        @functools.wraps(real)
+        def timed(*args, _real=real, _f=f, **kw):
+            c0 = time.process_time()
+            try:
+                return _real(*args, **kw)
+            finally:
+                spent[_f] += time.process_time() - c0
+        saved.append((mod, f, real)), setattr(mod, f, timed)
+    try:
+        c0 = time.process_time()
+        for b in batches:
+            run(b)
+        return time.process_time() - c0, spent
+    finally:
+        for mod, f, real in saved:
+            setattr(mod, f, real)
 
 
 def run_setting(name, a, gp, common, vlm):
@@ -139,6 +165,11 @@ def run_setting(name, a, gp, common, vlm):
         ratios = [x / y for x, y in zip(wall[n], wall["generate"])]
         print(f"{name} | {n}: 04/generate: x{med(wall[n]) / med(wall['generate']):.2f} wall (per-round ratios median "
               f"x{med(ratios):.2f}), x{med(cpu[n]) / med(cpu['generate']):.2f} CPU", flush=True)
+    if a.breakdown:  # where 04 during-gen's time goes, one more round (CPU s; plain generate = _greedy + load_image)
+        total, spent = breakdown(contenders["04 during-gen"], batches, [
+            (vlm, "generate_scored"), (vlm, "_greedy"), (common, "load_image"), (vlm, "response_ids"),
+            (vlm, "score_after_prompt"), (gp, "probe_forward"), (vlm, "image_positions"), (gp, "row_numbers")])
+        print(f"{name} | 04 during-gen, one round: {total:.3f} CPU s = " + ", ".join(f"{k} {v:.3f}" for k, v in spent.items()))
 
 
 def main():
@@ -154,6 +185,7 @@ def main():
     p.add_argument("--image-tokens", type=int, default=256, help="qwen2_5_vl: merged visual tokens per image")
     p.add_argument("--answer-tokens", type=int, default=12, help="qwen2_5_vl: about this many tokens per answer")
     p.add_argument("--pair-share", type=float, default=0.24, help="qwen2_5_vl: share of rows made pairs")
+    p.add_argument("--breakdown", action="store_true", help="one more round of 04 during-gen, timing its parts")
     a = p.parse_args()
     import common
     import vlm
