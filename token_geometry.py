@@ -17,6 +17,11 @@ from __future__ import annotations
 from vlm import emitted_image_tokens
 
 
+class NoGeometry(ValueError):
+    """No view-following geometry for this processor: 04 skips its grid and pic-in-pic rows,
+    counted with this reason, and still runs its sequence rows (they need only token counts)."""
+
+
 # ---------------------------------------------------------------------------------------------
 # image-token geometry
 # ---------------------------------------------------------------------------------------------
@@ -39,7 +44,7 @@ def image_token_boxes(processor, images):
     ip_name = ip_name.removesuffix("Fast")
     handler = _GEOMETRY.get(name)
     if handler is None or ip_name not in handler[0]:
-        raise ValueError(f"image_token_boxes: no geometry for {name} with {ip_name} (known: "
+        raise NoGeometry(f"image_token_boxes: no geometry for {name} with {ip_name} (known: "
                          f"{', '.join(f'{k} + {v[0]}' for k, v in _GEOMETRY.items())})")
     images = list(images)
     # the processor's image kwargs, as its __call__ merges them; the image processor fills in the rest

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import common
+import vlm
 
 
 @dataclass
@@ -131,7 +132,7 @@ def make_scorers(model, frozen, forward, fsdp, world):
     def shard(scorer):
         from torch.distributed.fsdp import fully_shard
 
-        for layer in scorer.m.get_decoder().layers:
+        for layer in vlm.decoder_layers(scorer.m):
             fully_shard(layer)
         return fully_shard(scorer)
 

@@ -392,6 +392,20 @@ def model_fingerprint(model):
     return h.hexdigest()[:16]
 
 
+def decoder_layers(model):
+    """The language model's decoder layers (a ModuleList), found by search: the first `*layers`
+    ModuleList under model.get_decoder() (llava: model.language_model.layers; Idefics3: .text_model;
+    Llama 4, whose get_decoder() is a causal-LM wrapper: .language_model.model.layers). Vision
+    towers sit outside the decoder, so their layers are never taken."""
+    import torch
+
+    root = model.get_decoder()
+    for name, module in root.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.split(".")[-1].endswith("layers") and len(module):
+            return module
+    raise ValueError(f"{type(model).__name__}: no decoder layers under {type(root).__name__} (get_decoder())")
+
+
 def image_token_id(model_or_config):
     """The id that marks visual-token positions in input_ids (`image_token_id` in transformers 5)."""
     cfg = getattr(model_or_config, "config", model_or_config)
@@ -706,11 +720,35 @@ def response_logps(model, batch):
 
 
 def to_model(batch, model):
-    """A build_inputs batch on the model's device, pixel values in the model's dtype."""
+    """A build_inputs batch on the model's device, pixel values in the model's dtype, and each
+    scored (labelled) token typed as generation types the tokens it generates (response_types)."""
     batch = {k: v.to(model.device) for k, v in batch.items()}
     if "pixel_values" in batch:
         batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+    if "labels" in batch:
+        scored = batch["labels"] != IGNORE_INDEX  # (B, T) the answer's tokens (labels align with input_ids)
+        for key, value in response_types(model, batch).items():
+            batch[key] = batch[key].masked_fill(scored, value)
     return batch
+
+
+def response_types(model, batch):
+    """-> {key: value} for the batch's token-type inputs: the type generation gives a generated
+    token, read from the model's own generation update (GenerationMixin._update_model_kwargs_for_generation,
+    which each family may override). A processor types the response of a prompt+answer row like its
+    prompt text; a prefix-LM's processor types all text as the bidirectional prefix, so its answer
+    tokens would see later answer tokens. Scored as generated, they are causal.
+      PaliGemma: {"token_type_ids": 1} (1 = causal suffix)   Gemma 3: {"token_type_ids": 0}
+      Qwen3-VL, Gemma 4: {"mm_token_type_ids": 0}   llava: {}"""
+    import torch
+    from transformers.utils import ModelOutput
+
+    keys = [k for k in ("token_type_ids", "mm_token_type_ids") if k in batch]
+    if not keys or not hasattr(model, "_update_model_kwargs_for_generation"):
+        return {}
+    text = {k: torch.zeros(1, 1, dtype=batch[k].dtype) for k in keys}  # a prompt that ends in text
+    after = model._update_model_kwargs_for_generation(ModelOutput(), dict(text))
+    return {k: int(after[k][0, -1]) for k in keys}
 
 
 def pair_logps(model, processor, questions, images, chosen, rejected):
