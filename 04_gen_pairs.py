@@ -452,7 +452,8 @@ def make_pair(it, cand, ref_chosen_logps, ref_rejected_logps, ctx):
     probe = {"layer": ctx["layer"], **{k: cand[k] for k in ("ratio", "threshold", "attn_images", "ppl", "noise_std")}}
     return {"id": it["id"], "image": it["image"], "prompt": it["prompt"], "chosen": it["truth"], "rejected": cand["answer"],
             **extra, "mia": it["mia"], "probe": probe, "ref_chosen_logps": ref_chosen_logps,
-            "ref_rejected_logps": ref_rejected_logps, "ref_model": ctx["ref_model"]}
+            "ref_rejected_logps": ref_rejected_logps, "ref_model": ctx["ref_model"],
+            "ref_text": vlm.text_fingerprint(ctx["processor"], it["prompt"], [it["truth"], cand["answer"]])}
 
 
 def run_batch(model, processor, items, args, ctx):
@@ -592,7 +593,8 @@ def main(args):
                      "image_settings": vlm.image_settings_id(processor)}  # 06 refuses other weights or image settings
         viz_ids = {it["id"] for f in FORMATS for it in [x for x in items if x["format"] == f][:args.viz]}
         thresholds = parse_thresholds(args.threshold)
-        ctx = {"layer": layer, "boxes": {}, "thresholds": thresholds, "ref_model": ref_model, "viz_ids": viz_ids}
+        ctx = {"layer": layer, "boxes": {}, "thresholds": thresholds, "ref_model": ref_model, "viz_ids": viz_ids,
+               "processor": processor}
         config = resume_config(args, layer, ref_model, thresholds)
         batches = make_batches(items, args.batch_size)
         partial = common.ResumeFile(str(cands_path) + ".partial", config, key="i")

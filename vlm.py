@@ -545,6 +545,18 @@ def with_stop(tokenizer, response):
     return response if any(response.endswith(s) for s in special_tokens(tokenizer)) else response + tokenizer.eos_token
 
 
+def text_fingerprint(processor, question, answers):
+    """A short hash of the token ids the rows (question + each answer, as build_inputs renders and
+    stops them) tokenise to, images not expanded. 04 stores it with its reference log-probs and 06
+    refuses them when its own rendering differs: a chat template that writes today's date (Mistral)
+    or any change of template or tokenizer would otherwise reuse log-probs of another prompt."""
+    h = hashlib.sha256()
+    for a in answers:
+        prompt, response = render_pair(processor, question, a)
+        h.update(repr(processor.tokenizer(prompt + with_stop(processor.tokenizer, response))["input_ids"]).encode())
+    return h.hexdigest()[:16]
+
+
 def _process(processor, prompts, images, **kw):
     """processor(text=prompts, images=images, **kw) as a dict. Rows [x; x] (06's chosen and rejected
     rows, pair_logps) are processed once and doubled: every output lists rows, or images in row
