@@ -512,8 +512,10 @@ def render_pair(processor, question, answer):
     empty thought channel a rendered turn lacks. The response is the answer, preceded by what the
     conversation puts between the prompt and the answer when the prompt IS its prefix (llava-1.5:
     " "), and followed by the template's text up to and including its first special token (the
-    end-of-turn token generation stops at: `<|im_end|>`, `<end_of_turn>`, `</s>`). A template that
-    writes no end token (llava-1.5) gives the bare answer; build_inputs then appends EOS.
+    end-of-turn token generation stops at: `<|im_end|>`, `<end_of_turn>`, `</s>`), or where the
+    turn has none, the one that opens the next turn (GLM-4.1V: `<|user|>`, in its generation
+    config's stop ids). A template with neither (llava-1.5) gives the bare answer; build_inputs
+    then appends EOS. Every family's scored response ends in a token generation stops at (tested).
       llava-1.5 : ("USER: <image>\\nQ ASSISTANT:", " blue")
       Qwen2.5-VL: ("...<|im_start|>assistant\\n", "blue<|im_end|>")
     """
@@ -521,11 +523,13 @@ def render_pair(processor, question, answer):
     answer = answer.strip()
     if not getattr(processor, "chat_template", None):
         return prompt, " " + answer
-    stand_in = "\u2063MIA-DPO-ANSWER\u2063"  # text no template rewrites
-    msgs = [{"role": "user", "content": [{"type": "text", "text": question.replace(MARKER, image_placeholder(processor))}]},
-            {"role": "assistant", "content": [{"type": "text", "text": stand_in}]}]
-    full = _chat(processor, msgs)
-    if full.count(stand_in) != 1:
+    stand_in = "\u2063MIA-DPO-ANSWER\u2063"  # text no template rewrites (and a repr() escapes)
+    user = {"role": "user", "content": [{"type": "text", "text": question.replace(MARKER, image_placeholder(processor))}]}
+    for content in ([{"type": "text", "text": stand_in}], stand_in):  # items; or a string (GLM-4.1V prints items' repr)
+        full = _chat(processor, [user, {"role": "assistant", "content": content}])
+        if full.count(stand_in) == 1:
+            break
+    else:
         raise ValueError(f"{type(processor).__name__}: its chat template does not write the answer turn's text once")
     head, tail = full.split(stand_in)
     user_turn = prompt[: len(os.path.commonprefix([prompt, head]))]
@@ -534,9 +538,18 @@ def render_pair(processor, question, answer):
                          f"in a prompt and in a conversation")
     gap = head[len(prompt):] if head.startswith(prompt) else ""
     gap = gap if answer or gap.strip() else ""  # an empty answer: the model stopped at once (llava's " " is not said)
-    ends = sorted((i, -len(s)) for s in special_tokens(processor.tokenizer) if (i := tail.find(s)) >= 0)
-    tail = tail[: ends[0][0] - ends[0][1]] if ends else tail.rstrip()  # through the first (longest) one
-    return prompt, gap + answer + tail
+    ends = _first_special(processor, tail)
+    if ends is None:  # no end token after the answer: the one that opens the next turn, if any (GLM-4.1V: <|user|>)
+        nxt = _chat(processor, [user, {"role": "assistant", "content": content}, user])
+        ends = _first_special(processor, nxt.split(stand_in)[1].split(user["content"][0]["text"])[0])
+        tail = nxt.split(stand_in)[1] if ends else tail.rstrip()
+    return prompt, gap + answer + (tail[:ends] if ends else tail)
+
+
+def _first_special(processor, text):
+    """The end of the first special token in `text` (the longest, where two start at once), or None."""
+    ends = sorted((i, -len(s)) for s in special_tokens(processor.tokenizer) if (i := text.find(s)) >= 0)
+    return ends[0][0] - ends[0][1] if ends else None
 
 
 def with_stop(tokenizer, response):
