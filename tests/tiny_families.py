@@ -59,6 +59,14 @@ class _Parts:
     feature_extractor: object = None
 
 
+class _SavedSettings(dict):
+    """An image processor's saved settings, where its class needs torchvision to be built at all
+    (Llama 4's has no PIL twin in transformers 5.23): build() writes them as to_dict() would."""
+
+    def to_dict(self):
+        return dict(self)
+
+
 # ---------------------------------------------------------------------------------------------
 # tokenizers: the family's tokenizer class, vocabulary trained here
 # ---------------------------------------------------------------------------------------------
@@ -457,6 +465,175 @@ def _smolvlm():
              "fps": 1, "num_frames": 64, "do_sample_frames": True}
     return _Parts(SmolVLMForConditionalGeneration(cfg), tok, ip, SMOLVLM_TEMPLATE, {"image_seq_len": 4},
                   ["<end_of_utterance>"], video)
+
+
+# Mistral's Tekken split (tekken.json "pattern"; transformers' integrations/mistral keeps it, and
+# tokenization_utils_tokenizers._patch_mistral_regex restores it where an old tokenizer.json lost it)
+_TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
+                   r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+"
+                   r"|\s+(?!\S)|\s+")
+# Tekken's 20 control tokens, ids 0..19 (mistral_common's frozen list; [IMG] = 10, [IMG_BREAK] = 12, [IMG_END] = 13)
+_TEKKEN_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                    "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
+                    "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]"]
+
+
+def _byte_level_fast(specials, pattern, bos, **kw):
+    """A plain TokenizersBackend (PreTrainedTokenizerFast) over a byte-level BPE after the regex
+    split `pattern`, `bos` written first by its post-processor: how transformers converts a
+    tiktoken-style vocabulary (Mistral's Tekken, Llama 4's o200k). `specials` get ids 0.. and
+    are registered as special tokens."""
+    from tokenizers import Regex, decoders, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, Qwen2Tokenizer
+
+    vocab, merges = _train_bpe(Qwen2Tokenizer, specials)
+    backend = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None)._tokenizer
+    backend.normalizer = None
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                                      special_tokens=[(bos, vocab[bos])])])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, **kw)
+    tok.add_special_tokens({"extra_special_tokens": [t for t in specials if t not in tok.all_special_tokens]},
+                           replace_extra_special_tokens=False)
+    return tok
+
+
+def _mistral3():
+    """mistralai/Mistral-Small-3.1-24B-Instruct-2503: Pixtral ViT (patch 14, 2D RoPE, images up to
+    1540 px on the longest edge, sides rounded up to 28 px), a 2x2 patch merger, so one [IMG] per
+    28x28 px, a row of them ended by [IMG_BREAK], the last by [IMG_END]. Here patch 8, merge 2
+    (16 px per token), at most 48 px: a 64x48 image is 3x3 [IMG], a 40x64 one 2 wide, 3 high."""
+    from transformers import (Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig,
+                              PixtralImageProcessorPil, PixtralVisionConfig)
+
+    tok = _byte_level_fast(_TEKKEN_SPECIALS, _TEKKEN_PATTERN, "<s>", eos_token="</s>", unk_token="<unk>",
+                           pad_token="<pad>")
+    text = MistralConfig(**_text_kw(tok, head_dim=8, sliding_window=None, pad_token_id=tok.pad_token_id,
+                                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                    rope_parameters={"rope_type": "default", "rope_theta": 1e9}))
+    vision = PixtralVisionConfig(hidden_size=H, intermediate_size=2 * H, num_hidden_layers=L, num_attention_heads=2,
+                                 head_dim=16, image_size=48, patch_size=8,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    cfg = Mistral3Config(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("[IMG]"),
+                         spatial_merge_size=2, projector_hidden_act="gelu", vision_feature_layer=-1,
+                         multimodal_projector_bias=False, tie_word_embeddings=False)
+    ip = PixtralImageProcessorPil(size={"longest_edge": 48}, patch_size=8, resample=3,
+                                  image_mean=[0.48145466, 0.4578275, 0.40821073],
+                                  image_std=[0.26862954, 0.26130258, 0.27577711])
+    settings = dict(patch_size=8, spatial_merge_size=2, image_token="[IMG]", image_break_token="[IMG_BREAK]",
+                    image_end_token="[IMG_END]")
+    return _Parts(Mistral3ForConditionalGeneration(cfg), tok, ip, MISTRAL3_TEMPLATE, settings, ["</s>"])
+
+
+def _aya_vision():
+    """CohereForAI/aya-vision-8b: SigLIP2 364/14 + pixel shuffle 2x2 (169 tokens per tile), GotOcr2
+    tiling (up to 12 tiles of 364 px + a global view), each tile's <|IMG_PATCH|> run after
+    TILE_k, the global view's after TILE_GLOBAL, all between <|START_OF_IMG|> ... <|END_OF_IMG|>;
+    Command R7B LM (Cohere2: 3 sliding-window layers per global one). Here 32 px / patch 8, pixel
+    shuffle 2x2 -> 4 tokens per tile, window 16, 1:1."""
+    from transformers import (AyaVisionConfig, AyaVisionForConditionalGeneration, Cohere2Config, CohereTokenizer,
+                              GotOcr2ImageProcessorPil)
+
+    turn = ["<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>",
+            "<|SYSTEM_TOKEN|>", "<|START_RESPONSE|>", "<|END_RESPONSE|>"]
+    image = ["<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_LINE_BREAK|>", "<|IMG_PATCH|>"]
+    tok = _tokenizer(CohereTokenizer, ["<PAD>", "<UNK>", "<CLS>", "<SEP>", "<MASK_TOKEN>", "<BOS_TOKEN>",
+                                       "<EOS_TOKEN>", "<EOP_TOKEN>"], turn + image,
+                     eos_token="<|END_OF_TURN_TOKEN|>")
+    text = Cohere2Config(**_text_kw(tok, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                                    pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                    eos_token_id=tok.eos_token_id))
+    vision = _siglip(32, 8)
+    vision.vision_use_head = False
+    cfg = AyaVisionConfig(vision_config=vision, text_config=text, downsample_factor=2,
+                          image_token_index=tok.convert_tokens_to_ids("<|IMG_PATCH|>"), vision_feature_layer=-1,
+                          vision_feature_select_strategy="full", adapter_layer_norm_eps=1e-6)
+    ip = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=False, min_patches=1,
+                                  max_patches=12, image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=3)
+    # the release's processor_config.json (patch_size 28 = ViT patch 14 x pixel shuffle 2), scaled
+    settings = dict(patch_size=16, img_size=32, image_token="<image>", start_of_img_token="<|START_OF_IMG|>",
+                    end_of_img_token="<|END_OF_IMG|>", img_patch_token="<|IMG_PATCH|>",
+                    img_line_break_token="<|IMG_LINE_BREAK|>", tile_token="TILE", tile_global_token="TILE_GLOBAL",
+                    vision_feature_select_strategy="full")
+    return _Parts(AyaVisionForConditionalGeneration(cfg), tok, ip, AYA_VISION_TEMPLATE, settings,
+                  ["<|END_OF_TURN_TOKEN|>"])
+
+
+# Llama 4's split regex (o200k), as transformers' models/llama4/convert_llama4_weights_to_hf.py writes it
+_O200K_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+"
+                  r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _llama4():
+    """meta-llama/Llama-4-Scout-17B-16E-Instruct: ViT 336/14 + pixel shuffle 0.5 (144 tokens per
+    tile), the image fitted to a canvas of up to 16 tiles of 336 px (no upscaling past it) and,
+    with more than one tile, a global view; each tile's <|patch|> run followed by
+    <|tile_x_separator|> within a row and <|tile_y_separator|> after it, the global view's after
+    <|image|>, all between <|image_start|> ... <|image_end|>. The text holds one <|image|> per
+    image, the model fills <|patch|>. LM: MoE in every layer (16 experts, top 1, plus a shared
+    expert), chunked attention (8192) in RoPE layers, every 4th layer NoPE. Here 32-px tiles /
+    patch 8 -> 4 tokens per tile, 4 experts, chunks of 16, the 2nd layer NoPE."""
+    from transformers import (Llama4Config, Llama4ForConditionalGeneration, Llama4TextConfig,
+                              Llama4VisionConfig)
+
+    basic = ["<|begin_of_text|>", "<|end_of_text|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"]
+    # the converter's LLAMA4_TEXT_POST_TRAIN / LLAMA4_VISION special tokens in order, reserved ones left out
+    text_tokens = ["<|header_start|>", "<|header_end|>", "<|eom|>", "<|eot|>", "<|step|>", "<|python_start|>",
+                   "<|python_end|>", "<|finetune_right_pad|>"]
+    vision_tokens = ["<|image_start|>", "<|image_end|>", "<|tile_x_separator|>", "<|tile_y_separator|>", "<|image|>",
+                     "<|patch|>"]
+    tok = _byte_level_fast(basic + text_tokens + vision_tokens, _O200K_PATTERN, "<|begin_of_text|>",
+                           eos_token="<|eot|>", pad_token="<|finetune_right_pad|>")
+    text = Llama4TextConfig(**_text_kw(tok, head_dim=8, intermediate_size=2 * H, intermediate_size_mlp=4 * H,
+                                       num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=1,
+                                       no_rope_layers=[1, 0], attention_chunk_size=16, use_qk_norm=True,
+                                       max_position_embeddings=16384,
+                                       attn_temperature_tuning=True, floor_scale=8192, attn_scale=0.1,
+                                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                       eos_token_id=_ids(tok, "<|end_of_text|>", "<|eom|>", "<|eot|>"),
+                                       rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 16.0,
+                                                        "low_freq_factor": 1.0, "high_freq_factor": 1.0,
+                                                        "original_max_position_embeddings": 8192}))
+    vision = Llama4VisionConfig(hidden_size=H, intermediate_size=2 * H, num_hidden_layers=L, num_attention_heads=2,
+                                vision_output_dim=H, image_size=32, patch_size=8, pixel_shuffle_ratio=0.5,
+                                projector_input_dim=H, projector_output_dim=H, vision_feature_layer=-1,
+                                vision_feature_select_strategy="default",
+                                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    cfg = Llama4Config(vision_config=vision, text_config=text, boi_token_index=tok.convert_tokens_to_ids("<|image_start|>"),
+                       eoi_token_index=tok.convert_tokens_to_ids("<|image_end|>"),
+                       image_token_index=tok.convert_tokens_to_ids("<|patch|>"))
+    # the release's preprocessor_config.json, scaled: Llama4ImageProcessor is torchvision-only in 5.23
+    ip = _SavedSettings(image_processor_type="Llama4ImageProcessor", size={"height": 32, "width": 32}, max_patches=16,
+                        resize_to_max_canvas=False, resample=2, do_resize=True, do_rescale=True,
+                        rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                        do_convert_rgb=True)
+    settings = dict(fake_image_token="<|image|>", image_token="<|image|>", patch_size=8)
+    return _Parts(Llama4ForConditionalGeneration(cfg), tok, ip, LLAMA4_TEMPLATE, settings,
+                  ["<|end_of_text|>", "<|eom|>", "<|eot|>"])
+
+
+def _qwen3_vl_moe():
+    """Qwen/Qwen3-VL-30B-A3B-Instruct: Qwen3-VL's ViT (patch 16, 2x2 merge, DeepStack) on a MoE LM
+    (128 experts, top 8, in every layer). Here 4 experts, top 2; the rest as _qwen3_vl."""
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    tok = _qwen2_tokenizer()
+    vision = dict(depth=L, hidden_size=H, intermediate_size=2 * H, num_heads=2, out_hidden_size=H, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0])
+    text = _qwen_text(tok, mrope_interleaved=True)
+    text.update(head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=H, decoder_sparse_step=1,
+                mlp_only_layers=[])
+    cfg = Qwen3VLMoeConfig(text_config=text, vision_config=vision, **_qwen_ids(tok))
+    ip = _qwen_image_processor(16)
+    return _Parts(Qwen3VLMoeForConditionalGeneration(cfg), tok, ip, QWEN3_VL_TEMPLATE, {},
+                  ["<|im_end|>", "<|endoftext|>"], _qwen_video("Qwen3VLVideoProcessor", ip))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1206,6 +1383,255 @@ GEMMA4_TEMPLATE = r"""{%- macro format_parameters(properties, required) -%}
 {%- endif -%}
 """
 
+# mistralai/Mistral-Small-3.1-24B-Instruct-2503 chat_template.json, as transformers' tests/models/mistral3/
+# test_processing_mistral3.py (prepare_processor_dict) and hf-internal-testing/tiny-processor-mistral3 copy it from
+# the release (its default system prompt still says "Mistral Small 3"). The default system prompt holds today's date
+# (strftime_now), so a rendered prompt changes with the day; no generation-prompt branch: a prompt ends at "[/INST]",
+# an answer is its text + eos_token. Only a messages[0] whose *content* is a list works as a system message.
+MISTRAL3_TEMPLATE = r"""{%- set today = strftime_now("%Y-%m-%d") %}
+{%- set default_system_message = "You are Mistral Small 3, a Large Language Model (LLM) created by Mistral AI, a French startup headquartered in Paris.\nYour knowledge base was last updated on 2023-10-01. The current date is " + today + ".\n\nWhen you're not sure about some information, you say that you don't have the information and don't make up anything.\nIf the user's question is not clear, ambiguous, or does not provide enough context for you to accurately answer the question, you do not try to answer it right away and you rather ask the user to clarify their request (e.g. \"What are some good restaurants around me?\" => \"Where are you?\" or \"When is the next flight to Tokyo\" => \"Where do you travel from?\")" %}
+
+{{- bos_token }}
+
+{%- if messages[0]['role'] == 'system' %}
+    {%- if messages[0] is string %}
+        {%- set system_message = messages[0]['content'] %}
+        {%- set loop_messages = messages[1:] %}
+    {%- else %} 
+        {%- set system_message = messages[0]['content'][0]['text'] %}
+        {%- set loop_messages = messages[1:] %}
+    {%- endif %}
+{%- else %}
+    {%- set system_message = default_system_message %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{{- '[SYSTEM_PROMPT]' + system_message + '[/SYSTEM_PROMPT]' }}
+
+{%- for message in loop_messages %}
+    {%- if message['role'] == 'user' %}
+            {%- if message['content'] is string %}
+            {{- '[INST]' + message['content'] + '[/INST]' }}
+            {%- else %}
+                    {{- '[INST]' }}
+                    {%- for block in message['content'] %}
+                            {%- if block['type'] == 'text' %}
+                                    {{- block['text'] }}
+                            {%- elif block['type'] == 'image' or block['type'] == 'image_url' %}
+                                    {{- '[IMG]' }}
+                                {%- else %}
+                                    {{- raise_exception('Only text and image blocks are supported in message content!') }}
+                                {%- endif %}
+                        {%- endfor %}
+                    {{- '[/INST]' }}
+                {%- endif %}
+    {%- elif message['role'] == 'system' %}
+        {{- '[SYSTEM_PROMPT]' + message['content'] + '[/SYSTEM_PROMPT]' }}
+    {%- elif message['role'] == 'assistant' %}
+        {%- if message['content'] is string %}
+            {{- message['content'] + eos_token }}
+        {%- else %}
+            {{- message['content'][0]['text'] + eos_token }}
+        {%- endif %}
+    {%- else %}
+        {{- raise_exception('Only user, system and assistant roles are supported!') }}
+    {%- endif %}
+{%- endfor %}"""
+
+# Aya Vision: CohereForAI/aya-vision-8b's own chat_template.json (4.2 kB: a longer "# System Preamble ..." system
+# turn) could not be retrieved whole here. This is CohereForAI/aya-vision-32b's (1.77 kB), as mirrored in
+# unsloth/aya-vision-32b and mlx-community/aya-vision-32b-6bit chat_template.json, the same release family and
+# turn format; its tail after the message.message branch (END_RESPONSE for assistant turns, END_OF_TURN, the
+# generation prompt) is reconstructed from the same template as Cohere's Cohere2Vision development copy writes
+# it. Every image item of a message is rendered first ("<image>" each), then its text items: images do not
+# stay where they stood in an interleaved message.
+AYA_VISION_TEMPLATE = """{{ bos_token }}<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>You are Aya Vision, a brilliant, sophisticated, AI-assistant chatbot trained to assist human users by providing thorough responses. You are a large vision language model built by the Cohere For AI. You are capable of interpreting images, including describing them, answering questions about their contents, extracting textual information, and analyzing visual context.<|END_OF_TURN_TOKEN|>
+{%- for message in messages -%}
+    <|START_OF_TURN_TOKEN|>{{ message.role | replace("user", "<|USER_TOKEN|>") | replace("assistant", "<|CHATBOT_TOKEN|><|START_RESPONSE|>") | replace("system", "<|SYSTEM_TOKEN|>") }}
+    {%- if message.content is defined -%}
+        {%- if message.content is string -%}
+{{ message.content }}
+        {%- else -%}
+            {%- for item in message.content | selectattr('type', 'equalto', 'image') -%}
+<image>
+            {%- endfor -%}
+            {%- for item in message.content | selectattr('type', 'equalto', 'text') -%}
+{{ item.text }}
+            {%- endfor -%}
+        {%- endif -%}
+    {%- elif message.message is defined -%}
+        {%- if message.message is string -%}
+{{ message.message }}
+        {%- else -%}
+            {%- for item in message.message | selectattr('type', 'equalto', 'image') -%}
+<image>
+            {%- endfor -%}
+            {%- for item in message.message | selectattr('type', 'equalto', 'text') -%}
+{{ item.text }}
+            {%- endfor -%}
+        {%- endif -%}
+    {%- endif -%}
+    {%- if message.role == "assistant" -%}
+<|END_RESPONSE|>
+    {%- endif -%}
+<|END_OF_TURN_TOKEN|>
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|><|START_RESPONSE|>
+{%- endif -%}
+"""
+
+# meta-llama/Llama-4-Scout-17B-16E-Instruct: the template transformers' models/llama4/convert_llama4_weights_to_hf.py
+# (write_tokenizer) wrote into the release, the same text as processing_llama4.chat_template. An image item renders
+# "<|image|>"; turns are '<|header_start|>' + role + '<|header_end|>\n\n' ... '<|eot|>'; date_string (strftime_now)
+# is computed but never written.
+LLAMA4_TEMPLATE = """{{- bos_token }}
+{%- if custom_tools is defined %}
+    {%- set tools = custom_tools %}
+{%- endif %}
+{%- if not tools_in_user_message is defined %}
+    {%- set tools_in_user_message = true %}
+{%- endif %}
+{%- if not date_string is defined %}
+    {%- if strftime_now is defined %}
+        {%- set date_string = strftime_now("%d %b %Y") %}
+    {%- else %}
+        {%- set date_string = "26 Jul 2024" %}
+    {%- endif %}
+{%- endif %}
+{%- if not tools is defined %}
+    {%- set tools = none %}
+{%- endif %}
+
+{#- This block extracts the system message, so we can slot it into the right place. #}
+{%- if messages[0]['role'] == 'system' %}    
+    {%- if messages[0]['content'] is string %}
+        {%- set system_message = messages[0]['content']|trim %}
+    {%- else %}
+        {#- FIXME: The processor requires an array, always. #}
+        {%- set system_message = messages[0]['content'][0]['text']|trim %}
+    {%- endif %}
+    {%- set messages = messages[1:] %}
+    {%- set user_supplied_system_message = true %}
+{%- else %}
+    {%- set system_message = "" %}
+    {%- set user_supplied_system_message = false %}
+{%- endif %}
+
+{#- System message if the user supplied one #}
+{%- if user_supplied_system_message %}
+    {{- "<|header_start|>system<|header_end|>
+
+" }}
+    {%- if tools is not none %}
+        {{- "Environment: ipython
+" }}
+    {%- endif %}
+    {%- if tools is not none and not tools_in_user_message %}
+        {{- "You have access to the following functions. To call a function, please respond with JSON for a function call." }}
+        {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+        {{- "Do not use variables.
+
+" }}
+        {%- for t in tools %}
+            {{- t | tojson(indent=4) }}
+            {{- "
+
+" }}
+        {%- endfor %}
+    {%- endif %}
+    {{- system_message }}
+    {{- "<|eot|>" }}
+{%- endif %}
+
+{#- Custom tools are passed in a user message with some extra guidance #}
+{%- if tools_in_user_message and not tools is none %}
+    {#- Extract the first user message so we can plug it in here #}
+    {%- if messages | length != 0 %}
+        {%- set first_user_message = messages[0]['content']|trim %}
+        {%- set messages = messages[1:] %}
+    {%- else %}
+        {{- raise_exception("Cannot put tools in the first user message when there's no first user message!") }}
+{%- endif %}
+    {{- '<|header_start|>user<|header_end|>
+
+' -}}
+    {{- "Given the following functions, please respond with a JSON for a function call " }}
+    {{- "with its proper arguments that best answers the given prompt.
+
+" }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.
+
+" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "
+
+" }}
+    {%- endfor %}
+    {{- first_user_message + "<|eot|>"}}
+{%- endif %}
+
+{%- for message in messages %}
+    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
+    {{- '<|header_start|>' + message['role'] + '<|header_end|>
+
+' }}
+        {%- if message['content'] is string %}
+            {{- message['content'] }}
+        {%- else %}
+            {%- for content in message['content'] %}
+                {%- if content['type'] == 'image' %}
+                    {{- '<|image|>' }}
+                {%- elif content['type'] == 'text' %}
+                    {{- content['text'] }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- "<|eot|>" }}
+    {%- elif 'tool_calls' in message and message.tool_calls|length > 0 %}
+       {{- '<|header_start|>assistant<|header_end|>
+
+' -}}
+       {{- '<|python_start|>' }}
+        {%- if message['content'] is string %}
+            {{- message['content'] }}
+        {%- else %}
+            {%- for content in message['content'] %}
+                {%- if content['type'] == 'image' %}
+                    {{- '<|image|>' }}
+                {%- elif content['type'] == 'text' %}
+                    {{- content['text'] }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+       {{- '<|python_end|>' }}
+        {%- for tool_call in message.tool_calls %}
+           {{- '{"name": "' + tool_call.function.name + '", ' }}
+           {{- '"parameters": ' }}
+           {{- tool_call.function.arguments | tojson }}
+           {{- "}" }}
+        {%- endfor %}
+       {{- "<|eot|>" }}
+    {%- elif message.role == "tool" or message.role == "ipython" %}
+        {{- "<|header_start|>ipython<|header_end|>
+
+" }}
+        {%- if message.content is mapping or message.content is iterable %}
+            {{- message.content | tojson }}
+        {%- else %}
+            {{- message.content }}
+        {%- endif %}
+        {{- "<|eot|>" }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|header_start|>assistant<|header_end|>
+
+' }}
+{%- endif %}
+"""
+
 FAMILIES_SPEC = [
     Family("llava", "llava-hf/llava-1.5-7b-hf", "LlavaForConditionalGeneration", "LlavaProcessor",
            "CLIPImageProcessorPil", _llava),
@@ -1231,6 +1657,15 @@ FAMILIES_SPEC = [
            "Idefics3ImageProcessorPil", _idefics3),
     Family("smolvlm", "HuggingFaceTB/SmolVLM2-2.2B-Instruct", "SmolVLMForConditionalGeneration", "SmolVLMProcessor",
            "SmolVLMImageProcessorPil", _smolvlm),
+    Family("mistral3", "mistralai/Mistral-Small-3.1-24B-Instruct-2503", "Mistral3ForConditionalGeneration",
+           "PixtralProcessor", "PixtralImageProcessorPil", _mistral3),
+    Family("aya_vision", "CohereForAI/aya-vision-8b", "AyaVisionForConditionalGeneration", "AyaVisionProcessor",
+           "GotOcr2ImageProcessorPil", _aya_vision),
+    # no PIL image processor exists for Llama 4 in transformers 5.23: its only one needs torchvision
+    Family("llama4", "meta-llama/Llama-4-Scout-17B-16E-Instruct", "Llama4ForConditionalGeneration", "Llama4Processor",
+           "Llama4ImageProcessor", _llama4),
+    Family("qwen3_vl_moe", "Qwen/Qwen3-VL-30B-A3B-Instruct", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLProcessor",
+           "Qwen2VLImageProcessorPil", _qwen3_vl_moe),
 ]
 _BY_NAME = {f.name: f for f in FAMILIES_SPEC}
 FAMILIES = [f.name for f in FAMILIES_SPEC]
