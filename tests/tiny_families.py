@@ -52,7 +52,7 @@ class _Parts:
     model: object
     tokenizer: object
     image_processor: object
-    template: str
+    template: str | None  # None: the release has no chat template (no chat_template.jinja is written)
     settings: dict  # the processor's own keyword settings, as its processor_config.json holds them
     eos: list  # tokens generation stops at (generation_config.json eos_token_id)
     video: dict | None = None  # the video processor's config (built only where torchvision imports)
@@ -669,7 +669,8 @@ def build(family, out_dir, seed=0):
     tok.save_pretrained(out)
     # processor_config.json is written here, as ProcessorMixin.save_pretrained would write it: building the
     # processor object itself would need the video processor, i.e. torchvision (vlm.load_processor reads it)
-    proc = {"processor_class": fam.processor_class, "image_processor": parts.image_processor.to_dict(),
+    ip = parts.image_processor  # a dict: the settings of a class that cannot be built here (LFM2-VL's needs torchvision)
+    proc = {"processor_class": fam.processor_class, "image_processor": ip if isinstance(ip, dict) else ip.to_dict(),
             **parts.settings}
     if parts.video is not None:
         proc["video_processor"] = parts.video
@@ -677,7 +678,8 @@ def build(family, out_dir, seed=0):
         proc["feature_extractor"] = {k: v.tolist() if hasattr(v, "tolist") else v
                                      for k, v in parts.feature_extractor.to_dict().items()}
     (out / "processor_config.json").write_text(json.dumps(proc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    (out / "chat_template.jinja").write_text(parts.template, encoding="utf-8")
+    if parts.template is not None:
+        (out / "chat_template.jinja").write_text(parts.template, encoding="utf-8")
     # the tokenizer names its processor, as a released tokenizer_config.json does
     tc = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
     tc["processor_class"] = fam.processor_class
@@ -1631,6 +1633,164 @@ LLAMA4_TEMPLATE = """{{- bos_token }}
 ' }}
 {%- endif %}
 """
+# ---- lfm2_vl, glm4v, paligemma2 ----
+def _byte_bpe_fast(specials, added=(), named=None, bos_template=None, **kw):
+    """A plain PreTrainedTokenizerFast over a byte-level BPE trained here (the tokenizer class the
+    LFM2-VL and GLM-4.1V releases name in tokenizer_config.json): `specials` first (ids 0..), then
+    `added`, `named` ones also as attributes. bos_template: a token the post-processor writes
+    in front of every encoded text, as the release's tokenizer.json does (None: nothing)."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast, Qwen2Tokenizer
+
+    vocab, merges = _train_bpe(Qwen2Tokenizer, specials)
+    backend = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None)._tokenizer
+    backend.add_special_tokens(list(specials))  # whole tokens, never split (ids unchanged: already in the vocab)
+    if bos_template is not None:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos_template} $A", pair=f"{bos_template} $A $B",
+            special_tokens=[(bos_template, vocab[bos_template])])
+    if named:
+        kw["extra_special_tokens"] = dict(named)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **kw)
+    new = [t for t in list(added) + list((named or {}).values()) if t not in tok.get_vocab()]
+    tok.add_special_tokens({"extra_special_tokens": list(dict.fromkeys(new))}, replace_extra_special_tokens=False)
+    return tok
+
+
+def _lfm2_vl():
+    """LiquidAI/LFM2-VL-450M: SigLIP2 NaFlex (patch 16) at native resolution up to 512x512, pixel
+    unshuffle 2x2 -> up to 256 tokens; an image over 2x that budget (max_pixels_tolerance) is cut
+    into 512-px tiles (2..10 of them, the grid closest to its aspect ratio), each tile
+    <|img_row_r_col_c|> + 256 <image>, the whole wrapped in <|image_start|>..<|image_end|>; no
+    thumbnail in the 450M release (use_thumbnail false; the 1.6B adds one after <|img_thumbnail|>).
+    LM: LFM2, a hybrid of short gated convolutions (10 of 16 layers) and GQA attention (6 of 16).
+    Here patch 8, 32-px tiles -> 4 tokens per tile, budget 1..4 tokens; LM one conv + one attention layer.
+
+    Lfm2VlImageProcessor is a torchvision-only class (there is no PIL twin in transformers 5.23),
+    so its settings are written as the release's dict and nothing here instantiates it."""
+    from transformers import Lfm2Config, Lfm2VlConfig, Lfm2VlForConditionalGeneration, Siglip2VisionConfig
+
+    named = {"image_token": "<image>", "image_start_token": "<|image_start|>", "image_end_token": "<|image_end|>",
+             "image_thumbnail": "<|img_thumbnail|>"}  # the release's names (special_tokens_map.json)
+    base = ["<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|fim_pre|>", "<|fim_mid|>", "<|fim_suf|>", "<|im_start|>",
+            "<|im_end|>", "<|tool_list_start|>", "<|tool_list_end|>", "<|tool_call_start|>", "<|tool_call_end|>",
+            "<|tool_response_start|>", "<|tool_response_end|>"]
+    image = (["<image>"] + [f"<|img_row_{r}_col_{c}|>" for r in range(1, 11) for c in range(1, 11)]
+             + ["<|img_thumbnail|>", "<|image_start|>", "<|image_end|>", "<|image_split|>"])
+    tok = _byte_bpe_fast(base, image, named, bos_template="<|startoftext|>", bos_token="<|startoftext|>",
+                         eos_token="<|im_end|>", pad_token="<|pad|>")
+    # release: 16 layers (6 full_attention), heads 16, kv 8, block_multiple_of 256 of hidden 1024
+    text = Lfm2Config(vocab_size=len(tok), hidden_size=H, intermediate_size=3 * H, num_hidden_layers=L,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      layer_types=["conv", "full_attention"], conv_L_cache=3, block_multiple_of=8,
+                      block_auto_adjust_ff_dim=True, norm_eps=1e-5, rope_parameters={"rope_type": "default",
+                                                                                     "rope_theta": 1e6},
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    # release vision: 12 layers, patch 16, num_patches 256 (a 16x16 position grid for 32x32-patch tiles)
+    vision = Siglip2VisionConfig(hidden_size=H, intermediate_size=2 * H, num_hidden_layers=L, num_attention_heads=2,
+                                 patch_size=8, num_patches=4, vision_use_head=False)
+    cfg = Lfm2VlConfig(vision_config=vision, text_config=text, image_token_id=tok.image_token_id,
+                       downsample_factor=2, projector_hidden_size=80, projector_hidden_act="gelu",
+                       projector_bias=True)  # release projector 2560 for text hidden 1024
+    # release (processor_config.json of LiquidAI/LFM2-VL-450M): tile 512, patch 16, tokens 64..256,
+    # min_tiles 2, max_tiles 10, max_pixels_tolerance 2.0, use_thumbnail false, resample 2, mean/std 0.5
+    ip = {"image_processor_type": "Lfm2VlImageProcessor", "do_image_splitting": True, "downsample_factor": 2,
+          "encoder_patch_size": 8, "tile_size": 32, "min_image_tokens": 1, "max_image_tokens": 4, "min_tiles": 2,
+          "max_tiles": 10, "max_pixels_tolerance": 2.0, "use_thumbnail": False, "max_num_patches": 16,
+          "do_resize": True, "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+          "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "do_pad": True, "return_row_col_info": True}
+    return _Parts(Lfm2VlForConditionalGeneration(cfg), tok, ip, LFM2_VL_TEMPLATE, {"use_image_special_tokens": True},
+                  ["<|im_end|>"])
+
+
+def _glm4v():
+    """zai-org/GLM-4.1V-9B-Thinking: ViT patch 14, 2x2 merge (Qwen2-VL-like smart resize, the pixel
+    budget counted over 2 frames), 2D-RoPE + bicubic-interpolated learned positions in the ViT,
+    M-RoPE in the LM (partial rotary 0.5, sections 8/12/12); each image item is
+    <|begin_of_image|><|image|><|end_of_image|>, <|image|> expanded per merged patch. A turn
+    ends at <|user|> / <|observation|> / <|endoftext|> (the template writes no end-of-turn token).
+    Here at most 8 merged tokens per image, 2 heads of 16 (4 rotary frequencies, sections 2/1/1)."""
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration, Glm4vImageProcessorPil
+
+    specials = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+                "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
+                "<|end_of_video|>", "<|image|>", "<|video|>"]
+    tok = _byte_bpe_fast(specials, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    ids = dict(zip(("image_start_token_id", "image_end_token_id", "video_start_token_id", "video_end_token_id",
+                    "image_token_id", "video_token_id"), _ids(tok, *specials[10:])))
+    text = dict(vocab_size=len(tok), hidden_size=H, intermediate_size=2 * H, num_hidden_layers=L,
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
+                                 "partial_rotary_factor": 0.5},
+                pad_token_id=tok.pad_token_id, eos_token_id=_ids(tok, "<|endoftext|>", "<|user|>", "<|observation|>"))
+    vision = dict(depth=L, hidden_size=H, intermediate_size=2 * H, num_heads=2, out_hidden_size=H, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, image_size=56)  # release 336 -> a 24x24 position grid
+    cfg = Glm4vConfig(text_config=text, vision_config=vision, **ids)
+    # release preprocessor_config.json: shortest_edge 12544, longest_edge 47040000 (both over t=2 frames),
+    # patch 14, merge 2, OpenAI-CLIP mean/std; here 1..8 merged tokens per image
+    unit = 2 * (14 * 2) ** 2
+    ip = Glm4vImageProcessorPil(size={"shortest_edge": unit, "longest_edge": unit * 8}, patch_size=14, merge_size=2,
+                                temporal_patch_size=2)
+    video = _qwen_video("Glm4vVideoProcessor", ip)
+    return _Parts(Glm4vForConditionalGeneration(cfg), tok, ip, GLM4V_TEMPLATE, {},
+                  ["<|endoftext|>", "<|user|>", "<|observation|>"], video)
+
+
+def _paligemma2():
+    """google/paligemma2-3b-mix-224: SigLIP-So400m 224/14 -> 256 tokens, a linear projector, a Gemma 2
+    LM (sliding-window/global layers, attention-logit softcapping 50, final-logit softcapping 30)
+    run as a prefix-LM: the processor writes image_seq_length <image> per image, then <bos>, the
+    prompt and "\\n"; token_type_ids 0 mark the prefix (bidirectional), 1 the suffix (causal).
+    No chat template (task prefixes such as "answer en ..."). Here 32 px / patch 16 -> 4 tokens."""
+    from transformers import Gemma2Config, PaliGemmaConfig, PaliGemmaForConditionalGeneration, SiglipImageProcessorPil
+    from transformers.models.paligemma.processing_paligemma import EXTRA_TOKENS
+
+    tok = _gemma_tokenizer(["<start_of_turn>", "<end_of_turn>"], {"image_token": "<image>"}, add_bos=True)
+    tok.add_tokens(EXTRA_TOKENS)  # <loc0000>..<loc1023>, <seg000>..<seg127>: in the release vocabulary
+    text = Gemma2Config(**_text_kw(tok, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                                   sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                                   hidden_activation="gelu_pytorch_tanh", pad_token_id=tok.pad_token_id,
+                                   bos_token_id=tok.bos_token_id, eos_token_id=_ids(tok, "<eos>", "<end_of_turn>")))
+    vision = _siglip(32, 16)
+    vision.vision_use_head = False
+    cfg = PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=tok.image_token_id,
+                          projection_dim=H)
+    ip = SiglipImageProcessorPil(size={"height": 32, "width": 32}, image_seq_length=4, resample=3,
+                                 image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return _Parts(PaliGemmaForConditionalGeneration(cfg), tok, ip, None, {}, ["<eos>"])
+
+
+# LiquidAI/LFM2-VL-450M chat_template.jinja (the release's file as of its transformers-4.55 upload, copied
+# in github.com/varun00391/local-finetuned-model "LiquidAI:LFM2-VL-450M/lfm2-450m/chat_template.jinja";
+# the same string is transformers' tests/models/lfm2_vl/test_processing_lfm2_vl.py chat_template).
+# An image item renders '<image>', which the processor expands; the prompt starts with bos_token.
+LFM2_VL_TEMPLATE = (
+    "{{bos_token}}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<image>' }}{% elif content['type'] == 'text' %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# zai-org/GLM-4.1V-9B-Thinking chat_template.jinja at revision 3c1471e51dc811b589d4d12b1c1c7c1c941267c2, as quoted
+# (with its sha256 over the JSON-encoded string, 5232dbe7...) in a public renderer-validation record; the same
+# template (less one blank line) is in sglang's test_jinja_template_utils.py. Kept as released: an assistant
+# message's list content is printed with {{ msg.content }} (a Python repr), and no token ends a turn: the
+# model stops at the next <|user|> (generation_config eos: <|endoftext|>, <|user|>, <|observation|>).
+GLM4V_TEMPLATE = (
+    "[gMASK]<sop>\n{%- for msg in messages %}\n    {%- if msg.role == 'system' %}\n<|system|>\n{{ msg.content }}\n"
+    "    {%- elif msg.role == 'user' %}\n<|user|>{{ '\\n' }}\n\n        {%- if msg.content is string %}\n"
+    "{{ msg.content }}\n        {%- else %}\n            {%- for item in msg.content %}\n"
+    "                {%- if item.type == 'video' or 'video' in item %}\n<|begin_of_video|><|video|><|end_of_video|>\n"
+    "                {%- elif item.type == 'image' or 'image' in item %}\n<|begin_of_image|><|image|><|end_of_image|>\n"
+    "                {%- elif item.type == 'text' %}\n{{ item.text }}\n                {%- endif %}\n"
+    "            {%- endfor %}\n        {%- endif %}\n    {%- elif msg.role == 'assistant' %}\n"
+    "        {%- if msg.metadata %}\n<|assistant|>{{ msg.metadata }}\n{{ msg.content }}\n        {%- else %}\n"
+    "<|assistant|>\n{{ msg.content }}\n        {%- endif %}\n    {%- endif %}\n{%- endfor %}\n"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
 
 FAMILIES_SPEC = [
     Family("llava", "llava-hf/llava-1.5-7b-hf", "LlavaForConditionalGeneration", "LlavaProcessor",
@@ -1666,6 +1826,12 @@ FAMILIES_SPEC = [
            "Llama4ImageProcessor", _llama4),
     Family("qwen3_vl_moe", "Qwen/Qwen3-VL-30B-A3B-Instruct", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLProcessor",
            "Qwen2VLImageProcessorPil", _qwen3_vl_moe),
+    Family("lfm2_vl", "LiquidAI/LFM2-VL-450M", "Lfm2VlForConditionalGeneration", "Lfm2VlProcessor",
+           "Lfm2VlImageProcessor", _lfm2_vl),
+    Family("glm4v", "zai-org/GLM-4.1V-9B-Thinking", "Glm4vForConditionalGeneration", "Glm4vProcessor",
+           "Glm4vImageProcessorPil", _glm4v),
+    Family("paligemma2", "google/paligemma2-3b-mix-224", "PaliGemmaForConditionalGeneration", "PaliGemmaProcessor",
+           "SiglipImageProcessorPil", _paligemma2),
 ]
 _BY_NAME = {f.name: f for f in FAMILIES_SPEC}
 FAMILIES = [f.name for f in FAMILIES_SPEC]
