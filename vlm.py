@@ -160,8 +160,15 @@ def load_processor(path):
     works = torchvision_problem() is None
     broken = is_torchvision_available() and not works  # installed, yet transformers' torchvision paths fail
     cls = processor_class()
-    if works or cls is None or (not broken and "video_processor" not in cls.get_attributes()):
-        return AutoProcessor.from_pretrained(path, local_files_only=True)
+    try:
+        if works or cls is None or (not broken and "video_processor" not in cls.get_attributes()):
+            return AutoProcessor.from_pretrained(path, local_files_only=True)
+    except (ImportError, ValueError) as e:  # Pixtral's processor class, Llama 4's and LFM2-VL's image processors
+        if works or "torchvision" not in str(e).lower():
+            raise
+        raise ValueError(f"{path}: {getattr(cls, '__name__', 'its processor')} needs torchvision, which does not import "
+                         f"here ({torchvision_problem()}): transformers requires torchvision for its processing. "
+                         f"It runs where torchvision imports (every GPU machine; tests: bash run.sh test-gpu-lane)") from None
 
     class VideoSettings(dict):
         """The video processor's saved settings, standing in for it; processing a video raises."""
