@@ -422,12 +422,15 @@ def image_token_id(model_or_config):
     raise ValueError("model config names no image token (image_token_id / image_token_index)")
 
 
-def emitted_image_tokens(processor, images):
-    """Image-token positions `processor(text=..., images=images)` gives each image (one prompt)."""
+def emitted_image_tokens(processor, images, token_id=None):
+    """Image-token positions `processor(text=..., images=images)` gives each image (one prompt).
+    token_id: the one the model fills (image_token_id(model)); without it, the tokenizer's image
+    token or the processor's. subtle: the processor's may be a wrapper: Gemma 3's is
+    <start_of_image>, Llama 4's <|image|> (once per image) while the model fills <|patch|>."""
     tok = processor.tokenizer
-    # subtle: Gemma 3's processor.image_token is <start_of_image>; the soft token the model fills is the tokenizer's
-    soft = getattr(tok, "image_token", None)
-    token_id = tok.convert_tokens_to_ids(soft) if soft else processor.image_token_id
+    if token_id is None:
+        soft = getattr(tok, "image_token", None)
+        token_id = tok.convert_tokens_to_ids(soft) if soft else processor.image_token_id
     enc = processor(text=[processor.image_token * len(images)], images=[images], return_text_replacement_offsets=True)
     counts = [tok(span["replacement"], add_special_tokens=False)["input_ids"].count(token_id)
               for span in enc["text_replacement_offsets"][0]]
