@@ -601,7 +601,8 @@ def _llama4():
                                        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 16.0,
                                                         "low_freq_factor": 1.0, "high_freq_factor": 1.0,
                                                         "original_max_position_embeddings": 8192}))
-    vision = Llama4VisionConfig(hidden_size=H, intermediate_size=2 * H, num_hidden_layers=L, num_attention_heads=2,
+    # intermediate = hidden x 4 (1408 -> 5632): the pixel-shuffle MLP takes the 2x2-shuffled patches at that width
+    vision = Llama4VisionConfig(hidden_size=H, intermediate_size=4 * H, num_hidden_layers=L, num_attention_heads=2,
                                 vision_output_dim=H, image_size=32, patch_size=8, pixel_shuffle_ratio=0.5,
                                 projector_input_dim=H, projector_output_dim=H, vision_feature_layer=-1,
                                 vision_feature_select_strategy="default",
