@@ -21,7 +21,10 @@ pool to 2x2, pixel shuffle 2x2, anyres grids in base-size steps) are the release
 
 The chat templates at the bottom are facts (the released templates, reproduced); each names
 its source. The video processor of a family that has one is written into processor_config.json
-(so torchvision users get it) but not built here: see vlm.load_processor.
+(so torchvision users get it) but not built here: see vlm.load_processor. Llama 4's image processor
+exists only as a torchvision class in transformers 5.23 (no PIL twin): its settings are written the same
+way, so without torchvision that family's processor does not load (nor does Mistral 3's: PixtralProcessor
+itself requires torchvision).
 """
 from __future__ import annotations
 
