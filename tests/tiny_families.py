@@ -547,7 +547,7 @@ def _aya_vision():
     image = ["<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_LINE_BREAK|>", "<|IMG_PATCH|>"]
     tok = _tokenizer(CohereTokenizer, ["<PAD>", "<UNK>", "<CLS>", "<SEP>", "<MASK_TOKEN>", "<BOS_TOKEN>",
                                        "<EOS_TOKEN>", "<EOP_TOKEN>"], turn + image,
-                     eos_token="<|END_OF_TURN_TOKEN|>")
+                     eos_token="<|END_OF_TURN_TOKEN|>", add_bos_token=True)  # Cohere tokenizer_configs: add_bos_token true
     text = Cohere2Config(**_text_kw(tok, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
                                     pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                                     eos_token_id=tok.eos_token_id))
