@@ -345,7 +345,7 @@ def cap_image_tokens(processor, n):
     elif hasattr(ip, "max_patches"):  # InternVL: tiles of `size`, plus a thumbnail when tiled
         per_tile = emitted(size["width"], size["height"])
         ip.max_patches = set_["max_patches"] = max(1, n // per_tile - 1)
-    elif getattr(ip, "do_image_splitting", False):  # Idefics3 / SmolVLM: tiles of max_image_size + a global view
+    elif getattr(ip, "do_image_splitting", False) and hasattr(ip, "max_image_size"):  # Idefics3 / SmolVLM: tiles + a global view
         tile = ip.max_image_size["longest_edge"]
         per_tile = emitted(tile, tile)
         k = int(math.isqrt(max(0, n // per_tile - 1)))  # k x k tiles + the global view

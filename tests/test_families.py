@@ -570,7 +570,7 @@ def test_07_answers_scores_and_pair_logps(family, tiny_dirs, mia_rows, tmp_path)
 # ---- the visual-token budget ---------------------------------------------------------------------
 CAPS = {"llava": 4, "llava_next": 24, "llava_onevision": 12, "qwen2_vl": 4, "qwen2_5_vl": 4, "qwen3_vl": 4,
         "qwen3_5": 4, "internvl": 20, "gemma3": 4, "gemma4": 70, "idefics3": 12, "smolvlm": 12, "qwen3_vl_moe": 4,
-        "glm4v": 4, "aya_vision": 20, "paligemma2": 4, "mistral3": 16, "llama4": 20, "lfm2_vl": 24}
+        "glm4v": 4, "aya_vision": 20, "paligemma2": 4, "mistral3": 16, "llama4": 20, "lfm2_vl": 36}  # LFM2-VL: no knob known, its maximum
 
 
 @pytest.mark.slow
@@ -646,8 +646,8 @@ def test_04_during_generation_stage_equals_teacher_forced(family, tiny_dirs, mia
                  "--threshold", "sequence=inf", "--threshold", "grid=inf", "--threshold", "pip=inf", "--probe", mode]))
     assert "--probe during-generation: {'during':" in buf.getvalue()
     (p_t, c_t), (p_d, c_d) = runs["teacher-forced"], runs["during-generation"]
-    assert [(c["answer"], c["reason"]) for c in c_d] == [(c["answer"], c["reason"]) for c in c_t]
-    for d, t in zip(c_d, c_t):
+    assert [(c.get("answer"), c["reason"]) for c in c_d] == [(c.get("answer"), c["reason"]) for c in c_t]
+    for d, t in [(d, t) for d, t in zip(c_d, c_t) if "ratio" in t]:  # NO_GEOMETRY: grid / pip rows skipped in both
         assert abs(d["ratio"] - t["ratio"]) <= 1.1e-5
         assert (d["ppl"] is None) == (t["ppl"] is None) and (t["ppl"] is None or math.isclose(d["ppl"], t["ppl"], rel_tol=1e-5))
     assert [p["id"] for p in p_d] == [p["id"] for p in p_t]
