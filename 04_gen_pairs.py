@@ -410,7 +410,7 @@ def answer_and_probe(model, processor, qs, seen, args, ctx, counts):
     return answers, finished, attn, positions, sum_lp, n_tok, exact
 
 
-def token_boxes(processor, images, cache):
+def token_boxes(processor, images, cache, token_id=None):
     """token_geometry.image_token_boxes for one prompt's images, cached by their sizes (all it depends
     on) -> (each image's visual-token count, its boxes or None, why there are none or None). A
     processor the geometry does not follow still gives counts (the processor's own expansion):
@@ -418,10 +418,10 @@ def token_boxes(processor, images, cache):
     key = tuple(im.size for im in images)
     if key not in cache:
         try:
-            boxes = token_geometry.image_token_boxes(processor, images)
+            boxes = token_geometry.image_token_boxes(processor, images, token_id)
             cache[key] = [len(b) for b in boxes], boxes, None
         except token_geometry.NoGeometry as e:
-            cache[key] = vlm.emitted_image_tokens(processor, images), None, str(e)
+            cache[key] = vlm.emitted_image_tokens(processor, images, token_id), None, str(e)
     return cache[key]
 
 
@@ -466,7 +466,7 @@ def run_batch(model, processor, items, args, ctx):
             out.append({"i": it["i"], "candidate": {"id": it["id"], "format": it["format"], "selected": False,
                                                     "reason": f"unreadable image: {e}"}, "pair": None})
             continue
-        counts, bx, why = token_boxes(processor, ims, ctx["boxes"])
+        counts, bx, why = token_boxes(processor, ims, ctx["boxes"], vlm.image_token_id(model))
         if why and it["format"] != "sequence":  # no geometry: a target region has no tokens to weigh
             out.append({"i": it["i"], "candidate": {"id": it["id"], "format": it["format"], "selected": False,
                                                     "reason": f"no token geometry: {why}"}, "pair": None})

@@ -422,12 +422,15 @@ def image_token_id(model_or_config):
     raise ValueError("model config names no image token (image_token_id / image_token_index)")
 
 
-def emitted_image_tokens(processor, images):
-    """Image-token positions `processor(text=..., images=images)` gives each image (one prompt)."""
+def emitted_image_tokens(processor, images, token_id=None):
+    """Image-token positions `processor(text=..., images=images)` gives each image (one prompt).
+    token_id: the one the model fills (image_token_id(model)); without it, the tokenizer's image
+    token or the processor's. subtle: the processor's may be a wrapper: Gemma 3's is
+    <start_of_image>, Llama 4's <|image|> (once per image) while the model fills <|patch|>."""
     tok = processor.tokenizer
-    # subtle: Gemma 3's processor.image_token is <start_of_image>; the soft token the model fills is the tokenizer's
-    soft = getattr(tok, "image_token", None)
-    token_id = tok.convert_tokens_to_ids(soft) if soft else processor.image_token_id
+    if token_id is None:
+        soft = getattr(tok, "image_token", None)
+        token_id = tok.convert_tokens_to_ids(soft) if soft else processor.image_token_id
     enc = processor(text=[processor.image_token * len(images)], images=[images], return_text_replacement_offsets=True)
     counts = [tok(span["replacement"], add_special_tokens=False)["input_ids"].count(token_id)
               for span in enc["text_replacement_offsets"][0]]
@@ -518,7 +521,8 @@ def render_pair(processor, question, answer):
     answer turn with `assistant \\n` but prompts with `assistant\\n`; Gemma 4's prompt ends with an
     empty thought channel a rendered turn lacks. The response is the answer, preceded by what the
     conversation puts between the prompt and the answer when the prompt IS its prefix (llava-1.5:
-    " "), and followed by the template's text up to and including its first special token (the
+    " "), and followed by the template's text up to and including its EOS token if it writes one
+    (Aya Vision: `<|END_RESPONSE|><|END_OF_TURN_TOKEN|>`), else its first special token (the
     end-of-turn token generation stops at: `<|im_end|>`, `<end_of_turn>`, `</s>`), or where the
     turn has none, the one that opens the next turn (GLM-4.1V: `<|user|>`, in its generation
     config's stop ids). A template with neither (llava-1.5) gives the bare answer; build_inputs
@@ -545,7 +549,8 @@ def render_pair(processor, question, answer):
                          f"in a prompt and in a conversation")
     gap = head[len(prompt):] if head.startswith(prompt) else ""
     gap = gap if answer or gap.strip() else ""  # an empty answer: the model stopped at once (llava's " " is not said)
-    ends = _first_special(processor, tail)
+    eos = processor.tokenizer.eos_token  # Aya Vision: <|END_RESPONSE|><|END_OF_TURN_TOKEN|>, generation stops at the EOS
+    ends = tail.index(eos) + len(eos) if eos and eos in tail else _first_special(processor, tail)
     if ends is None:  # no end token after the answer: the one that opens the next turn, if any (GLM-4.1V: <|user|>)
         nxt = _chat(processor, [user, {"role": "assistant", "content": content}, user])
         ends = _first_special(processor, nxt.split(stand_in)[1].split(user["content"][0]["text"])[0])
