@@ -307,7 +307,7 @@ def _n_tokens(processor, prompt, answer, sizes, img_tokens):
     for s in sizes:  # tokens an image adds when the processor expands its placeholder, measured once per size
         if s not in img_tokens:
             text = vlm.image_placeholder(processor)
-            ids = processor(text=[text], images=[[Image.new("RGB", s)]], add_special_tokens=False)["input_ids"][0]
+            ids = processor(text=[text], images=[[Image.new("RGB", s)]], add_special_tokens=False, return_tensors="pt")["input_ids"][0]
             img_tokens[s] = len(ids) - len(tok(text, add_special_tokens=False)["input_ids"])
     text = vlm.render_pair(processor, prompt, answer)
     return len(tok(text[0] + text[1] + tok.eos_token)["input_ids"]) + sum(img_tokens[s] for s in sizes)

@@ -431,12 +431,18 @@ def emitted_image_tokens(processor, images, token_id=None):
     if token_id is None:
         soft = getattr(tok, "image_token", None)
         token_id = tok.convert_tokens_to_ids(soft) if soft else processor.image_token_id
-    enc = processor(text=[processor.image_token * len(images)], images=[images], return_text_replacement_offsets=True)
-    counts = [tok(span["replacement"], add_special_tokens=False)["input_ids"].count(token_id)
-              for span in enc["text_replacement_offsets"][0]]
-    if sum(counts) != list(enc["input_ids"][0]).count(token_id):
-        raise ValueError(f"{type(processor).__name__}: image tokens outside the images' "
-                         "replacements")
+    def ids(ims, **kw):  # return_tensors: Ovis2's expansion needs tensors
+        return processor(text=[processor.image_token * len(ims)], images=[ims], return_tensors="pt", **kw)
+
+    enc = ids(images, return_text_replacement_offsets=True)
+    if "text_replacement_offsets" in enc:
+        counts = [tok(span["replacement"], add_special_tokens=False)["input_ids"].count(token_id)
+                  for span in enc["text_replacement_offsets"][0]]
+    else:  # a processor with its own __call__ (Idefics2, Mllama) drops the option: each image alone, checked below
+        counts = [ids([im])["input_ids"][0].tolist().count(token_id) for im in images]
+    if sum(counts) != enc["input_ids"][0].tolist().count(token_id):
+        raise ValueError(f"{type(processor).__name__}: image tokens outside the images' replacements "
+                         f"(or an image expands otherwise beside others)")
     return counts
 
 
