@@ -237,6 +237,11 @@ def install_probe(model):
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
+    crossing = [n for n, _ in vlm.decoder_layers(model).named_modules() if n.endswith("cross_attn")]
+    if crossing:  # Llama 3.2 Vision: one placeholder token per image; its features reach the text by cross-attention
+        raise SystemExit(f"04_gen_pairs: {type(model).__name__} sees images through cross-attention layers "
+                         f"({crossing[0]}, ...), not as tokens in the sequence: the self-attention probe cannot "
+                         f"weigh them, so the attention-aware selection does not apply to it")
     text = model.config.get_text_config()
     impl = _WRAPS.get(id(text), text._attn_implementation or "eager")
     _WRAPS[id(text)] = impl

@@ -466,7 +466,7 @@ def _chat(processor, messages, **kw):
 
 def image_placeholder(processor):
     """What the family's chat template writes for ONE image item, wrappers included, outer white
-    space stripped: the difference between a user message with and without a leading image.
+    space stripped: the difference between a user message with one and with two leading images.
       llava-1.5: "<image>"   Qwen2.5-VL: "<|vision_start|><|image_pad|><|vision_end|>"
       InternVL: "<IMG_CONTEXT>"   Gemma 3: "<start_of_image>"   (the processor expands each one)
     Without a chat template: the processor's image token. A template whose image item does not
@@ -480,7 +480,9 @@ def image_placeholder(processor):
         def render(content):
             return _chat(processor, [{"role": "user", "content": content}], add_generation_prompt=True)
 
-        a, b = render([{"type": "text", "text": "Q"}]), render([{"type": "image"}, {"type": "text", "text": "Q"}])
+        # one image vs two: a template that branches on whether a message has images at all (Llama 3.2 Vision
+        # writes a dated system turn without) differs by one image item only
+        a, b = (render([{"type": "image"}] * k + [{"type": "text", "text": "Q"}]) for k in (1, 2))
         pre = len(os.path.commonprefix([a, b]))
         post = len(os.path.commonprefix([a[pre:][::-1], b[pre:][::-1]]))
         found = b[pre:len(b) - post].strip()
@@ -644,13 +646,13 @@ def build_inputs(processor, questions, images, answers=None, padding_side="right
     # per-token: laid out like input_ids and not an image output, chosen by the image processor's own
     # names (an image tensor can have the prompt batch's shape by chance: LFM2-VL's pixel_attention_mask)
     image_keys = set(getattr(getattr(processor, "image_processor", None), "model_input_names", None) or ())
-    per_token = [k for k, v in enc.items()
-                 if torch.is_tensor(v) and v.shape == ids.shape and k != "input_ids" and k not in image_keys]
+    per_token = [k for k, v in enc.items()  # (B, T) or (B, T, ...): Mllama's cross_attention_mask (B, T, images, tiles)
+                 if torch.is_tensor(v) and v.shape[:2] == ids.shape and k != "input_ids" and k not in image_keys]
     lens = mask.sum(1).tolist()
     T = max(n + len(r) for n, r in zip(lens, resp_ids))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     out = {"input_ids": torch.full((len(prompts), T), pad_id, dtype=ids.dtype),
-           **{k: torch.zeros((len(prompts), T), dtype=enc[k].dtype) for k in per_token}}
+           **{k: torch.zeros((len(prompts), T, *enc[k].shape[2:]), dtype=enc[k].dtype) for k in per_token}}
     labels = torch.full((len(prompts), T), IGNORE_INDEX, dtype=ids.dtype)
     for i, (n, r) in enumerate(zip(lens, resp_ids)):
         m = n + len(r)
@@ -658,9 +660,10 @@ def build_inputs(processor, questions, images, answers=None, padding_side="right
         r = torch.tensor(r, dtype=ids.dtype)
         out["input_ids"][i, at] = torch.cat([ids[i, :n], r])
         labels[i, at] = torch.cat([torch.full((n,), IGNORE_INDEX, dtype=ids.dtype), r])
-        for k in per_token:  # the response is text: attended to (mask 1), of token type 0
-            fill = torch.full((len(r),), 1 if k == "attention_mask" else 0, dtype=enc[k].dtype)
-            out[k][i, at] = torch.cat([enc[k][i, :n], fill])
+        for k in per_token:  # the response is attended to (mask 1) and otherwise continues the prompt's last
+            last = enc[k][i, n - 1:n]  # token (text: type 0; Mllama: sees every image), as generation extends them
+            fill = torch.ones_like(last) if k == "attention_mask" else last
+            out[k][i, at] = torch.cat([enc[k][i, :n], fill.expand(len(r), *last.shape[1:])])
     return {**enc, **out, "labels": labels, "prompt_lens": torch.tensor(lens)}
 
 
