@@ -57,7 +57,7 @@ def image_token_boxes(processor, images, token_id=None):
     ip = processor.image_processor
     settings = {k: _plain(kwargs[k] if k in kwargs else getattr(ip, k, None)) for k in ip.valid_kwargs.__annotations__}
     emitted = emitted_image_tokens(processor, images, token_id)
-    boxes_of = handler[1] if handler else _by_outputs(settings, out, emitted)
+    boxes_of = handler[1] if handler else _by_outputs(processor, settings, out, emitted)
     if boxes_of is None:
         raise NoGeometry(f"image_token_boxes: no geometry for {name} with {ip_name} {known}")
     boxes = boxes_of(processor, ip, settings, images, out)
@@ -396,17 +396,33 @@ def _boxes_one_view(processor, ip, kwargs, images, out):
     return [_View.of(*im.size).resize(h, w).grid(rows, n // rows).reshape(-1, 4) for im in images]
 
 
-_BY_OUTPUTS = ("image_grid_thw + merge_size: Qwen's merge (GLM-4.1V); num_patches + crop_to_patches: GOT-OCR2 "
-               "tiles (Aya Vision); one squashed view per image, tokens a grid in its aspect (PaliGemma)")
+def _boxes_patch_grid(processor, ip, kwargs, images, out):
+    """Pixtral (Mistral 3): each image resized to image_sizes, cut in patch_size patches merged
+    spatial_merge_size x spatial_merge_size, row-major; a partial last row / column of merged
+    tokens covers padding ([IMG_BREAK] between rows is text, not an image token)."""
+    unit = processor.patch_size * processor.spatial_merge_size
+    boxes = []
+    for im, (h, w) in zip(images, out["image_sizes"]):
+        rows, cols = -(-int(h) // unit), -(-int(w) // unit)
+        view = _View.of(*im.size).resize(int(h), int(w)).crop(0, 0, rows * unit, cols * unit)
+        boxes.append(view.grid(rows, cols).reshape(-1, 4))
+    return boxes
 
 
-def _by_outputs(settings, out, emitted):
+_BY_OUTPUTS = ("image_grid_thw + merge_size: Qwen's merge (GLM-4.1V); image_sizes + spatial_merge_size: a merged "
+               "patch grid (Pixtral); num_patches + crop_to_patches: GOT-OCR2 tiles (Aya Vision); one squashed "
+               "view per image, tokens a grid in its aspect (PaliGemma)")
+
+
+def _by_outputs(processor, settings, out, emitted):
     """A processor not in _GEOMETRY whose image processor works like one that is, told by what it
     returns, its settings and the tokens it emits -> a boxes function, or None. The mechanics are
     the known families'; each family of tests/tiny_families.py is checked against its vision tower
     (tests/test_geometry.py), a family no test names is not: its grid / pip ratios rest on this rule."""
     if "image_grid_thw" in out and settings.get("merge_size") and settings.get("patch_size"):
         return _boxes_qwen
+    if "image_sizes" in out and getattr(processor, "spatial_merge_size", None) and getattr(processor, "patch_size", None):
+        return _boxes_patch_grid
     views = out.get("num_patches") or [1] * len(emitted)  # views per image (GOT-OCR2 tiles)
     per_view = {e // v for e, v in zip(emitted, views) if e % v == 0}
     if len(per_view) != 1 or sum(1 for e, v in zip(emitted, views) if e % v == 0) != len(emitted):

@@ -31,7 +31,7 @@ IMAGE_TOKENS = {
     "llava": [4, 4], "llava_next": [24, 16], "llava_onevision": [5, 5], "qwen2_vl": [4, 2], "qwen2_5_vl": [4, 2],
     "qwen3_vl": [4, 2], "qwen3_5": [4, 2], "internvl": [52, 28], "gemma3": [4, 4], "gemma4": [63, 60],
     "idefics3": [20, 20], "smolvlm": [20, 20], "qwen3_vl_moe": [4, 2], "glm4v": [4, 2], "aya_vision": [52, 28],
-    "paligemma2": [4, 4], "lfm2_vl": [24, 2],
+    "paligemma2": [4, 4], "lfm2_vl": [24, 2], "mistral3": [9, 6], "llama4": [20, 20],
 }
 
 

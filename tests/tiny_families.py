@@ -1858,7 +1858,7 @@ NOT_YET = {
 FAMILIES = [f.name for f in FAMILIES_SPEC if f.name not in NOT_YET]
 # the families whose image views token_geometry does not follow (04 runs their sequence rows and
 # skips their grid / pic-in-pic rows, counted, with the reason); tests/test_geometry.py checks both ways
-NO_GEOMETRY = {"mistral3", "llama4", "lfm2_vl"}
+NO_GEOMETRY = {"llama4", "lfm2_vl"}
 
 
 if __name__ == "__main__":
