@@ -50,6 +50,8 @@ def image_token_boxes(processor, images, token_id=None):
     if handler is not None and ip_name not in handler[0]:
         raise NoGeometry(f"image_token_boxes: no geometry for {name} with {ip_name} {known}")
     images = list(images)
+    if not hasattr(processor, "_merge_kwargs"):  # not a transformers processor: nothing to read its views from
+        raise NoGeometry(f"image_token_boxes: no geometry for {name} with {ip_name} {known}")
     # the processor's image kwargs, as its __call__ merges them; the image processor fills in the rest
     kwargs = processor._merge_kwargs(tokenizer_init_kwargs=processor.tokenizer.init_kwargs)["images_kwargs"]
     kwargs.pop("return_tensors", None)
