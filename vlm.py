@@ -745,6 +745,24 @@ def logps_at(model, hidden, targets):
     return next_token_logprobs(model, hidden).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
+def last_hidden_state(model, inputs):
+    """(B, T, H) final hidden states of the model's forward on `inputs`, no LM head: those of its base
+    model (`model.model`, which transformers 5's VLMs have) or, where it has none (Llama 4: vision
+    model, projector and a causal LM side by side), of the module holding the decoder layers, caught
+    while the whole forward runs with the LM head on one position (logits_to_keep=1)."""
+    base = getattr(model, "model", None)
+    if base is not None:
+        return base(**inputs).last_hidden_state
+    layers, seen = decoder_layers(model), {}
+    text_model = next(m for m in model.modules() if any(c is layers for c in m.children()))
+    hook = text_model.register_forward_hook(lambda module, args, out: seen.update(h=out.last_hidden_state))
+    try:
+        model(**inputs, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return seen["h"]
+
+
 def response_logps(model, batch):
     """Log-probs of the labelled (response) tokens, LM head applied ONLY at those positions.
 
@@ -757,7 +775,7 @@ def response_logps(model, batch):
 
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "prompt_lens")}
     inputs.setdefault("use_cache", False)  # scoring never decodes further: no KV cache to build
-    hidden = model.model(**inputs).last_hidden_state  # (B, T, H)
+    hidden = last_hidden_state(model, inputs)  # (B, T, H)
     targets = batch["labels"][:, 1:]  # position t predicts token t+1
     mask = targets != IGNORE_INDEX  # (B, T-1)
     lp = logps_at(model, hidden[:, :-1][mask], targets[mask])  # (N,)

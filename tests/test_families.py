@@ -92,9 +92,9 @@ def _template_messages():
 
 def _feature_counts(model, enc):
     """Per image (or per tile batch) visual-feature counts from the model's own vision side."""
-    params = inspect.signature(model.model.get_image_features).parameters
+    params = inspect.signature(model.get_image_features).parameters  # every family's top class has it (Llama 4: no .model)
     with torch.no_grad():
-        out = model.model.get_image_features(**{k: v for k, v in enc.items() if k in params})
+        out = model.get_image_features(**{k: v for k, v in enc.items() if k in params})
     feats = out.pooler_output if getattr(out, "pooler_output", None) is not None else out.last_hidden_state
     feats = feats if isinstance(feats, (list, tuple)) else [feats]
     return [f.numel() // f.shape[-1] for f in feats]
@@ -124,7 +124,7 @@ def test_a_two_image_prompt_expands_into_the_tokens_the_model_expects(family, lo
     number of image-token positions equals the vision side's feature count; then a forward."""
     model, proc = loaded(family)
     prompt = proc.apply_chat_template(_template_messages(), add_generation_prompt=True, tokenize=False)
-    enc = proc(text=[prompt], images=[IMAGES], return_tensors="pt")
+    enc = vlm.to_model(proc(text=[prompt], images=[IMAGES], return_tensors="pt"), model)  # Llama 4: bfloat16 pixels
     n_tokens = int((enc["input_ids"] == vlm.image_token_id(model)).sum())
     assert n_tokens == sum(IMAGE_TOKENS[family]) == sum(_feature_counts(model, enc))
     with torch.no_grad():
@@ -272,7 +272,7 @@ def test_the_scored_response_ends_at_the_first_token_generation_stops_at(family,
         if torch.is_tensor(v) and v.shape == gen["input_ids"].shape:
             assert torch.equal(batch[k][0, :n], v[0]), k
     with torch.no_grad():
-        total, _, n_tok = vlm.response_logps(model, batch)
+        total, _, n_tok = vlm.response_logps(model, vlm.to_model(batch, model))
     assert torch.isfinite(total).all() and int(n_tok[0]) == len(scored)
 
 
@@ -326,6 +326,7 @@ PAIRS = [  # 1-3 images of different sizes; answers of different lengths
 PLAIN_ONLY = {  # why 06 trains these on the plain [chosen; rejected] rows: prefix_sharing.fast_path_blocker's reason
     "qwen3_5": "linear_attention layers carry a recurrent state",  # Gated DeltaNet: no mask reaches it
     "lfm2_vl": "conv layers carry a recurrent state",  # LFM2's short convolutions: no mask reaches them
+    "llama4": "chunked_attention layers see only the keys in the query's chunk",  # + NoPE layers' temperature tuning
 }
 
 
@@ -453,7 +454,7 @@ gp = importlib.import_module("04_gen_pairs")
 def _eager_response_attention(model_dir, batch, layer, model):
     """All layers' attentions kept (eager), the probed layer's response rows, heads averaged."""
     eager, _ = vlm.load_model(model_dir, dtype="float32", attn_implementation="eager")
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "prompt_lens")}
+    inputs = {k: v for k, v in vlm.to_model(batch, eager).items() if k not in ("labels", "prompt_lens")}
     with torch.no_grad():
         att = [a for a in eager(**inputs, output_attentions=True).attentions if a is not None]
     att = att[gp.attention_layers(model).index(layer)]  # hybrid models return the attention layers' only
