@@ -332,8 +332,8 @@ def fast_path_blocker(model, batch):
         return ("its attention temperature tuning scales each query by the token's index in its row (a step every "
                 "floor_scale tokens), not by position_ids: in the shared row a rejected token sits a chosen "
                 "answer further on")
-    per_token = [k for k, v in batch.items() if torch.is_tensor(v) and v.shape == batch["input_ids"].shape
-                 and k not in ("input_ids", "attention_mask", "labels")]
+    per_token = [k for k, v in batch.items() if torch.is_tensor(v) and v.shape[:2] == batch["input_ids"].shape
+                 and k not in ("input_ids", "attention_mask", "labels")]  # (B, T, ...): Mllama's cross_attention_mask
     read = {"mm_token_type_ids"} if rules["rope_index"] else set()  # the rope index reads them
     read |= {rules["blocks"][0]} if rules["blocks"] else set()
     if set(per_token) - read:
