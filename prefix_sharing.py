@@ -38,9 +38,11 @@ model's config and forward, not from its name:
      its forward uses instead of building masks from token_type_ids / mm_token_type_ids.
 Not exact, so on the plain path (fast_path_blocker says why, 06 logs it): linear-attention layers
 (Qwen3.5's Gated DeltaNet: a recurrent state runs through every earlier token, chosen ones
-included, and no mask reaches it), per-token inputs it does not know, attention kernels that take
-no 4-D mask (flash / flex), Llama 4's chunked attention (no chunked mask is built) and attention
-temperature tuning (queries scaled by their index in the row, which position_ids do not reach).
+included, and no mask reaches it), prefix-LMs (PaliGemma: its prompt attends both ways; its forward
+builds both layer types' masks from one tensor, so none per layer type reaches its sliding layers),
+per-token inputs it does not know, attention kernels that take no 4-D mask (flash / flex), Llama 4's
+chunked attention (no chunked mask is built) and attention temperature tuning (queries scaled by
+their index in the row, which position_ids do not reach).
 Qwen3-VL's DeepStack features are per image like the pooled ones, so encode_images duplicates both
 for plain rows.
 06 checks the fast path against the plain one on its first batch (self_check) and stops rather
@@ -325,6 +327,11 @@ def fast_path_blocker(model, batch):
     if other:  # Qwen3.5's Gated DeltaNet: no mask reaches a recurrent state
         return (f"its {'/'.join(other)} layers carry a recurrent state through every earlier token, which no "
                 f"attention mask can keep the chosen answer out of")
+    typed = {k: v for k, v in vlm.response_types(model, batch).items() if v}  # PaliGemma: {"token_type_ids": 1}
+    if typed:  # generated text typed apart from the prompt's text (0): the prompt is a bidirectional prefix
+        return (f"it is a prefix-LM (its prompt attends both ways, generated tokens have "
+                f"{', '.join(f'{k} {v}' for k, v in typed.items())}): the shared row's masks lay out image blocks, "
+                f"not a prefix")
     if "chunked_attention" in rules["layer_types"]:  # Llama 4's RoPE layers (masking_utils.chunked_overlay)
         return ("its chunked_attention layers see only the keys in the query's chunk of positions, and no "
                 "chunked mask is built for the shared row")

@@ -537,11 +537,14 @@ def render_pair(processor, question, answer):
     then appends EOS. Every family's scored response ends in a token generation stops at (tested).
       llava-1.5 : ("USER: <image>\\nQ ASSISTANT:", " blue")
       Qwen2.5-VL: ("...<|im_start|>assistant\\n", "blue<|im_end|>")
+    No chat template: (FALLBACK_TEMPLATE's prompt, " blue"), or "blue" where the processor itself ends
+    the prompt with white space (PaliGemma: "\\n", after which its prefix-LM generates the answer).
     """
     prompt = render_prompt(processor, question)
     answer = answer.strip()
-    if not getattr(processor, "chat_template", None):
-        return prompt, " " + answer
+    if not getattr(processor, "chat_template", None):  # FALLBACK_TEMPLATE: " " before the answer, unless the
+        gap = "" if processor_text(processor, prompt)[-1:].isspace() else " "  # processor ends it so (PaliGemma: "\n")
+        return prompt, gap + answer
     stand_in = "\u2063MIA-DPO-ANSWER\u2063"  # text no template rewrites (and a repr() escapes)
     user = {"role": "user", "content": [{"type": "text", "text": question.replace(MARKER, image_placeholder(processor))}]}
     for content in ([{"type": "text", "text": stand_in}], stand_in):  # items; or a string (GLM-4.1V prints items' repr)
@@ -564,6 +567,17 @@ def render_pair(processor, question, answer):
         ends = _first_special(processor, nxt.split(stand_in)[1].split(user["content"][0]["text"])[0])
         tail = nxt.split(stand_in)[1] if ends else tail.rstrip()
     return prompt, gap + answer + (tail[:ends] if ends else tail)
+
+
+def processor_text(processor, prompt):
+    """The text the processor tokenises for a rendered prompt, what it writes itself included:
+    PaliGemma's puts <bos> after the last image token and "\\n" (its prefix-LM separator) at the
+    end. Only its text side runs (prepare_inputs_layout), with a 1x1 stand-in per image token."""
+    from PIL import Image
+
+    n = prompt.count(getattr(processor, "image_token", None) or MARKER)
+    stand_ins = [[Image.new("RGB", (1, 1))] * n] if n else None
+    return processor.prepare_inputs_layout(images=stand_ins, text=[prompt])[1][0]
 
 
 def _first_special(processor, text):
@@ -869,6 +883,7 @@ def _response_ids(processor, questions, prompts, answers, special, add_eos=True)
     tok, out = processor.tokenizer, []
     for p, q, a in zip(prompts, questions, answers):
         r = render_pair(processor, q, a)[1]
+        p = p if getattr(processor, "chat_template", None) else processor_text(processor, p)  # PaliGemma: + "\n"
         r = with_stop(tok, r) if add_eos else r
         p_ids, f_ids = tok(p, add_special_tokens=special)["input_ids"], tok(p + r, add_special_tokens=special)["input_ids"]
         out.append(f_ids[len(p_ids):] if f_ids[: len(p_ids)] == p_ids else tok(r, add_special_tokens=False)["input_ids"])

@@ -29,7 +29,7 @@ import prefix_sharing
 import train_state
 import vlm
 import token_geometry
-from tiny_families import FAMILIES, FAMILIES_SPEC, NO_GEOMETRY, tiny_dirs  # noqa: F401  (tiny_dirs is a fixture)
+from tiny_families import FAMILIES, FAMILIES_SPEC, NO_GEOMETRY, NO_TEMPLATE, tiny_dirs  # noqa: F401  (tiny_dirs is a fixture)
 
 SPEC = {f.name: f for f in FAMILIES_SPEC}
 QUESTION = "Image1:<image>\nImage2:<image>\nIn Image2, what color is the shape?"
@@ -79,15 +79,18 @@ def loaded(tiny_dirs):  # noqa: F811
     return get
 
 
-def _template_messages():
-    """The question as the family's template sees an interleaved message: text, image, text, ..."""
+def _template_prompt(proc):
+    """The question as the family's template renders an interleaved message: text, image, text, ...;
+    without a template, vlm.FALLBACK_TEMPLATE around it with the processor's image token in place."""
+    if proc.chat_template is None:
+        return vlm.FALLBACK_TEMPLATE.format(question=QUESTION.replace("<image>", proc.image_token))
     parts, content = QUESTION.split("<image>"), []
     for i, text in enumerate(parts):
         if text:
             content.append({"type": "text", "text": text})
         if i < len(parts) - 1:
             content.append({"type": "image"})
-    return [{"role": "user", "content": content}]
+    return proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
 
 
 def _feature_counts(model, enc):
@@ -109,7 +112,7 @@ def test_loads_offline_as_the_families_real_classes(family, loaded):
     assert type(proc).__name__ == spec.processor_class
     want_ip = spec.image_processor_class if not _torchvision_imports() else spec.image_processor_class.removesuffix("Pil")
     assert type(proc.image_processor).__name__ == want_ip
-    assert proc.chat_template and "{%" in proc.chat_template
+    assert proc.chat_template is None if family in NO_TEMPLATE else "{%" in proc.chat_template
     assert model.generation_config.eos_token_id is not None
     if "video_processor" in type(proc).get_attributes() and not _torchvision_imports():
         # the video part needs torchvision: its saved settings stand in, and videos are refused
@@ -123,8 +126,7 @@ def test_a_two_image_prompt_expands_into_the_tokens_the_model_expects(family, lo
     """The template renders both image items, the processor expands each placeholder, and the
     number of image-token positions equals the vision side's feature count; then a forward."""
     model, proc = loaded(family)
-    prompt = proc.apply_chat_template(_template_messages(), add_generation_prompt=True, tokenize=False)
-    enc = vlm.to_model(proc(text=[prompt], images=[IMAGES], return_tensors="pt"), model)  # Llama 4: bfloat16 pixels
+    enc = vlm.to_model(proc(text=[_template_prompt(proc)], images=[IMAGES], return_tensors="pt"), model)  # Llama 4: bfloat16 pixels
     n_tokens = int((enc["input_ids"] == vlm.image_token_id(model)).sum())
     assert n_tokens == sum(IMAGE_TOKENS[family]) == sum(_feature_counts(model, enc))
     with torch.no_grad():
@@ -166,7 +168,11 @@ def test_load_processor_without_torchvision_saves_and_reloads_the_video_settings
 # ---- prompts and responses, as each family's template writes them ----------------------------
 def _image_item_placeholder(proc):
     """What the template writes for one image item, found here independently of common: the
-    difference between a message with and without a leading image item, outer white space stripped."""
+    difference between a message with and without a leading image item, outer white space stripped.
+    Without a template: the processor's image token (which it expands)."""
+    if proc.chat_template is None:
+        return proc.image_token
+
     def render(content):
         return proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                         tokenize=False)
@@ -243,6 +249,8 @@ def test_render_prompt_writes_each_image_as_the_template_does_next_to_its_label(
     prompt = vlm.render_prompt(proc, QUESTION)
     assert prompt.count(placeholder) == 2
     assert f"Image1:{placeholder}\nImage2:{placeholder}\nIn Image2," in prompt
+    if family in NO_TEMPLATE:
+        assert prompt == _template_prompt(proc)
 
 
 @FAMILY
@@ -274,9 +282,13 @@ def test_the_scored_response_ends_at_the_first_token_generation_stops_at(family,
     with torch.no_grad():
         total, _, n_tok = vlm.response_logps(model, vlm.to_model(batch, model))
     assert torch.isfinite(total).all() and int(n_tok[0]) == len(scored)
+    if "suffix" in inspect.signature(type(proc).__call__).parameters:  # PaliGemma encodes an answer itself (its
+        own = proc(text=[vlm.render_prompt(proc, QUESTION)], images=[IMAGES], suffix=["blue"], return_tensors="pt")
+        typed = vlm.to_model(batch, model)  # fine-tuning format): the same tokens, token types and labels
+        assert all(torch.equal(typed[k], own[k]) for k in ("input_ids", "token_type_ids", "labels"))
 
 
-@pytest.mark.parametrize("family", FAMILIES + ["paligemma2"])
+@FAMILY
 def test_response_logps_equal_generation_fed_one_token_at_a_time(family, tiny_dirs):  # noqa: F811
     """The scored answer's per-token log-probs (one teacher-forced forward) equal what generation
     computes feeding the same tokens one at a time over its cache (each forced, raw logits): a
@@ -327,6 +339,7 @@ PLAIN_ONLY = {  # why 06 trains these on the plain [chosen; rejected] rows: pref
     "qwen3_5": "linear_attention layers carry a recurrent state",  # Gated DeltaNet: no mask reaches it
     "lfm2_vl": "conv layers carry a recurrent state",  # LFM2's short convolutions: no mask reaches them
     "llama4": "chunked_attention layers see only the keys in the query's chunk",  # + NoPE layers' temperature tuning
+    "paligemma2": "it is a prefix-LM",  # token_type_ids: generated tokens 1 (causal), the prompt 0 (both ways)
 }
 
 
@@ -454,6 +467,7 @@ gp = importlib.import_module("04_gen_pairs")
 def _eager_response_attention(model_dir, batch, layer, model):
     """All layers' attentions kept (eager), the probed layer's response rows, heads averaged."""
     eager, _ = vlm.load_model(model_dir, dtype="float32", attn_implementation="eager")
+    # the answer typed as generation types it (a prefix-LM's processor types it as the bidirectional prefix)
     inputs = {k: v for k, v in vlm.to_model(batch, eager).items() if k not in ("labels", "prompt_lens")}
     with torch.no_grad():
         att = [a for a in eager(**inputs, output_attentions=True).attentions if a is not None]
@@ -616,7 +630,8 @@ def test_04_probe_during_generation_equals_teacher_forced_rows(family, loaded): 
     batch = vlm.to_model(vlm.build_inputs(proc, [QUESTION], [IMAGES]), model)  # one row: no padding
     P, ids = batch["input_ids"].shape[1], batch["input_ids"]
     fed = torch.tensor([toks[:-1]], dtype=ids.dtype, device=ids.device)  # the last token is produced, never fed
-    inputs = {k: torch.cat([v, torch.ones_like(fed) if k == "attention_mask" else torch.zeros_like(fed)], dim=1)
+    typed = {"attention_mask": 1, **vlm.response_types(model, batch)}  # fed tokens typed as generation types them
+    inputs = {k: torch.cat([v, torch.full_like(fed, typed.get(k, 0))], dim=1)
               if torch.is_tensor(v) and v.shape == ids.shape and k != "input_ids" else v for k, v in batch.items()}
     inputs["input_ids"] = torch.cat([ids, fed], dim=1)
     with torch.no_grad(), gp.probing(layer, [(P - 1, P - 1 + len(toks))]) as tf:

@@ -137,7 +137,10 @@ def local_vision(model):
 
 
 def prompt(proc, n_images):
-    """The family's template around n image items (Qwen's rope index needs <|vision_start|> etc.)."""
+    """The family's template around n image items (Qwen's rope index needs <|vision_start|> etc.);
+    without one (PaliGemma), the processor's image tokens and the question."""
+    if proc.chat_template is None:
+        return proc.image_token * n_images + "What is it?"
     content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": "What is it?"}]
     return proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
 
