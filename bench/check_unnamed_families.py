@@ -379,38 +379,8 @@ def build_extra(name, out_dir, seed=0):
 # the data: tests/test_families.py's mia_rows, written here
 # ---------------------------------------------------------------------------------------------
 def write_rows(root):
-    """One sequence, one 1x2 grid and one pic-in-pic row on coloured images, as 01-03 write them
-    (the construction of tests/test_families.py: mia_rows) -> {format: jsonl path}."""
-    import common
-    from PIL import Image
-
-    root.mkdir(parents=True, exist_ok=True)
-    red, blue = Image.new("RGB", (64, 48), (200, 30, 30)), Image.new("RGB", (40, 64), (30, 30, 200))
-    red.save(root / "red.png"), blue.save(root / "blue.png")
-    grid = Image.new("RGB", (200, 120), "white")
-    grid.paste(red.resize((90, 90)), (5, 25)), grid.paste(blue.resize((90, 90)), (105, 25))
-    grid.save(root / "grid.png")
-    pip = blue.resize((96, 72))
-    pip.paste(red.resize((48, 36)), (24, 18))
-    pip.save(root / "pip.png")
-    q = "what color is the shape?"
-    rows = {
-        "sequence": {"id": "s", "image": ["red.png", "blue.png"], "mia": {"format": "sequence", "n_images": 2, "target": 2},
-                     "conversations": [{"from": "human", "value": f"Image1:<image>\nImage2:<image>\nIn Image2, {q}"},
-                                       {"from": "gpt", "value": "blue"}]},
-        "grid": {"id": "g", "image": ["grid.png"], "mia": {"format": "grid", "n_images": 2, "target": 1, "size": [200, 120],
-                                                           "cells": [[5, 25, 95, 115], [105, 25, 195, 115]]},
-                 "conversations": [{"from": "human", "value": f"<image>\nIn Image1, {q}"}, {"from": "gpt", "value": "red"}]},
-        "pip": {"id": "p", "image": ["pip.png"], "mia": {"format": "pip", "n_images": 2, "target": 1, "size": [96, 72],
-                                                         "inset": [24, 18, 72, 54]},
-                "conversations": [{"from": "human", "value": f"<image>\nFor the image in the center, {q}"},
-                                  {"from": "gpt", "value": "red"}]},
-    }
-    files = {}
-    for name, row in rows.items():
-        common.write_jsonl(root / f"{name}.jsonl", [row])
-        files[name] = root / f"{name}.jsonl"
-    return files, rows
+    """-> ({format: jsonl path}, rows): tiny_families.write_mia_rows, the rows tests/test_families.py runs."""
+    return tf.write_mia_rows(root)
 
 
 # ---------------------------------------------------------------------------------------------
