@@ -47,6 +47,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 import zlib
 from collections import Counter
@@ -129,12 +130,12 @@ def box_weights(token_boxes, box):
     return np.nan_to_num(wx * wy, nan=0.0)
 
 
-def response_attention(query, key, attention_mask, scaling, rows):
+def response_attention(query, key, attention_mask, scaling, rows, softcap=None):
     """The probe: mean over heads and response rows of one layer's attention probabilities.
 
     query (B, H, T, D) after RoPE, key (B, Hkv, T, D) (Hkv divides H: grouped-query heads are
-    repeated like transformers' repeat_kv), attention_mask None (causal) or (B|1, 1, T, T) bool
-    (True = attend) or float (added), rows: B pairs (start, end) of query positions.
+    repeated like transformers' repeat_kv), attention_mask as the layer got it (allowed_keys),
+    rows: B pairs (start, end) of query positions; softcap: Gemma 2's logit cap (tanh) or None.
     returns (B, T) float32: row b = mean_{h, s <= t < end} softmax(q_t k^T * scaling + mask)[h, t, :].
     Only (H, end - start, T) scores are formed per row — never the (H, T, T) of all positions.
     """
@@ -148,15 +149,27 @@ def response_attention(query, key, attention_mask, scaling, rows):
         if e <= s:
             continue
         scores = torch.matmul(query[b, :, s:e].float(), key[b].float().transpose(-1, -2)) * scaling  # (H, R, T)
-        if attention_mask is None:
-            cols, qpos = torch.arange(key.shape[2], device=query.device), torch.arange(s, e, device=query.device)
-            allowed = cols[None, :] <= qpos[:, None]  # (R, T)
-            scores = scores.masked_fill(~allowed, float("-inf"))
-        else:
-            m = attention_mask[b if attention_mask.shape[0] > 1 else 0, 0, s:e]  # (R, T)
-            scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
-        out[b] = torch.softmax(scores, dim=-1).mean(dim=(0, 1))
+        scores = torch.tanh(scores / softcap) * softcap if softcap else scores
+        allowed = allowed_keys(attention_mask, b, torch.arange(s, e, device=query.device), key.shape[2])
+        out[b] = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).mean(dim=(0, 1))
     return out
+
+
+def allowed_keys(attention_mask, b, qpos, K):
+    """-> (R, K) bool: which of the K keys the queries at positions `qpos` (R,) of row b see, from
+    the mask the layer got under any attention implementation: None (causal, no padding),
+    (B|1, 1, Q, K) bool (SDPA: True = attend) or float (eager: 0, or the dtype's min: added),
+    (B, K) (flash: key padding; causal). Q is K, or the last Q positions while decoding."""
+    import torch
+
+    causal = torch.arange(K, device=qpos.device)[None, :] <= qpos[:, None]  # (R, K)
+    if attention_mask is None:
+        return causal
+    if attention_mask.dim() == 2:
+        return causal & attention_mask[b, -K:].bool()[None, :]
+    m = attention_mask[b if attention_mask.shape[0] > 1 else 0, 0]  # (Q, K)
+    m = m[qpos - (K - m.shape[0]), -K:]  # (R, K)
+    return m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
 
 
 def attention_ratio(fmt, maps, target, weights=None):
@@ -178,59 +191,78 @@ _PROBE = {"layer": None, "rows": None, "out": None, "steps": []}  # set by probi
 
 
 def _probe_attention(module, query, key, value, attention_mask, **kwargs):
-    """SDPA as usual; at the probed layer, while probing(), also the response rows' attention."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    """The layer's own attention implementation, as the model was loaded with it; at the probed
+    layer, while probing(), also the response rows' attention, from the same query, key and mask."""
+    out = _wrapped(module)(module, query, key, value, attention_mask, **kwargs)
     if _PROBE["rows"] is not None and getattr(module, "layer_idx", None) == _PROBE["layer"]:
+        scaling, softcap = kwargs.get("scaling"), kwargs.get("softcap")
         if _PROBE["rows"] == "last":  # generating: each step's newest query row, over the cache
-            _PROBE["steps"].append(last_row_attention(query, key, attention_mask, kwargs.get("scaling")))
+            _PROBE["steps"].append(last_row_attention(query, key, attention_mask, scaling, softcap))
         else:
-            _PROBE["out"] = response_attention(query, key, attention_mask, kwargs.get("scaling"), _PROBE["rows"])
+            _PROBE["out"] = response_attention(query, key, attention_mask, scaling, _PROBE["rows"], softcap)
     return out
 
 
-def last_row_attention(query, key, attention_mask, scaling):
+_WRAPS = {}  # id(the text config) -> the attention implementation the probe wraps ("sdpa", "eager", ...)
+
+
+def _wrapped(module):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    impl = _WRAPS[id(module.config)]
+    if impl == "eager":  # each family's own eager function (Gemma 2's softcap, sinks ...), in its modeling file
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[impl]
+
+
+def last_row_attention(query, key, attention_mask, scaling, softcap=None):
     """The probe while generating: one step's LAST query row (the one that predicts the next token),
     heads averaged, over all keys in the cache -> (B, K) float32. In the prefill it is the prompt's
-    last position; in a decode step the one fed token. The last row of a causal mask sees every key,
-    so a None mask means no column is masked; a (B|1, 1, q, K) mask's last row is used as is."""
+    last position; in a decode step the one fed token (position K-1), under the mask the layer got."""
     import torch
 
     H, D = query.shape[1], query.shape[-1]
     key = key.repeat_interleave(H // key.shape[1], dim=1)  # (B, H, K, D)
     scaling = D ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query[:, :, -1:].float(), key.float().transpose(-1, -2)) * scaling  # (B, H, 1, K)
-    if attention_mask is not None:
-        m = attention_mask[:, :, -1:, -key.shape[2]:]  # (B|1, 1, 1, K)
-        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
-    return torch.softmax(scores, dim=-1).mean(dim=(1, 2))  # (B, K)
+    scores = torch.tanh(scores / softcap) * softcap if softcap else scores
+    K, last = key.shape[2], torch.tensor([key.shape[2] - 1], device=query.device)
+    allowed = torch.stack([allowed_keys(attention_mask, b, last, K) for b in range(query.shape[0])])  # (B, 1, K)
+    return torch.softmax(scores.masked_fill(~allowed[:, None], float("-inf")), dim=-1).mean(dim=(1, 2))  # (B, K)
 
 
 def install_probe(model):
-    """Route the language model's attention through _probe_attention (vision tower unchanged)
-    -> the number of decoder layers. The decoder is found by model.get_decoder(), whatever the
-    family calls it (`language_model`, Idefics3's `text_model`).
-    subtle: a registered function also needs a registered mask builder, else it gets no mask."""
+    """Route the language model's attention through _probe_attention (vision tower unchanged), which
+    wraps the implementation the model was loaded with (SDPA by default; eager where a family needs
+    it, e.g. Gemma 2's logit softcap) -> the number of decoder layers (vlm.decoder_layers).
+    subtle: a registered function also needs a registered mask builder (the wrapped one's), else it gets no mask."""
     from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
+    crossing = [n for n, _ in vlm.decoder_layers(model).named_modules() if n.endswith("cross_attn")]
+    if crossing:  # Llama 3.2 Vision: one placeholder token per image; its features reach the text by cross-attention
+        raise SystemExit(f"04_gen_pairs: {type(model).__name__} sees images through cross-attention layers "
+                         f"({crossing[0]}, ...), not as tokens in the sequence: the self-attention probe cannot "
+                         f"weigh them, so the attention-aware selection does not apply to it")
+    text = model.config.get_text_config()
+    impl = _WRAPS.get(id(text), text._attn_implementation or "eager")
+    _WRAPS[id(text)] = impl
     AttentionInterface.register(PROBE_NAME, _probe_attention)
-    AttentionMaskInterface.register(PROBE_NAME, sdpa_mask)
+    AttentionMaskInterface.register(PROBE_NAME, ALL_MASK_ATTENTION_FUNCTIONS[impl])
     model.set_attn_implementation({"text_config": PROBE_NAME})
-    return len(model.get_decoder().layers)
+    return len(vlm.decoder_layers(model))
 
 
 def attention_layers(model):
     """Indices of the decoder layers with softmax self-attention, the ones the probe can read:
     all of them, except in hybrid models (Qwen3.5: linear-attention layers between them)."""
-    return [i for i, layer in enumerate(model.get_decoder().layers)
+    return [i for i, layer in enumerate(vlm.decoder_layers(model))
             if getattr(getattr(layer, "self_attn", None), "layer_idx", None) == i]
 
 
 def default_layer(model):
     """The paper's layer: the middle one (n_layers // 2), or the attention layer nearest to it."""
-    middle = len(model.get_decoder().layers) // 2
+    middle = len(vlm.decoder_layers(model)) // 2
     return min(attention_layers(model), key=lambda i: (abs(i - middle), i))
 
 
@@ -387,11 +419,18 @@ def answer_and_probe(model, processor, qs, seen, args, ctx, counts):
     return answers, finished, attn, positions, sum_lp, n_tok, exact, prompt
 
 
-def token_boxes(processor, images, cache):
-    """token_geometry.image_token_boxes for one prompt's images, cached by their sizes (all it depends on)."""
+def token_boxes(processor, images, cache, token_id=None):
+    """token_geometry.image_token_boxes for one prompt's images, cached by their sizes (all it depends
+    on) -> (each image's visual-token count, its boxes or None, why there are none or None). A
+    processor the geometry does not follow still gives counts (the processor's own expansion):
+    enough for sequence rows, which weigh whole images; grid and pip rows are skipped with the reason."""
     key = tuple(im.size for im in images)
     if key not in cache:
-        cache[key] = token_geometry.image_token_boxes(processor, images)
+        try:
+            boxes = token_geometry.image_token_boxes(processor, images, token_id)
+            cache[key] = [len(b) for b in boxes], boxes, None
+        except token_geometry.NoGeometry as e:
+            cache[key] = vlm.emitted_image_tokens(processor, images, token_id), None, str(e)
     return cache[key]
 
 
@@ -422,12 +461,13 @@ def make_pair(it, cand, ref_chosen_logps, ref_rejected_logps, ctx):
     probe = {"layer": ctx["layer"], **{k: cand[k] for k in ("ratio", "threshold", "attn_images", "ppl", "noise_std")}}
     return {"id": it["id"], "image": it["image"], "prompt": it["prompt"], "chosen": it["truth"], "rejected": cand["answer"],
             **extra, "mia": it["mia"], "probe": probe, "ref_chosen_logps": ref_chosen_logps,
-            "ref_rejected_logps": ref_rejected_logps, "ref_model": ctx["ref_model"]}
+            "ref_rejected_logps": ref_rejected_logps, "ref_model": ctx["ref_model"],
+            "ref_text": vlm.text_fingerprint(ctx["processor"], it["prompt"], [it["truth"], cand["answer"]])}
 
 
 def run_batch(model, processor, items, args, ctx):
     """Answer, probe, select, reference log-probs for one batch -> records {i, candidate, pair}."""
-    out, ok, clean, seen, noise = [], [], [], [], []
+    out, ok, clean, seen, noise, boxes, n_vis = [], [], [], [], [], [], []
     for it in items:
         try:
             ims = [common.load_image(args.image_root, p) for p in it["image"]]
@@ -435,21 +475,25 @@ def run_batch(model, processor, items, args, ctx):
             out.append({"i": it["i"], "candidate": {"id": it["id"], "format": it["format"], "selected": False,
                                                     "reason": f"unreadable image: {e}"}, "pair": None})
             continue
+        counts, bx, why = token_boxes(processor, ims, ctx["boxes"], vlm.image_token_id(model))
+        if why and it["format"] != "sequence":  # no geometry: a target region has no tokens to weigh
+            out.append({"i": it["i"], "candidate": {"id": it["id"], "format": it["format"], "selected": False,
+                                                    "reason": f"no token geometry: {why}"}, "pair": None})
+            continue
         noisy, std = corrupt(it, ims, args)
-        ok.append(it), clean.append(ims), seen.append(noisy), noise.append(std)
+        ok.append(it), clean.append(ims), seen.append(noisy), noise.append(std), boxes.append(bx), n_vis.append(counts)
     if not ok:
         return out, []
     qs = [it["prompt"] for it in ok]
-    boxes = [token_boxes(processor, ims, ctx["boxes"]) for ims in clean]
     answers, finished, attn, positions, sum_lp, n_tok, exact, prompt = answer_and_probe(
-        model, processor, qs, seen, args, ctx, [[len(b) for b in bs] for bs in boxes])
+        model, processor, qs, seen, args, ctx, n_vis)
     recs, viz = [], []
     for b, it in enumerate(ok):
         ratio, masses, maps = row_numbers(it, attn[b], positions[b], boxes[b])
         cand = candidate(it, answers[b], ratio, masses, perplexity(sum_lp[b], n_tok[b]), n_tok[b], noise[b], args, ctx,
                          truncated=not finished[b])
         recs.append({"i": it["i"], "candidate": cand, "pair": None})
-        if it["id"] in ctx["viz_ids"]:
+        if it["id"] in ctx["viz_ids"] and boxes[b] is not None:
             viz.append((it, seen[b], maps, boxes[b], cand))
     chosen = [(r, it, ims) for r, it, ims in zip(recs, ok, clean) if r["candidate"]["selected"]]
     if chosen and args.probe == "teacher-forced":  # reference log-probs on the CLEAN images: chosen rows then rejected rows, one forward (as 06)
@@ -567,7 +611,8 @@ def main(args):
                      "image_settings": vlm.image_settings_id(processor)}  # 06 refuses other weights or image settings
         viz_ids = {it["id"] for f in FORMATS for it in [x for x in items if x["format"] == f][:args.viz]}
         thresholds = parse_thresholds(args.threshold)
-        ctx = {"layer": layer, "boxes": {}, "thresholds": thresholds, "ref_model": ref_model, "viz_ids": viz_ids}
+        ctx = {"layer": layer, "boxes": {}, "thresholds": thresholds, "ref_model": ref_model, "viz_ids": viz_ids,
+               "processor": processor}
         config = resume_config(args, layer, ref_model, thresholds)
         batches = make_batches(items, args.batch_size)
         partial = common.ResumeFile(str(cands_path) + ".partial", config, key="i")

@@ -138,13 +138,15 @@ def pick_reference(pairs, mode, fingerprint, lora, image_settings=None, dtype=No
     if not all(stored):
         raise SystemExit(f"06_train_dpo: {stored.count(False)} of {len(pairs)} pairs lack ref_chosen_logps/"
                          f"ref_rejected_logps; pass --ref-logps recompute to compute them all with the model")
-    other = {p["ref_fingerprint"] for p in pairs} - {fingerprint}
-    if other:
+    if other := {p["ref_fingerprint"] for p in pairs} - {fingerprint}:
         dtypes = sorted({p["ref_dtype"] for p in pairs if p["ref_dtype"] and p["ref_dtype"] != dtype})
         hint = f"04 loaded the weights as {', '.join(dtypes)}, this run as {dtype}: --dtype {dtypes[0]}, or " if dtypes else ""
         raise SystemExit(f"06_train_dpo: the pairs' reference log-probs come from model(s) {sorted(other)}, "
                          f"not the loaded model ({fingerprint}); they would be wrong here. {hint}Pass "
                          f"--ref-logps recompute to compute the reference with this model.")
+    if stale := [p["id"] for p in pairs if not p["ref_fresh"]]:
+        raise SystemExit(f"06_train_dpo: {len(stale)} pairs (first: {stale[0]!r}) render to other tokens than 04 scored "
+                         f"(chat template or tokenizer changed; a template may write the date); pass --ref-logps recompute")
     other = {p["ref_images"] for p in pairs if p["ref_images"]} - {image_settings}
     if image_settings and other:
         raise SystemExit(f"06_train_dpo: the pairs' reference log-probs were computed with other image settings "
@@ -225,15 +227,16 @@ def load_pairs(path, image_root, processor, max_length, on_error):
     def parse(row, line):
         images = common.check_pair_row(row, path, line)
         mia = row.get("mia") if isinstance(row.get("mia"), dict) else {}
-        stored = "ref_chosen_logps" in row
+        stored, answers = "ref_chosen_logps" in row, (row["chosen"], row["rejected"])
         pair = {"id": row["id"], "images": images, "prompt": row["prompt"], "chosen": row["chosen"],
                 "rejected": row["rejected"], "format": str(mia.get("format", "unknown")),
                 "n_images": int(mia.get("n_images", len(images))),
                 "ref": (row["ref_chosen_logps"], row["ref_rejected_logps"]) if stored else None,
                 "ref_fingerprint": row["ref_model"]["fingerprint"] if stored else None,
                 "ref_images": row["ref_model"].get("image_settings") if stored else None,
-                "ref_dtype": row["ref_model"].get("dtype") if stored else None}
-        return pair, (row["chosen"], row["rejected"])
+                "ref_dtype": row["ref_model"].get("dtype") if stored else None,  # and did 04 score these very tokens?
+                "ref_fresh": row.get("ref_text") in (None, vlm.text_fingerprint(processor, row["prompt"], answers))}
+        return pair, answers
 
     return _checked_rows(path, image_root, processor, max_length, on_error, "pair", parse, unique_ids=True,
                          progress="06 checking pairs")
@@ -304,7 +307,7 @@ def _n_tokens(processor, prompt, answer, sizes, img_tokens):
     for s in sizes:  # tokens an image adds when the processor expands its placeholder, measured once per size
         if s not in img_tokens:
             text = vlm.image_placeholder(processor)
-            ids = processor(text=[text], images=[[Image.new("RGB", s)]], add_special_tokens=False)["input_ids"][0]
+            ids = processor(text=[text], images=[[Image.new("RGB", s)]], add_special_tokens=False, return_tensors="pt")["input_ids"][0]
             img_tokens[s] = len(ids) - len(tok(text, add_special_tokens=False)["input_ids"])
     text = vlm.render_pair(processor, prompt, answer)
     return len(tok(text[0] + text[1] + tok.eos_token)["input_ids"]) + sum(img_tokens[s] for s in sizes)

@@ -486,7 +486,7 @@ def answer_mass(name, model, proc, questions, token_ids, vocab, rejected_of, arg
             batch = vlm.to_model(vlm.build_inputs(proc, texts, ims, answers=[q["gold"] for q in qs]), model)
             inputs = {k: v for k, v in batch.items() if k not in ("labels", "prompt_lens")}
             with torch.no_grad():
-                hidden = model.model(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+                hidden = vlm.last_hidden_state(model, {**inputs, "use_cache": False})  # (B, T, H)
                 # right padding: the prompt of row b ends at prompt_lens[b] - 1
                 at = hidden[torch.arange(len(qs), device=hidden.device), batch["prompt_lens"] - 1]  # (B, H)
                 probs = vlm.next_token_logprobs(model, at).double().exp().cpu()  # (B, V)

@@ -38,9 +38,13 @@ model's config and forward, not from its name:
      its forward uses instead of building masks from token_type_ids / mm_token_type_ids.
 Not exact, so on the plain path (fast_path_blocker says why, 06 logs it): linear-attention layers
 (Qwen3.5's Gated DeltaNet: a recurrent state runs through every earlier token, chosen ones
-included, and no mask reaches it), per-token inputs it does not know, attention kernels that take
-no 4-D mask (flash / flex). Qwen3-VL's DeepStack features are per image like the pooled ones, so
-encode_images duplicates both for plain rows.
+included, and no mask reaches it), prefix-LMs (PaliGemma: its prompt attends both ways; its forward
+builds both layer types' masks from one tensor, so none per layer type reaches its sliding layers),
+per-token inputs it does not know, attention kernels that take no 4-D mask (flash / flex), Llama 4's
+chunked attention (no chunked mask is built) and attention temperature tuning (queries scaled by
+their index in the row, which position_ids do not reach).
+Qwen3-VL's DeepStack features are per image like the pooled ones, so encode_images duplicates both
+for plain rows.
 06 checks the fast path against the plain one on its first batch (self_check) and stops rather
 than train on numbers the plain path would not give. tests/test_prefix_sharing.py and
 tests/test_families.py compare log-probs and gradients with the plain path to 1e-4, the latter on
@@ -164,7 +168,7 @@ def shared_prefix_forward(model, batch):
     import torch
 
     inputs = {k: v for k, v in batch.items() if not k.startswith("score_")}
-    hidden = model.model(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+    hidden = vlm.last_hidden_state(model, {**inputs, "use_cache": False})  # (B, T, H)
     h = hidden.reshape(-1, hidden.shape[-1])[batch["score_src"]]  # (N, H)
     lp = vlm.logps_at(model, h, batch["score_tgt"])  # (N,)
     n_rows = 2 * hidden.shape[0]
@@ -193,14 +197,15 @@ def decoder_rules(model, batch):
     """
     text = model.config.get_text_config()
     layer_types = list(getattr(text, "layer_types", None) or ["full_attention"])
-    forward = inspect.signature(model.model.forward).parameters
+    base = getattr(model, "model", model)  # the base model; Llama 4 has none: its own forward
+    forward = inspect.signature(base.forward).parameters
     if getattr(text, "use_bidirectional_attention", None) == "vision" and "mm_token_type_ids" in batch:
         blocks = ("mm_token_type_ids", {"sliding_attention"})
     elif "token_type_ids" in forward and "token_type_ids" in batch:
         blocks = ("token_type_ids", set(layer_types))
     else:
         blocks = None
-    return {"rope_index": hasattr(model.model, "get_rope_index"), "layer_types": layer_types,
+    return {"rope_index": hasattr(base, "get_rope_index"), "layer_types": layer_types,
             "window": getattr(text, "sliding_window", None), "blocks": blocks}
 
 
@@ -318,12 +323,24 @@ def fast_path_blocker(model, batch):
     import torch
 
     rules = decoder_rules(model, batch)
-    other = sorted(set(rules["layer_types"]) - {"full_attention", "sliding_attention"})
+    other = sorted(set(rules["layer_types"]) - {"full_attention", "sliding_attention", "chunked_attention"})
     if other:  # Qwen3.5's Gated DeltaNet: no mask reaches a recurrent state
         return (f"its {'/'.join(other)} layers carry a recurrent state through every earlier token, which no "
                 f"attention mask can keep the chosen answer out of")
-    per_token = [k for k, v in batch.items() if torch.is_tensor(v) and v.shape == batch["input_ids"].shape
-                 and k not in ("input_ids", "attention_mask", "labels")]
+    typed = {k: v for k, v in vlm.response_types(model, batch).items() if v}  # PaliGemma: {"token_type_ids": 1}
+    if typed:  # generated text typed apart from the prompt's text (0): the prompt is a bidirectional prefix
+        return (f"it is a prefix-LM (its prompt attends both ways, generated tokens have "
+                f"{', '.join(f'{k} {v}' for k, v in typed.items())}): the shared row's masks lay out image blocks, "
+                f"not a prefix")
+    if "chunked_attention" in rules["layer_types"]:  # Llama 4's RoPE layers (masking_utils.chunked_overlay)
+        return ("its chunked_attention layers see only the keys in the query's chunk of positions, and no "
+                "chunked mask is built for the shared row")
+    if getattr(model.config.get_text_config(), "attn_temperature_tuning", False):  # Llama 4's NoPE layers
+        return ("its attention temperature tuning scales each query by the token's index in its row (a step every "
+                "floor_scale tokens), not by position_ids: in the shared row a rejected token sits a chosen "
+                "answer further on")
+    per_token = [k for k, v in batch.items() if torch.is_tensor(v) and v.shape[:2] == batch["input_ids"].shape
+                 and k not in ("input_ids", "attention_mask", "labels")]  # (B, T, ...): Mllama's cross_attention_mask
     read = {"mm_token_type_ids"} if rules["rope_index"] else set()  # the rope index reads them
     read |= {rules["blocks"][0]} if rules["blocks"] else set()
     if set(per_token) - read:

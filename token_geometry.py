@@ -14,13 +14,20 @@ own helper, it hands it the backend's own input type and reads the backend's own
 """
 from __future__ import annotations
 
+import math
+
 from vlm import emitted_image_tokens
+
+
+class NoGeometry(ValueError):
+    """No view-following geometry for this processor: 04 skips its grid and pic-in-pic rows,
+    counted with this reason, and still runs its sequence rows (they need only token counts)."""
 
 
 # ---------------------------------------------------------------------------------------------
 # image-token geometry
 # ---------------------------------------------------------------------------------------------
-def image_token_boxes(processor, images):
+def image_token_boxes(processor, images, token_id=None):
     """-> one float64 numpy array (n_tokens, 4) per image: for each of that image's visual-token
     positions (the positions where input_ids == the model's image token id, in sequence order,
     i.e. the k-th image owns the next n_k such positions), the box (x0, y0, x1, y1) in ORIGINAL
@@ -31,25 +38,31 @@ def image_token_boxes(processor, images):
     `images` are the PIL images of ONE prompt (OneVision tiles an image only when it is alone).
     Every view the processor makes is followed with its own settings, size helpers and outputs
     (image_grid_thw, image_sizes, num_patches, rows/cols ...), in the order the model places
-    the features; the row count is checked against what `processor(text=..., images=...)` emits.
+    the features; the row count is checked against what `processor(text=..., images=...)` emits
+    (token_id: the image token the model fills, vlm.emitted_image_tokens).
       llava-1.5 (shortest edge 336, crop 336, patch 14), one 936x488 image -> [(576, 4)]; row 0 is
       (223.8, 0, 244.2, 20.3): resized to 644x336, 154 px cropped off the left, 14-px cells / 0.688.
     """
     name, ip_name = type(processor).__name__, type(processor.image_processor).__name__.removesuffix("Pil")
     ip_name = ip_name.removesuffix("Fast")
     handler = _GEOMETRY.get(name)
-    if handler is None or ip_name not in handler[0]:
-        raise ValueError(f"image_token_boxes: no geometry for {name} with {ip_name} (known: "
-                         f"{', '.join(f'{k} + {v[0]}' for k, v in _GEOMETRY.items())})")
+    known = f"(known: {', '.join(f'{k} + {v[0]}' for k, v in _GEOMETRY.items())}; or by its outputs, as {_BY_OUTPUTS})"
+    if handler is not None and ip_name not in handler[0]:
+        raise NoGeometry(f"image_token_boxes: no geometry for {name} with {ip_name} {known}")
     images = list(images)
+    if not hasattr(processor, "_merge_kwargs"):  # not a transformers processor: nothing to read its views from
+        raise NoGeometry(f"image_token_boxes: no geometry for {name} with {ip_name} {known}")
     # the processor's image kwargs, as its __call__ merges them; the image processor fills in the rest
     kwargs = processor._merge_kwargs(tokenizer_init_kwargs=processor.tokenizer.init_kwargs)["images_kwargs"]
     kwargs.pop("return_tensors", None)
     out = processor.image_processor([images], **kwargs)
     ip = processor.image_processor
     settings = {k: _plain(kwargs[k] if k in kwargs else getattr(ip, k, None)) for k in ip.valid_kwargs.__annotations__}
-    boxes = handler[1](processor, ip, settings, images, out)
-    emitted = emitted_image_tokens(processor, images)
+    emitted = emitted_image_tokens(processor, images, token_id)
+    boxes_of = handler[1] if handler else _by_outputs(processor, settings, out, emitted)
+    if boxes_of is None:
+        raise NoGeometry(f"image_token_boxes: no geometry for {name} with {ip_name} {known}")
+    boxes = boxes_of(processor, ip, settings, images, out)
     if [len(b) for b in boxes] != emitted:
         raise ValueError(f"image_token_boxes: {name} emits {emitted} image tokens for images of size "
                          f"{[im.size for im in images]}, the geometry gives {[len(b) for b in boxes]}")
@@ -315,7 +328,7 @@ def _boxes_internvl(processor, ip, kwargs, images, out):
     import numpy as np
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
-    size, n = kwargs["size"], math.isqrt(processor.image_seq_length)
+    size, n = kwargs["size"], math.isqrt(kwargs.get("tokens_per_view") or processor.image_seq_length)
     boxes = []
     for im, n_patches in zip(images, out["num_patches"]):
         view, tiles = _View.of(*im.size), []
@@ -374,6 +387,58 @@ def _boxes_idefics3(processor, ip, kwargs, images, out):
         views.append(view.resize(tile, tile))
         boxes.append(np.concatenate([v.grid(n, n).reshape(-1, 4) for v in views]))
     return boxes
+
+
+def _boxes_one_view(processor, ip, kwargs, images, out):
+    """One view per image, the whole image squashed to the processed size, its tokens a row-major
+    grid of that view in its aspect (PaliGemma's SigLIP: 224 x 224 -> 16 x 16)."""
+    h, w = out["pixel_values"][0].shape[-2:]
+    n = kwargs["tokens_per_view"]
+    rows = math.isqrt(n * h // w)
+    return [_View.of(*im.size).resize(h, w).grid(rows, n // rows).reshape(-1, 4) for im in images]
+
+
+def _boxes_patch_grid(processor, ip, kwargs, images, out):
+    """Pixtral (Mistral 3): each image resized to image_sizes, cut in patch_size patches merged
+    spatial_merge_size x spatial_merge_size, row-major; a partial last row / column of merged
+    tokens covers padding ([IMG_BREAK] between rows is text, not an image token)."""
+    unit = processor.patch_size * processor.spatial_merge_size
+    boxes = []
+    for im, (h, w) in zip(images, out["image_sizes"]):
+        rows, cols = -(-int(h) // unit), -(-int(w) // unit)
+        view = _View.of(*im.size).resize(int(h), int(w)).crop(0, 0, rows * unit, cols * unit)
+        boxes.append(view.grid(rows, cols).reshape(-1, 4))
+    return boxes
+
+
+_BY_OUTPUTS = ("image_grid_thw + merge_size: Qwen's merge (GLM-4.1V); image_sizes + spatial_merge_size: a merged "
+               "patch grid (Pixtral); num_patches + crop_to_patches: GOT-OCR2 tiles (Aya Vision); one squashed "
+               "view per image, tokens a grid in its aspect (PaliGemma)")
+
+
+def _by_outputs(processor, settings, out, emitted):
+    """A processor not in _GEOMETRY whose image processor works like one that is, told by what it
+    returns, its settings and the tokens it emits -> a boxes function, or None. The mechanics are
+    the known families'; each family of tests/tiny_families.py is checked against its vision tower
+    (tests/test_geometry.py), a family no test names is not: its grid / pip ratios rest on this rule."""
+    if "image_grid_thw" in out and settings.get("merge_size") and settings.get("patch_size"):
+        return _boxes_qwen
+    if "image_sizes" in out and getattr(processor, "spatial_merge_size", None) and getattr(processor, "patch_size", None):
+        return _boxes_patch_grid
+    views = out.get("num_patches") or [1] * len(emitted)  # views per image (GOT-OCR2 tiles)
+    per_view = {e // v for e, v in zip(emitted, views) if e % v == 0}
+    if len(per_view) != 1 or sum(1 for e, v in zip(emitted, views) if e % v == 0) != len(emitted):
+        return None
+    settings["tokens_per_view"] = n = per_view.pop()
+    if "num_patches" in out and settings.get("crop_to_patches") is not None and math.isqrt(n) ** 2 == n:
+        return _boxes_internvl
+    pv = out.get("pixel_values")
+    if set(out.keys()) == {"pixel_values"} and len(pv) == len(emitted) and not settings.get("do_center_crop") \
+            and not settings.get("do_pad"):
+        h, w = pv[0].shape[-2:]
+        rows = math.isqrt(n * h // w)
+        return _boxes_one_view if rows and n % rows == 0 and rows * w == (n // rows) * h else None
+    return None
 
 
 _QWEN_IP = ("Qwen2VLImageProcessor",)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import common
+import vlm
 
 
 @dataclass
@@ -60,7 +61,10 @@ def prepare_policy(model, reference, lora_r=0, lora_alpha=16, lora_dropout=0.0, 
         from peft import LoraConfig, get_peft_model
 
         lm = model.get_submodule(decoder)
-        targets = [f"{decoder}.{n}" for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)]
+        # linear layers that compute what nn.Linear does (LoRA adds to that); Llama 4's MoE router
+        # subclasses it and returns a tuple
+        targets = [f"{decoder}.{n}" for n, m in lm.named_modules()
+                   if isinstance(m, torch.nn.Linear) and type(m).forward is torch.nn.Linear.forward]
         cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets)
         policy, frozen = get_peft_model(model, cfg), None
     else:
@@ -79,14 +83,22 @@ PROJECTOR = ("multi_modal_projector", "connector", "embed_vision", "visual.merge
 
 
 def model_parts(model):
-    """-> (decoder name, vision names, projector names) as `model.get_submodule` paths:
+    """-> (decoder name, vision names, projector names) as `model.get_submodule` paths, found by
+    search: the decoder holds vlm.decoder_layers; vision / projector are the outermost modules
+    whose path ends in a VISION / PROJECTOR name, wherever the family puts them.
     llava: ("model.language_model", ["model.vision_tower"], ["model.multi_modal_projector"]);
-    Qwen2.5-VL: (..., ["model.visual"], ["model.visual.merger"]); Idefics3: ("model.text_model", ...).
+    Qwen2.5-VL: (..., ["model.visual"], ["model.visual.merger"]); Idefics3: ("model.text_model", ...);
+    Llama 4 (no .model): ("language_model.model", ["vision_model"], ["multi_modal_projector"]).
     A model with no known vision encoder is refused, naming its class."""
     names = dict(model.named_modules())
-    decoder = next(n for n, m in names.items() if m is model.get_decoder())
-    vision = [f"model.{n}" for n in VISION if f"model.{n}" in names]
-    projector = [f"model.{n}" for n in PROJECTOR if f"model.{n}" in names]
+    layers = vlm.decoder_layers(model)
+    decoder = next(n for n, m in names.items() if m is layers).rpartition(".")[0]  # the text model, no LM head
+
+    def outermost(tails):
+        hits = [n for t in tails for n in names if n == t or n.endswith(f".{t}")]
+        return [h for h in hits if not any(h.startswith(f"{o}.") for o in hits)]
+
+    vision, projector = outermost(VISION), outermost(PROJECTOR)
     if not vision:
         raise SystemExit(f"06_train_dpo: {type(model).__name__}: no vision encoder under any of {VISION}")
     return decoder, vision, projector
@@ -131,7 +143,7 @@ def make_scorers(model, frozen, forward, fsdp, world):
     def shard(scorer):
         from torch.distributed.fsdp import fully_shard
 
-        for layer in scorer.m.get_decoder().layers:
+        for layer in vlm.decoder_layers(scorer.m):
             fully_shard(layer)
         return fully_shard(scorer)
 

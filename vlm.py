@@ -160,8 +160,15 @@ def load_processor(path):
     works = torchvision_problem() is None
     broken = is_torchvision_available() and not works  # installed, yet transformers' torchvision paths fail
     cls = processor_class()
-    if works or cls is None or (not broken and "video_processor" not in cls.get_attributes()):
-        return AutoProcessor.from_pretrained(path, local_files_only=True)
+    try:
+        if works or cls is None or (not broken and "video_processor" not in cls.get_attributes()):
+            return AutoProcessor.from_pretrained(path, local_files_only=True)
+    except (ImportError, ValueError) as e:  # Pixtral's processor class, Llama 4's and LFM2-VL's image processors
+        if works or "torchvision" not in str(e).lower():
+            raise
+        raise ValueError(f"{path}: {getattr(cls, '__name__', 'its processor')} needs torchvision, which does not import "
+                         f"here ({torchvision_problem()}): transformers requires torchvision for its processing. "
+                         f"It runs where torchvision imports (every GPU machine; tests: bash run.sh test-gpu-lane)") from None
 
     class VideoSettings(dict):
         """The video processor's saved settings, standing in for it; processing a video raises."""
@@ -338,7 +345,7 @@ def cap_image_tokens(processor, n):
     elif hasattr(ip, "max_patches"):  # InternVL: tiles of `size`, plus a thumbnail when tiled
         per_tile = emitted(size["width"], size["height"])
         ip.max_patches = set_["max_patches"] = max(1, n // per_tile - 1)
-    elif getattr(ip, "do_image_splitting", False):  # Idefics3 / SmolVLM: tiles of max_image_size + a global view
+    elif getattr(ip, "do_image_splitting", False) and hasattr(ip, "max_image_size"):  # Idefics3 / SmolVLM: tiles + a global view
         tile = ip.max_image_size["longest_edge"]
         per_tile = emitted(tile, tile)
         k = int(math.isqrt(max(0, n // per_tile - 1)))  # k x k tiles + the global view
@@ -392,6 +399,20 @@ def model_fingerprint(model):
     return h.hexdigest()[:16]
 
 
+def decoder_layers(model):
+    """The language model's decoder layers (a ModuleList), found by search: the first `*layers`
+    ModuleList under model.get_decoder() (llava: model.language_model.layers; Idefics3: .text_model;
+    Llama 4, whose get_decoder() is a causal-LM wrapper: .language_model.model.layers). Vision
+    towers sit outside the decoder, so their layers are never taken."""
+    import torch
+
+    root = model.get_decoder()
+    for name, module in root.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.split(".")[-1].endswith("layers") and len(module):
+            return module
+    raise ValueError(f"{type(model).__name__}: no decoder layers under {type(root).__name__} (get_decoder())")
+
+
 def image_token_id(model_or_config):
     """The id that marks visual-token positions in input_ids (`image_token_id` in transformers 5)."""
     cfg = getattr(model_or_config, "config", model_or_config)
@@ -401,18 +422,27 @@ def image_token_id(model_or_config):
     raise ValueError("model config names no image token (image_token_id / image_token_index)")
 
 
-def emitted_image_tokens(processor, images):
-    """Image-token positions `processor(text=..., images=images)` gives each image (one prompt)."""
+def emitted_image_tokens(processor, images, token_id=None):
+    """Image-token positions `processor(text=..., images=images)` gives each image (one prompt).
+    token_id: the one the model fills (image_token_id(model)); without it, the tokenizer's image
+    token or the processor's. subtle: the processor's may be a wrapper: Gemma 3's is
+    <start_of_image>, Llama 4's <|image|> (once per image) while the model fills <|patch|>."""
     tok = processor.tokenizer
-    # subtle: Gemma 3's processor.image_token is <start_of_image>; the soft token the model fills is the tokenizer's
-    soft = getattr(tok, "image_token", None)
-    token_id = tok.convert_tokens_to_ids(soft) if soft else processor.image_token_id
-    enc = processor(text=[processor.image_token * len(images)], images=[images], return_text_replacement_offsets=True)
-    counts = [tok(span["replacement"], add_special_tokens=False)["input_ids"].count(token_id)
-              for span in enc["text_replacement_offsets"][0]]
-    if sum(counts) != list(enc["input_ids"][0]).count(token_id):
-        raise ValueError(f"{type(processor).__name__}: image tokens outside the images' "
-                         "replacements")
+    if token_id is None:
+        soft = getattr(tok, "image_token", None)
+        token_id = tok.convert_tokens_to_ids(soft) if soft else processor.image_token_id
+    def ids(ims, **kw):  # return_tensors: Ovis2's expansion needs tensors
+        return processor(text=[processor.image_token * len(ims)], images=[ims], return_tensors="pt", **kw)
+
+    enc = ids(images, return_text_replacement_offsets=True)
+    if "text_replacement_offsets" in enc:
+        counts = [tok(span["replacement"], add_special_tokens=False)["input_ids"].count(token_id)
+                  for span in enc["text_replacement_offsets"][0]]
+    else:  # a processor with its own __call__ (Idefics2, Mllama) drops the option: each image alone, checked below
+        counts = [ids([im])["input_ids"][0].tolist().count(token_id) for im in images]
+    if sum(counts) != enc["input_ids"][0].tolist().count(token_id):
+        raise ValueError(f"{type(processor).__name__}: image tokens outside the images' replacements "
+                         f"(or an image expands otherwise beside others)")
     return counts
 
 
@@ -436,7 +466,7 @@ def _chat(processor, messages, **kw):
 
 def image_placeholder(processor):
     """What the family's chat template writes for ONE image item, wrappers included, outer white
-    space stripped: the difference between a user message with and without a leading image.
+    space stripped: the difference between a user message with one and with two leading images.
       llava-1.5: "<image>"   Qwen2.5-VL: "<|vision_start|><|image_pad|><|vision_end|>"
       InternVL: "<IMG_CONTEXT>"   Gemma 3: "<start_of_image>"   (the processor expands each one)
     Without a chat template: the processor's image token. A template whose image item does not
@@ -450,7 +480,9 @@ def image_placeholder(processor):
         def render(content):
             return _chat(processor, [{"role": "user", "content": content}], add_generation_prompt=True)
 
-        a, b = render([{"type": "text", "text": "Q"}]), render([{"type": "image"}, {"type": "text", "text": "Q"}])
+        # one image vs two: a template that branches on whether a message has images at all (Llama 3.2 Vision
+        # writes a dated system turn without) differs by one image item only
+        a, b = (render([{"type": "image"}] * k + [{"type": "text", "text": "Q"}]) for k in (1, 2))
         pre = len(os.path.commonprefix([a, b]))
         post = len(os.path.commonprefix([a[pre:][::-1], b[pre:][::-1]]))
         found = b[pre:len(b) - post].strip()
@@ -497,21 +529,29 @@ def render_pair(processor, question, answer):
     answer turn with `assistant \\n` but prompts with `assistant\\n`; Gemma 4's prompt ends with an
     empty thought channel a rendered turn lacks. The response is the answer, preceded by what the
     conversation puts between the prompt and the answer when the prompt IS its prefix (llava-1.5:
-    " "), and followed by the template's text up to and including its first special token (the
-    end-of-turn token generation stops at: `<|im_end|>`, `<end_of_turn>`, `</s>`). A template that
-    writes no end token (llava-1.5) gives the bare answer; build_inputs then appends EOS.
+    " "), and followed by the template's text up to and including its EOS token if it writes one
+    (Aya Vision: `<|END_RESPONSE|><|END_OF_TURN_TOKEN|>`), else its first special token (the
+    end-of-turn token generation stops at: `<|im_end|>`, `<end_of_turn>`, `</s>`), or where the
+    turn has none, the one that opens the next turn (GLM-4.1V: `<|user|>`, in its generation
+    config's stop ids). A template with neither (llava-1.5) gives the bare answer; build_inputs
+    then appends EOS. Every family's scored response ends in a token generation stops at (tested).
       llava-1.5 : ("USER: <image>\\nQ ASSISTANT:", " blue")
       Qwen2.5-VL: ("...<|im_start|>assistant\\n", "blue<|im_end|>")
+    No chat template: (FALLBACK_TEMPLATE's prompt, " blue"), or "blue" where the processor itself ends
+    the prompt with white space (PaliGemma: "\\n", after which its prefix-LM generates the answer).
     """
     prompt = render_prompt(processor, question)
     answer = answer.strip()
-    if not getattr(processor, "chat_template", None):
-        return prompt, " " + answer
-    stand_in = "\u2063MIA-DPO-ANSWER\u2063"  # text no template rewrites
-    msgs = [{"role": "user", "content": [{"type": "text", "text": question.replace(MARKER, image_placeholder(processor))}]},
-            {"role": "assistant", "content": [{"type": "text", "text": stand_in}]}]
-    full = _chat(processor, msgs)
-    if full.count(stand_in) != 1:
+    if not getattr(processor, "chat_template", None):  # FALLBACK_TEMPLATE: " " before the answer, unless the
+        gap = "" if processor_text(processor, prompt)[-1:].isspace() else " "  # processor ends it so (PaliGemma: "\n")
+        return prompt, gap + answer
+    stand_in = "\u2063MIA-DPO-ANSWER\u2063"  # text no template rewrites (and a repr() escapes)
+    user = {"role": "user", "content": [{"type": "text", "text": question.replace(MARKER, image_placeholder(processor))}]}
+    for content in ([{"type": "text", "text": stand_in}], stand_in):  # items; or a string (GLM-4.1V prints items' repr)
+        full = _chat(processor, [user, {"role": "assistant", "content": content}])
+        if full.count(stand_in) == 1:
+            break
+    else:
         raise ValueError(f"{type(processor).__name__}: its chat template does not write the answer turn's text once")
     head, tail = full.split(stand_in)
     user_turn = prompt[: len(os.path.commonprefix([prompt, head]))]
@@ -520,15 +560,48 @@ def render_pair(processor, question, answer):
                          f"in a prompt and in a conversation")
     gap = head[len(prompt):] if head.startswith(prompt) else ""
     gap = gap if answer or gap.strip() else ""  # an empty answer: the model stopped at once (llava's " " is not said)
-    ends = sorted((i, -len(s)) for s in special_tokens(processor.tokenizer) if (i := tail.find(s)) >= 0)
-    tail = tail[: ends[0][0] - ends[0][1]] if ends else tail.rstrip()  # through the first (longest) one
-    return prompt, gap + answer + tail
+    eos = processor.tokenizer.eos_token  # Aya Vision: <|END_RESPONSE|><|END_OF_TURN_TOKEN|>, generation stops at the EOS
+    ends = tail.index(eos) + len(eos) if eos and eos in tail else _first_special(processor, tail)
+    if ends is None:  # no end token after the answer: the one that opens the next turn, if any (GLM-4.1V: <|user|>)
+        nxt = _chat(processor, [user, {"role": "assistant", "content": content}, user])
+        ends = _first_special(processor, nxt.split(stand_in)[1].split(user["content"][0]["text"])[0])
+        tail = nxt.split(stand_in)[1] if ends else tail.rstrip()
+    return prompt, gap + answer + (tail[:ends] if ends else tail)
+
+
+def processor_text(processor, prompt):
+    """The text the processor tokenises for a rendered prompt, what it writes itself included:
+    PaliGemma's puts <bos> after the last image token and "\\n" (its prefix-LM separator) at the
+    end. Only its text side runs (prepare_inputs_layout), with a 1x1 stand-in per image token."""
+    from PIL import Image
+
+    n = prompt.count(getattr(processor, "image_token", None) or MARKER)
+    stand_ins = [[Image.new("RGB", (1, 1))] * n] if n else None
+    return processor.prepare_inputs_layout(images=stand_ins, text=[prompt])[1][0]
+
+
+def _first_special(processor, text):
+    """The end of the first special token in `text` (the longest, where two start at once), or None."""
+    ends = sorted((i, -len(s)) for s in special_tokens(processor.tokenizer) if (i := text.find(s)) >= 0)
+    return ends[0][0] - ends[0][1] if ends else None
 
 
 def with_stop(tokenizer, response):
     """A render_pair response as it is scored: + EOS unless it already ends with a special token
     (the template's end-of-turn token). llava-1.5: " blue" -> " blue</s>"; Qwen: "blue<|im_end|>" as is."""
     return response if any(response.endswith(s) for s in special_tokens(tokenizer)) else response + tokenizer.eos_token
+
+
+def text_fingerprint(processor, question, answers):
+    """A short hash of the token ids the rows (question + each answer, as build_inputs renders and
+    stops them) tokenise to, images not expanded. 04 stores it with its reference log-probs and 06
+    refuses them when its own rendering differs: a chat template that writes today's date (Mistral)
+    or any change of template or tokenizer would otherwise reuse log-probs of another prompt."""
+    h = hashlib.sha256()
+    for a in answers:
+        prompt, response = render_pair(processor, question, a)
+        h.update(repr(processor.tokenizer(prompt + with_stop(processor.tokenizer, response))["input_ids"]).encode())
+    return h.hexdigest()[:16]
 
 
 def _process(processor, prompts, images, **kw):
@@ -581,19 +654,19 @@ def build_inputs(processor, questions, images, answers=None, padding_side="right
                    padding_side="right" if answers is not None else padding_side)
     if answers is None:
         return enc
-    resp_ids = _response_ids(processor, questions, answers, special, add_eos)
+    resp_ids = _response_ids(processor, questions, prompts, answers, special, add_eos)
     # re-lay every per-token tensor as [prompt | response | padding] (or padding first, on the left)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     # per-token: laid out like input_ids and not an image output, chosen by the image processor's own
     # names (an image tensor can have the prompt batch's shape by chance: LFM2-VL's pixel_attention_mask)
     image_keys = set(getattr(getattr(processor, "image_processor", None), "model_input_names", None) or ())
-    per_token = [k for k, v in enc.items()
-                 if torch.is_tensor(v) and v.shape == ids.shape and k != "input_ids" and k not in image_keys]
+    per_token = [k for k, v in enc.items()  # (B, T) or (B, T, ...): Mllama's cross_attention_mask (B, T, images, tiles)
+                 if torch.is_tensor(v) and v.shape[:2] == ids.shape and k != "input_ids" and k not in image_keys]
     lens = mask.sum(1).tolist()
     T = max(n + len(r) for n, r in zip(lens, resp_ids))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     out = {"input_ids": torch.full((len(prompts), T), pad_id, dtype=ids.dtype),
-           **{k: torch.zeros((len(prompts), T), dtype=enc[k].dtype) for k in per_token}}
+           **{k: torch.zeros((len(prompts), T, *enc[k].shape[2:]), dtype=enc[k].dtype) for k in per_token}}
     labels = torch.full((len(prompts), T), IGNORE_INDEX, dtype=ids.dtype)
     for i, (n, r) in enumerate(zip(lens, resp_ids)):
         m = n + len(r)
@@ -601,9 +674,10 @@ def build_inputs(processor, questions, images, answers=None, padding_side="right
         r = torch.tensor(r, dtype=ids.dtype)
         out["input_ids"][i, at] = torch.cat([ids[i, :n], r])
         labels[i, at] = torch.cat([torch.full((n,), IGNORE_INDEX, dtype=ids.dtype), r])
-        for k in per_token:  # the response is text: attended to (mask 1), of token type 0
-            fill = torch.full((len(r),), 1 if k == "attention_mask" else 0, dtype=enc[k].dtype)
-            out[k][i, at] = torch.cat([enc[k][i, :n], fill])
+        for k in per_token:  # the response is attended to (mask 1) and otherwise continues the prompt's last
+            last = enc[k][i, n - 1:n]  # token (text: type 0; Mllama: sees every image), as generation extends them
+            fill = torch.ones_like(last) if k == "attention_mask" else last
+            out[k][i, at] = torch.cat([enc[k][i, :n], fill.expand(len(r), *last.shape[1:])])
     return {**enc, **out, "labels": labels, "prompt_lens": torch.tensor(lens)}
 
 
@@ -685,6 +759,24 @@ def logps_at(model, hidden, targets):
     return next_token_logprobs(model, hidden).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
+def last_hidden_state(model, inputs):
+    """(B, T, H) final hidden states of the model's forward on `inputs`, no LM head: those of its base
+    model (`model.model`, which transformers 5's VLMs have) or, where it has none (Llama 4: vision
+    model, projector and a causal LM side by side), of the module holding the decoder layers, caught
+    while the whole forward runs with the LM head on one position (logits_to_keep=1)."""
+    base = getattr(model, "model", None)
+    if base is not None:
+        return base(**inputs).last_hidden_state
+    layers, seen = decoder_layers(model), {}
+    text_model = next(m for m in model.modules() if any(c is layers for c in m.children()))
+    hook = text_model.register_forward_hook(lambda module, args, out: seen.update(h=out.last_hidden_state))
+    try:
+        model(**inputs, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return seen["h"]
+
+
 def response_logps(model, batch):
     """Log-probs of the labelled (response) tokens, LM head applied ONLY at those positions.
 
@@ -697,7 +789,7 @@ def response_logps(model, batch):
 
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "prompt_lens")}
     inputs.setdefault("use_cache", False)  # scoring never decodes further: no KV cache to build
-    hidden = model.model(**inputs).last_hidden_state  # (B, T, H)
+    hidden = last_hidden_state(model, inputs)  # (B, T, H)
     targets = batch["labels"][:, 1:]  # position t predicts token t+1
     mask = targets != IGNORE_INDEX  # (B, T-1)
     lp = logps_at(model, hidden[:, :-1][mask], targets[mask])  # (N,)
@@ -706,11 +798,35 @@ def response_logps(model, batch):
 
 
 def to_model(batch, model):
-    """A build_inputs batch on the model's device, pixel values in the model's dtype."""
+    """A build_inputs batch on the model's device, pixel values in the model's dtype, and each
+    scored (labelled) token typed as generation types the tokens it generates (response_types)."""
     batch = {k: v.to(model.device) for k, v in batch.items()}
     if "pixel_values" in batch:
         batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+    if "labels" in batch:
+        scored = batch["labels"] != IGNORE_INDEX  # (B, T) the answer's tokens (labels align with input_ids)
+        for key, value in response_types(model, batch).items():
+            batch[key] = batch[key].masked_fill(scored, value)
     return batch
+
+
+def response_types(model, batch):
+    """-> {key: value} for the batch's token-type inputs: the type generation gives a generated
+    token, read from the model's own generation update (GenerationMixin._update_model_kwargs_for_generation,
+    which each family may override). A processor types the response of a prompt+answer row like its
+    prompt text; a prefix-LM's processor types all text as the bidirectional prefix, so its answer
+    tokens would see later answer tokens. Scored as generated, they are causal.
+      PaliGemma: {"token_type_ids": 1} (1 = causal suffix)   Gemma 3: {"token_type_ids": 0}
+      Qwen3-VL, Gemma 4: {"mm_token_type_ids": 0}   llava: {}"""
+    import torch
+    from transformers.utils import ModelOutput
+
+    keys = [k for k in ("token_type_ids", "mm_token_type_ids") if k in batch]
+    if not keys or not hasattr(model, "_update_model_kwargs_for_generation"):
+        return {}
+    text = {k: torch.zeros(1, 1, dtype=batch[k].dtype) for k in keys}  # a prompt that ends in text
+    after = model._update_model_kwargs_for_generation(ModelOutput(), dict(text))
+    return {k: int(after[k][0, -1]) for k in keys}
 
 
 def pair_logps(model, processor, questions, images, chosen, rejected):
@@ -756,21 +872,22 @@ def response_ids(processor, questions, answers):
     response + the stop token, tokenised as a continuation of the prompt), without the processor
     or any image: what a generated answer must equal token for token to be scored by generation."""
     tok = processor.tokenizer
-    special = not (tok.bos_token and questions and render_prompt(processor, questions[0]).startswith(tok.bos_token))
-    return _response_ids(processor, questions, answers, special)
+    prompts = [render_prompt(processor, q) for q in questions]
+    special = not (tok.bos_token and prompts[0].startswith(tok.bos_token))
+    return _response_ids(processor, questions, prompts, answers, special)
 
 
-def _response_ids(processor, questions, answers, special, add_eos=True):
+def _response_ids(processor, questions, prompts, answers, special, add_eos=True):
     """Each answer's response tokens after its rendered prompt: the continuation of the joint
-    tokenisation where the prompt's tokens survive it, else the response tokenised on its own.
-    (The texts of all rows are tokenised in one call each: the tokenizer's batch path.)"""
-    tok = processor.tokenizer
-    pairs = [render_pair(processor, q, a) for q, a in zip(questions, answers)]
-    resps = [with_stop(tok, r) if add_eos else r for _, r in pairs]
-    p_ids = tok([p for p, _ in pairs], add_special_tokens=special)["input_ids"] if pairs else []
-    f_ids = tok([p + r for (p, _), r in zip(pairs, resps)], add_special_tokens=special)["input_ids"] if pairs else []
-    return [f[len(p):] if f[:len(p)] == p else tok(r, add_special_tokens=False)["input_ids"]
-            for p, f, r in zip(p_ids, f_ids, resps)]
+    tokenisation where the prompt's tokens survive it, else the response tokenised on its own."""
+    tok, out = processor.tokenizer, []
+    for p, q, a in zip(prompts, questions, answers):
+        r = render_pair(processor, q, a)[1]
+        p = p if getattr(processor, "chat_template", None) else processor_text(processor, p)  # PaliGemma: + "\n"
+        r = with_stop(tok, r) if add_eos else r
+        p_ids, f_ids = tok(p, add_special_tokens=special)["input_ids"], tok(p + r, add_special_tokens=special)["input_ids"]
+        out.append(f_ids[len(p_ids):] if f_ids[: len(p_ids)] == p_ids else tok(r, add_special_tokens=False)["input_ids"])
+    return out
 
 
 def generate_scored(model, processor, questions, images, max_new_tokens=64, keep_prompt=False):
@@ -808,8 +925,8 @@ def generate_scored(model, processor, questions, images, max_new_tokens=64, keep
         tokens.append(row[:n]), token_logps.append(lps[b, :n].tolist()), finished.append(stop is not None)
     cache = kw.get("past_key_values")
     prompt = None if cache is None or not cache.is_croppable else {
-        "cache": cache, "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-        "position_ids": first.get("position_ids")}
+        "cache": cache, "attention_mask": batch["attention_mask"], "position_ids": first.get("position_ids"),
+        "first_logps": torch.log_softmax(out.logits[0].float(), dim=-1), "types": response_types(model, batch)}
     return {"texts": texts, "finished": finished, "tokens": tokens, "token_logps": token_logps,
             "input_ids": batch["input_ids"], "prompt": prompt}
 
@@ -819,29 +936,33 @@ def score_after_prompt(model, prompt, rows, responses):
     generate_scored(..., keep_prompt=True) batch, from generation's KV cache: the prompt is never
     run again. Equal to response_logps over prompt + response (tests: 1e-5). Uses the cache up:
     call it once per batch. A row may be asked for twice (two answers to one prompt).
-    How: the cache is cropped back to the prompt less its last token, its rows picked; that token and
-    each response (right-padded) are fed on, at the positions generation would give them (the prompt's
-    last position ids + 0, 1, 2 ...; M-RoPE's too), so row t predicts response token t.
-    subtle: the cache holds the prompt left-padded, so every row's last prompt token is column P-1."""
+    How, as generation itself goes on: the first token's log-prob is the prefill's (generation's
+    first step); the cache, cropped back to the prompt and its rows picked, is fed each response but
+    its last token (right-padded), at the positions (M-RoPE's too) and token types generation gives
+    generated tokens, so fed token t predicts response token t+1."""
     import torch
 
-    cache, ids, P = prompt["cache"], prompt["input_ids"], prompt["input_ids"].shape[1]
-    idx = torch.tensor(rows, device=ids.device)
-    cache.crop(P - 1 - cache.get_seq_length())  # a negative count: tokens to drop from the end
-    cache.batch_select_indices(idx)
-    L = max(len(r) for r in responses)
-    feed = torch.zeros((len(rows), L), dtype=ids.dtype, device=ids.device)  # [last prompt token | response[:-1] | pad]
-    targets = torch.full((len(rows), L), IGNORE_INDEX, dtype=ids.dtype, device=ids.device)
-    for k, (b, r) in enumerate(zip(rows, responses)):
-        feed[k, 0], feed[k, 1:len(r)] = ids[b, -1], torch.tensor(r[:-1], dtype=ids.dtype)
-        targets[k, :len(r)] = torch.tensor(r, dtype=ids.dtype)
-    valid = targets != IGNORE_INDEX  # fed position t is real iff response token t is
-    mask = torch.cat([prompt["attention_mask"][idx, :-1], valid.to(prompt["attention_mask"].dtype)], dim=1)
+    cache, P = prompt["cache"], prompt["attention_mask"].shape[1]
+    idx = torch.tensor(rows, device=prompt["attention_mask"].device)
+    first = [float(prompt["first_logps"][b, r[0]]) for b, r in zip(rows, responses)]
+    L = max(len(r) for r in responses) - 1  # tokens to feed
+    if L == 0:
+        return first
+    cache.crop(P - cache.get_seq_length())  # a negative count: drop the generated tokens
+    cache.reorder_cache(idx)  # beam search's row pick, which every layer kind has (LFM2's convolutions too)
+    feed = torch.zeros((len(rows), L), dtype=torch.long, device=idx.device)  # response[:-1], right-padded
+    targets = torch.full((len(rows), L), IGNORE_INDEX, dtype=torch.long, device=idx.device)  # response[1:]
+    for k, r in enumerate(responses):
+        feed[k, :len(r) - 1], targets[k, :len(r) - 1] = torch.tensor(r[:-1]), torch.tensor(r[1:])
+    valid = targets != IGNORE_INDEX
+    mask = torch.cat([prompt["attention_mask"][idx], valid.to(prompt["attention_mask"].dtype)], dim=1)
     pos = prompt["position_ids"]
-    if pos is not None:  # (..., B, P) -> (..., rows, L): the last prompt position onwards
-        pos = pos.index_select(-2, idx)[..., -1:] + torch.arange(L, device=pos.device)
+    if pos is not None:  # (..., B, P) -> (..., rows, L): after the last prompt position
+        pos = pos.index_select(-2, idx)[..., -1:] + 1 + torch.arange(L, device=pos.device)
+    types = {k: torch.full_like(feed, v) for k, v in prompt["types"].items()}
     with torch.no_grad():
-        hidden = model.model(input_ids=feed, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                             use_cache=True).last_hidden_state  # (rows, L, H)
+        hidden = last_hidden_state(model, {"input_ids": feed, "attention_mask": mask, "position_ids": pos,
+                                           "past_key_values": cache, "use_cache": True, **types})  # (rows, L, H)
         lp = logps_at(model, hidden[valid], targets[valid])  # (N,)
-    return torch.zeros(targets.shape, dtype=lp.dtype, device=lp.device).masked_scatter(valid, lp).sum(-1).tolist()
+    rest = torch.zeros(targets.shape, dtype=lp.dtype, device=lp.device).masked_scatter(valid, lp).sum(-1)
+    return [f + x for f, x in zip(first, rest.tolist())]

@@ -31,7 +31,7 @@ import prefix_sharing
 import train_state
 import vlm
 import token_geometry
-from tiny_families import FAMILIES, FAMILIES_SPEC, tiny_dirs  # noqa: F401  (tiny_dirs is a fixture)
+from tiny_families import FAMILIES, FAMILIES_SPEC, NO_GEOMETRY, NO_TEMPLATE, tiny_dirs, write_mia_rows  # noqa: F401
 
 SPEC = {f.name: f for f in FAMILIES_SPEC}
 QUESTION = "Image1:<image>\nImage2:<image>\nIn Image2, what color is the shape?"
@@ -48,6 +48,12 @@ IMAGE_TOKENS = {
     "gemma3": [4, 4],  # 8x8 patches average-pooled 4x4
     "gemma4": [63, 60],  # resized to fill 70 soft tokens after 3x3 pooling, rounded down per side
     "idefics3": [20, 20], "smolvlm": [20, 20],  # 2x2 tiles + global view, 4 tokens each
+    "qwen3_vl_moe": [4, 2], "glm4v": [4, 2],  # Qwen's smart resize and 2x2 merge
+    "aya_vision": [52, 28],  # GOT-OCR2 tiles (12 / 6 + thumbnail) x 4 tokens after the pixel shuffle
+    "paligemma2": [4, 4],  # SigLIP: squashed to 32x32, 16-px patches
+    "lfm2_vl": [24, 2],  # tiles of 4 tokens + one per image (no thumbnail) / smart resize
+    "mistral3": [9, 6],  # Pixtral: 3x3 / 3x2 merged patches, rows split by [IMG_BREAK] (text)
+    "llama4": [20, 20],  # <|patch|> x (2x2 tiles + global view) x 4, the processor's <|image|> a wrapper
 }
 FAMILY = pytest.mark.parametrize("family", FAMILIES)
 
@@ -75,22 +81,25 @@ def loaded(tiny_dirs):  # noqa: F811
     return get
 
 
-def _template_messages():
-    """The question as the family's template sees an interleaved message: text, image, text, ..."""
+def _template_prompt(proc):
+    """The question as the family's template renders an interleaved message: text, image, text, ...;
+    without a template, vlm.FALLBACK_TEMPLATE around it with the processor's image token in place."""
+    if proc.chat_template is None:
+        return vlm.FALLBACK_TEMPLATE.format(question=QUESTION.replace("<image>", proc.image_token))
     parts, content = QUESTION.split("<image>"), []
     for i, text in enumerate(parts):
         if text:
             content.append({"type": "text", "text": text})
         if i < len(parts) - 1:
             content.append({"type": "image"})
-    return [{"role": "user", "content": content}]
+    return proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
 
 
 def _feature_counts(model, enc):
     """Per image (or per tile batch) visual-feature counts from the model's own vision side."""
-    params = inspect.signature(model.model.get_image_features).parameters
+    params = inspect.signature(model.get_image_features).parameters  # every family's top class has it (Llama 4: no .model)
     with torch.no_grad():
-        out = model.model.get_image_features(**{k: v for k, v in enc.items() if k in params})
+        out = model.get_image_features(**{k: v for k, v in enc.items() if k in params})
     feats = out.pooler_output if getattr(out, "pooler_output", None) is not None else out.last_hidden_state
     feats = feats if isinstance(feats, (list, tuple)) else [feats]
     return [f.numel() // f.shape[-1] for f in feats]
@@ -103,9 +112,9 @@ def test_loads_offline_as_the_families_real_classes(family, loaded):
     spec = SPEC[family]
     assert type(model).__name__ == spec.model_class
     assert type(proc).__name__ == spec.processor_class
-    want_ip = spec.image_processor_class if not _torchvision_imports() else spec.image_processor_class[:-3]
+    want_ip = spec.image_processor_class if not _torchvision_imports() else spec.image_processor_class.removesuffix("Pil")
     assert type(proc.image_processor).__name__ == want_ip
-    assert proc.chat_template and "{%" in proc.chat_template
+    assert proc.chat_template is None if family in NO_TEMPLATE else "{%" in proc.chat_template
     assert model.generation_config.eos_token_id is not None
     if "video_processor" in type(proc).get_attributes() and not _torchvision_imports():
         # the video part needs torchvision: its saved settings stand in, and videos are refused
@@ -119,8 +128,7 @@ def test_a_two_image_prompt_expands_into_the_tokens_the_model_expects(family, lo
     """The template renders both image items, the processor expands each placeholder, and the
     number of image-token positions equals the vision side's feature count; then a forward."""
     model, proc = loaded(family)
-    prompt = proc.apply_chat_template(_template_messages(), add_generation_prompt=True, tokenize=False)
-    enc = proc(text=[prompt], images=[IMAGES], return_tensors="pt")
+    enc = vlm.to_model(proc(text=[_template_prompt(proc)], images=[IMAGES], return_tensors="pt"), model)  # Llama 4: bfloat16 pixels
     n_tokens = int((enc["input_ids"] == vlm.image_token_id(model)).sum())
     assert n_tokens == sum(IMAGE_TOKENS[family]) == sum(_feature_counts(model, enc))
     with torch.no_grad():
@@ -162,7 +170,11 @@ def test_load_processor_without_torchvision_saves_and_reloads_the_video_settings
 # ---- prompts and responses, as each family's template writes them ----------------------------
 def _image_item_placeholder(proc):
     """What the template writes for one image item, found here independently of common: the
-    difference between a message with and without a leading image item, outer white space stripped."""
+    difference between a message with and without a leading image item, outer white space stripped.
+    Without a template: the processor's image token (which it expands)."""
+    if proc.chat_template is None:
+        return proc.image_token
+
     def render(content):
         return proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                         tokenize=False)
@@ -239,6 +251,8 @@ def test_render_prompt_writes_each_image_as_the_template_does_next_to_its_label(
     prompt = vlm.render_prompt(proc, QUESTION)
     assert prompt.count(placeholder) == 2
     assert f"Image1:{placeholder}\nImage2:{placeholder}\nIn Image2," in prompt
+    if family in NO_TEMPLATE:
+        assert prompt == _template_prompt(proc)
 
 
 @FAMILY
@@ -260,7 +274,7 @@ def test_the_scored_response_ends_at_the_first_token_generation_stops_at(family,
     stop = model.generation_config.eos_token_id
     stop = set(stop if isinstance(stop, list) else [stop])
     assert scored[-1] in stop and not stop & set(scored[:-1]), proc.tokenizer.decode(scored)
-    assert proc.tokenizer.decode(scored[:-1]).strip() == "blue"
+    assert proc.tokenizer.decode(scored[:-1], skip_special_tokens=True).strip() == "blue"  # Aya: + <|END_RESPONSE|>
     gen = vlm.build_inputs(proc, [QUESTION], [IMAGES])
     n = int(batch["prompt_lens"][0])
     assert torch.equal(batch["input_ids"][0, :n], gen["input_ids"][0])
@@ -268,8 +282,37 @@ def test_the_scored_response_ends_at_the_first_token_generation_stops_at(family,
         if torch.is_tensor(v) and v.shape == gen["input_ids"].shape:
             assert torch.equal(batch[k][0, :n], v[0]), k
     with torch.no_grad():
-        total, _, n_tok = vlm.response_logps(model, batch)
+        total, _, n_tok = vlm.response_logps(model, vlm.to_model(batch, model))
     assert torch.isfinite(total).all() and int(n_tok[0]) == len(scored)
+    if "suffix" in inspect.signature(type(proc).__call__).parameters:  # PaliGemma encodes an answer itself (its
+        own = proc(text=[vlm.render_prompt(proc, QUESTION)], images=[IMAGES], suffix=["blue"], return_tensors="pt")
+        typed = vlm.to_model(batch, model)  # fine-tuning format): the same tokens, token types and labels
+        assert all(torch.equal(typed[k], own[k]) for k in ("input_ids", "token_type_ids", "labels"))
+
+
+@FAMILY
+def test_response_logps_equal_generation_fed_one_token_at_a_time(family, tiny_dirs):  # noqa: F811
+    """The scored answer's per-token log-probs (one teacher-forced forward) equal what generation
+    computes feeding the same tokens one at a time over its cache (each forced, raw logits): a
+    causal reference in the family's own generation code. PaliGemma is a prefix-LM: with its
+    processor's token types the answer sat in the bidirectional prefix and saw later answer tokens
+    (4e-2 off on the first token); vlm.to_model types them as generation does."""
+    if family == "smolvlm":
+        pytest.importorskip("num2words")
+    model, proc = vlm.load_model(tiny_dirs(family), dtype="float32")
+    batch = vlm.to_model(vlm.build_inputs(proc, [QUESTION], [IMAGES], answers=["red blue"]), model)
+    with torch.no_grad():
+        _, token_lp, _ = vlm.response_logps(model, batch)
+    scored = batch["labels"][0, 1:] != vlm.IGNORE_INDEX
+    want, teacher = batch["labels"][0, 1:][scored].tolist(), token_lp[0][scored]
+    gen = vlm.to_model(vlm.build_inputs(proc, [QUESTION], [IMAGES], padding_side="left"), model)
+    P = gen["input_ids"].shape[1]
+    with torch.no_grad():
+        out = model.generate(**gen, do_sample=False, max_new_tokens=len(want), output_logits=True,
+                             return_dict_in_generate=True, prefix_allowed_tokens_fn=lambda b, ids: [want[len(ids) - P]])
+    assert out.sequences[0, P:].tolist() == want
+    fed = torch.stack([torch.log_softmax(x[0].float(), -1)[t] for x, t in zip(out.logits, want)])
+    assert torch.allclose(teacher.float(), fed, atol=1e-4), (teacher, fed)
 
 
 @FAMILY
@@ -278,7 +321,7 @@ def test_image_positions_give_each_image_its_tokens_whatever_separates_them(fami
     several runs of image tokens; the counts of token_geometry.image_token_boxes assign them."""
     model, proc = loaded(family)
     batch = vlm.build_inputs(proc, [QUESTION], [IMAGES])
-    counts = [len(b) for b in token_geometry.image_token_boxes(proc, IMAGES)]
+    counts = vlm.emitted_image_tokens(proc, IMAGES, vlm.image_token_id(model))  # the processor's own expansion
     positions = vlm.image_positions(batch["input_ids"], vlm.image_token_id(model), [counts])[0]
     assert [len(p) for p in positions] == IMAGE_TOKENS[family]
     assert positions[0].max() < positions[1].min()
@@ -296,6 +339,9 @@ PAIRS = [  # 1-3 images of different sizes; answers of different lengths
 ]
 PLAIN_ONLY = {  # why 06 trains these on the plain [chosen; rejected] rows: prefix_sharing.fast_path_blocker's reason
     "qwen3_5": "linear_attention layers carry a recurrent state",  # Gated DeltaNet: no mask reaches it
+    "lfm2_vl": "conv layers carry a recurrent state",  # LFM2's short convolutions: no mask reaches them
+    "llama4": "chunked_attention layers see only the keys in the query's chunk",  # + NoPE layers' temperature tuning
+    "paligemma2": "it is a prefix-LM",  # token_type_ids: generated tokens 1 (causal), the prompt 0 (both ways)
 }
 
 
@@ -423,7 +469,8 @@ gp = importlib.import_module("04_gen_pairs")
 def _eager_response_attention(model_dir, batch, layer, model):
     """All layers' attentions kept (eager), the probed layer's response rows, heads averaged."""
     eager, _ = vlm.load_model(model_dir, dtype="float32", attn_implementation="eager")
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "prompt_lens")}
+    # the answer typed as generation types it (a prefix-LM's processor types it as the bidirectional prefix)
+    inputs = {k: v for k, v in vlm.to_model(batch, eager).items() if k not in ("labels", "prompt_lens")}
     with torch.no_grad():
         att = [a for a in eager(**inputs, output_attentions=True).attentions if a is not None]
     att = att[gp.attention_layers(model).index(layer)]  # hybrid models return the attention layers' only
@@ -436,9 +483,8 @@ def test_04_probe_equals_eager_attentions_and_finds_each_images_tokens(family, l
     model, proc = loaded(family)
     gp.install_probe(model)
     layer = gp.default_layer(model)
-    boxes = token_geometry.image_token_boxes(proc, IMAGES)
-    attn, positions, _, _ = gp.probe_forward(model, proc, [QUESTION], [IMAGES], ["a red one"], layer,
-                                             [[len(b) for b in boxes]])
+    counts = vlm.emitted_image_tokens(proc, IMAGES, vlm.image_token_id(model))
+    attn, positions, _, _ = gp.probe_forward(model, proc, [QUESTION], [IMAGES], ["a red one"], layer, [counts])
     assert [len(p) for p in positions[0]] == IMAGE_TOKENS[family]
     batch = vlm.build_inputs(proc, [QUESTION], [IMAGES], answers=["a red one"])
     ids = batch["input_ids"][0]
@@ -451,31 +497,8 @@ def test_04_probe_equals_eager_attentions_and_finds_each_images_tokens(family, l
 def mia_rows(tmp_path_factory):
     """One sequence, one 1x2 grid and one pic-in-pic row on coloured images, as 01-03 write them."""
     root = tmp_path_factory.mktemp("mia_rows")
-    red, blue = Image.new("RGB", (64, 48), (200, 30, 30)), Image.new("RGB", (40, 64), (30, 30, 200))
-    red.save(root / "red.png"), blue.save(root / "blue.png")
-    grid = Image.new("RGB", (200, 120), "white")
-    grid.paste(red.resize((90, 90)), (5, 25)), grid.paste(blue.resize((90, 90)), (105, 25))
-    grid.save(root / "grid.png")
-    pip = blue.resize((96, 72))
-    pip.paste(red.resize((48, 36)), (24, 18))
-    pip.save(root / "pip.png")
-    q = "what color is the shape?"
-    rows = {
-        "sequence": {"id": "s", "image": ["red.png", "blue.png"], "mia": {"format": "sequence", "n_images": 2, "target": 2},
-                     "conversations": [{"from": "human", "value": f"Image1:<image>\nImage2:<image>\nIn Image2, {q}"},
-                                       {"from": "gpt", "value": "blue"}]},
-        "grid": {"id": "g", "image": ["grid.png"], "mia": {"format": "grid", "n_images": 2, "target": 1, "size": [200, 120],
-                                                           "cells": [[5, 25, 95, 115], [105, 25, 195, 115]]},
-                 "conversations": [{"from": "human", "value": f"<image>\nIn Image1, {q}"}, {"from": "gpt", "value": "red"}]},
-        "pip": {"id": "p", "image": ["pip.png"], "mia": {"format": "pip", "n_images": 2, "target": 1, "size": [96, 72],
-                                                         "inset": [24, 18, 72, 54]},
-                "conversations": [{"from": "human", "value": f"<image>\nFor the image in the center, {q}"},
-                                  {"from": "gpt", "value": "red"}]},
-    }
-    files = []
-    for name, row in rows.items():
-        common.write_jsonl(root / f"{name}.jsonl", [row])
-        files.append(str(root / f"{name}.jsonl"))
+    files, _ = write_mia_rows(root)
+    files = [str(f) for f in files.values()]
     return root, files
 
 
@@ -494,11 +517,13 @@ def test_04_runs_every_format_and_stores_the_reference_06_would_compute(family, 
              str(tmp_path / "pairs.jsonl"), "--max-new-tokens", "4", "--min-ppl", "0", "--viz", "1", "--threads", "1",
              "--threshold", "sequence=inf", "--threshold", "grid=inf", "--threshold", "pip=inf"]))
     assert [c["format"] for c in cands] == ["sequence", "grid", "pip"]
+    if family in NO_GEOMETRY:  # sequence rows need token counts only; grid / pip rows: skipped, with the reason
+        assert [c["reason"].split(":")[0] for c in cands[1:]] == ["no token geometry"] * 2
+        cands = cands[:1]
     for c in cands:
         assert 0 <= c["ratio"] <= 1 and len(c["attn_images"]) == (2 if c["format"] == "sequence" else 1)
-    grid = cands[1]
-    assert 0 < grid["ratio"] < 1  # the two cells share the collage's attention
-    assert len(list((tmp_path / "pairs.viz").glob("*.png"))) == 3
+    assert family in NO_GEOMETRY or 0 < cands[1]["ratio"] < 1  # the two cells share the collage's attention
+    assert len(list((tmp_path / "pairs.viz").glob("*.png"))) == (0 if family in NO_GEOMETRY else 3)  # heatmaps need boxes
     assert all(p["ref_model"]["fingerprint"] for p in pairs)
     # what 04 stores as the reference (vlm.pair_logps on the clean images) == 06's plain forward
     model, proc = vlm.load_model(tiny_dirs(family), dtype="float32")
@@ -538,7 +563,8 @@ def test_07_answers_scores_and_pair_logps(family, tiny_dirs, mia_rows, tmp_path)
 
 # ---- the visual-token budget ---------------------------------------------------------------------
 CAPS = {"llava": 4, "llava_next": 24, "llava_onevision": 12, "qwen2_vl": 4, "qwen2_5_vl": 4, "qwen3_vl": 4,
-        "qwen3_5": 4, "internvl": 20, "gemma3": 4, "gemma4": 70, "idefics3": 12, "smolvlm": 12}
+        "qwen3_5": 4, "internvl": 20, "gemma3": 4, "gemma4": 70, "idefics3": 12, "smolvlm": 12, "qwen3_vl_moe": 4,
+        "glm4v": 4, "aya_vision": 20, "paligemma2": 4, "mistral3": 16, "llama4": 20, "lfm2_vl": 36}  # LFM2-VL: no knob known, its maximum
 
 
 @pytest.mark.slow
@@ -552,11 +578,13 @@ def test_cap_image_tokens_uses_the_familys_own_setting_and_is_recorded(family, t
     big = Image.new("RGB", (1000, 700), (90, 90, 90))
     before, record = vlm.emitted_image_tokens(proc, [big])[0], vlm.image_settings_id(proc)
     changed = vlm.cap_image_tokens(proc, CAPS[family])
-    (boxes,) = token_geometry.image_token_boxes(proc, [big])
-    assert len(boxes) <= CAPS[family] and len(boxes) <= before
+    (after,) = vlm.emitted_image_tokens(proc, [big])
+    assert after <= CAPS[family] and after <= before
+    if family not in NO_GEOMETRY:  # the geometry follows the capped setting
+        assert len(token_geometry.image_token_boxes(proc, [big])[0]) == after
     assert (vlm.image_settings_id(proc) != record) == bool(changed)
     if family in ("qwen2_5_vl", "internvl", "idefics3", "llava_onevision"):  # dynamic resolution: really capped
-        assert changed and len(boxes) < before
+        assert changed and after < before
     with pytest.raises(ValueError, match=type(proc).__name__):
         vlm.cap_image_tokens(vlm.load_processor(tiny_dirs(family)), 0)
 
@@ -581,7 +609,8 @@ def test_04_probe_during_generation_equals_teacher_forced_rows(family, loaded): 
     batch = vlm.to_model(vlm.build_inputs(proc, [QUESTION], [IMAGES]), model)  # one row: no padding
     P, ids = batch["input_ids"].shape[1], batch["input_ids"]
     fed = torch.tensor([toks[:-1]], dtype=ids.dtype, device=ids.device)  # the last token is produced, never fed
-    inputs = {k: torch.cat([v, torch.ones_like(fed) if k == "attention_mask" else torch.zeros_like(fed)], dim=1)
+    typed = {"attention_mask": 1, **vlm.response_types(model, batch)}  # fed tokens typed as generation types them
+    inputs = {k: torch.cat([v, torch.full_like(fed, typed.get(k, 0))], dim=1)
               if torch.is_tensor(v) and v.shape == ids.shape and k != "input_ids" else v for k, v in batch.items()}
     inputs["input_ids"] = torch.cat([ids, fed], dim=1)
     with torch.no_grad(), gp.probing(layer, [(P - 1, P - 1 + len(toks))]) as tf:
@@ -670,13 +699,15 @@ def test_04_during_generation_stage_equals_teacher_forced(family, tiny_dirs, mia
                  "--threshold", "sequence=inf", "--threshold", "grid=inf", "--threshold", "pip=inf", "--probe", mode]))
     used = ast.literal_eval(re.search(r"--probe during-generation: (\{.*?\})", buf.getvalue()).group(1))
     (p_t, c_t), (p_d, c_d) = runs["teacher-forced"], runs["during-generation"]
-    assert [c["format"] for c in c_t] == ["sequence", "grid", "pip"]
-    assert len(p_t) == 3 or family == "internvl"  # every row a pair; tiny InternVL answers "\n\n": empty
+    scored = [c for c in c_t if "ratio" in c]  # NO_GEOMETRY: grid / pip rows skipped in both
+    assert c_t[0]["format"] == "sequence" and (len(scored) == 3 or family in NO_GEOMETRY)
+    assert [p["id"] for p in p_t] == [c["id"] for c in scored if c["answer"].strip()]  # some tiny models answer "\n\n"
     if p_t:  # the sequence row was answered from its clean images: its chosen from the cache
         assert used["ref_chosen_cached"] == (0 if family in NO_PROMPT_CACHE else 1)
-        assert used["ref_chosen_forward"] == 3 - used["ref_chosen_cached"] and used["ref_rejected_forward"] == 2
-    assert [(c["answer"], c["reason"]) for c in c_d] == [(c["answer"], c["reason"]) for c in c_t]
-    for d, t in zip(c_d, c_t):
+        assert used["ref_chosen_forward"] == len(p_t) - used["ref_chosen_cached"]
+        assert used["ref_rejected_forward"] == len(p_t) - 1
+    assert [(c.get("answer"), c["reason"]) for c in c_d] == [(c.get("answer"), c["reason"]) for c in c_t]
+    for d, t in [(d, t) for d, t in zip(c_d, c_t) if "ratio" in t]:
         assert abs(d["ratio"] - t["ratio"]) <= 1.1e-5
         assert (d["ppl"] is None) == (t["ppl"] is None) and (t["ppl"] is None or math.isclose(d["ppl"], t["ppl"], rel_tol=1e-5))
     assert [p["id"] for p in p_d] == [p["id"] for p in p_t]

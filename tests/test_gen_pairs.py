@@ -133,6 +133,51 @@ def test_probe_matches_eager_attentions_in_padded_batch(world, models, layer):
         assert np.allclose(masses, sums, atol=1e-5)
 
 
+def test_probe_wraps_the_attention_implementation_the_model_was_loaded_with(world, models):
+    """Loaded eager (as a family that needs it is: Gemma 2's softcap), the probe wraps eager, the
+    model's logits are unchanged and the probe rows equal eager output_attentions."""
+    eager, proc = vlm.load_model(world.model, attn_implementation="eager")
+    items = _items(world, [("sequence", 1), ("grid", 0), ("sequence", 2)])
+    images = [[common.load_image(world.root, p) for p in it["image"]] for it in items]
+    qs, answers = [it["prompt"] for it in items], ["red", "the shape is blue", "no"]
+    batch = vlm.build_inputs(proc, qs, images, answers=answers)
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "prompt_lens")}
+    with torch.no_grad():
+        before = eager(**inputs).logits
+    gp.install_probe(eager)
+    assert gp._WRAPS[id(eager.config.get_text_config())] == "eager"
+    with torch.no_grad():
+        assert torch.equal(eager(**inputs).logits, before)
+    attn, _, _, _ = gp.probe_forward(eager, proc, qs, images, answers, 1)
+    assert np.abs(attn - _brute(models, batch, 1)).max() < 1e-5
+
+
+def test_allowed_keys_reads_every_mask_form_alike():
+    """SDPA's bool mask, eager's additive one, flash's 2-D key padding and none (causal) -> the same keys."""
+    keys = torch.tensor([[False, True, True, True]])  # one row, left-padded by one
+    causal = torch.tril(torch.ones(4, 4, dtype=torch.bool)) & keys[:, None, :]  # (1, 4, 4)
+    sdpa = causal[:, None]  # (1, 1, 4, 4)
+    eager = torch.zeros(1, 1, 4, 4).masked_fill(~sdpa, torch.finfo(torch.float32).min)
+    qpos = torch.arange(1, 4)
+    for mask in (sdpa, eager, keys.long()):
+        assert torch.equal(gp.allowed_keys(mask, 0, qpos, 4), causal[0, 1:4])
+    assert torch.equal(gp.allowed_keys(sdpa[:, :, -1:], 0, torch.tensor([3]), 4), causal[0, 3:4])  # a decode step
+    assert torch.equal(gp.allowed_keys(None, 0, qpos, 4), torch.tril(torch.ones(4, 4, dtype=torch.bool))[1:4])
+
+
+def test_probe_rows_apply_the_logit_softcap_as_eager_does():
+    """Gemma 2: scores = tanh(scores / cap) * cap before the mask and softmax (its eager_attention_forward)."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 5, 4, generator=g) * 4, torch.randn(1, 1, 5, 4, generator=g) * 4
+    cap, scale = 3.0, 0.5
+    scores = torch.tanh(q @ k.repeat_interleave(2, 1).transpose(-1, -2) * scale / cap) * cap  # (1, 2, 5, 5)
+    scores = scores.masked_fill(~torch.tril(torch.ones(5, 5, dtype=torch.bool)), float("-inf"))
+    want = torch.softmax(scores, -1)[0, :, 2:5].mean(dim=(0, 1))
+    got = gp.response_attention(q, k, None, scale, [(2, 5)], softcap=cap)[0]
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(gp.response_attention(q, k, None, scale, [(2, 5)])[0], want, atol=1e-3)
+
+
 def test_probe_single_unpadded_row_uses_causal_mask(world, models):
     """One row: the mask builder may skip the mask (pure causal); the probe must rebuild it."""
     it = _items(world, [("sequence", 2)])

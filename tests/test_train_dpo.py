@@ -256,7 +256,9 @@ def test_reference_sources_agree_and_stored_logps_are_checked(toy, tmp_path):
         c, r, _, _ = dpo.concatenated_forward(model, dpo.collate(pairs, toy["images"], proc, model))
     rows = [json.loads(x) for x in toy["pairs"].read_text().splitlines()]
     stored = [{**row, "ref_chosen_logps": float(c[i]), "ref_rejected_logps": float(r[i]),
-               "ref_model": {"path": str(toy["model"]), "fingerprint": fp}} for i, row in enumerate(rows)]
+               "ref_model": {"path": str(toy["model"]), "fingerprint": fp},
+               "ref_text": vlm.text_fingerprint(proc, row["prompt"], [row["chosen"], row["rejected"]])}
+              for i, row in enumerate(rows)]
     stored_path = write(tmp_path / "stored.jsonl", stored)
     logs = {}
     for name, extra, pairs_path in (("lora", [], None), ("full", ["--lora-r", "0"], None), ("stored", [], stored_path)):
@@ -273,6 +275,10 @@ def test_reference_sources_agree_and_stored_logps_are_checked(toy, tmp_path):
         run_main(toy, tmp_path / "o", "--max-steps", "1", pairs=other)
     run_main(toy, tmp_path / "o", "--max-steps", "1", "--ref-logps", "recompute", pairs=other)
     assert sidecar(tmp_path / "o")["reference"] == "adapters-disabled"
+    # log-probs of other prompt tokens (a chat template that writes the date, rendered yesterday): refused
+    dated = write(tmp_path / "dated.jsonl", stored[:6] + [{**row, "ref_text": "0123456789abcdef"} for row in stored[6:]])
+    with pytest.raises(SystemExit, match="6 pairs .* render to other tokens than 04 scored"):
+        run_main(toy, tmp_path / "d", "--max-steps", "1", pairs=dated)
     mixed = write(tmp_path / "mixed.jsonl", stored[:6] + rows[6:])
     with pytest.raises(SystemExit, match="lack ref_chosen_logps"):
         run_main(toy, tmp_path / "m", "--max-steps", "1", pairs=mixed)
@@ -441,10 +447,10 @@ def test_recipe_toy_for_a_toy_model_paper_for_any_other_and_flags_win(toy, tmp_p
 
 def test_stored_reference_refused_when_the_image_settings_differ():
     """The weights' fingerprint cannot see a changed --max-image-tokens: the settings' record can."""
-    pairs = [{"ref": (-1.0, -2.0), "ref_fingerprint": "f", "ref_images": "settings-a"}]
+    pairs = [{"ref": (-1.0, -2.0), "ref_fingerprint": "f", "ref_images": "settings-a", "ref_fresh": True}]
     assert dpo.pick_reference(pairs, "auto", "f", True, "settings-a") == "stored"
     with pytest.raises(SystemExit, match="other image settings"):
         dpo.pick_reference(pairs, "auto", "f", True, "settings-b")
     assert dpo.pick_reference(pairs, "recompute", "f", True, "settings-b") == "adapters-disabled"
-    old = [{"ref": (-1.0, -2.0), "ref_fingerprint": "f", "ref_images": None}]  # pairs 04 wrote before the record
+    old = [{"ref": (-1.0, -2.0), "ref_fingerprint": "f", "ref_images": None, "ref_fresh": True}]  # pairs 04 wrote before the record
     assert dpo.pick_reference(old, "auto", "f", True, "settings-b") == "stored"

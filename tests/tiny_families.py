@@ -21,7 +21,10 @@ pool to 2x2, pixel shuffle 2x2, anyres grids in base-size steps) are the release
 
 The chat templates at the bottom are facts (the released templates, reproduced); each names
 its source. The video processor of a family that has one is written into processor_config.json
-(so torchvision users get it) but not built here: see vlm.load_processor.
+(so torchvision users get it) but not built here: see vlm.load_processor. Llama 4's image processor
+exists only as a torchvision class in transformers 5.23 (no PIL twin): its settings are written the same
+way, so without torchvision that family's processor does not load (nor does Mistral 3's: PixtralProcessor
+itself requires torchvision).
 """
 from __future__ import annotations
 
@@ -52,11 +55,19 @@ class _Parts:
     model: object
     tokenizer: object
     image_processor: object
-    template: str
+    template: str | None  # None: the release has no chat template (no chat_template.jinja is written)
     settings: dict  # the processor's own keyword settings, as its processor_config.json holds them
     eos: list  # tokens generation stops at (generation_config.json eos_token_id)
     video: dict | None = None  # the video processor's config (built only where torchvision imports)
     feature_extractor: object = None
+
+
+class _SavedSettings(dict):
+    """An image processor's saved settings, where its class needs torchvision to be built at all
+    (Llama 4's has no PIL twin in transformers 5.23): build() writes them as to_dict() would."""
+
+    def to_dict(self):
+        return dict(self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,6 +470,176 @@ def _smolvlm():
                   ["<end_of_utterance>"], video)
 
 
+# Mistral's Tekken split (tekken.json "pattern"; transformers' integrations/mistral keeps it, and
+# tokenization_utils_tokenizers._patch_mistral_regex restores it where an old tokenizer.json lost it)
+_TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
+                   r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+"
+                   r"|\s+(?!\S)|\s+")
+# Tekken's 20 control tokens, ids 0..19 (mistral_common's frozen list; [IMG] = 10, [IMG_BREAK] = 12, [IMG_END] = 13)
+_TEKKEN_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                    "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
+                    "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]"]
+
+
+def _byte_level_fast(specials, pattern, bos, **kw):
+    """A plain TokenizersBackend (PreTrainedTokenizerFast) over a byte-level BPE after the regex
+    split `pattern`, `bos` written first by its post-processor: how transformers converts a
+    tiktoken-style vocabulary (Mistral's Tekken, Llama 4's o200k). `specials` get ids 0.. and
+    are registered as special tokens."""
+    from tokenizers import Regex, decoders, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, Qwen2Tokenizer
+
+    vocab, merges = _train_bpe(Qwen2Tokenizer, specials)
+    backend = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None)._tokenizer
+    backend.normalizer = None
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                                      special_tokens=[(bos, vocab[bos])])])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, **kw)
+    tok.add_special_tokens({"extra_special_tokens": [t for t in specials if t not in tok.all_special_tokens]},
+                           replace_extra_special_tokens=False)
+    return tok
+
+
+def _mistral3():
+    """mistralai/Mistral-Small-3.1-24B-Instruct-2503: Pixtral ViT (patch 14, 2D RoPE, images up to
+    1540 px on the longest edge, sides rounded up to 28 px), a 2x2 patch merger, so one [IMG] per
+    28x28 px, a row of them ended by [IMG_BREAK], the last by [IMG_END]. Here patch 8, merge 2
+    (16 px per token), at most 48 px: a 64x48 image is 3x3 [IMG], a 40x64 one 2 wide, 3 high."""
+    from transformers import (Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig,
+                              PixtralImageProcessorPil, PixtralVisionConfig)
+
+    tok = _byte_level_fast(_TEKKEN_SPECIALS, _TEKKEN_PATTERN, "<s>", eos_token="</s>", unk_token="<unk>",
+                           pad_token="<pad>")
+    text = MistralConfig(**_text_kw(tok, head_dim=8, sliding_window=None, pad_token_id=tok.pad_token_id,
+                                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                    rope_parameters={"rope_type": "default", "rope_theta": 1e9}))
+    vision = PixtralVisionConfig(hidden_size=H, intermediate_size=2 * H, num_hidden_layers=L, num_attention_heads=2,
+                                 head_dim=16, image_size=48, patch_size=8,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    cfg = Mistral3Config(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("[IMG]"),
+                         spatial_merge_size=2, projector_hidden_act="gelu", vision_feature_layer=-1,
+                         multimodal_projector_bias=False, tie_word_embeddings=False)
+    ip = PixtralImageProcessorPil(size={"longest_edge": 48}, patch_size=8, resample=3,
+                                  image_mean=[0.48145466, 0.4578275, 0.40821073],
+                                  image_std=[0.26862954, 0.26130258, 0.27577711])
+    settings = dict(patch_size=8, spatial_merge_size=2, image_token="[IMG]", image_break_token="[IMG_BREAK]",
+                    image_end_token="[IMG_END]")
+    return _Parts(Mistral3ForConditionalGeneration(cfg), tok, ip, MISTRAL3_TEMPLATE, settings, ["</s>"])
+
+
+def _aya_vision():
+    """CohereForAI/aya-vision-8b: SigLIP2 364/14 + pixel shuffle 2x2 (169 tokens per tile), GotOcr2
+    tiling (up to 12 tiles of 364 px + a global view), each tile's <|IMG_PATCH|> run after
+    TILE_k, the global view's after TILE_GLOBAL, all between <|START_OF_IMG|> ... <|END_OF_IMG|>;
+    Command R7B LM (Cohere2: 3 sliding-window layers per global one). Here 32 px / patch 8, pixel
+    shuffle 2x2 -> 4 tokens per tile, window 16, 1:1."""
+    from transformers import (AyaVisionConfig, AyaVisionForConditionalGeneration, Cohere2Config, CohereTokenizer,
+                              GotOcr2ImageProcessorPil)
+
+    turn = ["<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>",
+            "<|SYSTEM_TOKEN|>", "<|START_RESPONSE|>", "<|END_RESPONSE|>"]
+    image = ["<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_LINE_BREAK|>", "<|IMG_PATCH|>"]
+    tok = _tokenizer(CohereTokenizer, ["<PAD>", "<UNK>", "<CLS>", "<SEP>", "<MASK_TOKEN>", "<BOS_TOKEN>",
+                                       "<EOS_TOKEN>", "<EOP_TOKEN>"], turn + image,
+                     eos_token="<|END_OF_TURN_TOKEN|>", add_bos_token=True)  # Cohere tokenizer_configs: add_bos_token true
+    text = Cohere2Config(**_text_kw(tok, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                                    pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                    eos_token_id=tok.eos_token_id))
+    vision = _siglip(32, 8)
+    vision.vision_use_head = False
+    cfg = AyaVisionConfig(vision_config=vision, text_config=text, downsample_factor=2,
+                          image_token_index=tok.convert_tokens_to_ids("<|IMG_PATCH|>"), vision_feature_layer=-1,
+                          vision_feature_select_strategy="full", adapter_layer_norm_eps=1e-6)
+    ip = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=False, min_patches=1,
+                                  max_patches=12, image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=3)
+    # the release's processor_config.json (patch_size 28 = ViT patch 14 x pixel shuffle 2), scaled
+    settings = dict(patch_size=16, img_size=32, image_token="<image>", start_of_img_token="<|START_OF_IMG|>",
+                    end_of_img_token="<|END_OF_IMG|>", img_patch_token="<|IMG_PATCH|>",
+                    img_line_break_token="<|IMG_LINE_BREAK|>", tile_token="TILE", tile_global_token="TILE_GLOBAL",
+                    vision_feature_select_strategy="full")
+    return _Parts(AyaVisionForConditionalGeneration(cfg), tok, ip, AYA_VISION_TEMPLATE, settings,
+                  ["<|END_OF_TURN_TOKEN|>"])
+
+
+# Llama 4's split regex (o200k), as transformers' models/llama4/convert_llama4_weights_to_hf.py writes it
+_O200K_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+"
+                  r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _llama4():
+    """meta-llama/Llama-4-Scout-17B-16E-Instruct: ViT 336/14 + pixel shuffle 0.5 (144 tokens per
+    tile), the image fitted to a canvas of up to 16 tiles of 336 px (no upscaling past it) and,
+    with more than one tile, a global view; each tile's <|patch|> run followed by
+    <|tile_x_separator|> within a row and <|tile_y_separator|> after it, the global view's after
+    <|image|>, all between <|image_start|> ... <|image_end|>. The text holds one <|image|> per
+    image, the model fills <|patch|>. LM: MoE in every layer (16 experts, top 1, plus a shared
+    expert), chunked attention (8192) in RoPE layers, every 4th layer NoPE. Here 32-px tiles /
+    patch 8 -> 4 tokens per tile, 4 experts, chunks of 16, the 2nd layer NoPE."""
+    from transformers import (Llama4Config, Llama4ForConditionalGeneration, Llama4TextConfig,
+                              Llama4VisionConfig)
+
+    basic = ["<|begin_of_text|>", "<|end_of_text|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"]
+    # the converter's LLAMA4_TEXT_POST_TRAIN / LLAMA4_VISION special tokens in order, reserved ones left out
+    text_tokens = ["<|header_start|>", "<|header_end|>", "<|eom|>", "<|eot|>", "<|step|>", "<|python_start|>",
+                   "<|python_end|>", "<|finetune_right_pad|>"]
+    vision_tokens = ["<|image_start|>", "<|image_end|>", "<|tile_x_separator|>", "<|tile_y_separator|>", "<|image|>",
+                     "<|patch|>"]
+    tok = _byte_level_fast(basic + text_tokens + vision_tokens, _O200K_PATTERN, "<|begin_of_text|>",
+                           eos_token="<|eot|>", pad_token="<|finetune_right_pad|>")
+    text = Llama4TextConfig(**_text_kw(tok, head_dim=8, intermediate_size=2 * H, intermediate_size_mlp=4 * H,
+                                       num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=1,
+                                       no_rope_layers=[1, 0], attention_chunk_size=16, use_qk_norm=True,
+                                       max_position_embeddings=16384,
+                                       attn_temperature_tuning=True, floor_scale=8192, attn_scale=0.1,
+                                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                       eos_token_id=_ids(tok, "<|end_of_text|>", "<|eom|>", "<|eot|>"),
+                                       rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 16.0,
+                                                        "low_freq_factor": 1.0, "high_freq_factor": 1.0,
+                                                        "original_max_position_embeddings": 8192}))
+    # intermediate = hidden x 4 (1408 -> 5632): the pixel-shuffle MLP takes the 2x2-shuffled patches at that width
+    vision = Llama4VisionConfig(hidden_size=H, intermediate_size=4 * H, num_hidden_layers=L, num_attention_heads=2,
+                                vision_output_dim=H, image_size=32, patch_size=8, pixel_shuffle_ratio=0.5,
+                                projector_input_dim=H, projector_output_dim=H, vision_feature_layer=-1,
+                                vision_feature_select_strategy="default",
+                                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    cfg = Llama4Config(vision_config=vision, text_config=text, boi_token_index=tok.convert_tokens_to_ids("<|image_start|>"),
+                       eoi_token_index=tok.convert_tokens_to_ids("<|image_end|>"),
+                       image_token_index=tok.convert_tokens_to_ids("<|patch|>"))
+    # the release's preprocessor_config.json, scaled: Llama4ImageProcessor is torchvision-only in 5.23
+    ip = _SavedSettings(image_processor_type="Llama4ImageProcessor", size={"height": 32, "width": 32}, max_patches=16,
+                        resize_to_max_canvas=False, resample=2, do_resize=True, do_rescale=True,
+                        rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                        do_convert_rgb=True)
+    settings = dict(fake_image_token="<|image|>", image_token="<|image|>", patch_size=8)
+    return _Parts(Llama4ForConditionalGeneration(cfg), tok, ip, LLAMA4_TEMPLATE, settings,
+                  ["<|end_of_text|>", "<|eom|>", "<|eot|>"])
+
+
+def _qwen3_vl_moe():
+    """Qwen/Qwen3-VL-30B-A3B-Instruct: Qwen3-VL's ViT (patch 16, 2x2 merge, DeepStack) on a MoE LM
+    (128 experts, top 8, in every layer). Here 4 experts, top 2; the rest as _qwen3_vl."""
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    tok = _qwen2_tokenizer()
+    vision = dict(depth=L, hidden_size=H, intermediate_size=2 * H, num_heads=2, out_hidden_size=H, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0])
+    text = _qwen_text(tok, mrope_interleaved=True)
+    text.update(head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=H, decoder_sparse_step=1,
+                mlp_only_layers=[])
+    cfg = Qwen3VLMoeConfig(text_config=text, vision_config=vision, **_qwen_ids(tok))
+    ip = _qwen_image_processor(16)
+    return _Parts(Qwen3VLMoeForConditionalGeneration(cfg), tok, ip, QWEN3_VL_TEMPLATE, {},
+                  ["<|im_end|>", "<|endoftext|>"], _qwen_video("Qwen3VLVideoProcessor", ip))
+
+
 # ---------------------------------------------------------------------------------------------
 # build
 # ---------------------------------------------------------------------------------------------
@@ -492,7 +673,8 @@ def build(family, out_dir, seed=0):
     tok.save_pretrained(out)
     # processor_config.json is written here, as ProcessorMixin.save_pretrained would write it: building the
     # processor object itself would need the video processor, i.e. torchvision (vlm.load_processor reads it)
-    proc = {"processor_class": fam.processor_class, "image_processor": parts.image_processor.to_dict(),
+    ip = parts.image_processor  # a dict: the settings of a class that cannot be built here (LFM2-VL's needs torchvision)
+    proc = {"processor_class": fam.processor_class, "image_processor": ip if isinstance(ip, dict) else ip.to_dict(),
             **parts.settings}
     if parts.video is not None:
         proc["video_processor"] = parts.video
@@ -500,12 +682,48 @@ def build(family, out_dir, seed=0):
         proc["feature_extractor"] = {k: v.tolist() if hasattr(v, "tolist") else v
                                      for k, v in parts.feature_extractor.to_dict().items()}
     (out / "processor_config.json").write_text(json.dumps(proc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    (out / "chat_template.jinja").write_text(parts.template, encoding="utf-8")
+    if parts.template is not None:
+        (out / "chat_template.jinja").write_text(parts.template, encoding="utf-8")
     # the tokenizer names its processor, as a released tokenizer_config.json does
     tc = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
     tc["processor_class"] = fam.processor_class
     (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return out
+
+
+def write_mia_rows(root):
+    """One sequence, one 1x2 grid and one pic-in-pic row on coloured images, as 01-03 write them, into
+    `root` -> ({format: jsonl path}, {format: row}) (tests/test_families.py, bench/check_unnamed_families.py)."""
+    import common
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    red, blue = Image.new("RGB", (64, 48), (200, 30, 30)), Image.new("RGB", (40, 64), (30, 30, 200))
+    red.save(root / "red.png"), blue.save(root / "blue.png")
+    grid = Image.new("RGB", (200, 120), "white")
+    grid.paste(red.resize((90, 90)), (5, 25)), grid.paste(blue.resize((90, 90)), (105, 25))
+    grid.save(root / "grid.png")
+    pip = blue.resize((96, 72))
+    pip.paste(red.resize((48, 36)), (24, 18))
+    pip.save(root / "pip.png")
+    q = "what color is the shape?"
+    rows = {
+        "sequence": {"id": "s", "image": ["red.png", "blue.png"], "mia": {"format": "sequence", "n_images": 2, "target": 2},
+                     "conversations": [{"from": "human", "value": f"Image1:<image>\nImage2:<image>\nIn Image2, {q}"},
+                                       {"from": "gpt", "value": "blue"}]},
+        "grid": {"id": "g", "image": ["grid.png"], "mia": {"format": "grid", "n_images": 2, "target": 1, "size": [200, 120],
+                                                           "cells": [[5, 25, 95, 115], [105, 25, 195, 115]]},
+                 "conversations": [{"from": "human", "value": f"<image>\nIn Image1, {q}"}, {"from": "gpt", "value": "red"}]},
+        "pip": {"id": "p", "image": ["pip.png"], "mia": {"format": "pip", "n_images": 2, "target": 1, "size": [96, 72],
+                                                         "inset": [24, 18, 72, 54]},
+                "conversations": [{"from": "human", "value": f"<image>\nFor the image in the center, {q}"},
+                                  {"from": "gpt", "value": "red"}]},
+    }
+    files = {}
+    for name, row in rows.items():
+        common.write_jsonl(root / f"{name}.jsonl", [row])
+        files[name] = root / f"{name}.jsonl"
+    return files, rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,11 +732,21 @@ def build(family, out_dir, seed=0):
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """A session cache: tiny_dirs(family) -> the folder of its tiny checkpoint, built on first use."""
-    root, cache = tmp_path_factory.mktemp("tiny_families"), {}
+    root, cache, skip = tmp_path_factory.mktemp("tiny_families"), {}, {}
 
     def get(family):
         if family not in cache:
             cache[family] = build(family, root / family)
+            try:  # a family whose processing needs torchvision (Pixtral, Llama 4, LFM2-VL) runs in the GPU-user lane only
+                import vlm
+
+                vlm.load_processor(cache[family])
+            except ValueError as e:
+                if "needs torchvision" not in str(e):
+                    raise
+                skip[family] = str(e).split(": ", 1)[1]
+        if family in skip:
+            pytest.skip(f"{family}: {skip[family]}")
         return cache[family]
 
     return get
@@ -1206,6 +1434,413 @@ GEMMA4_TEMPLATE = r"""{%- macro format_parameters(properties, required) -%}
 {%- endif -%}
 """
 
+# mistralai/Mistral-Small-3.1-24B-Instruct-2503 chat_template.json, as transformers' tests/models/mistral3/
+# test_processing_mistral3.py (prepare_processor_dict) and hf-internal-testing/tiny-processor-mistral3 copy it from
+# the release (its default system prompt still says "Mistral Small 3"). The default system prompt holds today's date
+# (strftime_now), so a rendered prompt changes with the day; no generation-prompt branch: a prompt ends at "[/INST]",
+# an answer is its text + eos_token. Only a messages[0] whose *content* is a list works as a system message.
+MISTRAL3_TEMPLATE = r"""{%- set today = strftime_now("%Y-%m-%d") %}
+{%- set default_system_message = "You are Mistral Small 3, a Large Language Model (LLM) created by Mistral AI, a French startup headquartered in Paris.\nYour knowledge base was last updated on 2023-10-01. The current date is " + today + ".\n\nWhen you're not sure about some information, you say that you don't have the information and don't make up anything.\nIf the user's question is not clear, ambiguous, or does not provide enough context for you to accurately answer the question, you do not try to answer it right away and you rather ask the user to clarify their request (e.g. \"What are some good restaurants around me?\" => \"Where are you?\" or \"When is the next flight to Tokyo\" => \"Where do you travel from?\")" %}
+
+{{- bos_token }}
+
+{%- if messages[0]['role'] == 'system' %}
+    {%- if messages[0] is string %}
+        {%- set system_message = messages[0]['content'] %}
+        {%- set loop_messages = messages[1:] %}
+    {%- else %} 
+        {%- set system_message = messages[0]['content'][0]['text'] %}
+        {%- set loop_messages = messages[1:] %}
+    {%- endif %}
+{%- else %}
+    {%- set system_message = default_system_message %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{{- '[SYSTEM_PROMPT]' + system_message + '[/SYSTEM_PROMPT]' }}
+
+{%- for message in loop_messages %}
+    {%- if message['role'] == 'user' %}
+            {%- if message['content'] is string %}
+            {{- '[INST]' + message['content'] + '[/INST]' }}
+            {%- else %}
+                    {{- '[INST]' }}
+                    {%- for block in message['content'] %}
+                            {%- if block['type'] == 'text' %}
+                                    {{- block['text'] }}
+                            {%- elif block['type'] == 'image' or block['type'] == 'image_url' %}
+                                    {{- '[IMG]' }}
+                                {%- else %}
+                                    {{- raise_exception('Only text and image blocks are supported in message content!') }}
+                                {%- endif %}
+                        {%- endfor %}
+                    {{- '[/INST]' }}
+                {%- endif %}
+    {%- elif message['role'] == 'system' %}
+        {{- '[SYSTEM_PROMPT]' + message['content'] + '[/SYSTEM_PROMPT]' }}
+    {%- elif message['role'] == 'assistant' %}
+        {%- if message['content'] is string %}
+            {{- message['content'] + eos_token }}
+        {%- else %}
+            {{- message['content'][0]['text'] + eos_token }}
+        {%- endif %}
+    {%- else %}
+        {{- raise_exception('Only user, system and assistant roles are supported!') }}
+    {%- endif %}
+{%- endfor %}"""
+
+# Aya Vision: CohereForAI/aya-vision-8b's own chat_template.json (4.2 kB: a longer "# System Preamble ..." system
+# turn) could not be retrieved whole here. This is CohereForAI/aya-vision-32b's (1.77 kB), as mirrored in
+# unsloth/aya-vision-32b and mlx-community/aya-vision-32b-6bit chat_template.json, the same release family and
+# turn format; its tail after the message.message branch (END_RESPONSE for assistant turns, END_OF_TURN, the
+# generation prompt) is reconstructed from the same template as Cohere's Cohere2Vision development copy writes
+# it. Every image item of a message is rendered first ("<image>" each), then its text items: images do not
+# stay where they stood in an interleaved message.
+AYA_VISION_TEMPLATE = """{{ bos_token }}<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>You are Aya Vision, a brilliant, sophisticated, AI-assistant chatbot trained to assist human users by providing thorough responses. You are a large vision language model built by the Cohere For AI. You are capable of interpreting images, including describing them, answering questions about their contents, extracting textual information, and analyzing visual context.<|END_OF_TURN_TOKEN|>
+{%- for message in messages -%}
+    <|START_OF_TURN_TOKEN|>{{ message.role | replace("user", "<|USER_TOKEN|>") | replace("assistant", "<|CHATBOT_TOKEN|><|START_RESPONSE|>") | replace("system", "<|SYSTEM_TOKEN|>") }}
+    {%- if message.content is defined -%}
+        {%- if message.content is string -%}
+{{ message.content }}
+        {%- else -%}
+            {%- for item in message.content | selectattr('type', 'equalto', 'image') -%}
+<image>
+            {%- endfor -%}
+            {%- for item in message.content | selectattr('type', 'equalto', 'text') -%}
+{{ item.text }}
+            {%- endfor -%}
+        {%- endif -%}
+    {%- elif message.message is defined -%}
+        {%- if message.message is string -%}
+{{ message.message }}
+        {%- else -%}
+            {%- for item in message.message | selectattr('type', 'equalto', 'image') -%}
+<image>
+            {%- endfor -%}
+            {%- for item in message.message | selectattr('type', 'equalto', 'text') -%}
+{{ item.text }}
+            {%- endfor -%}
+        {%- endif -%}
+    {%- endif -%}
+    {%- if message.role == "assistant" -%}
+<|END_RESPONSE|>
+    {%- endif -%}
+<|END_OF_TURN_TOKEN|>
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|><|START_RESPONSE|>
+{%- endif -%}
+"""
+
+# meta-llama/Llama-4-Scout-17B-16E-Instruct: the template transformers' models/llama4/convert_llama4_weights_to_hf.py
+# (write_tokenizer) wrote into the release, the same text as processing_llama4.chat_template. An image item renders
+# "<|image|>"; turns are '<|header_start|>' + role + '<|header_end|>\n\n' ... '<|eot|>'; date_string (strftime_now)
+# is computed but never written.
+LLAMA4_TEMPLATE = """{{- bos_token }}
+{%- if custom_tools is defined %}
+    {%- set tools = custom_tools %}
+{%- endif %}
+{%- if not tools_in_user_message is defined %}
+    {%- set tools_in_user_message = true %}
+{%- endif %}
+{%- if not date_string is defined %}
+    {%- if strftime_now is defined %}
+        {%- set date_string = strftime_now("%d %b %Y") %}
+    {%- else %}
+        {%- set date_string = "26 Jul 2024" %}
+    {%- endif %}
+{%- endif %}
+{%- if not tools is defined %}
+    {%- set tools = none %}
+{%- endif %}
+
+{#- This block extracts the system message, so we can slot it into the right place. #}
+{%- if messages[0]['role'] == 'system' %}    
+    {%- if messages[0]['content'] is string %}
+        {%- set system_message = messages[0]['content']|trim %}
+    {%- else %}
+        {#- FIXME: The processor requires an array, always. #}
+        {%- set system_message = messages[0]['content'][0]['text']|trim %}
+    {%- endif %}
+    {%- set messages = messages[1:] %}
+    {%- set user_supplied_system_message = true %}
+{%- else %}
+    {%- set system_message = "" %}
+    {%- set user_supplied_system_message = false %}
+{%- endif %}
+
+{#- System message if the user supplied one #}
+{%- if user_supplied_system_message %}
+    {{- "<|header_start|>system<|header_end|>
+
+" }}
+    {%- if tools is not none %}
+        {{- "Environment: ipython
+" }}
+    {%- endif %}
+    {%- if tools is not none and not tools_in_user_message %}
+        {{- "You have access to the following functions. To call a function, please respond with JSON for a function call." }}
+        {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+        {{- "Do not use variables.
+
+" }}
+        {%- for t in tools %}
+            {{- t | tojson(indent=4) }}
+            {{- "
+
+" }}
+        {%- endfor %}
+    {%- endif %}
+    {{- system_message }}
+    {{- "<|eot|>" }}
+{%- endif %}
+
+{#- Custom tools are passed in a user message with some extra guidance #}
+{%- if tools_in_user_message and not tools is none %}
+    {#- Extract the first user message so we can plug it in here #}
+    {%- if messages | length != 0 %}
+        {%- set first_user_message = messages[0]['content']|trim %}
+        {%- set messages = messages[1:] %}
+    {%- else %}
+        {{- raise_exception("Cannot put tools in the first user message when there's no first user message!") }}
+{%- endif %}
+    {{- '<|header_start|>user<|header_end|>
+
+' -}}
+    {{- "Given the following functions, please respond with a JSON for a function call " }}
+    {{- "with its proper arguments that best answers the given prompt.
+
+" }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.
+
+" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "
+
+" }}
+    {%- endfor %}
+    {{- first_user_message + "<|eot|>"}}
+{%- endif %}
+
+{%- for message in messages %}
+    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
+    {{- '<|header_start|>' + message['role'] + '<|header_end|>
+
+' }}
+        {%- if message['content'] is string %}
+            {{- message['content'] }}
+        {%- else %}
+            {%- for content in message['content'] %}
+                {%- if content['type'] == 'image' %}
+                    {{- '<|image|>' }}
+                {%- elif content['type'] == 'text' %}
+                    {{- content['text'] }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- "<|eot|>" }}
+    {%- elif 'tool_calls' in message and message.tool_calls|length > 0 %}
+       {{- '<|header_start|>assistant<|header_end|>
+
+' -}}
+       {{- '<|python_start|>' }}
+        {%- if message['content'] is string %}
+            {{- message['content'] }}
+        {%- else %}
+            {%- for content in message['content'] %}
+                {%- if content['type'] == 'image' %}
+                    {{- '<|image|>' }}
+                {%- elif content['type'] == 'text' %}
+                    {{- content['text'] }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+       {{- '<|python_end|>' }}
+        {%- for tool_call in message.tool_calls %}
+           {{- '{"name": "' + tool_call.function.name + '", ' }}
+           {{- '"parameters": ' }}
+           {{- tool_call.function.arguments | tojson }}
+           {{- "}" }}
+        {%- endfor %}
+       {{- "<|eot|>" }}
+    {%- elif message.role == "tool" or message.role == "ipython" %}
+        {{- "<|header_start|>ipython<|header_end|>
+
+" }}
+        {%- if message.content is mapping or message.content is iterable %}
+            {{- message.content | tojson }}
+        {%- else %}
+            {{- message.content }}
+        {%- endif %}
+        {{- "<|eot|>" }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|header_start|>assistant<|header_end|>
+
+' }}
+{%- endif %}
+"""
+# ---- lfm2_vl, glm4v, paligemma2 ----
+def _byte_bpe_fast(specials, added=(), named=None, bos_template=None, **kw):
+    """A plain PreTrainedTokenizerFast over a byte-level BPE trained here (the tokenizer class the
+    LFM2-VL and GLM-4.1V releases name in tokenizer_config.json): `specials` first (ids 0..), then
+    `added`, `named` ones also as attributes. bos_template: a token the post-processor writes
+    in front of every encoded text, as the release's tokenizer.json does (None: nothing)."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast, Qwen2Tokenizer
+
+    vocab, merges = _train_bpe(Qwen2Tokenizer, specials)
+    backend = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None)._tokenizer
+    backend.add_special_tokens(list(specials))  # whole tokens, never split (ids unchanged: already in the vocab)
+    if bos_template is not None:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos_template} $A", pair=f"{bos_template} $A $B",
+            special_tokens=[(bos_template, vocab[bos_template])])
+    if named:
+        kw["extra_special_tokens"] = dict(named)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **kw)
+    new = [t for t in list(added) + list((named or {}).values()) if t not in tok.get_vocab()]
+    tok.add_special_tokens({"extra_special_tokens": list(dict.fromkeys(new))}, replace_extra_special_tokens=False)
+    return tok
+
+
+def _lfm2_vl():
+    """LiquidAI/LFM2-VL-450M: SigLIP2 NaFlex (patch 16) at native resolution up to 512x512, pixel
+    unshuffle 2x2 -> up to 256 tokens; an image over 2x that budget (max_pixels_tolerance) is cut
+    into 512-px tiles (2..10 of them, the grid closest to its aspect ratio), each tile
+    <|img_row_r_col_c|> + 256 <image>, the whole wrapped in <|image_start|>..<|image_end|>; no
+    thumbnail in the 450M release (use_thumbnail false; the 1.6B adds one after <|img_thumbnail|>).
+    LM: LFM2, a hybrid of short gated convolutions (10 of 16 layers) and GQA attention (6 of 16).
+    Here patch 8, 32-px tiles -> 4 tokens per tile, budget 1..4 tokens; LM one conv + one attention layer.
+
+    Lfm2VlImageProcessor is a torchvision-only class (there is no PIL twin in transformers 5.23),
+    so its settings are written as the release's dict and nothing here instantiates it."""
+    from transformers import Lfm2Config, Lfm2VlConfig, Lfm2VlForConditionalGeneration, Siglip2VisionConfig
+
+    named = {"image_token": "<image>", "image_start_token": "<|image_start|>", "image_end_token": "<|image_end|>",
+             "image_thumbnail": "<|img_thumbnail|>"}  # the release's names (special_tokens_map.json)
+    base = ["<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|fim_pre|>", "<|fim_mid|>", "<|fim_suf|>", "<|im_start|>",
+            "<|im_end|>", "<|tool_list_start|>", "<|tool_list_end|>", "<|tool_call_start|>", "<|tool_call_end|>",
+            "<|tool_response_start|>", "<|tool_response_end|>"]
+    image = (["<image>"] + [f"<|img_row_{r}_col_{c}|>" for r in range(1, 11) for c in range(1, 11)]
+             + ["<|img_thumbnail|>", "<|image_start|>", "<|image_end|>", "<|image_split|>"])
+    tok = _byte_bpe_fast(base, image, named, bos_template="<|startoftext|>", bos_token="<|startoftext|>",
+                         eos_token="<|im_end|>", pad_token="<|pad|>")
+    # release: 16 layers (6 full_attention), heads 16, kv 8, block_multiple_of 256 of hidden 1024
+    text = Lfm2Config(vocab_size=len(tok), hidden_size=H, intermediate_size=3 * H, num_hidden_layers=L,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      layer_types=["conv", "full_attention"], conv_L_cache=3, block_multiple_of=8,
+                      block_auto_adjust_ff_dim=True, norm_eps=1e-5, rope_parameters={"rope_type": "default",
+                                                                                     "rope_theta": 1e6},
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    # release vision: 12 layers, patch 16, num_patches 256 (a 16x16 position grid for 32x32-patch tiles)
+    vision = Siglip2VisionConfig(hidden_size=H, intermediate_size=2 * H, num_hidden_layers=L, num_attention_heads=2,
+                                 patch_size=8, num_patches=4, vision_use_head=False)
+    cfg = Lfm2VlConfig(vision_config=vision, text_config=text, image_token_id=tok.image_token_id,
+                       downsample_factor=2, projector_hidden_size=80, projector_hidden_act="gelu",
+                       projector_bias=True)  # release projector 2560 for text hidden 1024
+    # release (processor_config.json of LiquidAI/LFM2-VL-450M): tile 512, patch 16, tokens 64..256,
+    # min_tiles 2, max_tiles 10, max_pixels_tolerance 2.0, use_thumbnail false, resample 2, mean/std 0.5
+    ip = {"image_processor_type": "Lfm2VlImageProcessor", "do_image_splitting": True, "downsample_factor": 2,
+          "encoder_patch_size": 8, "tile_size": 32, "min_image_tokens": 1, "max_image_tokens": 4, "min_tiles": 2,
+          "max_tiles": 10, "max_pixels_tolerance": 2.0, "use_thumbnail": False, "max_num_patches": 16,
+          "do_resize": True, "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+          "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "do_pad": True, "return_row_col_info": True}
+    return _Parts(Lfm2VlForConditionalGeneration(cfg), tok, ip, LFM2_VL_TEMPLATE, {"use_image_special_tokens": True},
+                  ["<|im_end|>"])
+
+
+def _glm4v():
+    """zai-org/GLM-4.1V-9B-Thinking: ViT patch 14, 2x2 merge (Qwen2-VL-like smart resize, the pixel
+    budget counted over 2 frames), 2D-RoPE + bicubic-interpolated learned positions in the ViT,
+    M-RoPE in the LM (partial rotary 0.5, sections 8/12/12); each image item is
+    <|begin_of_image|><|image|><|end_of_image|>, <|image|> expanded per merged patch. A turn
+    ends at <|user|> / <|observation|> / <|endoftext|> (the template writes no end-of-turn token).
+    Here at most 8 merged tokens per image, 2 heads of 16 (4 rotary frequencies, sections 2/1/1)."""
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration, Glm4vImageProcessorPil
+
+    specials = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+                "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
+                "<|end_of_video|>", "<|image|>", "<|video|>"]
+    tok = _byte_bpe_fast(specials, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    ids = dict(zip(("image_start_token_id", "image_end_token_id", "video_start_token_id", "video_end_token_id",
+                    "image_token_id", "video_token_id"), _ids(tok, *specials[10:])))
+    text = dict(vocab_size=len(tok), hidden_size=H, intermediate_size=2 * H, num_hidden_layers=L,
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
+                                 "partial_rotary_factor": 0.5},
+                pad_token_id=tok.pad_token_id, eos_token_id=_ids(tok, "<|endoftext|>", "<|user|>", "<|observation|>"))
+    vision = dict(depth=L, hidden_size=H, intermediate_size=2 * H, num_heads=2, out_hidden_size=H, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, image_size=56)  # release 336 -> a 24x24 position grid
+    cfg = Glm4vConfig(text_config=text, vision_config=vision, **ids)
+    # release preprocessor_config.json: shortest_edge 12544, longest_edge 47040000 (both over t=2 frames),
+    # patch 14, merge 2, OpenAI-CLIP mean/std; here 1..8 merged tokens per image
+    unit = 2 * (14 * 2) ** 2
+    ip = Glm4vImageProcessorPil(size={"shortest_edge": unit, "longest_edge": unit * 8}, patch_size=14, merge_size=2,
+                                temporal_patch_size=2)
+    video = _qwen_video("Glm4vVideoProcessor", ip)
+    return _Parts(Glm4vForConditionalGeneration(cfg), tok, ip, GLM4V_TEMPLATE, {},
+                  ["<|endoftext|>", "<|user|>", "<|observation|>"], video)
+
+
+def _paligemma2():
+    """google/paligemma2-3b-mix-224: SigLIP-So400m 224/14 -> 256 tokens, a linear projector, a Gemma 2
+    LM (sliding-window/global layers, attention-logit softcapping 50, final-logit softcapping 30)
+    run as a prefix-LM: the processor writes image_seq_length <image> per image, then <bos>, the
+    prompt and "\\n"; token_type_ids 0 mark the prefix (bidirectional), 1 the suffix (causal).
+    No chat template (task prefixes such as "answer en ..."). Here 32 px / patch 16 -> 4 tokens."""
+    from transformers import Gemma2Config, PaliGemmaConfig, PaliGemmaForConditionalGeneration, SiglipImageProcessorPil
+    from transformers.models.paligemma.processing_paligemma import EXTRA_TOKENS
+
+    tok = _gemma_tokenizer(["<start_of_turn>", "<end_of_turn>"], {"image_token": "<image>"}, add_bos=True)
+    tok.add_tokens(EXTRA_TOKENS)  # <loc0000>..<loc1023>, <seg000>..<seg127>: in the release vocabulary
+    text = Gemma2Config(**_text_kw(tok, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                                   sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                                   hidden_activation="gelu_pytorch_tanh", pad_token_id=tok.pad_token_id,
+                                   bos_token_id=tok.bos_token_id, eos_token_id=_ids(tok, "<eos>", "<end_of_turn>")))
+    vision = _siglip(32, 16)
+    vision.vision_use_head = False
+    cfg = PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=tok.image_token_id,
+                          projection_dim=H)
+    ip = SiglipImageProcessorPil(size={"height": 32, "width": 32}, image_seq_length=4, resample=3,
+                                 image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return _Parts(PaliGemmaForConditionalGeneration(cfg), tok, ip, None, {}, ["<eos>"])
+
+
+# LiquidAI/LFM2-VL-450M chat_template.jinja (the release's file as of its transformers-4.55 upload, copied
+# in github.com/varun00391/local-finetuned-model "LiquidAI:LFM2-VL-450M/lfm2-450m/chat_template.jinja";
+# the same string is transformers' tests/models/lfm2_vl/test_processing_lfm2_vl.py chat_template).
+# An image item renders '<image>', which the processor expands; the prompt starts with bos_token.
+LFM2_VL_TEMPLATE = (
+    "{{bos_token}}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<image>' }}{% elif content['type'] == 'text' %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# zai-org/GLM-4.1V-9B-Thinking chat_template.jinja at revision 3c1471e51dc811b589d4d12b1c1c7c1c941267c2, as quoted
+# (with its sha256 over the JSON-encoded string, 5232dbe7...) in a public renderer-validation record; the same
+# template (less one blank line) is in sglang's test_jinja_template_utils.py. Kept as released: an assistant
+# message's list content is printed with {{ msg.content }} (a Python repr), and no token ends a turn: the
+# model stops at the next <|user|> (generation_config eos: <|endoftext|>, <|user|>, <|observation|>).
+GLM4V_TEMPLATE = (
+    "[gMASK]<sop>\n{%- for msg in messages %}\n    {%- if msg.role == 'system' %}\n<|system|>\n{{ msg.content }}\n"
+    "    {%- elif msg.role == 'user' %}\n<|user|>{{ '\\n' }}\n\n        {%- if msg.content is string %}\n"
+    "{{ msg.content }}\n        {%- else %}\n            {%- for item in msg.content %}\n"
+    "                {%- if item.type == 'video' or 'video' in item %}\n<|begin_of_video|><|video|><|end_of_video|>\n"
+    "                {%- elif item.type == 'image' or 'image' in item %}\n<|begin_of_image|><|image|><|end_of_image|>\n"
+    "                {%- elif item.type == 'text' %}\n{{ item.text }}\n                {%- endif %}\n"
+    "            {%- endfor %}\n        {%- endif %}\n    {%- elif msg.role == 'assistant' %}\n"
+    "        {%- if msg.metadata %}\n<|assistant|>{{ msg.metadata }}\n{{ msg.content }}\n        {%- else %}\n"
+    "<|assistant|>\n{{ msg.content }}\n        {%- endif %}\n    {%- endif %}\n{%- endfor %}\n"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
 FAMILIES_SPEC = [
     Family("llava", "llava-hf/llava-1.5-7b-hf", "LlavaForConditionalGeneration", "LlavaProcessor",
            "CLIPImageProcessorPil", _llava),
@@ -1231,9 +1866,30 @@ FAMILIES_SPEC = [
            "Idefics3ImageProcessorPil", _idefics3),
     Family("smolvlm", "HuggingFaceTB/SmolVLM2-2.2B-Instruct", "SmolVLMForConditionalGeneration", "SmolVLMProcessor",
            "SmolVLMImageProcessorPil", _smolvlm),
+    Family("mistral3", "mistralai/Mistral-Small-3.1-24B-Instruct-2503", "Mistral3ForConditionalGeneration",
+           "PixtralProcessor", "PixtralImageProcessorPil", _mistral3),
+    Family("aya_vision", "CohereForAI/aya-vision-8b", "AyaVisionForConditionalGeneration", "AyaVisionProcessor",
+           "GotOcr2ImageProcessorPil", _aya_vision),
+    # no PIL image processor exists for Llama 4 in transformers 5.23: its only one needs torchvision
+    Family("llama4", "meta-llama/Llama-4-Scout-17B-16E-Instruct", "Llama4ForConditionalGeneration", "Llama4Processor",
+           "Llama4ImageProcessor", _llama4),
+    Family("qwen3_vl_moe", "Qwen/Qwen3-VL-30B-A3B-Instruct", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLProcessor",
+           "Qwen2VLImageProcessorPil", _qwen3_vl_moe),
+    Family("lfm2_vl", "LiquidAI/LFM2-VL-450M", "Lfm2VlForConditionalGeneration", "Lfm2VlProcessor",
+           "Lfm2VlImageProcessor", _lfm2_vl),
+    Family("glm4v", "zai-org/GLM-4.1V-9B-Thinking", "Glm4vForConditionalGeneration", "Glm4vProcessor",
+           "Glm4vImageProcessorPil", _glm4v),
+    Family("paligemma2", "google/paligemma2-3b-mix-224", "PaliGemmaForConditionalGeneration", "PaliGemmaProcessor",
+           "SiglipImageProcessorPil", _paligemma2),
 ]
 _BY_NAME = {f.name: f for f in FAMILIES_SPEC}
 FAMILIES = [f.name for f in FAMILIES_SPEC]
+# the families whose release has no chat template: vlm.render_prompt writes vlm.FALLBACK_TEMPLATE around
+# the question, with the processor's image token for each <image> (PaliGemma's task prefixes are plain text)
+NO_TEMPLATE = {"paligemma2"}
+# the families whose image views token_geometry does not follow (04 runs their sequence rows and
+# skips their grid / pic-in-pic rows, counted, with the reason); tests/test_geometry.py checks both ways
+NO_GEOMETRY = {"llama4", "lfm2_vl"}
 
 
 if __name__ == "__main__":

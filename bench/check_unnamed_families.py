@@ -1,0 +1,569 @@
+"""
+check_unnamed_families.py — stages 04, 06 and 07 on VLM families the tests do not name.
+
+  python bench/check_unnamed_families.py                       # every family below, in a temp folder
+  python bench/check_unnamed_families.py idefics2 ovis2        # some of them
+  python bench/check_unnamed_families.py --out /tmp/unnamed --keep   # keep checkpoints, data and logs
+
+The toolkit claims "any Hugging Face image-text-to-text checkpoint". tests/tiny_families.py builds
+the families the tests name; this script builds, THE SAME WAY (its helpers and its build()), tiny
+random-weight checkpoints of families that neither the issue nor the tests name, and runs the
+stages on them as a user would (in-process, through each script's get_args + main, like
+tests/test_families.py):
+
+  04  per format (one run each, so one format's failure does not hide another's), on one sequence
+      row (2 images), one 1x2 grid row and one pic-in-pic row (tests/test_families.py: mia_rows),
+      --max-new-tokens 4 --min-ppl 0 and every threshold at inf;
+  06  2 steps (LoRA r 4, batch 2) on 04's pairs — where 04 selected none (a random model's answers
+      run to --max-new-tokens, and a cut answer is never a pair), on pairs made from 04's
+      candidates instead (chosen = the ground truth, rejected = the model's answer), said in the table;
+  07  the base checkpoint and 06's output on the same three rows.
+
+A stage passes, is skipped with the reason 04 counts (grid/pip: "no token geometry: ..."), or
+FAILS with its one-line error and the innermost toolkit frame. The table is printed at the end;
+the exit status is 1 if any stage FAILED (a counted skip is not a failure).
+
+Each family mirrors one released checkpoint (Family.release): its model, processor and PIL
+image-processor classes (transformers 5.23, no torchvision), the processor settings and chat
+template of that release, its tokenizer class and special tokens in the release's order, and
+random weights: hidden 32, 2 layers, 4 visual tokens per view. Each template names its source.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "tests"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import tiny_families as tf  # noqa: E402
+from tiny_families import (H, L, Family, _byte_bpe_fast, _ids, _llama_tokenizer, _Parts, _qwen2_tokenizer,  # noqa: E402
+                           _siglip, _text_kw)
+
+STAGES = ("04 sequence", "04 grid", "04 pip", "06", "07")
+
+
+# ---------------------------------------------------------------------------------------------
+# the families (none of them in tiny_families.FAMILIES)
+# ---------------------------------------------------------------------------------------------
+def _idefics2():
+    """HuggingFaceM4/idefics2-8b: SigLIP-So400m (980 px, patch 14) at native aspect ratio (shortest
+    edge >= 378, longest <= 980, padded in the batch, a patch mask), image splitting (4 crops + the
+    whole image: 5 views), a perceiver resampler to 64 latents per view; each image is 5 x
+    (<fake_token_around_image> + 64 <image>) + <fake_token_around_image>. Mistral-7B LM.
+    Here longest edge 64 / shortest 24, patch 8, 4 latents per view."""
+    from transformers import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2ImageProcessorPil, MistralConfig
+
+    # Mistral's SentencePiece BPE (<unk> <s> </s>), then the three tokens idefics2 adds (32000..32002)
+    tok = _llama_tokenizer(["<fake_token_around_image>", "<image>", "<end_of_utterance>"], pad_token="<unk>")
+    text = MistralConfig(**_text_kw(tok, sliding_window=4096, pad_token_id=tok.pad_token_id,
+                                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    vision = dict(hidden_size=H, intermediate_size=2 * H, num_hidden_layers=L, num_attention_heads=2, image_size=64,
+                  patch_size=8)
+    # release perceiver: 64 latents, depth 3, 16 heads of 96, 4 kv heads
+    perceiver = dict(hidden_size=H, resampler_n_latents=4, resampler_depth=1, resampler_n_heads=2,
+                     resampler_head_dim=16, num_key_value_heads=1)
+    cfg = Idefics2Config(vision_config=vision, perceiver_config=perceiver, text_config=text,
+                         image_token_id=tok.convert_tokens_to_ids("<image>"))
+    # release preprocessor_config.json (as duplicated in huz-relay/idefics2-8b-ocr): do_image_splitting true,
+    # longest 980 / shortest 378, mean/std 0.5, resample 2; processor_config.json: image_seq_len 64
+    ip = Idefics2ImageProcessorPil(do_image_splitting=True, size={"longest_edge": 64, "shortest_edge": 24},
+                                   image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=2)
+    return _Parts(Idefics2ForConditionalGeneration(cfg), tok, ip, IDEFICS2_TEMPLATE, {"image_seq_len": 4},
+                  ["</s>", "<end_of_utterance>"])  # generation_config.json eos_token_id [2, 32002]
+
+
+def _ovis2():
+    """thisisiron/Ovis2-1B-hf (AIDC-AI/Ovis2-1B converted): AIMv2 ViT 448/14 with hidden_stride 2
+    (2x2 patches -> one token: 256 per view) and a visual tokenizer (softmax over a visual vocabulary,
+    embedded through a table); crop_to_patches: the covering-area tile grid (<= 12 tiles) plus a
+    thumbnail first. An image is <IMG_START> + thumbnail atoms + <IMG_GRID> + tile atoms separated
+    by <IMG_COL>/<IMG_ROW> + <IMG_END>, each view image_seq_length <IMG_ATOM>; the indicator tokens
+    get visual-table embeddings. LM: Qwen2.5-0.5B-Instruct. Here 32-px views, patch 8, 4 atoms each."""
+    from transformers import Ovis2Config, Ovis2ForConditionalGeneration, Ovis2ImageProcessorPil, Qwen2Config
+
+    # Qwen2.5's added tokens (151643..151664: the tool / FIM ones are not special), then the converter's
+    # SPECIAL_TOKENS (<IMG_ATOM> = 151665, indicators 151666..151670)
+    tok = _qwen2_tokenizer()
+    tok.add_tokens(["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
+                    "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"])
+    img = ["<IMG_ATOM>", "<IMG_START>", "<IMG_GRID>", "<IMG_COL>", "<IMG_ROW>", "<IMG_END>"]
+    tok.add_special_tokens({"extra_special_tokens": img}, replace_extra_special_tokens=False)
+    # the converter also does setattr(tokenizer, "image_token", "<IMG_ATOM>"): a plain attribute, which
+    # save_pretrained does not write, so the loaded tokenizer has no image_token (nor has this one)
+    vision = dict(hidden_size=H, intermediate_size=2 * H, num_hidden_layers=L, num_attention_heads=2, image_size=32,
+                  patch_size=8, hidden_stride=2, vocab_size=64, num_visual_indicator_tokens=5)
+    cfg = Ovis2Config(vision_config=vision, text_config=Qwen2Config(**_text_kw(tok, tie_word_embeddings=True)),
+                      image_token_id=tok.convert_tokens_to_ids("<IMG_ATOM>"),
+                      visual_indicator_token_ids=_ids(tok, *img[1:]), vocab_size=len(tok), hidden_size=H)
+    # the converter: Ovis2ImageProcessor(crop_to_patches=True, size 448x448), other settings the class's
+    # (min 1 / max 12 patches, covering-area grid, bicubic, CLIP mean/std); processor image_seq_length 256
+    ip = Ovis2ImageProcessorPil(crop_to_patches=True, size={"height": 32, "width": 32})
+    return _Parts(Ovis2ForConditionalGeneration(cfg), tok, ip, OVIS2_TEMPLATE,
+                  {"image_seq_length": 4, "image_token": "<image>"}, ["<|im_end|>", "<|endoftext|>"])
+
+
+def _deepseek_vl():
+    """deepseek-community/deepseek-vl-1.3b-chat: SigLIP-L 384/16 -> 576 tokens per image (resized to
+    384 on the long side, padded square with the mean colour), a 2-layer MLP aligner; DeepSeek-LLM
+    1.3B (Llama layout). Each <image_placeholder> expands to num_image_tokens of itself.
+    Here 32 px / patch 16 -> 4 tokens."""
+    from transformers import DeepseekVLConfig, DeepseekVLForConditionalGeneration, DeepseekVLImageProcessorPil
+    from transformers import LlamaConfig
+
+    # DeepSeek-LLM's byte-level BPE, <｜begin▁of▁sentence｜> written in front of every text (add_bos_token),
+    # <image_placeholder> the image token (config image_token_id 100015, after the BOS/EOS specials)
+    bos, eos = "<\uff5cbegin\u2581of\u2581sentence\uff5c>", "<\uff5cend\u2581of\u2581sentence\uff5c>"
+    tok = _byte_bpe_fast([bos, eos], named={"image_token": "<image_placeholder>"}, bos_template=bos,
+                         bos_token=bos, eos_token=eos, pad_token=eos)
+    text = LlamaConfig(**_text_kw(tok, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                  eos_token_id=tok.eos_token_id))
+    vision = _siglip(32, 16)
+    vision.vision_use_head = False
+    cfg = DeepseekVLConfig(text_config=text, vision_config=vision, image_token_id=tok.image_token_id)
+    # release: size 384x384, min_size 14, bicubic, CLIP mean/std, pad to square
+    ip = DeepseekVLImageProcessorPil(size={"height": 32, "width": 32})
+    return _Parts(DeepseekVLForConditionalGeneration(cfg), tok, ip, DEEPSEEK_VL_TEMPLATE, {"num_image_tokens": 4}, [eos])
+
+
+def _mllama():
+    """meta-llama/Llama-3.2-11B-Vision-Instruct: a ViT over up to 4 tiles of 560 px (patch 14),
+    features of several layers concatenated; the LM (Llama 3.1) reads them through gated
+    CROSS-attention layers (every 5th, from layer 3); in the text each image is ONE <|image|> token
+    (128256, outside the LM head's vocabulary), which the cross-attention mask ties to the text after it.
+    Here 32-px tiles, patch 16; 3 LM layers, the middle one cross-attention."""
+    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessorPil
+
+    # Llama 3's byte-level BPE: <|begin_of_text|> written in front of every text, the first reserved
+    # specials of 128000.. in their order, then <|image|> (128256)
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
+                "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+    tok = _byte_bpe_fast(specials, added=["<|image|>"], bos_template="<|begin_of_text|>",
+                         bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>")
+    image_id = tok.convert_tokens_to_ids("<|image|>")
+    assert image_id == len(tok) - 1
+    # release text: 40 layers, cross_attention_layers [3, 8, ..., 38]; vocab 128256 (+8 embedding rows for <|image|>)
+    text = dict(vocab_size=image_id, hidden_size=H, intermediate_size=2 * H, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=131072, cross_attention_layers=[1],
+                bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
+                eos_token_id=_ids(tok, "<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"),
+                rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 8192})
+    # release vision: 32 + 8 global layers, intermediate layers [3, 7, 15, 23, 30] -> output 7680 = 1280 x 6
+    vision = dict(hidden_size=H, intermediate_size=2 * H, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
+                  image_size=32, patch_size=16, max_num_tiles=4, intermediate_layers_indices=[0],
+                  vision_output_dim=2 * H)
+    cfg = MllamaConfig(vision_config=vision, text_config=text, image_token_index=image_id)
+    # release preprocessor_config.json: 560x560 tiles, max_image_tiles 4, bilinear, CLIP mean/std
+    ip = MllamaImageProcessorPil(size={"height": 32, "width": 32}, max_image_tiles=4, resample=2,
+                                 image_mean=[0.48145466, 0.4578275, 0.40821073],
+                                 image_std=[0.26862954, 0.26130258, 0.27577711])
+    return _Parts(MllamaForConditionalGeneration(cfg), tok, ip, MLLAMA_TEMPLATE, {},
+                  ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"])  # generation_config.json eos_token_id
+
+
+# HuggingFaceM4/idefics2-8b processor_config.json "chat_template" (as quoted from that file in public
+# code, e.g. a comment citing huggingface.co/HuggingFaceM4/idefics2-8b/blob/main/processor_config.json;
+# the same string is the idefics2-8b-chatty template in mistral.rs' chat-template tests)
+IDEFICS2_TEMPLATE = (
+    "{% for message in messages %}{{message['role'].capitalize()}}{% if message['content'][0]['type'] == 'image' %}"
+    "{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == 'text' %}"
+    "{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+# thisisiron/Ovis2-1B-hf: CHAT_TEMPLATE of transformers' src/transformers/models/ovis2/convert_ovis2_weights_to_hf.py
+# (the converter that wrote the release); the same string is tests/models/ovis2/test_processing_ovis2.py's, whose
+# test_chat_template checks it against the hub checkpoint's rendering
+OVIS2_TEMPLATE = (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n'}}{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# deepseek-community/deepseek-vl-1.3b-chat: transformers' tests/models/deepseek_vl/test_processing_deepseek_vl.py
+# prepare_processor_dict()["chat_template"] (with num_image_tokens 576: the release's processor settings)
+DEEPSEEK_VL_TEMPLATE = (
+    "{% set seps = ['\n\n', '<\uff5cend\u2581of\u2581sentence\uff5c>'] %}{% set i = 0 %}You are a helpful language "
+    "and vision assistant. You are able to understand the visual content that the user provides, and assist the "
+    "user with a variety of tasks using natural language.\n\n{% for message in messages %}"
+    "{% if message['role']|lower == 'user' %}User: {% elif message['role']|lower == 'assistant' %}Assistant:"
+    "{% if not (loop.last and not add_generation_prompt and message['content'][0]['type']=='text' and "
+    "message['content'][0]['text']=='') %} {% endif %}{% else %}{{ message['role'].capitalize() }}: {% endif %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}<image_placeholder>"
+    "{% elif content['type'] == 'text' %}{% set text = content['text'] %}{% if loop.first %}"
+    "{% set text = text.lstrip() %}{% endif %}{% if loop.last %}{% set text = text.rstrip() %}{% endif %}"
+    "{% if not loop.first and message['content'][loop.index0-1]['type'] == 'text' %}{{ ' ' + text }}"
+    "{% else %}{{ text }}{% endif %}{% endif %}{% endfor %}{% if not loop.last or add_generation_prompt %}"
+    "{% if message['role']|lower == 'user' %}{{ seps[0] }}{% else %}{{ seps[1] }}{% endif %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+# meta-llama/Llama-3.2-11B-Vision-Instruct chat_template.json, as reproduced verbatim in public code (e.g. a
+# fine-tuning script's tokenizer.chat_template, and vLLM's examples/tool_chat_template_llama3.2_json.jinja
+# image block): a system block with today's date only when no message has an image item; an image item -> <|image|>
+MLLAMA_TEMPLATE = """{{- bos_token }}
+{%- if custom_tools is defined %}
+    {%- set tools = custom_tools %}
+{%- endif %}
+{%- if not tools_in_user_message is defined %}
+    {%- set tools_in_user_message = true %}
+{%- endif %}
+{%- if not date_string is defined %}
+    {%- if strftime_now is defined %}
+        {%- set date_string = strftime_now("%d %b %Y") %}
+    {%- else %}
+        {%- set date_string = "26 Jul 2024" %}
+    {%- endif %}
+{%- endif %}
+{%- if not tools is defined %}
+    {%- set tools = none %}
+{%- endif %}
+
+{#- This block extracts the system message, so we can slot it into the right place. #}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+
+{#- Find out if there are any images #}
+{% set image_ns = namespace(has_images=false) %}      
+{%- for message in messages %}
+    {%- for content in message['content'] %}
+        {%- if content['type'] == 'image' %}
+            {%- set image_ns.has_images = true %}
+        {%- endif %}
+    {%- endfor %}
+{%- endfor %}
+
+{#- Error out if there are images and system message #}
+{%- if image_ns.has_images and not system_message == "" %}
+    {{- raise_exception("Prompting with images is incompatible with system messages.") }}
+{%- endif %}
+
+{#- System message if there are no images #}
+{%- if not image_ns.has_images %}
+    {{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}
+    {%- if tools is not none %}
+        {{- "Environment: ipython\\n" }}
+    {%- endif %}
+    {{- "Cutting Knowledge Date: December 2023\\n" }}
+    {{- "Today Date: " + date_string + "\\n\\n" }}
+    {%- if tools is not none and not tools_in_user_message %}
+        {{- "You have access to the following functions. To call a function, please respond with JSON for a function call." }}
+        {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+        {{- "Do not use variables.\\n\\n" }}
+        {%- for t in tools %}
+            {{- t | tojson(indent=4) }}
+            {{- "\\n\\n" }}
+        {%- endfor %}
+    {%- endif %}
+    {{- system_message }}
+    {{- "<|eot_id|>" }}
+{%- endif %}
+
+{#- Custom tools are passed in a user message with some extra guidance #}
+{%- if tools_in_user_message and not tools is none %}
+    {#- Extract the first user message so we can plug it in here #}
+    {%- if messages | length != 0 %}
+        {%- set first_user_message = messages[0]['content']|trim %}
+        {%- set messages = messages[1:] %}
+    {%- else %}
+        {{- raise_exception("Cannot put tools in the first user message when there's no first user message!") }}
+{%- endif %}
+    {{- '<|start_header_id|>user<|end_header_id|>\\n\\n' -}}
+    {{- "Given the following functions, please respond with a JSON for a function call " }}
+    {{- "with its proper arguments that best answers the given prompt.\\n\\n" }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.\\n\\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\\n\\n" }}
+    {%- endfor %}
+    {{- first_user_message + "<|eot_id|>"}}
+{%- endif %}
+
+{%- for message in messages %}
+    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}
+        {%- if message['content'] is string %}
+            {{- message['content'] }}
+        {%- else %}
+            {%- for content in message['content'] %}
+                {%- if content['type'] == 'image' %}
+                    {{- '<|image|>' }}
+                {%- elif content['type'] == 'text' %}
+                    {{- content['text'] }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|eot_id|>' }}
+    {%- elif 'tool_calls' in message %}
+        {%- if not message.tool_calls|length == 1 %}
+            {{- raise_exception("This model only supports single tool-calls at once!") }}
+        {%- endif %}
+        {%- set tool_call = message.tool_calls[0].function %}
+        {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}
+        {{- '{"name": "' + tool_call.name + '", ' }}
+        {{- '"parameters": ' }}
+        {{- tool_call.arguments | tojson }}
+        {{- "}" }}
+        {{- "<|eot_id|>" }}
+    {%- elif message.role == "tool" or message.role == "ipython" %}
+        {{- "<|start_header_id|>ipython<|end_header_id|>\\n\\n" }}
+        {%- if message.content is mapping or message.content is iterable %}
+            {{- message.content | tojson }}
+        {%- else %}
+            {{- message.content }}
+        {%- endif %}
+        {{- "<|eot_id|>" }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
+{%- endif %}
+"""
+
+EXTRA = [
+    Family("idefics2", "HuggingFaceM4/idefics2-8b", "Idefics2ForConditionalGeneration", "Idefics2Processor",
+           "Idefics2ImageProcessorPil", _idefics2),
+    Family("ovis2", "thisisiron/Ovis2-1B-hf", "Ovis2ForConditionalGeneration", "Ovis2Processor",
+           "Ovis2ImageProcessorPil", _ovis2),
+    Family("deepseek_vl", "deepseek-community/deepseek-vl-1.3b-chat", "DeepseekVLForConditionalGeneration",
+           "DeepseekVLProcessor", "DeepseekVLImageProcessorPil", _deepseek_vl),
+    Family("mllama", "meta-llama/Llama-3.2-11B-Vision-Instruct", "MllamaForConditionalGeneration", "MllamaProcessor",
+           "MllamaImageProcessorPil", _mllama),
+]
+assert not {f.name for f in EXTRA} & set(tf.FAMILIES), "a family here is named by the tests"
+
+
+@contextlib.contextmanager
+def registered(families):
+    """tiny_families.build() on these families too, for the duration (its registry restored after)."""
+    saved = dict(tf._BY_NAME)
+    tf._BY_NAME.update({f.name: f for f in families})
+    try:
+        yield
+    finally:
+        tf._BY_NAME.clear()
+        tf._BY_NAME.update(saved)
+
+
+def build_extra(name, out_dir, seed=0):
+    """A tiny checkpoint of one EXTRA family, written exactly as tiny_families.build writes its own."""
+    with registered(EXTRA):
+        return tf.build(name, out_dir, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# the data: tests/test_families.py's mia_rows, written here
+# ---------------------------------------------------------------------------------------------
+def write_rows(root):
+    """-> ({format: jsonl path}, rows): tiny_families.write_mia_rows, the rows tests/test_families.py runs."""
+    return tf.write_mia_rows(root)
+
+
+# ---------------------------------------------------------------------------------------------
+# running the stages
+# ---------------------------------------------------------------------------------------------
+class Result:
+    def __init__(self, status, note=""):
+        self.status, self.note = status, note  # "pass" | "skip" | "FAIL" | "-" (not run: an earlier stage failed)
+
+    def __str__(self):
+        return self.status if not self.note else f"{self.status}: {self.note}"
+
+
+def _root_error(e):
+    """One line: the exception, the innermost frame in this repository's code (not this script),
+    and the frame that raised it where that is elsewhere (transformers, torch)."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    frames = traceback.extract_tb(e.__traceback__)
+    ours = [fr for fr in frames if Path(fr.filename).is_relative_to(ROOT) and Path(fr.filename).name != Path(__file__).name]
+    out = f"{type(e).__name__}: {msg[:300]}"
+    if ours:
+        out += f" [at {Path(ours[-1].filename).relative_to(ROOT)}:{ours[-1].name}:{ours[-1].lineno}]"
+    if frames and (not ours or frames[-1] is not ours[-1]):
+        out += f" (raised in {Path(frames[-1].filename).name}:{frames[-1].name})"
+    return out
+
+
+def _run(log, fn):
+    """fn() with stdout/stderr captured into `log` -> (value, None) or (None, the exception)."""
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            value = fn()
+        return value, None
+    except (Exception, SystemExit) as e:  # noqa: BLE001 — every failure is recorded, none stops the others
+        buf.write("\n" + "".join(traceback.format_exception(e)))
+        return None, e
+    finally:
+        log.write_text(buf.getvalue(), encoding="utf-8")
+
+
+def check_family(name, work, threads):
+    """Build `name` under work/, run 04 (per format), 06 and 07 -> {stage: Result}."""
+    gp, dpo, ev = (importlib.import_module(m) for m in ("04_gen_pairs", "06_train_dpo", "07_eval"))
+    import common
+
+    res = {s: Result("-") for s in STAGES}
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    data, rows = write_rows(work / "data")
+    model_dir, err = _run(logs / "build.log", lambda: build_extra(name, work / "model"))
+    if err is not None:
+        for s in STAGES:
+            res[s] = Result("FAIL", "build: " + _root_error(err))
+        return res
+
+    # 04, one run per format
+    pairs, cands = [], []
+    for fmt in ("sequence", "grid", "pip"):
+        out = work / "04" / fmt / "pairs.jsonl"
+        argv = ["--data", str(data[fmt]), "--image-root", str(work / "data"), "--model", str(model_dir),
+                "--out", str(out), "--max-new-tokens", "4", "--min-ppl", "0", "--threads", str(threads),
+                "--threshold", "sequence=inf", "--threshold", "grid=inf", "--threshold", "pip=inf"]
+        got, err = _run(logs / f"04-{fmt}.log", lambda: gp.main(gp.get_args(argv)))
+        if err is not None:
+            res[f"04 {fmt}"] = Result("FAIL", _root_error(err))
+            continue
+        p, c = got
+        (c,) = c
+        if c["reason"].startswith("no token geometry"):
+            res[f"04 {fmt}"] = Result("skip", c["reason"].split(" (known:")[0])
+            continue
+        bad = [] if c.get("ratio") is not None and 0 <= c["ratio"] <= 1 else [f"ratio {c.get('ratio')}"]
+        n_att = len(c.get("attn_images") or [])
+        if n_att != (2 if fmt == "sequence" else 1):
+            bad.append(f"{n_att} per-image attention masses")
+        if bad:
+            res[f"04 {fmt}"] = Result("FAIL", "; ".join(bad))
+            continue
+        res[f"04 {fmt}"] = Result("pass", f"ratio {c['ratio']:.3f}, {c['reason']}")
+        pairs += p
+        cands.append((c, rows[fmt]))
+    # 06: 2 steps on 04's pairs; where 04 selected none (a random model's answers run to --max-new-tokens),
+    # on its candidates' answers; where no 04 run finished, on the source rows with a fixed wrong answer
+    if pairs:
+        source = "04's pairs"
+    elif cands:
+        source = "04's candidates (04 selected no pair: " + ", ".join(sorted({c["reason"] for c, _ in cands})) + ")"
+    else:
+        source = "the source rows, rejected 'a green one' (04 failed on every format)"
+        cands = [({"answer": "", "correct": False}, row) for row in rows.values()]
+    if not pairs:
+        for c, row in cands:
+            rejected = c["answer"] if c["answer"].strip() and not c["correct"] else "a green one"
+            pairs.append({"id": row["id"], "image": row["image"], "prompt": row["conversations"][0]["value"],
+                          "chosen": row["conversations"][1]["value"], "rejected": rejected, "mia": row["mia"]})
+    rows06 = [{**p, "id": f"{p['id']}{k}"} for k in range(2) for p in pairs]  # >= 2 batches of 2
+    pairs_file = work / "06" / "pairs.jsonl"
+    pairs_file.parent.mkdir(parents=True, exist_ok=True)
+    common.write_jsonl(pairs_file, rows06)
+    out06 = work / "06" / "out"
+    argv = ["--pairs", str(pairs_file), "--image-root", str(work / "data"), "--model", str(model_dir),
+            "--out", str(out06), "--recipe", "paper", "--dtype", "float32", "--no-grad-ckpt",
+            "--batch-size", "2", "--grad-accum", "1", "--lora-r", "4", "--lora-alpha", "8",
+            "--max-steps", "2", "--warmup-steps", "0", "--save-every", "0", "--threads", str(threads)]
+    _, err = _run(logs / "06.log", lambda: dpo.main(dpo.get_args(argv)))
+    if err is not None:
+        res["06"] = Result("FAIL", _root_error(err))
+    else:
+        log = [r for _, r in common.read_rows(out06 / "log.jsonl")]
+        said = (logs / "06.log").read_text(encoding="utf-8")
+        path = "fast path" if "06_train_dpo: fast path for" in said else "plain path"
+        import math
+
+        if len(log) != 2 or not all(math.isfinite(r["loss"]) for r in log):
+            res["06"] = Result("FAIL", f"{len(log)} logged steps, losses {[r.get('loss') for r in log]}")
+        else:
+            res["06"] = Result("pass", f"{len(rows06)} rows from {source}; {path}")
+
+    # 07: the base and 06's output on the three rows (the base alone where 06 failed)
+    models = {"base": model_dir, **({"dpo": out06} if res["06"].status == "pass" else {})}
+    out07 = work / "07"
+    argv = [*(a for m, d in models.items() for a in ("--model", f"{m}={d}")), "--data", *(str(f) for f in data.values()),
+            "--image-root", str(work / "data"), "--out", str(out07), "--max-new-tokens", "4", "--threads", str(threads)]
+    _, err = _run(logs / "07.log", lambda: ev.main(ev.get_args(argv)))
+    if err is not None:
+        res["07"] = Result("FAIL", _root_error(err))
+        return res
+    report = json.loads((out07 / "report.json").read_text())
+    answered = {m: len((out07 / f"answers-{m}.jsonl").read_text().splitlines()) for m in models}
+    if answered != {m: 3 for m in models}:
+        res["07"] = Result("FAIL", f"answers per model {answered}, want 3 each")
+    else:
+        groups = sorted(report["base"]["groups"])
+        res["07"] = Result("pass", f"3 answers x {' + '.join(models)}; groups {', '.join(groups)}"
+                           + ("" if "dpo" in models else " (06 failed: the base only)"))
+    return res
+
+
+def table(results):
+    w = max(len(n) for n in results) + 2
+    lines = [f"{'family':<{w}}" + "".join(f"{s:<13}" for s in STAGES)]
+    for name, res in results.items():
+        lines.append(f"{name:<{w}}" + "".join(f"{res[s].status:<13}" for s in STAGES))
+    lines.append("")
+    for name, res in results.items():
+        for s in STAGES:
+            if res[s].note:
+                lines.append(f"  {name} / {s}: {res[s]}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    p.add_argument("families", nargs="*", help=f"default: all of {' '.join(f.name for f in EXTRA)}")
+    p.add_argument("--out", help="work folder (default: a temporary one, removed unless --keep)")
+    p.add_argument("--keep", action="store_true", help="keep the work folder (checkpoints, data, per-stage logs)")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    names = args.families or [f.name for f in EXTRA]
+    unknown = set(names) - {f.name for f in EXTRA}
+    if unknown:
+        p.error(f"unknown families {sorted(unknown)}; these are: {' '.join(f.name for f in EXTRA)}")
+    work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="unnamed-families-"))
+    results = {}
+    try:
+        for name in names:
+            t0 = time.time()
+            print(f"== {name} ({next(f.release for f in EXTRA if f.name == name)})", flush=True)
+            results[name] = check_family(name, work / name, args.threads)
+            for s in STAGES:
+                print(f"   {s:<12} {results[name][s]}", flush=True)
+            print(f"   ({time.time() - t0:.0f} s; logs: {work / name / 'logs'})", flush=True)
+    finally:
+        print("\n" + table(results))
+        if not args.out and not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        elif args.keep or args.out:
+            print(f"\nwork folder: {work}")
+    failed = [f"{n} / {s}" for n, r in results.items() for s in STAGES if r[s].status == "FAIL"]
+    print(f"\n{len(failed)} stage(s) FAILED" + (": " + ", ".join(failed) if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
