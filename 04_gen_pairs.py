@@ -372,9 +372,9 @@ def probe_forward(model, processor, questions, images, answers, layer, counts=No
 def generate_and_probe(model, processor, questions, images, max_new_tokens, layer, counts=None):
     """Greedy answers with the probe and the answers' log-probs taken DURING generation -> answers,
     finished, attn (B arrays over the left-padded prompt's positions), positions, sum_logps, n_tokens,
-    exact (B bools), prompt (generation's KV cache of the prompts, for vlm.score_after_prompt; None
-    where it cannot be put back to the prompt). Each step's last query row at `layer` (prefill: the prompt's last position; then
-    each fed token) is the teacher-forced row for the same token, with the same keys before it over
+    exact (B bools), prompt (generation's KV cache, for vlm.score_after_prompt; None where it cannot
+    be put back to the prompt). Each step's last query row at `layer` (prefill: the prompt's last
+    position; then each fed token) is the teacher-forced row for the same token, with the same keys before it over
     the KV cache; the answer's log-probs are the steps' raw logits, log-softmaxed. Both equal
     probe_forward's only where the generated tokens ARE the tokens probe_forward scores (render_pair's
     response + stop token, vlm.response_ids): `exact` says where; other rows need probe_forward.
