@@ -645,7 +645,8 @@ def test_04_chosen_scored_from_the_prompt_cache_equals_teacher_forced(family, lo
     """04 --probe during-generation scores a pair's chosen answer from generation's KV cache of its prompt
     (only the answer's tokens run: no vision tower, no prompt again), equal to the teacher-forced
     forward to 1e-5 on every family whose cache crop can put back to the prompt (M-RoPE positions,
-    Gemma's bidirectional image blocks inside the cached prompt); the others keep the forward."""
+    Gemma's bidirectional image blocks inside the cached prompt, PaliGemma's prefix-LM types, LFM2's
+    convolution states); the others (NO_PROMPT_CACHE) keep the forward."""
     if family == "smolvlm":
         pytest.importorskip("num2words")
     model, proc = loaded(family)
