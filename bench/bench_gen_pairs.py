@@ -22,9 +22,10 @@ Same rows, same fixed batches (04's make_batches), same weights, in one process:
                       selection, reference log-probs of the pairs);
   04 during-gen     : run_batch with --probe during-generation (probe rows and answer log-probs
                       taken while generating, the pairs' chosen scored from the prompt's KV cache).
-Each round runs every batch through the three contenders, in an order rotated per round so a busy
-spell on the shared machine hits each; a contender's round time is the sum over batches (wall and
-process CPU time). Reported: medians over rounds and the ratios 04/generate. One untimed round
+Each round runs every batch through the three contenders back to back, so a busy spell on the
+shared machine hits each; the order turns from batch to batch and round to round. A contender's
+round time is the sum over batches (wall and process CPU time). --control adds plain generate a
+second time as a fourth contender: its ratio to the first shows what this method calls x1.00. Reported: medians over rounds and the ratios 04/generate. One untimed round
 first: on CPU the first forward of each new input shape ran ~10x slower than later ones.
 """
 import argparse
@@ -116,9 +117,12 @@ def run_setting(name, a, gp, common, vlm):
     items = gp.load_items(modes["teacher-forced"])
     batches = [[items[i] for i in b] for b in gp.make_batches(items, a.batch_size)]
     ref_model = {"path": str(model), "fingerprint": vlm.model_fingerprint(probed), "image_settings": None}
+    boxes = {}  # visual tokens per row (04's token_boxes: each image's count first)
+    n_visual = [sum(gp.token_boxes(processor, [common.load_image(a.image_root, p) for p in it["image"]], boxes)[0])
+                for it in items]
     thresholds, counts = gp.THRESHOLDS, Counter()
     ctx = lambda: {"layer": layer, "boxes": {}, "thresholds": thresholds, "ref_model": ref_model,  # noqa: E731
-                   "viz_ids": set(), "probe_rows": counts}
+                   "viz_ids": set(), "probe_rows": counts, "processor": processor}
 
     def generate(batch):
         ims = [[common.load_image(a.image_root, x) for x in it["image"]] for it in batch]
@@ -127,6 +131,8 @@ def run_setting(name, a, gp, common, vlm):
     contenders = {"generate": generate,
                   "04 teacher-forced": lambda b: gp.run_batch(probed, processor, b, modes["teacher-forced"], ctx())[0],
                   "04 during-gen": lambda b: gp.run_batch(probed, processor, b, modes["during-generation"], ctx())[0]}
+    if a.control:
+        contenders["generate (control)"] = generate
     names = list(contenders)
     warm = []
     for b in batches:  # warm-up: a whole untimed round (the first call of a new shape was ~10x slower here)
@@ -138,10 +144,10 @@ def run_setting(name, a, gp, common, vlm):
     counts.clear()
     wall, cpu = {n: [] for n in names}, {n: [] for n in names}
     for r in range(a.repeats):
-        order = names[r % 3:] + names[:r % 3]
         w, c = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
-        for b in batches:
-            for n in order:
+        for i, b in enumerate(batches):
+            k = (r + i) % len(names)  # who meets a batch first turns with the batch and the round
+            for n in names[k:] + names[:k]:
                 t0, c0 = time.perf_counter(), time.process_time()
                 contenders[n](b)
                 w[n] += time.perf_counter() - t0
@@ -151,19 +157,16 @@ def run_setting(name, a, gp, common, vlm):
         print(f"{name} round {r + 1}: " + " | ".join(f"{n} {w[n]:.2f} s wall {c[n]:.2f} s CPU" for n in names), flush=True)
     med = statistics.median
     cands = [r["candidate"] for r in recs]
-    boxes = {}
-    prompt_lens = [sum(len(x) for x in gp.token_boxes(processor, [common.load_image(a.image_root, p) for p in it["image"]],
-                                                       boxes)) for it in items]
     print(f"== {name}: {len(items)} rows, {len(batches)} batches of <= {a.batch_size}, {a.repeats} rounds, torch threads "
           f"{__import__('torch').get_num_threads()}, load {os.getloadavg()[0]:.1f}; visual tokens per row "
-          f"{min(prompt_lens)}-{max(prompt_lens)}; answer tokens median {med([c['n_tokens'] for c in cands]):.0f}; "
+          f"{min(n_visual)}-{max(n_visual)}; answer tokens median {med([c['n_tokens'] for c in cands]):.0f}; "
           f"pairs {sum(c['selected'] for c in cands)} ({sum(c['selected'] for c in cands) / len(cands):.0%}); "
           f"during-generation rows per round: {dict((k, v // a.repeats) for k, v in counts.items())}")
     for n in names:
         print(f"{name} | {n:<18} median wall {med(wall[n]):7.2f} s   CPU {med(cpu[n]):7.2f} s")
     for n in names[1:]:
         ratios = [x / y for x, y in zip(wall[n], wall["generate"])]
-        print(f"{name} | {n}: 04/generate: x{med(wall[n]) / med(wall['generate']):.2f} wall (per-round ratios median "
+        print(f"{name} | {n}: {'04' if n.startswith('04') else 'control'}/generate: x{med(wall[n]) / med(wall['generate']):.2f} wall (per-round ratios median "
               f"x{med(ratios):.2f}), x{med(cpu[n]) / med(cpu['generate']):.2f} CPU", flush=True)
     if a.breakdown:  # where 04 during-gen's time goes, one more round (CPU s; plain generate = _greedy + load_image)
         total, spent = breakdown(contenders["04 during-gen"], batches, [
@@ -186,6 +189,7 @@ def main():
     p.add_argument("--answer-tokens", type=int, default=12, help="qwen2_5_vl: about this many tokens per answer")
     p.add_argument("--pair-share", type=float, default=0.24, help="qwen2_5_vl: share of rows made pairs")
     p.add_argument("--breakdown", action="store_true", help="one more round of 04 during-gen, timing its parts")
+    p.add_argument("--control", action="store_true", help="plain generate twice: the method's own x1.00")
     a = p.parse_args()
     import common
     import vlm
