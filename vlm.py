@@ -563,10 +563,23 @@ def render_pair(processor, question, answer):
     eos = processor.tokenizer.eos_token  # Aya Vision: <|END_RESPONSE|><|END_OF_TURN_TOKEN|>, generation stops at the EOS
     ends = tail.index(eos) + len(eos) if eos and eos in tail else _first_special(processor, tail)
     if ends is None:  # no end token after the answer: the one that opens the next turn, if any (GLM-4.1V: <|user|>)
-        nxt = _chat(processor, [user, {"role": "assistant", "content": content}, user])
-        ends = _first_special(processor, nxt.split(stand_in)[1].split(user["content"][0]["text"])[0])
-        tail = nxt.split(stand_in)[1] if ends else tail.rstrip()
+        tail, ends = _next_turn_opening(processor, content, stand_in) or tail.rstrip(), None
     return prompt, gap + answer + (tail[:ends] if ends else tail)
+
+
+_OPENINGS = {}  # (id(processor), template) -> the text through the next turn's first special token, or ""
+
+
+def _next_turn_opening(processor, content, stand_in):
+    """What a template writes after an answer up to and including the special token that opens the
+    next turn ("\n<|user|>" for GLM-4.1V), "" if none: rendered once per template (one user turn "Q")."""
+    key = (id(processor), processor.chat_template)
+    if key not in _OPENINGS:
+        user = {"role": "user", "content": [{"type": "text", "text": "Q"}]}
+        after = _chat(processor, [user, {"role": "assistant", "content": content}, user]).split(stand_in)[1]
+        ends = _first_special(processor, after.split("Q")[0])
+        _OPENINGS[key] = after[:ends] if ends else ""
+    return _OPENINGS[key]
 
 
 def processor_text(processor, prompt):
