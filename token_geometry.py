@@ -46,12 +46,12 @@ def image_token_boxes(processor, images, token_id=None):
     name, ip_name = type(processor).__name__, type(processor.image_processor).__name__.removesuffix("Pil")
     ip_name = ip_name.removesuffix("Fast")
     handler = _GEOMETRY.get(name)
-    known = f"(known: {', '.join(f'{k} + {v[0]}' for k, v in _GEOMETRY.items())}; or by its outputs, as {_BY_OUTPUTS})"
-    if handler is not None and ip_name not in handler[0]:
-        raise NoGeometry(f"image_token_boxes: no geometry for {name} with {ip_name} {known}")
+    missing = NoGeometry(f"image_token_boxes: no geometry for {name} with {ip_name} (known: "
+                         f"{', '.join(f'{k} + {v[0]}' for k, v in _GEOMETRY.items())}; or by its outputs, as {_BY_OUTPUTS})")
+    # a table processor with another image processor, or not a transformers processor (nothing to read views from)
+    if (handler is not None and ip_name not in handler[0]) or not hasattr(processor, "_merge_kwargs"):
+        raise missing
     images = list(images)
-    if not hasattr(processor, "_merge_kwargs"):  # not a transformers processor: nothing to read its views from
-        raise NoGeometry(f"image_token_boxes: no geometry for {name} with {ip_name} {known}")
     # the processor's image kwargs, as its __call__ merges them; the image processor fills in the rest
     kwargs = processor._merge_kwargs(tokenizer_init_kwargs=processor.tokenizer.init_kwargs)["images_kwargs"]
     kwargs.pop("return_tensors", None)
@@ -61,7 +61,7 @@ def image_token_boxes(processor, images, token_id=None):
     emitted = emitted_image_tokens(processor, images, token_id)
     boxes_of = handler[1] if handler else _by_outputs(processor, settings, out, emitted)
     if boxes_of is None:
-        raise NoGeometry(f"image_token_boxes: no geometry for {name} with {ip_name} {known}")
+        raise missing
     boxes = boxes_of(processor, ip, settings, images, out)
     if [len(b) for b in boxes] != emitted:
         raise ValueError(f"image_token_boxes: {name} emits {emitted} image tokens for images of size "
@@ -426,8 +426,8 @@ def _by_outputs(processor, settings, out, emitted):
     if "image_sizes" in out and getattr(processor, "spatial_merge_size", None) and getattr(processor, "patch_size", None):
         return _boxes_patch_grid
     views = out.get("num_patches") or [1] * len(emitted)  # views per image (GOT-OCR2 tiles)
-    per_view = {e // v for e, v in zip(emitted, views) if e % v == 0}
-    if len(per_view) != 1 or sum(1 for e, v in zip(emitted, views) if e % v == 0) != len(emitted):
+    per_view = {e // v for e, v in zip(emitted, views)}
+    if len(per_view) != 1 or any(e % v for e, v in zip(emitted, views)):  # one token count per view, or none
         return None
     settings["tokens_per_view"] = n = per_view.pop()
     if "num_patches" in out and settings.get("crop_to_patches") is not None and math.isqrt(n) ** 2 == n:

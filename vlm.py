@@ -520,7 +520,7 @@ def special_tokens(tokenizer):
     return _SPECIALS[key]
 
 
-def render_pair(processor, question, answer):
+def render_pair(processor, question, answer, prompt=None):
     """-> (prompt_text, response_text): the generation prompt, and what the model must generate
     after it for this answer, as the template writes the answer turn.
 
@@ -539,8 +539,9 @@ def render_pair(processor, question, answer):
       Qwen2.5-VL: ("...<|im_start|>assistant\\n", "blue<|im_end|>")
     No chat template: (FALLBACK_TEMPLATE's prompt, " blue"), or "blue" where the processor itself ends
     the prompt with white space (PaliGemma: "\\n", after which its prefix-LM generates the answer).
+    `prompt`: render_prompt(processor, question), where the caller has it already.
     """
-    prompt = render_prompt(processor, question)
+    prompt = render_prompt(processor, question) if prompt is None else prompt
     answer = answer.strip()
     if not getattr(processor, "chat_template", None):  # FALLBACK_TEMPLATE: " " before the answer, unless the
         gap = "" if processor_text(processor, prompt)[-1:].isspace() else " "  # processor ends it so (PaliGemma: "\n")
@@ -895,7 +896,7 @@ def _response_ids(processor, questions, prompts, answers, special, add_eos=True)
     tokenisation where the prompt's tokens survive it, else the response tokenised on its own."""
     tok, out = processor.tokenizer, []
     for p, q, a in zip(prompts, questions, answers):
-        r = render_pair(processor, q, a)[1]
+        r = render_pair(processor, q, a, prompt=p)[1]
         p = p if getattr(processor, "chat_template", None) else processor_text(processor, p)  # PaliGemma: + "\n"
         r = with_stop(tok, r) if add_eos else r
         p_ids, f_ids = tok(p, add_special_tokens=special)["input_ids"], tok(p + r, add_special_tokens=special)["input_ids"]
