@@ -159,16 +159,17 @@ def allowed_keys(attention_mask, b, qpos, K):
     """-> (R, K) bool: which of the K keys the queries at positions `qpos` (R,) of row b see, from
     the mask the layer got under any attention implementation: None (causal, no padding),
     (B|1, 1, Q, K) bool (SDPA: True = attend) or float (eager: 0, or the dtype's min: added),
-    (B, K) (flash: key padding; causal). Q is K, or the last Q positions while decoding."""
+    (B, K) (flash: key padding; causal). Q is K, or the last Q positions while decoding.
+    b may also be a 1-D tensor of rows: -> (len(b), R, K), or (R, K) where every row sees alike."""
     import torch
 
     causal = torch.arange(K, device=qpos.device)[None, :] <= qpos[:, None]  # (R, K)
     if attention_mask is None:
         return causal
     if attention_mask.dim() == 2:
-        return causal & attention_mask[b, -K:].bool()[None, :]
-    m = attention_mask[b if attention_mask.shape[0] > 1 else 0, 0]  # (Q, K)
-    m = m[qpos - (K - m.shape[0]), -K:]  # (R, K)
+        return causal & attention_mask[b, -K:].bool().unsqueeze(-2)
+    m = attention_mask[b if attention_mask.shape[0] > 1 else 0, 0]  # (Q, K), or (len(b), Q, K)
+    m = m[..., qpos - (K - m.shape[-2]), -K:]  # (R, K), or (len(b), R, K)
     return m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
 
 
@@ -227,8 +228,8 @@ def last_row_attention(query, key, attention_mask, scaling, softcap=None):
     scores = torch.matmul(query[:, :, -1:].float(), key.float().transpose(-1, -2)) * scaling  # (B, H, 1, K)
     scores = torch.tanh(scores / softcap) * softcap if softcap else scores
     K, last = key.shape[2], torch.tensor([key.shape[2] - 1], device=query.device)
-    allowed = torch.stack([allowed_keys(attention_mask, b, last, K) for b in range(query.shape[0])])  # (B, 1, K)
-    return torch.softmax(scores.masked_fill(~allowed[:, None], float("-inf")), dim=-1).mean(dim=(1, 2))  # (B, K)
+    allowed = allowed_keys(attention_mask, torch.arange(query.shape[0], device=query.device), last, K)  # (B|1, 1, K)
+    return torch.softmax(scores.masked_fill(~allowed.unsqueeze(-3), float("-inf")), dim=-1).mean(dim=(1, 2))  # (B, K)
 
 
 def install_probe(model):

@@ -457,11 +457,23 @@ _PLACEHOLDERS = {}  # (id(processor), template) -> image placeholder text
 _SPECIALS = {}  # (id(tokenizer), its size) -> special-token strings
 
 
+_RENDERED = {}  # (id(processor), template, messages, options) -> the rendered text
+
+
 def _chat(processor, messages, **kw):
+    """The chat template rendered, remembered per processor, template and messages: 04 renders each
+    question's prompt and conversation several times a row (generation, the tokens it scores, the
+    pair's reference and fingerprint), and one rendering (~0.2 ms) weighed as much as a decode step
+    of the toy. A template that writes the date keeps the first one for the process."""
     # subtle: transformers treats a variable the template does not read as a processor argument (and warns)
     template = processor.chat_template
-    extra = {k: v for k, v in TEMPLATE_KWARGS.items() if isinstance(template, str) and k in template}
-    return processor.apply_chat_template(messages, tokenize=False, **extra, **kw)
+    key = (id(processor), template, repr(messages), repr(sorted(kw.items())))
+    if key not in _RENDERED:
+        if len(_RENDERED) > 100_000:  # a bound for long runs: start over
+            _RENDERED.clear()
+        extra = {k: v for k, v in TEMPLATE_KWARGS.items() if isinstance(template, str) and k in template}
+        _RENDERED[key] = processor.apply_chat_template(messages, tokenize=False, **extra, **kw)
+    return _RENDERED[key]
 
 
 def image_placeholder(processor):
@@ -894,14 +906,15 @@ def response_ids(processor, questions, answers):
 def _response_ids(processor, questions, prompts, answers, special, add_eos=True):
     """Each answer's response tokens after its rendered prompt: the continuation of the joint
     tokenisation where the prompt's tokens survive it, else the response tokenised on its own."""
-    tok, out = processor.tokenizer, []
-    for p, q, a in zip(prompts, questions, answers):
-        r = render_pair(processor, q, a, prompt=p)[1]
-        p = p if getattr(processor, "chat_template", None) else processor_text(processor, p)  # PaliGemma: + "\n"
-        r = with_stop(tok, r) if add_eos else r
-        p_ids, f_ids = tok(p, add_special_tokens=special)["input_ids"], tok(p + r, add_special_tokens=special)["input_ids"]
-        out.append(f_ids[len(p_ids):] if f_ids[: len(p_ids)] == p_ids else tok(r, add_special_tokens=False)["input_ids"])
-    return out
+    tok = processor.tokenizer
+    resp = [render_pair(processor, q, a, prompt=p)[1] for p, q, a in zip(prompts, questions, answers)]
+    resp = [with_stop(tok, r) if add_eos else r for r in resp]
+    if not getattr(processor, "chat_template", None):  # the text the processor tokenises (PaliGemma: + "\n")
+        prompts = [processor_text(processor, p) for p in prompts]
+    p_ids = tok(prompts, add_special_tokens=special)["input_ids"]  # the whole batch in one call each
+    f_ids = tok([p + r for p, r in zip(prompts, resp)], add_special_tokens=special)["input_ids"]
+    return [f[len(p):] if f[:len(p)] == p else tok(r, add_special_tokens=False)["input_ids"]
+            for p, f, r in zip(p_ids, f_ids, resp)]
 
 
 def generate_scored(model, processor, questions, images, max_new_tokens=64, keep_prompt=False):

@@ -120,17 +120,20 @@ def run_setting(name, a, gp, common, vlm):
     boxes = {}  # visual tokens per row (04's token_boxes: each image's count first)
     n_visual = [sum(gp.token_boxes(processor, [common.load_image(a.image_root, p) for p in it["image"]], boxes)[0])
                 for it in items]
-    thresholds, counts = gp.THRESHOLDS, Counter()
-    ctx = lambda: {"layer": layer, "boxes": {}, "thresholds": thresholds, "ref_model": ref_model,  # noqa: E731
-                   "viz_ids": set(), "probe_rows": counts, "processor": processor}
+    counts = Counter()
+    # one context per mode for the whole run, as 04's main keeps one (its token-geometry cache is filled once)
+    ctx = {m: {"layer": layer, "boxes": {}, "thresholds": gp.THRESHOLDS, "ref_model": ref_model, "viz_ids": set(),
+               "probe_rows": counts, "processor": processor} for m in modes}
 
     def generate(batch):
         ims = [[common.load_image(a.image_root, x) for x in it["image"]] for it in batch]
         vlm.generate(plain, processor, [it["prompt"] for it in batch], ims, a.max_new_tokens, return_finished=True)
 
     contenders = {"generate": generate,
-                  "04 teacher-forced": lambda b: gp.run_batch(probed, processor, b, modes["teacher-forced"], ctx())[0],
-                  "04 during-gen": lambda b: gp.run_batch(probed, processor, b, modes["during-generation"], ctx())[0]}
+                  "04 teacher-forced": lambda b: gp.run_batch(probed, processor, b, modes["teacher-forced"],
+                                                              ctx["teacher-forced"])[0],
+                  "04 during-gen": lambda b: gp.run_batch(probed, processor, b, modes["during-generation"],
+                                                          ctx["during-generation"])[0]}
     if a.control:
         contenders["generate (control)"] = generate
     names = list(contenders)
@@ -140,6 +143,8 @@ def run_setting(name, a, gp, common, vlm):
             warm.append((n, contenders[n](b)))
     if name != "toy":
         thresholds = quantile_thresholds([r for n, recs in warm if n == "04 during-gen" for r in recs], a.pair_share, gp)
+        for c in ctx.values():
+            c["thresholds"] = thresholds
     recs = [r for b in batches for r in contenders["04 during-gen"](b)]
     counts.clear()
     wall, cpu = {n: [] for n in names}, {n: [] for n in names}

@@ -163,6 +163,10 @@ def test_allowed_keys_reads_every_mask_form_alike():
         assert torch.equal(gp.allowed_keys(mask, 0, qpos, 4), causal[0, 1:4])
     assert torch.equal(gp.allowed_keys(sdpa[:, :, -1:], 0, torch.tensor([3]), 4), causal[0, 3:4])  # a decode step
     assert torch.equal(gp.allowed_keys(None, 0, qpos, 4), torch.tril(torch.ones(4, 4, dtype=torch.bool))[1:4])
+    two = torch.cat([keys, torch.ones_like(keys)])  # rows at once (a decode step's batch): row 1 unpadded
+    both = torch.tril(torch.ones(4, 4, dtype=torch.bool)) & two[:, None, :]  # (2, 4, 4)
+    for mask in (both[:, None], torch.zeros(2, 1, 4, 4).masked_fill(~both[:, None], torch.finfo(torch.float32).min), two.long()):
+        assert torch.equal(gp.allowed_keys(mask, torch.arange(2), qpos, 4), both[:, 1:4])
 
 
 def test_probe_rows_apply_the_logit_softcap_as_eager_does():
