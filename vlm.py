@@ -19,11 +19,13 @@ torch and transformers are imported inside the functions that need them.
 
 Without a torchvision that imports (PyPI's torchvision is a CUDA build that fails beside a CPU
 torch), two things need a fallback: transformers' processors (load_processor: PIL image processors,
-a video part as its saved settings) and harness code that imports torchvision at module level
-(VLMEvalKit: torchvision_or_stand_in). Both ask torchvision_problem, so they never disagree.
+a video part as its saved settings, a class gated on torchvision imported past it) and harness code
+that imports torchvision at module level (VLMEvalKit: torchvision_or_stand_in). Both ask
+torchvision_problem, so they never disagree.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.abc
 import importlib.machinery
@@ -127,48 +129,78 @@ def load_processor(path):
     """The processor of a LOCAL checkpoint: `AutoProcessor.from_pretrained(path)`, also where
     torchvision cannot be imported.
 
-    In transformers 5.23 the Qwen2/2.5/3-VL, Qwen3.5, LLaVA-OneVision, InternVL, SmolVLM and
-    Gemma 4 processors hold a video processor, and every video processor needs torchvision. On a
-    machine where torchvision imports (a GPU user's), this IS AutoProcessor, video processor
-    included. Where it does not (PyPI's torchvision is a CUDA build that fails beside a CPU torch),
-    such a processor is built from the same files, as the same class, with the PIL image processor
-    and, for the video part, its saved settings only (a dict, readable as attributes: SmolVLM's
-    apply_chat_template reads `.num_frames`; save_pretrained writes it back): text and images are
-    processed exactly as AutoProcessor would, and a call with videos raises. Processors without
-    a video part load through AutoProcessor either way (it then picks the PIL image processor).
+    On a machine where torchvision imports (a GPU user's), this IS AutoProcessor. Where it does not
+    (PyPI's torchvision is a CUDA build that fails beside a CPU torch), transformers 5.23 falls short
+    for two kinds of processor, which are then built from the same files, as the same class, with
+    the PIL image processor, exactly as AutoProcessor builds them otherwise:
+    - a processor holding a video processor (Qwen2/2.5/3-VL, Qwen3.5, LLaVA-OneVision, InternVL,
+      SmolVLM, Gemma 4): every video processor needs torchvision, so the video part is its saved
+      settings only (a dict, readable as attributes: SmolVLM's apply_chat_template reads
+      `.num_frames`; save_pretrained writes it back), and a call with videos raises;
+    - a processor class transformers gates on torchvision alone (`@requires(backends=("torchvision",
+      "torch"))`, so its lazy module hands out a dummy) while its image processor has a PIL class:
+      PixtralProcessor (Mistral 3), whose module imports a pure-Python size helper from the
+      torchvision image processor's module. The real class is imported past that (_torchvision_stand_in).
+    Token ids equal AutoProcessor's; pixel values are the PIL image processor's, which PIL's and
+    torchvision's resizes can put a uint8 level apart (tests/test_families.py compares the two where
+    torchvision imports). A processor whose image processor has no PIL class (Llama 4's,
+    LFM2-VL's) is refused in one line that names torchvision. Other processors load through
+    AutoProcessor either way (it then picks the PIL image processor).
       load_processor("models/qwen2-vl")  ->  Qwen2VLProcessor (.video_processor: settings only here)
     """
-    import inspect
-
-    from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers import AutoProcessor
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES, processor_class_from_name
     from transformers.utils import is_torchvision_available
 
     path = Path(path)
 
-    def read(name):
-        f = path / name
-        return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
-
     def processor_class():  # where AutoProcessor looks for it, in the same order
         for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
-            if read(name).get("processor_class"):
-                return processor_class_from_name(read(name)["processor_class"])
-        name = PROCESSOR_MAPPING_NAMES.get(read("config.json").get("model_type"))
+            if _read_json(path, name).get("processor_class"):
+                return processor_class_from_name(_read_json(path, name)["processor_class"])
+        name = PROCESSOR_MAPPING_NAMES.get(_read_json(path, "config.json").get("model_type"))
         return processor_class_from_name(name) if name else None
 
     works = torchvision_problem() is None
     broken = is_torchvision_available() and not works  # installed, yet transformers' torchvision paths fail
     cls = processor_class()
+    # a dummy's _backends are the ones missing here: torchvision alone -> the real class can be had
+    gated = not works and getattr(cls, "is_dummy", False) and list(cls._backends) == ["torchvision"]
     try:
-        if works or cls is None or (not broken and "video_processor" not in cls.get_attributes()):
+        if gated:
+            cls = _ungated_class(cls.__name__)
+        if works or cls is None or not (broken or gated or "video_processor" in cls.get_attributes()):
             return AutoProcessor.from_pretrained(path, local_files_only=True)
-    except (ImportError, ValueError) as e:  # Pixtral's processor class, Llama 4's and LFM2-VL's image processors
+        return _processor_from_parts(cls, path)
+    except (ImportError, ValueError) as e:  # Llama 4's and LFM2-VL's image processors: torchvision classes only
         if works or "torchvision" not in str(e).lower():
             raise
         raise ValueError(f"{path}: {getattr(cls, '__name__', 'its processor')} needs torchvision, which does not import "
                          f"here ({torchvision_problem()}): transformers requires torchvision for its processing. "
                          f"It runs where torchvision imports (every GPU machine; tests: bash run.sh test-gpu-lane)") from None
+
+
+def _read_json(folder, name):
+    f = folder / name
+    return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+
+
+def _ungated_class(name):
+    """The real transformers class `name` where its lazy module hands out a dummy because torchvision
+    is missing: imported from the module transformers' own table names, past its torchvision imports."""
+    import transformers
+
+    with _torchvision_stand_in():  # _class_to_module: the lazy module's name -> defining module table
+        module = importlib.import_module(f"transformers.{transformers._class_to_module[name]}")
+    return getattr(module, name)
+
+
+def _processor_from_parts(cls, path):
+    """A `cls` processor without torchvision: each part loaded the way AutoProcessor loads it, the
+    image processor as its PIL class, a video part as its saved settings (load_processor)."""
+    import inspect
+
+    from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoTokenizer
 
     class VideoSettings(dict):
         """The video processor's saved settings, standing in for it; processing a video raises."""
@@ -183,18 +215,22 @@ def load_processor(path):
             raise RuntimeError(f"{path}: {cls.__name__} cannot process videos on this machine: its video "
                                f"processor needs torchvision, which does not import here")
 
-    # No usable torchvision: each part loaded the way AutoProcessor loads it, the video part as settings.
     settings, _ = cls.get_processor_dict(path, local_files_only=True)  # processor_config.json + chat template
     parts = []
     for attr in cls.get_attributes():
         if attr == "tokenizer":
             parts.append(AutoTokenizer.from_pretrained(path, local_files_only=True))
         elif attr == "image_processor":
-            parts.append(AutoImageProcessor.from_pretrained(path, local_files_only=True, backend="pil"))
+            ip = AutoImageProcessor.from_pretrained(path, local_files_only=True, backend="pil")
+            # a class with no PIL twin: transformers raises where torchvision is not installed, and
+            # falls back to the torchvision class where it is installed but broken
+            if getattr(ip, "backend", None) == "torchvision":
+                raise ValueError(f"{path}: {type(ip).__name__} is a torchvision class, with no PIL twin")
+            parts.append(ip)
         elif attr in ("feature_extractor", "audio_processor"):
             parts.append(AutoFeatureExtractor.from_pretrained(path, local_files_only=True))
         elif attr == "video_processor":
-            parts.append(VideoSettings(settings.get(attr) or read("video_preprocessor_config.json")))
+            parts.append(VideoSettings(settings.get(attr) or _read_json(path, "video_preprocessor_config.json")))
         else:
             raise ValueError(f"{path}: {cls.__name__} needs a {attr}, which cannot be loaded without torchvision")
     accepted = {p.name for p in inspect.signature(cls.__init__).parameters.values()
@@ -246,9 +282,8 @@ class _Absent:
         return _Absent(f"{self._path}.{name}")
 
     def __call__(self, *a, **k):
-        raise ModuleNotFoundError(f"{self._path}: torchvision is not importable here (vlm.torchvision_or_stand_in "
-                                  f"stands in for its import-time names only); this part of the harness needs a "
-                                  f"working torchvision")
+        raise ModuleNotFoundError(f"{self._path}: torchvision is not importable here (vlm's stand-in covers its "
+                                  f"import-time names only); this needs a working torchvision")
 
     def __mro_entries__(self, bases):  # `class X(torchvision.Y)` at import time: defined, fails when used
         return (object,)
@@ -291,10 +326,34 @@ def torchvision_or_stand_in():
     reason = torchvision_problem()
     if reason is None:
         return "real"
-    if any(isinstance(f, _TorchvisionStandIn) for f in sys.meta_path):
-        return reason
-    for k in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
-        del sys.modules[k]
+    if not any(isinstance(f, _TorchvisionStandIn) for f in sys.meta_path):
+        _record_torchvision_absent()
+        sys.meta_path.insert(0, _TorchvisionStandIn())
+    return reason
+
+
+@contextlib.contextmanager
+def _torchvision_stand_in():
+    """torchvision_or_stand_in for the imports inside the block only (load_processor: PixtralProcessor's
+    module imports a helper from the torchvision image processor's module); afterwards `import
+    torchvision` fails again, and only what the block imported keeps stand-in names."""
+    if any(isinstance(f, _TorchvisionStandIn) for f in sys.meta_path):  # the process-wide one is in place
+        yield
+        return
+    _record_torchvision_absent()
+    finder = _TorchvisionStandIn()
+    sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(finder)
+        _drop_torchvision_modules()
+
+
+def _record_torchvision_absent():
+    """Make transformers and datasets record now that torchvision is absent (both cache the answer),
+    so that no stand-in installed after this can make them think it is there."""
+    _drop_torchvision_modules()
     sys.modules["torchvision"] = None  # importlib.util.find_spec -> None while they look
     try:
         import transformers.utils.import_utils as iu
@@ -306,8 +365,11 @@ def torchvision_or_stand_in():
             pass
     finally:
         del sys.modules["torchvision"]
-    sys.meta_path.insert(0, _TorchvisionStandIn())
-    return reason
+
+
+def _drop_torchvision_modules():
+    for k in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
+        del sys.modules[k]
 
 
 def cap_image_tokens(processor, n):

@@ -31,7 +31,7 @@ import prefix_sharing
 import train_state
 import vlm
 import token_geometry
-from tiny_families import FAMILIES, FAMILIES_SPEC, NO_GEOMETRY, NO_TEMPLATE, tiny_dirs, write_mia_rows  # noqa: F401
+from tiny_families import FAMILIES, FAMILIES_SPEC, NO_GEOMETRY, NO_TEMPLATE, build, tiny_dirs, write_mia_rows  # noqa: F401
 
 SPEC = {f.name: f for f in FAMILIES_SPEC}
 QUESTION = "Image1:<image>\nImage2:<image>\nIn Image2, what color is the shape?"
@@ -165,6 +165,57 @@ def test_load_processor_without_torchvision_saves_and_reloads_the_video_settings
             assert getattr(real.video_processor, k) == proc.video_processor[k], k
         c = real(text=["<|image_pad|>"], images=[IMAGES[0]], return_tensors="pt")
         assert torch.equal(c["input_ids"], a["input_ids"])
+
+
+def test_load_processor_without_torchvision_builds_pixtral_as_autoprocessor_does(tmp_path, monkeypatch):
+    """PixtralProcessor (Mistral 3) is gated on torchvision in transformers 5.23, its image processor
+    has a PIL class: without torchvision, load_processor builds the real class from its parts. The
+    CPU lane gets a dummy from transformers and takes that path; the GPU-user lane is told torchvision
+    fails (as above) and compares with AutoProcessor, i.e. the torchvision image processor: input_ids
+    and image_sizes equal, pixel_values within one uint8 level, where PIL's and torchvision's bicubic
+    resizes round apart (max |difference| 1.2e-7 on the two solid images, 0.0150 = one level on the
+    noise ones). The size helper the processor's module imports from the torchvision image
+    processor's module is the real function: its token counts are the processor's own expansion."""
+    from transformers import AutoProcessor
+    from transformers.models.auto.processing_auto import processor_class_from_name
+
+    torchvision_here = _torchvision_imports()
+    path = build("mistral3", tmp_path)  # not tiny_dirs: it would skip, not fail, where loading is refused
+    if torchvision_here:
+        monkeypatch.setitem(vlm._TORCHVISION, "problem", "RuntimeError: simulated: torchvision does not match torch")
+    else:  # the path under test: transformers hands out a dummy class here
+        assert processor_class_from_name("PixtralProcessor").is_dummy
+    proc = vlm.load_processor(path)
+    assert (type(proc).__name__, type(proc.image_processor).__name__) == ("PixtralProcessor", "PixtralImageProcessorPil")
+    assert _torchvision_imports() == torchvision_here  # the stand-in used for its import is gone
+    rng = np.random.default_rng(0)
+    images = IMAGES + [Image.fromarray(rng.integers(0, 256, (im.height, im.width, 3), dtype=np.uint8)) for im in IMAGES]
+    text = ["[IMG]" * len(images) + " What is shown?"]
+    enc = proc(text=text, images=[images], return_tensors="pt")
+    sizes = [(im.height, im.width) for im in images]
+    expansion = torch.isin(enc["input_ids"], torch.tensor(proc.image_token_ids)).sum()
+    assert sum(proc._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens) == expansion == 2 * (12 + 9)
+    if torchvision_here:
+        auto = AutoProcessor.from_pretrained(path, local_files_only=True)
+        assert type(auto.image_processor).__name__ == "PixtralImageProcessor"  # its torchvision class
+        want = auto(text=text, images=[images], return_tensors="pt")
+        assert want.keys() == enc.keys()
+        assert torch.equal(want["input_ids"], enc["input_ids"]) and torch.equal(want["image_sizes"], enc["image_sizes"])
+        one_level = 1 / 255 / min(proc.image_processor.image_std)  # in normalised units
+        assert (want["pixel_values"] - enc["pixel_values"]).abs().max() <= one_level + 1e-6
+
+
+@pytest.mark.parametrize("family", ["llama4", "lfm2_vl"])
+def test_load_processor_without_torchvision_refuses_an_image_processor_with_no_pil_class(family, tmp_path, monkeypatch):
+    """Llama 4's and LFM2-VL's image processors are torchvision classes only (transformers 5.23): without
+    torchvision their processors are refused in one line naming it, whether torchvision is missing (the
+    CPU lane) or installed but broken (simulated in the GPU-user lane, where transformers would fall
+    back to the torchvision class)."""
+    path = build(family, tmp_path)
+    if _torchvision_imports():
+        monkeypatch.setitem(vlm._TORCHVISION, "problem", "RuntimeError: simulated: torchvision does not match torch")
+    with pytest.raises(ValueError, match=r"^[^\n]*: \w+Processor needs torchvision, which does not import here [^\n]*$"):
+        vlm.load_processor(path)
 
 
 # ---- prompts and responses, as each family's template writes them ----------------------------

@@ -21,10 +21,11 @@ pool to 2x2, pixel shuffle 2x2, anyres grids in base-size steps) are the release
 
 The chat templates at the bottom are facts (the released templates, reproduced); each names
 its source. The video processor of a family that has one is written into processor_config.json
-(so torchvision users get it) but not built here: see vlm.load_processor. Llama 4's image processor
-exists only as a torchvision class in transformers 5.23 (no PIL twin): its settings are written the same
-way, so without torchvision that family's processor does not load (nor does Mistral 3's: PixtralProcessor
-itself requires torchvision).
+(so torchvision users get it) but not built here: see vlm.load_processor. Llama 4's and LFM2-VL's image
+processors exist only as torchvision classes in transformers 5.23 (no PIL twin): their settings are
+written the same way, so without torchvision those two families' processors do not load. Mistral 3's
+does: PixtralProcessor is marked as requiring torchvision, but its image processor has a PIL class, and
+vlm.load_processor builds the real processor from its parts.
 """
 from __future__ import annotations
 
@@ -737,7 +738,7 @@ def tiny_dirs(tmp_path_factory):
     def get(family):
         if family not in cache:
             cache[family] = build(family, root / family)
-            try:  # a family whose processing needs torchvision (Pixtral, Llama 4, LFM2-VL) runs in the GPU-user lane only
+            try:  # a family whose image processing needs torchvision (Llama 4, LFM2-VL) runs in the GPU-user lane only
                 import vlm
 
                 vlm.load_processor(cache[family])
