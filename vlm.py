@@ -422,6 +422,13 @@ def image_token_id(model_or_config):
     raise ValueError("model config names no image token (image_token_id / image_token_index)")
 
 
+def _image_token_text(processor):
+    """The processor's image token as text, or None: Blip2Processor holds it as a tokenizers
+    AddedToken (whose str() is its text), the others as a str."""
+    token = getattr(processor, "image_token", None)
+    return None if token is None else str(token)
+
+
 def emitted_image_tokens(processor, images, token_id=None):
     """Image-token positions `processor(text=..., images=images)` gives each image (one prompt).
     token_id: the one the model fills (image_token_id(model)); without it, the tokenizer's image
@@ -432,7 +439,7 @@ def emitted_image_tokens(processor, images, token_id=None):
         soft = getattr(tok, "image_token", None)
         token_id = tok.convert_tokens_to_ids(soft) if soft else processor.image_token_id
     def ids(ims, **kw):  # return_tensors: Ovis2's expansion needs tensors
-        return processor(text=[processor.image_token * len(ims)], images=[ims], return_tensors="pt", **kw)
+        return processor(text=[_image_token_text(processor) * len(ims)], images=[ims], return_tensors="pt", **kw)
 
     enc = ids(images, return_text_replacement_offsets=True)
     if "text_replacement_offsets" in enc:
@@ -471,7 +478,7 @@ def image_placeholder(processor):
       InternVL: "<IMG_CONTEXT>"   Gemma 3: "<start_of_image>"   (the processor expands each one)
     Without a chat template: the processor's image token. A template whose image item does not
     contain the processor's image token is refused (nothing would mark the image)."""
-    token = getattr(processor, "image_token", None) or MARKER
+    token = _image_token_text(processor) or MARKER
     template = getattr(processor, "chat_template", None)
     if not template:
         return token
@@ -589,7 +596,7 @@ def processor_text(processor, prompt):
     end. Only its text side runs (prepare_inputs_layout), with a 1x1 stand-in per image token."""
     from PIL import Image
 
-    n = prompt.count(getattr(processor, "image_token", None) or MARKER)
+    n = prompt.count(_image_token_text(processor) or MARKER)
     stand_ins = [[Image.new("RGB", (1, 1))] * n] if n else None
     return processor.prepare_inputs_layout(images=stand_ins, text=[prompt])[1][0]
 

@@ -203,6 +203,17 @@ def test_the_trap_image_items_move_to_the_front(toy):
     assert naive == "USER: <image>\n<image>\nImage1:  Image2:  ASSISTANT:"
 
 
+def test_an_image_token_held_as_an_added_token_is_its_text():
+    """A processor may hold its image token as a tokenizers AddedToken, not a str (str.replace refused it)."""
+    from tokenizers import AddedToken
+
+    class Processor:  # no chat template: the fallback prompt, the image token as the placeholder
+        image_token, chat_template = AddedToken("<image>", normalized=False, special=True), None
+
+    assert vlm.image_placeholder(Processor()) == "<image>"
+    assert vlm.render_prompt(Processor(), "<image>\nWhat color?") == "USER: <image>\nWhat color? ASSISTANT:"
+
+
 def test_toy_model_ships_the_real_llava15_template(toy_tiny):
     _, proc = vlm.load_model(toy_tiny / "models" / "toy-llava")  # fresh from disk: no other test's edits
     assert proc.chat_template == REAL_LLAVA15_TEMPLATE
