@@ -78,7 +78,8 @@ def prepare_policy(model, reference, lora_r=0, lora_alpha=16, lora_dropout=0.0, 
     return policy, frozen
 
 
-VISION = ("vision_tower", "visual", "vision_model")  # what families call the vision encoder ...
+# vqmodel: a VQ image tokenizer, whose discrete codes the LM embeds as tokens (no vision tower)
+VISION = ("vision_tower", "visual", "vision_model", "vqmodel")  # what families call the vision encoder ...
 PROJECTOR = ("multi_modal_projector", "connector", "embed_vision", "visual.merger", "visual.deepstack_merger_list")
 
 

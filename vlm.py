@@ -2,6 +2,7 @@
 vlm.py — talking to a vision-language model: load it, prompt it, score and generate with it.
 
   model  : load_model / load_processor (a LOCAL Hugging Face checkpoint, never a download),
+           check_supported (refuses an encoder-decoder, or a processor that places images itself),
            image_token_id, model_fingerprint, cap_image_tokens / image_settings_id (the
            visual-token budget and its record), resolve_model (a model or LoRA adapter folder),
            parse_models (--model NAME=PATH, 07's flag)
@@ -96,6 +97,7 @@ def load_model(path, dtype="auto", device="cpu", attn_implementation=None, adapt
     `attn_implementation`: "eager", "sdpa", "flash_attention_2" or None (transformers' default).
     `adapter`: a LoRA adapter directory (06's OUT/adapter), merged into the weights on load.
     `max_image_tokens`: cap_image_tokens(processor, N), the same cap for 04, 06 and 07 (--max-image-tokens).
+    A checkpoint check_supported refuses ends the run there, in one line.
     """
     import torch
     from transformers import AutoModelForImageTextToText
@@ -120,9 +122,38 @@ def load_model(path, dtype="auto", device="cpu", attn_implementation=None, adapt
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     model = model.to(device).eval()
     processor = load_processor(path)
+    check_supported(model, processor)
     if max_image_tokens:
         cap_image_tokens(processor, max_image_tokens)
     return model, processor
+
+
+def check_supported(model, processor):
+    """Refuse, in one line (SystemExit), a checkpoint this toolkit cannot prompt or score as it does
+    every family: the answer as the continuation of the prompt in ONE decoder sequence (response_logps,
+    DPO's log-probs), each image where the question puts its <image> (sequences of several images).
+      an encoder-decoder (Florence-2: a BART encoder reads image + prompt, its decoder writes the answer);
+      a processor that places the image itself, wherever the prompt's image token is (BLIP-2: in front
+      of the text; Fuyu, Florence-2: refuse a prompt that holds one) — checked on a 64-px image, with
+      the placeholder first and last: its image tokens must move with it."""
+    from PIL import Image
+
+    name = type(model).__name__
+    if model.config.is_encoder_decoder:
+        raise SystemExit(f"{name} is an encoder-decoder model: this toolkit scores and trains an answer as the "
+                         f"continuation of its prompt in one decoder-only sequence")
+    ph, token = image_placeholder(processor), image_token_id(model)
+    try:  # return_tensors: Ovis2's expansion needs tensors
+        ids = [processor(text=[t], images=[[Image.new("RGB", (64, 64))]], return_tensors="pt")["input_ids"][0].tolist()
+               for t in (ph + "\nQ", "Q\n" + ph)]
+    except ValueError as e:
+        raise SystemExit(f"{name}: its processor refuses an image at its image token {ph!r}, where this toolkit "
+                         f"writes each image: {str(e).splitlines()[0]}") from None
+    first = [row.index(token) if token in row else -1 for row in ids]
+    if first[1] <= first[0]:
+        raise SystemExit(f"{name}: its processor puts the image's tokens at the same place wherever the prompt's image "
+                         f"token {ph!r} is (in front of the text): it places images itself, so a prompt cannot place "
+                         f"one, or several, where the question puts them")
 
 
 def load_processor(path):
@@ -484,6 +515,13 @@ def image_token_id(model_or_config):
     raise ValueError("model config names no image token (image_token_id / image_token_index)")
 
 
+def _image_token_text(processor):
+    """The processor's image token as text, or None: Blip2Processor holds it as a tokenizers
+    AddedToken (whose str() is its text), the others as a str."""
+    token = getattr(processor, "image_token", None)
+    return None if token is None else str(token)
+
+
 def emitted_image_tokens(processor, images, token_id=None):
     """Image-token positions `processor(text=..., images=images)` gives each image (one prompt).
     token_id: the one the model fills (image_token_id(model)); without it, the tokenizer's image
@@ -494,7 +532,7 @@ def emitted_image_tokens(processor, images, token_id=None):
         soft = getattr(tok, "image_token", None)
         token_id = tok.convert_tokens_to_ids(soft) if soft else processor.image_token_id
     def ids(ims, **kw):  # return_tensors: Ovis2's expansion needs tensors
-        return processor(text=[processor.image_token * len(ims)], images=[ims], return_tensors="pt", **kw)
+        return processor(text=[_image_token_text(processor) * len(ims)], images=[ims], return_tensors="pt", **kw)
 
     enc = ids(images, return_text_replacement_offsets=True)
     if "text_replacement_offsets" in enc:
@@ -545,7 +583,7 @@ def image_placeholder(processor):
       InternVL: "<IMG_CONTEXT>"   Gemma 3: "<start_of_image>"   (the processor expands each one)
     Without a chat template: the processor's image token. A template whose image item does not
     contain the processor's image token is refused (nothing would mark the image)."""
-    token = getattr(processor, "image_token", None) or MARKER
+    token = _image_token_text(processor) or MARKER
     template = getattr(processor, "chat_template", None)
     if not template:
         return token
@@ -663,7 +701,7 @@ def processor_text(processor, prompt):
     end. Only its text side runs (prepare_inputs_layout), with a 1x1 stand-in per image token."""
     from PIL import Image
 
-    n = prompt.count(getattr(processor, "image_token", None) or MARKER)
+    n = prompt.count(_image_token_text(processor) or MARKER)
     stand_ins = [[Image.new("RGB", (1, 1))] * n] if n else None
     return processor.prepare_inputs_layout(images=stand_ins, text=[prompt])[1][0]
 

@@ -19,9 +19,10 @@ tests/test_families.py):
       candidates instead (chosen = the ground truth, rejected = the model's answer), said in the table;
   07  the base checkpoint and 06's output on the same three rows.
 
-A stage passes, is skipped with the reason 04 counts (grid/pip: "no token geometry: ..."), or
-FAILS with its one-line error and the innermost toolkit frame. The table is printed at the end;
-the exit status is 1 if any stage FAILED (a counted skip is not a failure).
+A stage passes, is skipped with the reason 04 counts (grid/pip: "no token geometry: ..."), is refused
+(the stage ended with its one-line SystemExit: a checkpoint it says it does not support), or FAILS
+with its error (any other exception) and the innermost toolkit frame. The table is printed at the end;
+the exit status is 1 if any stage FAILED (a counted skip or a refusal is not a failure: read its reason).
 
 Each family mirrors one released checkpoint (Family.release): its model, processor and PIL
 image-processor classes (transformers 5.23, no torchvision), the processor settings and chat
@@ -176,6 +177,114 @@ def _mllama():
                                  image_std=[0.26862954, 0.26130258, 0.27577711])
     return _Parts(MllamaForConditionalGeneration(cfg), tok, ip, MLLAMA_TEMPLATE, {},
                   ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"])  # generation_config.json eos_token_id
+
+
+def _blip2():
+    """Salesforce/blip2-opt-2.7b: EVA ViT-g 224/14, a Q-Former whose 32 learned queries cross-attend
+    to the patch features (every other layer) -> 32 tokens per image, projected into OPT-2.7B. The
+    processor writes num_query_tokens <image> BEFORE the text (before OPT's </s> BOS), whatever the
+    text says: one image per prompt. No chat template. Here 32 px / patch 16, 4 queries."""
+    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig, Blip2VisionConfig,
+                              BlipImageProcessorPil, GPT2Tokenizer, OPTConfig)
+
+    # OPT's byte-level BPE (GPT2Tokenizer): <s> <pad> </s> <unk> first, </s> written in front of every text
+    # (add_bos_token), then <image> (50265), which the BLIP-2 converter added as a special token. The release's
+    # unk_token is "</s>" too; here "<unk>", as build() refuses an EOS that is the unk (a byte-level BPE never emits it)
+    tok = tf._tokenizer(GPT2Tokenizer, ["<s>", "<pad>", "</s>", "<unk>"], ["<image>"], None,
+                        bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", add_bos_token=True)
+    text = OPTConfig(vocab_size=len(tok), hidden_size=H, ffn_dim=2 * H, num_hidden_layers=L, num_attention_heads=4,
+                     word_embed_proj_dim=H, max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = Blip2VisionConfig(hidden_size=H, intermediate_size=2 * H, num_hidden_layers=L, num_attention_heads=2,
+                               image_size=32, patch_size=16)
+    # release Q-Former: BERT-base width, 12 layers, cross-attention every 2nd layer
+    qformer = Blip2QFormerConfig(hidden_size=H, num_hidden_layers=L, num_attention_heads=2, intermediate_size=2 * H,
+                                 encoder_hidden_size=H, cross_attention_frequency=2)
+    cfg = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
+                      num_query_tokens=4, image_token_index=tok.convert_tokens_to_ids("<image>"))
+    # release preprocessor_config.json: BlipImageProcessor 224x224, bicubic, OpenAI-CLIP mean/std;
+    # processor_config.json: num_query_tokens 32
+    ip = BlipImageProcessorPil(size={"height": 32, "width": 32}, resample=3,
+                               image_mean=[0.48145466, 0.4578275, 0.40821073],
+                               image_std=[0.26862954, 0.26130258, 0.27577711])
+    return _Parts(Blip2ForConditionalGeneration(cfg), tok, ip, None, {"num_query_tokens": 4}, ["</s>"])
+
+
+def _chameleon():
+    """facebook/chameleon-7b: no vision encoder in the LM's input path: a VQ-GAN turns each 512-px
+    image (shortest edge 512, centre crop) into 32x32 = 1024 DISCRETE codes, mapped to image BPE
+    tokens (IMGIMG...) of the LM's own vocabulary and embedded by its token embedding; each image is
+    <racm3:break> + 1024 <image> + <eoss>, the <image> positions replaced by those codes. The processor
+    appends sep_token (<reserved08706>) to a prompt (chat mode). No chat template.
+    Here 8-px crops, two VQ downsamplings -> 2x2 = 4 codes of a 16-code book."""
+    from transformers import (ChameleonConfig, ChameleonForConditionalGeneration, ChameleonImageProcessorPil,
+                              ChameleonVQVAEConfig)
+
+    # Chameleon's byte-level BPE (tokenizer.json): <s> <pad> </s> <unk>, the image wrappers and sep among the
+    # reserved specials, <s> written in front of every text; the VQ codes are BPE tokens IMGIMG<digits as A-J>Z
+    codes = [f"IMGIMG{''.join(chr(ord('A') + int(d)) for d in str(i))}Z" for i in range(16)]
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<racm3:break>", "<eoss>", "<reserved08706>", "<image>", *codes]
+    tok = _byte_bpe_fast(specials, bos_template="<s>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                         unk_token="<unk>", sep_token="<reserved08706>")
+    # release VQ-GAN: 512 px, base 128 channels x (1, 1, 2, 2, 4), 8192 codes of 256
+    vq = ChameleonVQVAEConfig(embed_dim=8, num_embeddings=16, latent_channels=8, resolution=8, base_channels=32,
+                              channel_multiplier=[1, 2, 2], num_res_blocks=1)
+    cfg = ChameleonConfig(**_text_kw(tok, num_key_value_heads=4, pad_token_id=tok.pad_token_id,
+                                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
+                          vq_config=vq.to_dict(), vocabulary_map=tok.get_vocab())
+    # release preprocessor_config.json: shortest edge 512, crop 512, LANCZOS, rescale 0.0078, mean/std 1.0
+    # (the class defaults); processor_config.json: image_seq_length 1024
+    ip = ChameleonImageProcessorPil(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8})
+    return _Parts(ChameleonForConditionalGeneration(cfg), tok, ip, None,
+                  {"image_seq_length": 4, "image_token": "<image>"}, ["</s>"])
+
+
+def _fuyu():
+    """adept/fuyu-8b: NO vision encoder: each image (scaled to fit 1080x1920, padded to it) is cut
+    into raw 30x30 patches, each patch's pixels put into the LM's input space by one linear layer.
+    The processor writes, IN FRONT of the text, one |SPEAKER| per patch with a |NEWLINE| after each
+    row, then <s>; then the text and <0x04> (beginning of answer): one image per prompt, whatever the
+    text says. Persimmon-8B LM. No chat template. Here a 32x32 canvas of 16-px patches: 2 rows of 2."""
+    from transformers import FuyuConfig, FuyuForCausalLM, FuyuImageProcessorPil, PersimmonConfig
+
+    # Fuyu's SentencePiece-style BPE with byte fallback (<0x04> is a byte piece); |SPEAKER| and |NEWLINE| are
+    # ordinary vocabulary entries of the release, here added after its specials
+    tok = _llama_tokenizer(["|ENDOFTEXT|", "|SPEAKER|", "|NEWLINE|"], eos_token="|ENDOFTEXT|")
+    text = PersimmonConfig(vocab_size=len(tok), hidden_size=H, intermediate_size=2 * H, num_hidden_layers=L,
+                           num_attention_heads=4, max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.convert_tokens_to_ids("|ENDOFTEXT|"))
+    cfg = FuyuConfig(text_config=text.to_dict(), patch_size=16, image_size=32,
+                     image_token_id=tok.convert_tokens_to_ids("|SPEAKER|"))
+    # release preprocessor_config.json: target 1080x1920, patch 30x30, bilinear, pad with 1.0, mean/std 0.5
+    ip = FuyuImageProcessorPil(size={"height": 32, "width": 32}, patch_size={"height": 16, "width": 16})
+    return _Parts(FuyuForCausalLM(cfg), tok, ip, None, {}, ["|ENDOFTEXT|"])
+
+
+def _florence2():
+    """florence-community/Florence-2-base (microsoft/Florence-2-base converted): a DaViT image
+    encoder (4 stages) -> 577 tokens (576 + a pooled one), put IN FRONT of the text by the processor
+    (<image> x image_seq_length, then <s> text </s>), all read by a BART ENCODER; the answer is
+    generated by BART's DECODER: an encoder-decoder model. Task prompts (<CAPTION>, <OD> ...),
+    no chat template. Here one 32-px DaViT stage of stride 16 -> 4 tokens (+1 pooled)."""
+    from transformers import BartConfig, BartTokenizer, CLIPImageProcessorPil, Florence2Config
+    from transformers import Florence2ForConditionalGeneration
+
+    # BART's byte-level BPE (<s> text </s>), then <image> and the release's location tokens
+    tok = tf._tokenizer(BartTokenizer, ["<s>", "<pad>", "</s>", "<unk>"], [f"<loc_{i}>" for i in range(1000)],
+                        {"image_token": "<image>"})
+    text = BartConfig(vocab_size=len(tok), d_model=H, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                      decoder_attention_heads=2, encoder_ffn_dim=2 * H, decoder_ffn_dim=2 * H,
+                      max_position_embeddings=1024, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.eos_token_id)
+    # release DaViT: depths (1, 1, 9, 1), embed (128, 256, 512, 1024), strides (4, 2, 2, 2), 768-px input
+    vision = dict(depths=[1], patch_size=[7], patch_stride=[16], patch_padding=[3], patch_prenorm=[False],
+                  embed_dim=[H], num_heads=[2], num_groups=[2], window_size=2, projection_dim=H, drop_path_rate=0.0)
+    cfg = Florence2Config(text_config=text.to_dict(), vision_config=vision, image_token_id=tok.image_token_id)
+    # release preprocessor_config.json: CLIPImageProcessor 768x768, bicubic, ImageNet mean/std, image_seq_length 577
+    ip = CLIPImageProcessorPil(size={"height": 32, "width": 32}, do_center_crop=False, resample=3,
+                               image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    ip.image_seq_length = 5
+    return _Parts(Florence2ForConditionalGeneration(cfg), tok, ip, None, {"num_additional_image_tokens": 1}, ["</s>"])
 
 
 # HuggingFaceM4/idefics2-8b processor_config.json "chat_template" (as quoted from that file in public
@@ -353,6 +462,13 @@ EXTRA = [
            "DeepseekVLProcessor", "DeepseekVLImageProcessorPil", _deepseek_vl),
     Family("mllama", "meta-llama/Llama-3.2-11B-Vision-Instruct", "MllamaForConditionalGeneration", "MllamaProcessor",
            "MllamaImageProcessorPil", _mllama),
+    Family("blip-2", "Salesforce/blip2-opt-2.7b", "Blip2ForConditionalGeneration", "Blip2Processor",
+           "BlipImageProcessorPil", _blip2),
+    Family("chameleon", "facebook/chameleon-7b", "ChameleonForConditionalGeneration", "ChameleonProcessor",
+           "ChameleonImageProcessorPil", _chameleon),
+    Family("fuyu", "adept/fuyu-8b", "FuyuForCausalLM", "FuyuProcessor", "FuyuImageProcessorPil", _fuyu),
+    Family("florence2", "florence-community/Florence-2-base", "Florence2ForConditionalGeneration",
+           "Florence2Processor", "CLIPImageProcessorPil", _florence2),
 ]
 assert not {f.name for f in EXTRA} & set(tf.FAMILIES), "a family here is named by the tests"
 
@@ -388,7 +504,7 @@ def write_rows(root):
 # ---------------------------------------------------------------------------------------------
 class Result:
     def __init__(self, status, note=""):
-        self.status, self.note = status, note  # "pass" | "skip" | "FAIL" | "-" (not run: an earlier stage failed)
+        self.status, self.note = status, note  # "pass" | "skip" | "refused" | "FAIL" | "-" (not run: an earlier stage failed)
 
     def __str__(self):
         return self.status if not self.note else f"{self.status}: {self.note}"
@@ -406,6 +522,12 @@ def _root_error(e):
     if frames and (not ours or frames[-1] is not ours[-1]):
         out += f" (raised in {Path(frames[-1].filename).name}:{frames[-1].name})"
     return out
+
+
+def _failed(err):
+    """A stage that ended in a one-line refusal (SystemExit: what the stage says of a checkpoint it does
+    not support) is "refused"; any other exception is a FAIL."""
+    return Result("refused" if isinstance(err, SystemExit) else "FAIL", _root_error(err))
 
 
 def _run(log, fn):
@@ -446,7 +568,7 @@ def check_family(name, work, threads):
                 "--threshold", "sequence=inf", "--threshold", "grid=inf", "--threshold", "pip=inf"]
         got, err = _run(logs / f"04-{fmt}.log", lambda: gp.main(gp.get_args(argv)))
         if err is not None:
-            res[f"04 {fmt}"] = Result("FAIL", _root_error(err))
+            res[f"04 {fmt}"] = _failed(err)
             continue
         p, c = got
         (c,) = c
@@ -488,7 +610,7 @@ def check_family(name, work, threads):
             "--max-steps", "2", "--warmup-steps", "0", "--save-every", "0", "--threads", str(threads)]
     _, err = _run(logs / "06.log", lambda: dpo.main(dpo.get_args(argv)))
     if err is not None:
-        res["06"] = Result("FAIL", _root_error(err))
+        res["06"] = _failed(err)
     else:
         log = [r for _, r in common.read_rows(out06 / "log.jsonl")]
         said = (logs / "06.log").read_text(encoding="utf-8")
@@ -507,7 +629,7 @@ def check_family(name, work, threads):
             "--image-root", str(work / "data"), "--out", str(out07), "--max-new-tokens", "4", "--threads", str(threads)]
     _, err = _run(logs / "07.log", lambda: ev.main(ev.get_args(argv)))
     if err is not None:
-        res["07"] = Result("FAIL", _root_error(err))
+        res["07"] = _failed(err)
         return res
     report = json.loads((out07 / "report.json").read_text())
     answered = {m: len((out07 / f"answers-{m}.jsonl").read_text().splitlines()) for m in models}

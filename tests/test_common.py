@@ -203,6 +203,52 @@ def test_the_trap_image_items_move_to_the_front(toy):
     assert naive == "USER: <image>\n<image>\nImage1:  Image2:  ASSISTANT:"
 
 
+def test_an_image_token_held_as_an_added_token_is_its_text():
+    """A processor may hold its image token as a tokenizers AddedToken, not a str (str.replace refused it)."""
+    from tokenizers import AddedToken
+
+    class Processor:  # no chat template: the fallback prompt, the image token as the placeholder
+        image_token, chat_template = AddedToken("<image>", normalized=False, special=True), None
+
+    assert vlm.image_placeholder(Processor()) == "<image>"
+    assert vlm.render_prompt(Processor(), "<image>\nWhat color?") == "USER: <image>\nWhat color? ASSISTANT:"
+
+
+class _Placing:
+    """A processor on a character tokenizer (every character id 5), the image 3 tokens of id 9, put
+    where the text's <image> is, or (in_front) in front of the text whatever it says."""
+    image_token, chat_template = "<image>", None
+
+    def __init__(self, in_front=False):
+        self.in_front = in_front
+
+    def __call__(self, text, images, return_tensors):
+        before, _, after = text[0].partition("<image>")
+        ids = [9, 9, 9] + [5] * len(text[0]) if self.in_front else [5] * len(before) + [9, 9, 9] + [5] * len(after)
+        return {"input_ids": torch.tensor([ids])}
+
+
+def _model(encoder_decoder=False):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(config=SimpleNamespace(is_encoder_decoder=encoder_decoder, image_token_id=9))
+
+
+def test_check_supported_refuses_what_a_decoder_only_prompt_cannot_hold():
+    vlm.check_supported(_model(), _Placing())  # images where the text puts them: supported
+    with pytest.raises(SystemExit, match="places images itself"):
+        vlm.check_supported(_model(), _Placing(in_front=True))
+    with pytest.raises(SystemExit, match="encoder-decoder"):
+        vlm.check_supported(_model(encoder_decoder=True), _Placing())
+
+    class Refusing(_Placing):  # counts the image tokens it adds itself against the images
+        def __call__(self, text, images, return_tensors):
+            raise ValueError("Found total 2 <image> tokens and 1 images.")
+
+    with pytest.raises(SystemExit, match=r"refuses an image at its image token .*Found total 2"):
+        vlm.check_supported(_model(), Refusing())
+
+
 def test_toy_model_ships_the_real_llava15_template(toy_tiny):
     _, proc = vlm.load_model(toy_tiny / "models" / "toy-llava")  # fresh from disk: no other test's edits
     assert proc.chat_template == REAL_LLAVA15_TEMPLATE

@@ -64,6 +64,21 @@ def test_dpo_loss_hand_cases():
     assert [dpo.lr_factor(s, 2, 10) for s in (0, 1, 2, 3, 10, 11)] == [0, 0.5, 1, 0.875, 0, 0]
 
 
+def test_model_parts_finds_a_vq_image_tokenizer_as_the_vision_encoder():
+    """A model whose images reach the LM as codes of a VQ image tokenizer (`vqmodel`), no vision tower."""
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Module()
+            self.model.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+            self.model.vqmodel = torch.nn.Conv2d(3, 2, 1)
+
+        def get_decoder(self):
+            return self.model
+
+    assert train_state.model_parts(Model()) == ("model", ["model.vqmodel"], [])
+
+
 def test_pair_order_same_pairs_whatever_the_world_size():
     n, gb = 23, 4
     for step in range(12):  # 5 steps per epoch: crosses two epoch boundaries
