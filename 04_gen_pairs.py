@@ -23,6 +23,12 @@ the box of ORIGINAL pixels it sees through the processor's views (resize, pad, c
 view, merges, pooling), and a token counts with the share of its box inside the cell or inset.
 (The authors cut the map into equal blocks and a fixed 16x16 centre, which ignores label strips,
 gaps, the inset's real size, what a centre crop removes and every dynamic-resolution layout.)
+A model that reads the images through cross-attention layers (Llama 3.2 Vision: one <|image|> per image
+in the text) is probed at its middle CROSS-attention layer: the response rows' softmax over its keys,
+the visual features of every image's real tiles (CLS + patches; token_geometry.image_key_boxes), under
+the cross-attention mask it gets. subtle: Mllama's processor lets a token see only the last image before
+it (or the run of images right before it), so with interleaved `ImageK:<image>` labels the answer sees
+the last image alone: a sequence row's ratio is 1 when that image is the target, else 0.
 --viz N draws the maps (the paper's Fig. 2).
 --probe during-generation takes the same rows while generating instead (each step's newest query row
 at that layer, over the KV cache), and the answer's log-probs from generation's raw logits; a row

@@ -2059,6 +2059,9 @@ NO_TEMPLATE = {"paligemma2"}
 # the families whose image views token_geometry does not follow (04 runs their sequence rows and
 # skips their grid / pic-in-pic rows, counted, with the reason); tests/test_geometry.py checks both ways
 NO_GEOMETRY = {"llama4", "lfm2_vl"}
+# the families whose language model reads the images through cross-attention layers, the text holding one
+# placeholder token per image: their visual tokens are those layers' keys (token_geometry.image_key_boxes)
+CROSS_ATTENTION = {"mllama"}
 
 
 if __name__ == "__main__":
