@@ -6,7 +6,8 @@ pad, crop, anyres tiles, base view, unpadding and newlines, Qwen's merge, Intern
 thumbnail, Gemma pooling, Idefics3 / SmolVLM tiles and global view) and returns, per image, one
 box of original pixels per visual token, in the order the model places them. 04 turns these
 boxes into the share of attention that lands on the target image (grid cells, pic-in-pic
-insets) and paints them for --viz.
+insets) and paints them for --viz. image_key_boxes does the same for a model whose visual tokens are
+the keys of its cross-attention layers, not positions in the text (Llama 3.2 Vision's tiles).
 
 Either image-processor backend: transformers' torchvision processors (any machine where torchvision
 imports: every GPU user's) and its PIL ones (this CPU lane). Where the geometry calls a processor's
@@ -96,6 +97,7 @@ def image_key_boxes(processor, images, patch_size):
         boxes.append(np.concatenate([np.concatenate([t.grid(1, 1).reshape(-1, 4), t.grid(n, n).reshape(-1, 4)])
                                      for t in tiles]))
     return boxes
+
 
 def _plain(value):
     """A size setting (dict or SizeDict) -> a dict of its set keys; anything else unchanged."""

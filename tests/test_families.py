@@ -6,8 +6,9 @@
 - prompts: each family's template decides how an image item is written (its wrappers), where the
   answer turn starts and which token ends it; render_prompt / render_pair / build_inputs follow it;
   image_positions gives each image its tokens (Idefics3's tiles are several runs);
-- 04: the probe equals eager attentions at a softmax-attention layer; every format gets a ratio
-  through the family's views; the stored reference equals 06's plain forward;
+- 04: the probe equals eager attentions at a softmax-attention layer (Llama 3.2 Vision: a
+  cross-attention layer, over the images' features); every format gets a ratio through the
+  family's views; the stored reference equals 06's plain forward;
 - 06: LoRA on the decoder only; the fast path equals the plain path where fast_path_blocker lets
   it run, the family's reason otherwise; the command line trains, merges and saves (slow).
 """
