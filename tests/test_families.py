@@ -367,7 +367,8 @@ PLAIN_ONLY = {  # why 06 trains these on the plain [chosen; rejected] rows: pref
     "lfm2_vl": "conv layers carry a recurrent state",  # LFM2's short convolutions: no mask reaches them
     "llama4": "chunked_attention layers see only the keys in the query's chunk",  # + NoPE layers' temperature tuning
     "paligemma2": "it is a prefix-LM",  # token_type_ids: generated tokens 1 (causal), the prompt 0 (both ways)
-    "mllama": "its per-token inputs ['cross_attention_mask'] are not re-laid",  # (B, T, images, tiles): which images a token sees
+    # Mllama's cross_attention_mask (B, T, images, tiles): which images each token sees
+    "mllama": "its per-token inputs ['cross_attention_mask'] are not re-laid",
 }
 
 

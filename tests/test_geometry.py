@@ -187,7 +187,8 @@ def placed_features(model, proc, batch, counts=None):
         model(**enc)
     if counts is not None:  # (B * images * tiles, per tile, D) -> (B, keys, D)
         states = stop.value.args[0].reshape(len(batch), -1, stop.value.args[0].shape[-1])
-        return [torch.cat([s[p] for p in pos]) for s, pos in zip(states, gp.image_keys(states.shape[1], [counts] * len(batch)))]
+        keys = gp.image_keys(states.shape[1], [counts] * len(batch))
+        return [torch.cat([s[p] for p in pos]) for s, pos in zip(states, keys)]
     mask = enc["input_ids"] == vlm.image_token_id(model)
     return [e[m] for e, m in zip(stop.value.args[0], mask)]
 
