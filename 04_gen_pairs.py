@@ -23,6 +23,12 @@ the box of ORIGINAL pixels it sees through the processor's views (resize, pad, c
 view, merges, pooling), and a token counts with the share of its box inside the cell or inset.
 (The authors cut the map into equal blocks and a fixed 16x16 centre, which ignores label strips,
 gaps, the inset's real size, what a centre crop removes and every dynamic-resolution layout.)
+A model that reads the images through cross-attention layers (Llama 3.2 Vision: one <|image|> per image
+in the text) is probed at its middle CROSS-attention layer: the response rows' softmax over its keys,
+the visual features of every image's real tiles (CLS + patches; token_geometry.image_key_boxes), under
+the cross-attention mask it gets. subtle: Mllama's processor lets a token see only the last image before
+it (or the run of images right before it), so with interleaved `ImageK:<image>` labels the answer sees
+the last image alone: a sequence row's ratio is 1 when that image is the target, else 0.
 --viz N draws the maps (the paper's Fig. 2).
 --probe during-generation takes the same rows while generating instead (each step's newest query row
 at that layer, over the KV cache), and the answer's log-probs from generation's raw logits; a row
@@ -49,6 +55,7 @@ import math
 import os
 import sys
 import time
+import weakref
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -130,7 +137,7 @@ def box_weights(token_boxes, box):
     return np.nan_to_num(wx * wy, nan=0.0)
 
 
-def response_attention(query, key, attention_mask, scaling, rows, softcap=None):
+def response_attention(query, key, attention_mask, scaling, rows, softcap=None, causal=True):
     """The probe: mean over heads and response rows of one layer's attention probabilities.
 
     query (B, H, T, D) after RoPE, key (B, Hkv, T, D) (Hkv divides H: grouped-query heads are
@@ -138,6 +145,8 @@ def response_attention(query, key, attention_mask, scaling, rows, softcap=None):
     rows: B pairs (start, end) of query positions; softcap: Gemma 2's logit cap (tanh) or None.
     returns (B, T) float32: row b = mean_{h, s <= t < end} softmax(q_t k^T * scaling + mask)[h, t, :].
     Only (H, end - start, T) scores are formed per row — never the (H, T, T) of all positions.
+    causal=False: a cross-attention layer (Llama 3.2 Vision), whose K keys are the visual features of
+    the row's images (image_keys) under the cross-attention mask -> (B, K), the same formula.
     """
     import torch
 
@@ -150,26 +159,30 @@ def response_attention(query, key, attention_mask, scaling, rows, softcap=None):
             continue
         scores = torch.matmul(query[b, :, s:e].float(), key[b].float().transpose(-1, -2)) * scaling  # (H, R, T)
         scores = torch.tanh(scores / softcap) * softcap if softcap else scores
-        allowed = allowed_keys(attention_mask, b, torch.arange(s, e, device=query.device), key.shape[2])
+        allowed = allowed_keys(attention_mask, b, torch.arange(s, e, device=query.device), key.shape[2], causal)
         out[b] = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).mean(dim=(0, 1))
     return out
 
 
-def allowed_keys(attention_mask, b, qpos, K):
+def allowed_keys(attention_mask, b, qpos, K, causal=True):
     """-> (R, K) bool: which of the K keys the queries at positions `qpos` (R,) of row b see, from
     the mask the layer got under any attention implementation: None (causal, no padding),
     (B|1, 1, Q, K) bool (SDPA: True = attend) or float (eager: 0, or the dtype's min: added),
     (B, K) (flash: key padding; causal). Q is K, or the last Q positions while decoding.
-    b may also be a 1-D tensor of rows: -> (len(b), R, K), or (R, K) where every row sees alike."""
+    b may also be a 1-D tensor of rows: -> (len(b), R, K), or (R, K) where every row sees alike.
+    causal=False: cross-attention, whose keys are the images' features, not positions: `qpos` index
+    the mask's Q rows (the layer's queries) and the mask alone decides (Mllama: a row before any
+    image arrives all 0, i.e. every key allowed, and the layer attends so)."""
     import torch
 
-    causal = torch.arange(K, device=qpos.device)[None, :] <= qpos[:, None]  # (R, K)
+    seen = torch.arange(K, device=qpos.device)[None, :] <= qpos[:, None] if causal else \
+        torch.ones(len(qpos), K, dtype=torch.bool, device=qpos.device)  # (R, K)
     if attention_mask is None:
-        return causal
+        return seen
     if attention_mask.dim() == 2:
-        return causal & attention_mask[b, -K:].bool().unsqueeze(-2)
+        return seen & attention_mask[b, -K:].bool().unsqueeze(-2)
     m = attention_mask[b if attention_mask.shape[0] > 1 else 0, 0]  # (Q, K), or (len(b), Q, K)
-    m = m[..., qpos - (K - m.shape[-2]), -K:]  # (R, K), or (len(b), R, K)
+    m = m[..., qpos - (K - m.shape[-2]) if causal else qpos, -K:]  # (R, K), or (len(b), R, K)
     return m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
 
 
@@ -186,6 +199,20 @@ def attention_ratio(fmt, maps, target, weights=None):
     return float((maps[0] * weights).sum()) / total if total > 0 else 0.0
 
 
+def image_keys(n_keys, counts):
+    """Where each image sits among a cross-attention layer's n_keys keys -> per row, one index array
+    per image. Llama 3.2 Vision lays the batch's visual features out as (image slot, tile, patch):
+    every row has the slots of the row with the most images, each slot max_image_tiles tiles, the
+    image's real tiles first. counts (per row, each image's real keys: token_geometry.image_key_boxes)
+    take the start of their slot, so padded tiles and slots never dilute an image's mean.
+    2 slots of 4 tiles x 5 keys, a 4-tile and a 2-tile image: image_keys(40, [[20, 10]]) -> [[0..19, 20..29]]
+    """
+    slot = n_keys // max(len(row) for row in counts)
+    if n_keys % max(len(row) for row in counts) or any(n > slot for row in counts for n in row):
+        raise ValueError(f"image_keys: {n_keys} keys do not hold images of {counts} keys in equal slots")
+    return [[k * slot + np.arange(n) for k, n in enumerate(row)] for row in counts]
+
+
 # ---- plumbing ----
 PROBE_NAME = "mia_probe"
 _PROBE = {"layer": None, "rows": None, "out": None, "steps": []}  # set by probing(); read by the attention function
@@ -196,15 +223,16 @@ def _probe_attention(module, query, key, value, attention_mask, **kwargs):
     layer, while probing(), also the response rows' attention, from the same query, key and mask."""
     out = _wrapped(module)(module, query, key, value, attention_mask, **kwargs)
     if _PROBE["rows"] is not None and getattr(module, "layer_idx", None) == _PROBE["layer"]:
-        scaling, softcap = kwargs.get("scaling"), kwargs.get("softcap")
+        scaling, softcap, causal = kwargs.get("scaling"), kwargs.get("softcap"), module not in _CROSS
         if _PROBE["rows"] == "last":  # generating: each step's newest query row, over the cache
-            _PROBE["steps"].append(last_row_attention(query, key, attention_mask, scaling, softcap))
+            _PROBE["steps"].append(last_row_attention(query, key, attention_mask, scaling, softcap, causal))
         else:
-            _PROBE["out"] = response_attention(query, key, attention_mask, scaling, _PROBE["rows"], softcap)
+            _PROBE["out"] = response_attention(query, key, attention_mask, scaling, _PROBE["rows"], softcap, causal)
     return out
 
 
 _WRAPS = {}  # id(the text config) -> the attention implementation the probe wraps ("sdpa", "eager", ...)
+_CROSS = weakref.WeakSet()  # the cross-attention modules (install_probe): their keys are visual features
 
 
 def _wrapped(module):
@@ -216,10 +244,12 @@ def _wrapped(module):
     return ALL_ATTENTION_FUNCTIONS[impl]
 
 
-def last_row_attention(query, key, attention_mask, scaling, softcap=None):
+def last_row_attention(query, key, attention_mask, scaling, softcap=None, causal=True):
     """The probe while generating: one step's LAST query row (the one that predicts the next token),
     heads averaged, over all keys in the cache -> (B, K) float32. In the prefill it is the prompt's
-    last position; in a decode step the one fed token (position K-1), under the mask the layer got."""
+    last position; in a decode step the one fed token (position K-1), under the mask the layer got.
+    causal=False (cross-attention): the keys are the images' features, the same at every step (a
+    decode step reads them from the cache), under the mask's last row."""
     import torch
 
     H, D = query.shape[1], query.shape[-1]
@@ -227,8 +257,9 @@ def last_row_attention(query, key, attention_mask, scaling, softcap=None):
     scaling = D ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query[:, :, -1:].float(), key.float().transpose(-1, -2)) * scaling  # (B, H, 1, K)
     scores = torch.tanh(scores / softcap) * softcap if softcap else scores
-    K, last = key.shape[2], torch.tensor([key.shape[2] - 1], device=query.device)
-    allowed = allowed_keys(attention_mask, torch.arange(query.shape[0], device=query.device), last, K)  # (B|1, 1, K)
+    K = key.shape[2]
+    last = torch.tensor([K - 1 if causal else query.shape[2] - 1], device=query.device)
+    allowed = allowed_keys(attention_mask, torch.arange(query.shape[0], device=query.device), last, K, causal)  # (B|1, 1, K)
     return torch.softmax(scores.masked_fill(~allowed.unsqueeze(-3), float("-inf")), dim=-1).mean(dim=(1, 2))  # (B, K)
 
 
@@ -236,33 +267,44 @@ def install_probe(model):
     """Route the language model's attention through _probe_attention (vision tower unchanged), which
     wraps the implementation the model was loaded with (SDPA by default; eager where a family needs
     it, e.g. Gemma 2's logit softcap) -> the number of decoder layers (vlm.decoder_layers).
+    Cross-attention layers (Llama 3.2 Vision) call the same interface: they are noted, so that the
+    probe reads their keys as the images' features (causal=False) rather than as positions.
     subtle: a registered function also needs a registered mask builder (the wrapped one's), else it gets no mask."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-    crossing = [n for n, _ in vlm.decoder_layers(model).named_modules() if n.endswith("cross_attn")]
-    if crossing:  # Llama 3.2 Vision: one placeholder token per image; its features reach the text by cross-attention
-        raise SystemExit(f"04_gen_pairs: {type(model).__name__} sees images through cross-attention layers "
-                         f"({crossing[0]}, ...), not as tokens in the sequence: the self-attention probe cannot "
-                         f"weigh them, so the attention-aware selection does not apply to it")
+    _CROSS.update(cross_attention_layers(model).values())
     text = model.config.get_text_config()
     impl = _WRAPS.get(id(text), text._attn_implementation or "eager")
     _WRAPS[id(text)] = impl
     AttentionInterface.register(PROBE_NAME, _probe_attention)
     AttentionMaskInterface.register(PROBE_NAME, ALL_MASK_ATTENTION_FUNCTIONS[impl])
-    model.set_attn_implementation({"text_config": PROBE_NAME})
+    # a config that is its own text config (Chameleon: no text_config) takes the name itself
+    model.set_attn_implementation(PROBE_NAME if text is model.config else {"text_config": PROBE_NAME})
     return len(vlm.decoder_layers(model))
 
 
+def cross_attention_layers(model):
+    """{index: attention module} of the decoder layers that read the images through cross-attention
+    (Llama 3.2 Vision: `cross_attn`, every 5th layer from the 4th): their keys are the visual features,
+    the text holds one placeholder token per image. {} for a model with visual tokens in the sequence."""
+    return {i: layer.cross_attn for i, layer in enumerate(vlm.decoder_layers(model))
+            if getattr(getattr(layer, "cross_attn", None), "layer_idx", None) == i}
+
+
 def attention_layers(model):
-    """Indices of the decoder layers with softmax self-attention, the ones the probe can read:
-    all of them, except in hybrid models (Qwen3.5: linear-attention layers between them)."""
-    return [i for i, layer in enumerate(vlm.decoder_layers(model))
-            if getattr(getattr(layer, "self_attn", None), "layer_idx", None) == i]
+    """Indices of the decoder layers the probe can read: those whose softmax attention weighs the
+    visual tokens. Self-attention layers: all of them, except in hybrid models (Qwen3.5: linear-attention
+    layers between them). A cross-attention model's cross-attention layers only: its self-attention
+    layers see one placeholder token per image, never the image."""
+    cross = cross_attention_layers(model)
+    return list(cross) or [i for i, layer in enumerate(vlm.decoder_layers(model))
+                           if getattr(getattr(layer, "self_attn", None), "layer_idx", None) == i]
 
 
 def default_layer(model):
-    """The paper's layer: the middle one (n_layers // 2), or the attention layer nearest to it."""
+    """The paper's layer: the middle one (n_layers // 2), or the attention layer nearest to it
+    (Llama 3.2 Vision 11B: layer 18, of cross-attention layers 3, 8, ..., 38 of 40)."""
     middle = len(vlm.decoder_layers(model)) // 2
     return min(attention_layers(model), key=lambda i: (abs(i - middle), i))
 
@@ -351,7 +393,8 @@ def corrupt(item, images, args):
 def probe_forward(model, processor, questions, images, answers, layer, counts=None):
     """Teacher-forced forward over prompt + answer with the probe on -> per-row numbers.
     counts: per row, each image's visual-token count (token_boxes); None: one run of tokens each.
-    returns attn (B, T) numpy, positions (B lists of per-image index arrays), sum_logps (B,), n_tokens (B,)."""
+    returns attn (B, T) numpy (a cross-attention layer: (B, K) over its visual keys), positions (B lists
+    of per-image index arrays into attn's columns), sum_logps (B,), n_tokens (B,)."""
     import torch
 
     batch = vlm.to_model(vlm.build_inputs(processor, questions, images, answers=answers), model)
@@ -365,8 +408,8 @@ def probe_forward(model, processor, questions, images, answers, layer, counts=No
         attn = probe["out"]
     if attn is None:
         raise RuntimeError(f"the probe did not run at layer {layer}: is the model's attention routed through {PROBE_NAME}?")
-    positions = vlm.image_positions(batch["input_ids"], vlm.image_token_id(model),
-                                       counts or [[None] * len(ims) for ims in images])
+    positions = visual_positions(model, batch["input_ids"], counts or [[None] * len(ims) for ims in images],
+                                 attn.shape[1])
     return attn.cpu().numpy(), positions, sum_lp.float().cpu().tolist(), n_tok.cpu().tolist()
 
 
@@ -379,7 +422,8 @@ def generate_and_probe(model, processor, questions, images, max_new_tokens, laye
     the KV cache; the answer's log-probs are the steps' raw logits, log-softmaxed. Both equal
     probe_forward's only where the generated tokens ARE the tokens probe_forward scores (render_pair's
     response + stop token, vlm.response_ids): `exact` says where; other rows need probe_forward.
-    Visual tokens all lie in the prompt, so the maps keep the prompt's columns only."""
+    Visual tokens all lie in the prompt, so the maps keep the prefill's keys only: the prompt's
+    positions (a cross-attention layer: the visual features, the same keys at every step)."""
     import torch
 
     with torch.no_grad(), probing(layer, "last") as probe:
@@ -387,15 +431,22 @@ def generate_and_probe(model, processor, questions, images, max_new_tokens, laye
         steps = probe["steps"]
     if not steps:
         raise RuntimeError(f"the probe did not run at layer {layer}: is the model's attention routed through {PROBE_NAME}?")
-    P = g["input_ids"].shape[1]
-    maps = torch.stack([s[:, :P] for s in steps], dim=1).cpu().numpy()  # (B, steps, P)
+    K = steps[0].shape[1]  # the prefill's keys
+    maps = torch.stack([s[:, :K] for s in steps], dim=1).cpu().numpy()  # (B, steps, K)
     want = vlm.response_ids(processor, questions, g["texts"])
     exact = [t == w and len(t) <= maps.shape[1] for t, w in zip(g["tokens"], want)]
-    attn = [maps[b, :len(t)].mean(axis=0) if len(t) else np.zeros(P, np.float32) for b, t in enumerate(g["tokens"])]
-    positions = vlm.image_positions(g["input_ids"], vlm.image_token_id(model),
-                                    counts or [[None] * len(ims) for ims in images])
+    attn = [maps[b, :len(t)].mean(axis=0) if len(t) else np.zeros(K, np.float32) for b, t in enumerate(g["tokens"])]
+    positions = visual_positions(model, g["input_ids"], counts or [[None] * len(ims) for ims in images], K)
     return (g["texts"], g["finished"], attn, positions, [float(sum(x)) for x in g["token_logps"]],
             [len(t) for t in g["tokens"]], exact, g["prompt"])
+
+
+def visual_positions(model, input_ids, counts, n_keys):
+    """Each image's visual tokens among the probed layer's n_keys keys: their positions in the
+    sequence (vlm.image_positions), or a cross-attention model's visual features (image_keys)."""
+    if cross_attention_layers(model):
+        return image_keys(n_keys, counts)
+    return vlm.image_positions(input_ids, vlm.image_token_id(model), counts)
 
 
 def answer_and_probe(model, processor, qs, seen, args, ctx, counts):
@@ -420,12 +471,17 @@ def answer_and_probe(model, processor, qs, seen, args, ctx, counts):
     return answers, finished, attn, positions, sum_lp, n_tok, exact, prompt
 
 
-def token_boxes(processor, images, cache, token_id=None):
+def token_boxes(processor, images, cache, token_id=None, key_patch=None):
     """token_geometry.image_token_boxes for one prompt's images, cached by their sizes (all it depends
     on) -> (each image's visual-token count, its boxes or None, why there are none or None). A
     processor the geometry does not follow still gives counts (the processor's own expansion):
-    enough for sequence rows, which weigh whole images; grid and pip rows are skipped with the reason."""
+    enough for sequence rows, which weigh whole images; grid and pip rows are skipped with the reason.
+    key_patch: a cross-attention model's vision patch size: its visual tokens are the keys of its
+    cross-attention layers (token_geometry.image_key_boxes), not positions in the text."""
     key = tuple(im.size for im in images)
+    if key not in cache and key_patch:
+        boxes = token_geometry.image_key_boxes(processor, images, key_patch)
+        cache[key] = [len(b) for b in boxes], boxes, None
     if key not in cache:
         try:
             boxes = token_geometry.image_token_boxes(processor, images, token_id)
@@ -468,6 +524,7 @@ def make_pair(it, cand, ref_chosen_logps, ref_rejected_logps, ctx):
 
 def run_batch(model, processor, items, args, ctx):
     """Answer, probe, select, reference log-probs for one batch -> records {i, candidate, pair}."""
+    key_patch = model.config.vision_config.patch_size if cross_attention_layers(model) else None
     out, ok, clean, seen, noise, boxes, n_vis = [], [], [], [], [], [], []
     for it in items:
         try:
@@ -476,7 +533,7 @@ def run_batch(model, processor, items, args, ctx):
             out.append({"i": it["i"], "candidate": {"id": it["id"], "format": it["format"], "selected": False,
                                                     "reason": f"unreadable image: {e}"}, "pair": None})
             continue
-        counts, bx, why = token_boxes(processor, ims, ctx["boxes"], vlm.image_token_id(model))
+        counts, bx, why = token_boxes(processor, ims, ctx["boxes"], vlm.image_token_id(model), key_patch)
         if why and it["format"] != "sequence":  # no geometry: a target region has no tokens to weigh
             out.append({"i": it["i"], "candidate": {"id": it["id"], "format": it["format"], "selected": False,
                                                     "reason": f"no token geometry: {why}"}, "pair": None})
@@ -606,8 +663,11 @@ def main(args):
         install_probe(model)
         layer = default_layer(model) if args.layer is None else args.layer
         if layer not in attention_layers(model):
-            raise SystemExit(f"04_gen_pairs: --layer {layer} is not a softmax-attention layer of this model "
-                             f"(those are {attention_layers(model)})")
+            raise SystemExit(f"04_gen_pairs: --layer {layer} is not a layer the probe can read in this model "
+                             f"(those are {attention_layers(model)}: softmax attention over the visual tokens)")
+        if cross_attention_layers(model):
+            print(f"04_gen_pairs: {type(model).__name__} reads the images through cross-attention layers "
+                  f"{attention_layers(model)}: the probe reads layer {layer}'s attention over the visual features")
         ref_model = {"path": str(args.model), "fingerprint": vlm.model_fingerprint(model), "dtype": vlm.dtype_name(model),
                      "image_settings": vlm.image_settings_id(processor)}  # 06 refuses other weights or image settings
         viz_ids = {it["id"] for f in FORMATS for it in [x for x in items if x["format"] == f][:args.viz]}
@@ -709,7 +769,8 @@ def get_args(argv=None):
     g.add_argument("--viz", type=int, default=0, help="attention heatmap PNGs for the first N rows of each format")
     m = p.add_argument_group("method")
     m.add_argument("--layer", type=int, help="decoder layer probed, 0-based (default: the middle one, n_layers // 2; "
-                   "in hybrid models the attention layer nearest to it)")
+                   "in hybrid models the attention layer nearest to it; in cross-attention models (Llama 3.2 "
+                   "Vision) the cross-attention layer nearest to it)")
     m.add_argument("--max-new-tokens", type=int, default=512)
     m.add_argument("--no-noise", action="store_true", help="answer from the clean images")
     m.add_argument("--grid-noise", type=float, default=NOISE_STD["grid"], help="noise std on the grid's target cell")

@@ -6,7 +6,8 @@ pad, crop, anyres tiles, base view, unpadding and newlines, Qwen's merge, Intern
 thumbnail, Gemma pooling, Idefics3 / SmolVLM tiles and global view) and returns, per image, one
 box of original pixels per visual token, in the order the model places them. 04 turns these
 boxes into the share of attention that lands on the target image (grid cells, pic-in-pic
-insets) and paints them for --viz.
+insets) and paints them for --viz. image_key_boxes does the same for a model whose visual tokens are
+the keys of its cross-attention layers, not positions in the text (Llama 3.2 Vision's tiles).
 
 Either image-processor backend: transformers' torchvision processors (any machine where torchvision
 imports: every GPU user's) and its PIL ones (this CPU lane). Where the geometry calls a processor's
@@ -66,6 +67,35 @@ def image_token_boxes(processor, images, token_id=None):
     if [len(b) for b in boxes] != emitted:
         raise ValueError(f"image_token_boxes: {name} emits {emitted} image tokens for images of size "
                          f"{[im.size for im in images]}, the geometry gives {[len(b) for b in boxes]}")
+    return boxes
+
+
+def image_key_boxes(processor, images, patch_size):
+    """Llama 3.2 Vision (MllamaProcessor) writes ONE <|image|> per image in the text: its cross-attention
+    layers read the vision features as KEYS instead. -> one float64 array (n_keys, 4) per image, in the
+    order of its keys: each real tile, row-major, gives its CLS feature (box: the whole tile) then its
+    (tile / patch_size)^2 patches row-major. The tiles are the image processor's own: the best canvas of
+    up to max_image_tiles tiles (its resize), the image resized into it with its aspect kept and padded
+    right / bottom, so a box may extend outside the image. Padded tiles (up to max_image_tiles) get no
+    rows: the model's masks drop them.
+      tile 32, patch 16, 4 tiles at most: a 64x20 image -> 1x2 tiles, no resize -> 2 x 5 keys; tile 2's
+      CLS box is (32, 0, 64, 32), its first patch (32, 0, 48, 16) (rows 20..32: padding)."""
+    import numpy as np
+    from transformers.image_utils import SizeDict
+
+    name, ip = type(processor).__name__, processor.image_processor
+    if name != "MllamaProcessor":
+        raise NoGeometry(f"image_key_boxes: no key geometry for {name} (known: MllamaProcessor)")
+    size = ip.size if isinstance(ip.size, SizeDict) else SizeDict(**ip.size)
+    tile, n = size.height, size.height // patch_size
+    boxes = []
+    for im in images:
+        resized, (rows, cols) = ip.resize(_blank(ip, im.height, im.width), size=size,
+                                          max_image_tiles=ip.max_image_tiles, resample=0)
+        canvas = _View.of(*im.size).resize(*resized.shape[-2:])
+        tiles = [canvas.crop(r * tile, c * tile, tile, tile) for r in range(rows) for c in range(cols)]
+        boxes.append(np.concatenate([np.concatenate([t.grid(1, 1).reshape(-1, 4), t.grid(n, n).reshape(-1, 4)])
+                                     for t in tiles]))
     return boxes
 
 

@@ -6,8 +6,9 @@
 - prompts: each family's template decides how an image item is written (its wrappers), where the
   answer turn starts and which token ends it; render_prompt / render_pair / build_inputs follow it;
   image_positions gives each image its tokens (Idefics3's tiles are several runs);
-- 04: the probe equals eager attentions at a softmax-attention layer; every format gets a ratio
-  through the family's views; the stored reference equals 06's plain forward;
+- 04: the probe equals eager attentions at a softmax-attention layer (Llama 3.2 Vision: a
+  cross-attention layer, over the images' features); every format gets a ratio through the
+  family's views; the stored reference equals 06's plain forward;
 - 06: LoRA on the decoder only; the fast path equals the plain path where fast_path_blocker lets
   it run, the family's reason otherwise; the command line trains, merges and saves (slow).
 """
@@ -31,7 +32,8 @@ import prefix_sharing
 import train_state
 import vlm
 import token_geometry
-from tiny_families import FAMILIES, FAMILIES_SPEC, NO_GEOMETRY, NO_TEMPLATE, build, tiny_dirs, write_mia_rows  # noqa: F401
+from tiny_families import (CROSS_ATTENTION, FAMILIES, FAMILIES_SPEC, NO_GEOMETRY, NO_TEMPLATE, build, tiny_dirs,  # noqa: F401
+                           write_mia_rows)
 
 SPEC = {f.name: f for f in FAMILIES_SPEC}
 QUESTION = "Image1:<image>\nImage2:<image>\nIn Image2, what color is the shape?"
@@ -54,7 +56,10 @@ IMAGE_TOKENS = {
     "lfm2_vl": [24, 2],  # tiles of 4 tokens + one per image (no thumbnail) / smart resize
     "mistral3": [9, 6],  # Pixtral: 3x3 / 3x2 merged patches, rows split by [IMG_BREAK] (text)
     "llama4": [20, 20],  # <|patch|> x (2x2 tiles + global view) x 4, the processor's <|image|> a wrapper
+    "mllama": [1, 1],  # one <|image|> each: the features reach the text through cross-attention (CROSS_KEYS)
 }
+# a cross-attention family's visual tokens: the keys of its cross-attention layers, per image
+CROSS_KEYS = {"mllama": [20, 20]}  # 2x2 tiles of 32 px each, CLS + (32/16)^2 patches per tile
 FAMILY = pytest.mark.parametrize("family", FAMILIES)
 
 
@@ -105,6 +110,15 @@ def _feature_counts(model, enc):
     return [f.numel() // f.shape[-1] for f in feats]
 
 
+def _cross_keys(model, enc):
+    """Per image, the keys a cross-attention family's vision model gives its text (Mllama: real tiles,
+    aspect_ratio_mask, x features per tile, CLS included), one prompt."""
+    with torch.no_grad():
+        feats = model.model.vision_model(pixel_values=enc["pixel_values"], aspect_ratio_ids=enc["aspect_ratio_ids"],
+                                         aspect_ratio_mask=enc["aspect_ratio_mask"]).last_hidden_state
+    return (enc["aspect_ratio_mask"][0].sum(-1) * feats.shape[3]).tolist()  # feats (B, images, tiles, per tile, D)
+
+
 # ---- what holds ----------------------------------------------------------------------------
 @FAMILY
 def test_loads_offline_as_the_families_real_classes(family, loaded):
@@ -126,11 +140,16 @@ def test_loads_offline_as_the_families_real_classes(family, loaded):
 @FAMILY
 def test_a_two_image_prompt_expands_into_the_tokens_the_model_expects(family, loaded):
     """The template renders both image items, the processor expands each placeholder, and the
-    number of image-token positions equals the vision side's feature count; then a forward."""
+    number of image-token positions equals the vision side's feature count (a cross-attention
+    family: one token per image, and the features are its keys); then a forward."""
     model, proc = loaded(family)
     enc = vlm.to_model(proc(text=[_template_prompt(proc)], images=[IMAGES], return_tensors="pt"), model)  # Llama 4: bfloat16 pixels
     n_tokens = int((enc["input_ids"] == vlm.image_token_id(model)).sum())
-    assert n_tokens == sum(IMAGE_TOKENS[family]) == sum(_feature_counts(model, enc))
+    assert n_tokens == sum(IMAGE_TOKENS[family])
+    if family in CROSS_ATTENTION:
+        assert _cross_keys(model, enc) == CROSS_KEYS[family]
+    else:
+        assert sum(_feature_counts(model, enc)) == n_tokens
     with torch.no_grad():
         logits = model(**enc).logits
     assert logits.shape[:2] == enc["input_ids"].shape and torch.isfinite(logits).all()
@@ -219,9 +238,14 @@ def test_load_processor_without_torchvision_refuses_an_image_processor_with_no_p
 
 
 # ---- prompts and responses, as each family's template writes them ----------------------------
-def _image_item_placeholder(proc):
+# templates that render a message with an image otherwise than one without, beyond the image item itself
+IMAGES_CHANGE_THE_TEMPLATE = {"mllama": "a dated system turn is written only when no message has an image item"}
+
+
+def _image_item_placeholder(proc, family):
     """What the template writes for one image item, found here independently of common: the
-    difference between a message with and without a leading image item, outer white space stripped.
+    difference between a message with and without a leading image item, outer white space stripped
+    (IMAGES_CHANGE_THE_TEMPLATE: both messages start with an image item, one of them with two).
     Without a template: the processor's image token (which it expands)."""
     if proc.chat_template is None:
         return proc.image_token
@@ -230,7 +254,8 @@ def _image_item_placeholder(proc):
         return proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                         tokenize=False)
 
-    a, b = render([{"type": "text", "text": "Q"}]), render([{"type": "image"}, {"type": "text", "text": "Q"}])
+    lead = [{"type": "image"}] if family in IMAGES_CHANGE_THE_TEMPLATE else []
+    a, b = render(lead + [{"type": "text", "text": "Q"}]), render(lead + [{"type": "image"}, {"type": "text", "text": "Q"}])
     pre = 0
     while pre < min(len(a), len(b)) and a[pre] == b[pre]:
         pre += 1
@@ -297,7 +322,7 @@ def test_an_image_output_shaped_like_the_prompt_is_not_taken_for_a_per_token_inp
 @FAMILY
 def test_render_prompt_writes_each_image_as_the_template_does_next_to_its_label(family, loaded):
     _, proc = loaded(family)
-    placeholder = _image_item_placeholder(proc)
+    placeholder = _image_item_placeholder(proc, family)
     assert vlm.image_placeholder(proc) == placeholder == WRAPPED.get(family, placeholder)
     prompt = vlm.render_prompt(proc, QUESTION)
     assert prompt.count(placeholder) == 2
@@ -393,6 +418,8 @@ PLAIN_ONLY = {  # why 06 trains these on the plain [chosen; rejected] rows: pref
     "lfm2_vl": "conv layers carry a recurrent state",  # LFM2's short convolutions: no mask reaches them
     "llama4": "chunked_attention layers see only the keys in the query's chunk",  # + NoPE layers' temperature tuning
     "paligemma2": "it is a prefix-LM",  # token_type_ids: generated tokens 1 (causal), the prompt 0 (both ways)
+    # Mllama's cross_attention_mask (B, T, images, tiles): which images each token sees
+    "mllama": "its per-token inputs ['cross_attention_mask'] are not re-laid",
 }
 
 
@@ -524,7 +551,8 @@ def _eager_response_attention(model_dir, batch, layer, model):
     inputs = {k: v for k, v in vlm.to_model(batch, eager).items() if k not in ("labels", "prompt_lens")}
     with torch.no_grad():
         att = [a for a in eager(**inputs, output_attentions=True).attentions if a is not None]
-    att = att[gp.attention_layers(model).index(layer)]  # hybrid models return the attention layers' only
+    # hybrid models return the attention layers' only; a cross-attention model every layer's (self and cross)
+    att = att[layer] if len(att) == len(vlm.decoder_layers(model)) else att[gp.attention_layers(model).index(layer)]
     pos = (batch["labels"][0] != vlm.IGNORE_INDEX).nonzero().flatten()
     return att[0].mean(0)[int(pos[0]) - 1:int(pos[-1])].mean(0)
 
@@ -534,12 +562,20 @@ def test_04_probe_equals_eager_attentions_and_finds_each_images_tokens(family, l
     model, proc = loaded(family)
     gp.install_probe(model)
     layer = gp.default_layer(model)
-    counts = vlm.emitted_image_tokens(proc, IMAGES, vlm.image_token_id(model))
+    if family in CROSS_ATTENTION:  # the probed layer's keys are the images' features: 04's token_boxes counts them
+        counts = gp.token_boxes(proc, IMAGES, {}, key_patch=model.config.vision_config.patch_size)[0]
+    else:
+        counts = vlm.emitted_image_tokens(proc, IMAGES, vlm.image_token_id(model))
     attn, positions, _, _ = gp.probe_forward(model, proc, [QUESTION], [IMAGES], ["a red one"], layer, [counts])
-    assert [len(p) for p in positions[0]] == IMAGE_TOKENS[family]
+    assert [len(p) for p in positions[0]] == CROSS_KEYS.get(family, IMAGE_TOKENS[family])
     batch = vlm.build_inputs(proc, [QUESTION], [IMAGES], answers=["a red one"])
     ids = batch["input_ids"][0]
-    assert all((ids[p] == vlm.image_token_id(model)).all() for p in positions[0])
+    if family in CROSS_ATTENTION:  # Mllama's processor lets a text token see the last image before it (or the run
+        # of images right before it): the answer, after Image2, sees Image2 only
+        assert layer in gp.cross_attention_layers(model)
+        assert attn[0][positions[0][0]].sum() == 0 and abs(attn[0][positions[0][1]].sum() - 1) < 1e-5
+    else:
+        assert all((ids[p] == vlm.image_token_id(model)).all() for p in positions[0])
     ref = _eager_response_attention(tiny_dirs(family), batch, layer, model)
     assert np.abs(attn[0] - ref.numpy()).max() < 1e-5
 
@@ -615,7 +651,8 @@ def test_07_answers_scores_and_pair_logps(family, tiny_dirs, mia_rows, tmp_path)
 # ---- the visual-token budget ---------------------------------------------------------------------
 CAPS = {"llava": 4, "llava_next": 24, "llava_onevision": 12, "qwen2_vl": 4, "qwen2_5_vl": 4, "qwen3_vl": 4,
         "qwen3_5": 4, "internvl": 20, "gemma3": 4, "gemma4": 70, "idefics3": 12, "smolvlm": 12, "qwen3_vl_moe": 4,
-        "glm4v": 4, "aya_vision": 20, "paligemma2": 4, "mistral3": 16, "llama4": 20, "lfm2_vl": 36}  # LFM2-VL: no knob known, its maximum
+        "glm4v": 4, "aya_vision": 20, "paligemma2": 4, "mistral3": 16, "llama4": 20, "lfm2_vl": 36,  # LFM2-VL: no knob known, its maximum
+        "mllama": 1}  # one <|image|> per image whatever its tiles: its keys are not what the cap counts
 
 
 @pytest.mark.slow
@@ -631,7 +668,7 @@ def test_cap_image_tokens_uses_the_familys_own_setting_and_is_recorded(family, t
     changed = vlm.cap_image_tokens(proc, CAPS[family])
     (after,) = vlm.emitted_image_tokens(proc, [big])
     assert after <= CAPS[family] and after <= before
-    if family not in NO_GEOMETRY:  # the geometry follows the capped setting
+    if family not in NO_GEOMETRY | CROSS_ATTENTION:  # the geometry follows the capped setting
         assert len(token_geometry.image_token_boxes(proc, [big])[0]) == after
     assert (vlm.image_settings_id(proc) != record) == bool(changed)
     if family in ("qwen2_5_vl", "internvl", "idefics3", "llava_onevision"):  # dynamic resolution: really capped
@@ -663,6 +700,9 @@ def test_04_probe_during_generation_equals_teacher_forced_rows(family, loaded): 
     typed = {"attention_mask": 1, **vlm.response_types(model, batch)}  # fed tokens typed as generation types them
     inputs = {k: torch.cat([v, torch.full_like(fed, typed.get(k, 0))], dim=1)
               if torch.is_tensor(v) and v.shape == ids.shape and k != "input_ids" else v for k, v in batch.items()}
+    for k, v in batch.items():  # Mllama's cross_attention_mask (B, T, images, tiles): a fed token sees what the last did
+        if torch.is_tensor(v) and v.dim() > 2 and v.shape[:2] == ids.shape:
+            inputs[k] = torch.cat([v, v[:, -1:].expand(-1, fed.shape[1], *v.shape[2:])], dim=1)
     inputs["input_ids"] = torch.cat([ids, fed], dim=1)
     with torch.no_grad(), gp.probing(layer, [(P - 1, P - 1 + len(toks))]) as tf:
         logits = model(**inputs, use_cache=False).logits[0, P - 1:].float()

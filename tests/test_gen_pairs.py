@@ -182,6 +182,30 @@ def test_probe_rows_apply_the_logit_softcap_as_eager_does():
     assert not torch.allclose(gp.response_attention(q, k, None, scale, [(2, 5)])[0], want, atol=1e-3)
 
 
+def test_cross_attention_probe_weighs_each_images_real_keys_by_hand():
+    """A cross-attention layer (Llama 3.2 Vision): the keys are 2 image slots of 3 one-key tiles; image 1
+    has 2 real tiles (keys 0, 1), image 2 one (key 3); keys 2, 4, 5 are padded tiles, masked for every row.
+    Text row 0 precedes the images (Mllama hands such a row in all 0: every key allowed), row 1 follows
+    image 1 only, row 2 both. One head, q = 1, scaling 1: scores are the keys (0, ln 3, -, ln 2, -, -).
+      row 1: softmax over keys 0, 1 -> (1/4, 3/4);  row 2: over 0, 1, 3 -> (1/6, 1/2, 1/3)
+      response rows 1..2: (5/24, 15/24, 0, 4/24, 0, 0); image means 10/24 and 4/24 -> target 2: 4/14.
+    A causal reading would drop key 3 from row 2; a mean over image 2's whole slot would be 4/72."""
+    k = torch.tensor([0.0, math.log(3), 5.0, math.log(2), 5.0, 5.0]).reshape(1, 1, 6, 1)
+    q = torch.ones(1, 1, 3, 1)
+    sees = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [1, 1, 0, 1, 0, 0]], dtype=torch.bool)
+    mask = torch.zeros(1, 1, 3, 6).masked_fill(~sees, torch.finfo(torch.float32).min)  # as the layer gets it
+    assert torch.equal(gp.allowed_keys(mask, 0, torch.arange(3), 6, causal=False), sees)
+    got = gp.response_attention(q, k, mask, 1.0, [(1, 3)], causal=False)[0]
+    assert torch.allclose(got, torch.tensor([5, 15, 0, 4, 0, 0]) / 24, atol=1e-6)
+    step = gp.last_row_attention(q[:, :, 2:], k, mask[:, :, 2:], 1.0, causal=False)[0]  # a decode step: row 2 alone
+    assert torch.allclose(step, torch.tensor([1 / 6, 1 / 2, 0, 1 / 3, 0, 0]), atol=1e-6)
+    (positions,) = gp.image_keys(6, [[2, 1]])
+    assert [p.tolist() for p in positions] == [[0, 1], [3]]
+    maps = [got.numpy()[p] for p in positions]
+    assert gp.attention_ratio("sequence", maps, 2) == pytest.approx(4 / 14)
+    with pytest.raises(ValueError, match="6 keys"):
+        gp.image_keys(6, [[4, 1]])  # an image larger than its slot
+
 def test_probe_single_unpadded_row_uses_causal_mask(world, models):
     """One row: the mask builder may skip the mask (pure causal); the probe must rebuild it."""
     it = _items(world, [("sequence", 2)])

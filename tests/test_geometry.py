@@ -22,7 +22,7 @@ from PIL import Image
 import common
 import vlm
 import token_geometry
-from tiny_families import FAMILIES, NO_GEOMETRY, tiny_dirs  # noqa: F401,F811  (tiny_dirs is a fixture)
+from tiny_families import CROSS_ATTENTION, FAMILIES, NO_GEOMETRY, tiny_dirs  # noqa: F401,F811  (tiny_dirs: a fixture)
 
 FAMILY = pytest.mark.parametrize("family", FAMILIES)
 # the two images of tests/test_families.py (64x48, 40x64) and the tokens they become, plus a collage size
@@ -32,7 +32,9 @@ IMAGE_TOKENS = {
     "qwen3_vl": [4, 2], "qwen3_5": [4, 2], "internvl": [52, 28], "gemma3": [4, 4], "gemma4": [63, 60],
     "idefics3": [20, 20], "smolvlm": [20, 20], "qwen3_vl_moe": [4, 2], "glm4v": [4, 2], "aya_vision": [52, 28],
     "paligemma2": [4, 4], "lfm2_vl": [24, 2], "mistral3": [9, 6], "llama4": [20, 20],
+    "mllama": [20, 20],  # cross-attention keys (image_key_boxes): 2x2 tiles of CLS + 2x2 patches
 }
+gp = importlib.import_module("04_gen_pairs")
 
 
 def noise(w, h, seed=0):
@@ -54,9 +56,24 @@ def loaded(tiny_dirs):  # noqa: F811
 
 
 def emitted(model, proc, images):
-    """Image-token positions in `processor(text=..., images=...)` for one prompt of these images."""
+    """Image-token positions in `processor(text=..., images=...)` for one prompt of these images
+    (a cross-attention family: the keys its vision model gives the text, real tiles x features per tile)."""
     enc = proc(text=[proc.image_token * len(images)], images=[images], return_tensors="pt")
+    if cross(model):
+        return int(enc["aspect_ratio_mask"].sum()) * model.model.vision_model.num_patches
     return int((enc["input_ids"] == vlm.image_token_id(model)).sum())
+
+
+def cross(model):
+    return bool(gp.cross_attention_layers(model))
+
+
+def visual_boxes(model, proc, images):
+    """token_geometry's boxes as 04 takes them: image_token_boxes, or a cross-attention family's
+    image_key_boxes (its visual tokens are its cross-attention layers' keys)."""
+    if cross(model):
+        return token_geometry.image_key_boxes(proc, images, model.config.vision_config.patch_size)
+    return token_geometry.image_token_boxes(proc, images)
 
 
 # ---- 1. counts -----------------------------------------------------------------------------
@@ -68,10 +85,13 @@ def test_one_box_per_image_token_the_processor_emits(family, loaded):
         with pytest.raises(token_geometry.NoGeometry, match=f"no geometry for {type(proc).__name__}"):
             token_geometry.image_token_boxes(proc, small, vlm.image_token_id(model))
         return
-    boxes = token_geometry.image_token_boxes(proc, small)
+    if family in CROSS_ATTENTION:  # no visual tokens in the text: refused, by name; the keys have boxes
+        with pytest.raises(token_geometry.NoGeometry, match=f"no geometry for {type(proc).__name__}"):
+            token_geometry.image_token_boxes(proc, small, vlm.image_token_id(model))
+    boxes = visual_boxes(model, proc, small)
     assert [len(b) for b in boxes] == IMAGE_TOKENS[family]
     for images in ([*small, noise(936, 488)], [noise(936, 488)], [noise(17, 90), noise(200, 31)]):
-        boxes = token_geometry.image_token_boxes(proc, images)
+        boxes = visual_boxes(model, proc, images)
         assert len(boxes) == len(images)
         assert sum(len(b) for b in boxes) == emitted(model, proc, images)
         for b in boxes:
@@ -79,6 +99,18 @@ def test_one_box_per_image_token_the_processor_emits(family, loaded):
             real = b[~np.isnan(b).any(axis=1)]
             assert len(real) and (real[:, 2] > real[:, 0]).all() and (real[:, 3] > real[:, 1]).all()
 
+
+def test_key_boxes_of_a_two_tile_image_by_hand(loaded):
+    """Mllama (32-px tiles, 16-px patches, 4 tiles at most): a 64x20 image fits 1x2 tiles unresized
+    (the smallest canvas that needs no downscaling), padded to 64x32; per tile its CLS (the tile) then
+    2x2 patches, row-major. The 2 padded tiles of max_image_tiles get no keys."""
+    model, proc = loaded("mllama")
+    (b,) = token_geometry.image_key_boxes(proc, [noise(64, 20)], model.config.vision_config.patch_size)
+    tile = lambda x: [[x, 0, x + 32, 32], [x, 0, x + 16, 16], [x + 16, 0, x + 32, 16], [x, 16, x + 16, 32],  # noqa: E731
+                      [x + 16, 16, x + 32, 32]]
+    assert b.tolist() == tile(0) + tile(32)
+    with pytest.raises(token_geometry.NoGeometry, match="no key geometry for LlavaProcessor"):
+        token_geometry.image_key_boxes(loaded("llava")[1], [noise(8, 8)], 16)
 
 def test_an_unknown_processor_is_refused_by_name(loaded):
     _, proc = loaded("llava")
@@ -129,8 +161,9 @@ def local_vision(model):
         n += 1
     assert n, "no vision attention found"
 
-    def grab(module, args, kwargs):
-        raise _Stop(kwargs["inputs_embeds"])
+    def grab(module, args, kwargs):  # what the LM gets: its input embeddings, or a cross-attention family's keys
+        states = kwargs.get("cross_attention_states")
+        raise _Stop(kwargs["inputs_embeds"] if states is None else states)
 
     lm.register_forward_pre_hook(grab, with_kwargs=True)
     return model
@@ -145,12 +178,17 @@ def prompt(proc, n_images):
     return proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
 
 
-def placed_features(model, proc, batch):
+def placed_features(model, proc, batch, counts=None):
     """[(n_image_tokens, D)] per prompt of `batch` (a list of image lists, one forward): what the
-    model puts at image-token positions, in sequence order."""
+    model puts at image-token positions, in sequence order. counts: a cross-attention family's keys
+    per image (the same images in every prompt): each image's real keys, as 04 reads them (image_keys)."""
     enc = proc(text=[prompt(proc, len(images)) for images in batch], images=batch, return_tensors="pt")
     with torch.no_grad(), pytest.raises(_Stop) as stop:
         model(**enc)
+    if counts is not None:  # (B * images * tiles, per tile, D) -> (B, keys, D)
+        states = stop.value.args[0].reshape(len(batch), -1, stop.value.args[0].shape[-1])
+        keys = gp.image_keys(states.shape[1], [counts] * len(batch))
+        return [torch.cat([s[p] for p in pos]) for s, pos in zip(states, keys)]
     mask = enc["input_ids"] == vlm.image_token_id(model)
     return [e[m] for e, m in zip(stop.value.args[0], mask)]
 
@@ -182,11 +220,12 @@ def check_receptive_fields(model, proc, sizes):
     must change when its (in-image) box shares at least half of its or the block's width and height
     with the block, and must not change when its box grown by MARGIN misses the block."""
     images = [noise(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
-    boxes = token_geometry.image_token_boxes(proc, images)
+    boxes = visual_boxes(model, proc, images)
+    counts = [len(b) for b in boxes] if cross(model) else None
     splits = np.cumsum([len(b) for b in boxes])[:-1]
     grids = [blocks(w, h) for w, h in sizes]  # grids[i][k]: block k of image i
     base, *bent = placed_features(model, proc, [images] + [[invert(im, g[k]) for im, g in zip(images, grids)]
-                                                           for k in range(len(grids[0]))])
+                                                           for k in range(len(grids[0]))], counts)
     assert len(base) == sum(len(b) for b in boxes)
     tol = 1e-4 * float(base.abs().max())
     tested = [np.zeros(len(b), bool) for b in boxes]
@@ -194,7 +233,7 @@ def check_receptive_fields(model, proc, sizes):
         changed = np.split(((feats - base).abs().amax(dim=1) > tol).numpy(), splits)
         for i, (b, (w, h)) in enumerate(zip(boxes, sizes)):
             block = grids[i][k]
-            nan = np.isnan(b).any(axis=1)
+            nan = np.isnan(b).any(axis=1) | _through_attention(model, b)
             assert not changed[i][nan].any(), f"image {i}, block {block}: a no-pixel (newline) token changed"
             inside = np.clip(np.nan_to_num(b), 0, [w, h, w, h])  # the part of each box in the image
             size = np.stack([inside[:, 2] - inside[:, 0], inside[:, 3] - inside[:, 1]], axis=1)
@@ -210,8 +249,16 @@ def check_receptive_fields(model, proc, sizes):
             tested[i] |= must
     for i, b in enumerate(boxes):
         inside = np.clip(np.nan_to_num(b), 0, [sizes[i][0], sizes[i][1]] * 2)
-        seen = (inside[:, 2] - inside[:, 0] >= 2) & (inside[:, 3] - inside[:, 1] >= 2)
+        seen = (inside[:, 2] - inside[:, 0] >= 2) & (inside[:, 3] - inside[:, 1] >= 2) & ~_through_attention(model, b)
         assert tested[i][seen].all(), f"image {i}: tokens {np.flatnonzero(seen & ~tested[i]).tolist()} never tested"
+
+
+def _through_attention(model, boxes):
+    """Rows that see their box through vision attention alone, which local_vision zeroes (so they never
+    change here): a cross-attention family's per-tile CLS features, the first of each tile's keys."""
+    if not cross(model):
+        return np.zeros(len(boxes), bool)
+    return np.arange(len(boxes)) % model.model.vision_model.num_patches == 0
 
 
 @FAMILY

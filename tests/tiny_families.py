@@ -1842,6 +1842,173 @@ GLM4V_TEMPLATE = (
 )
 
 
+# ---- mllama: the images reach the LM through cross-attention layers ----
+def _mllama():
+    """meta-llama/Llama-3.2-11B-Vision-Instruct: a ViT over up to 4 tiles of 560 px (patch 14),
+    features of several layers concatenated; the LM (Llama 3.1) reads them through gated
+    CROSS-attention layers (every 5th, from layer 3); in the text each image is ONE <|image|> token
+    (128256, outside the LM head's vocabulary), which the cross-attention mask ties to the text after it.
+    Here 32-px tiles, patch 16; 3 LM layers, the middle one cross-attention."""
+    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessorPil
+
+    # Llama 3's byte-level BPE: <|begin_of_text|> written in front of every text, the first reserved
+    # specials of 128000.. in their order, then <|image|> (128256)
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
+                "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+    tok = _byte_bpe_fast(specials, added=["<|image|>"], bos_template="<|begin_of_text|>",
+                         bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>")
+    image_id = tok.convert_tokens_to_ids("<|image|>")
+    assert image_id == len(tok) - 1
+    # release text: 40 layers, cross_attention_layers [3, 8, ..., 38]; vocab 128256 (+8 embedding rows for <|image|>)
+    text = dict(vocab_size=image_id, hidden_size=H, intermediate_size=2 * H, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=131072, cross_attention_layers=[1],
+                bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
+                eos_token_id=_ids(tok, "<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"),
+                rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 8192})
+    # release vision: 32 + 8 global layers, intermediate layers [3, 7, 15, 23, 30] -> output 7680 = 1280 x 6
+    vision = dict(hidden_size=H, intermediate_size=2 * H, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
+                  image_size=32, patch_size=16, max_num_tiles=4, intermediate_layers_indices=[0],
+                  vision_output_dim=2 * H)
+    cfg = MllamaConfig(vision_config=vision, text_config=text, image_token_index=image_id)
+    # release preprocessor_config.json: 560x560 tiles, max_image_tiles 4, bilinear, CLIP mean/std
+    ip = MllamaImageProcessorPil(size={"height": 32, "width": 32}, max_image_tiles=4, resample=2,
+                                 image_mean=[0.48145466, 0.4578275, 0.40821073],
+                                 image_std=[0.26862954, 0.26130258, 0.27577711])
+    return _Parts(MllamaForConditionalGeneration(cfg), tok, ip, MLLAMA_TEMPLATE, {},
+                  ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"])  # generation_config.json eos_token_id
+
+
+# meta-llama/Llama-3.2-11B-Vision-Instruct chat_template.json, as reproduced verbatim in public code (e.g. a
+# fine-tuning script's tokenizer.chat_template, and vLLM's examples/tool_chat_template_llama3.2_json.jinja
+# image block): a system block with today's date only when no message has an image item; an image item -> <|image|>
+MLLAMA_TEMPLATE = """{{- bos_token }}
+{%- if custom_tools is defined %}
+    {%- set tools = custom_tools %}
+{%- endif %}
+{%- if not tools_in_user_message is defined %}
+    {%- set tools_in_user_message = true %}
+{%- endif %}
+{%- if not date_string is defined %}
+    {%- if strftime_now is defined %}
+        {%- set date_string = strftime_now("%d %b %Y") %}
+    {%- else %}
+        {%- set date_string = "26 Jul 2024" %}
+    {%- endif %}
+{%- endif %}
+{%- if not tools is defined %}
+    {%- set tools = none %}
+{%- endif %}
+
+{#- This block extracts the system message, so we can slot it into the right place. #}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+
+{#- Find out if there are any images #}
+{% set image_ns = namespace(has_images=false) %}      
+{%- for message in messages %}
+    {%- for content in message['content'] %}
+        {%- if content['type'] == 'image' %}
+            {%- set image_ns.has_images = true %}
+        {%- endif %}
+    {%- endfor %}
+{%- endfor %}
+
+{#- Error out if there are images and system message #}
+{%- if image_ns.has_images and not system_message == "" %}
+    {{- raise_exception("Prompting with images is incompatible with system messages.") }}
+{%- endif %}
+
+{#- System message if there are no images #}
+{%- if not image_ns.has_images %}
+    {{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}
+    {%- if tools is not none %}
+        {{- "Environment: ipython\\n" }}
+    {%- endif %}
+    {{- "Cutting Knowledge Date: December 2023\\n" }}
+    {{- "Today Date: " + date_string + "\\n\\n" }}
+    {%- if tools is not none and not tools_in_user_message %}
+        {{- "You have access to the following functions. To call a function, please respond with JSON for a function call." }}
+        {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+        {{- "Do not use variables.\\n\\n" }}
+        {%- for t in tools %}
+            {{- t | tojson(indent=4) }}
+            {{- "\\n\\n" }}
+        {%- endfor %}
+    {%- endif %}
+    {{- system_message }}
+    {{- "<|eot_id|>" }}
+{%- endif %}
+
+{#- Custom tools are passed in a user message with some extra guidance #}
+{%- if tools_in_user_message and not tools is none %}
+    {#- Extract the first user message so we can plug it in here #}
+    {%- if messages | length != 0 %}
+        {%- set first_user_message = messages[0]['content']|trim %}
+        {%- set messages = messages[1:] %}
+    {%- else %}
+        {{- raise_exception("Cannot put tools in the first user message when there's no first user message!") }}
+{%- endif %}
+    {{- '<|start_header_id|>user<|end_header_id|>\\n\\n' -}}
+    {{- "Given the following functions, please respond with a JSON for a function call " }}
+    {{- "with its proper arguments that best answers the given prompt.\\n\\n" }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.\\n\\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\\n\\n" }}
+    {%- endfor %}
+    {{- first_user_message + "<|eot_id|>"}}
+{%- endif %}
+
+{%- for message in messages %}
+    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}
+        {%- if message['content'] is string %}
+            {{- message['content'] }}
+        {%- else %}
+            {%- for content in message['content'] %}
+                {%- if content['type'] == 'image' %}
+                    {{- '<|image|>' }}
+                {%- elif content['type'] == 'text' %}
+                    {{- content['text'] }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|eot_id|>' }}
+    {%- elif 'tool_calls' in message %}
+        {%- if not message.tool_calls|length == 1 %}
+            {{- raise_exception("This model only supports single tool-calls at once!") }}
+        {%- endif %}
+        {%- set tool_call = message.tool_calls[0].function %}
+        {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}
+        {{- '{"name": "' + tool_call.name + '", ' }}
+        {{- '"parameters": ' }}
+        {{- tool_call.arguments | tojson }}
+        {{- "}" }}
+        {{- "<|eot_id|>" }}
+    {%- elif message.role == "tool" or message.role == "ipython" %}
+        {{- "<|start_header_id|>ipython<|end_header_id|>\\n\\n" }}
+        {%- if message.content is mapping or message.content is iterable %}
+            {{- message.content | tojson }}
+        {%- else %}
+            {{- message.content }}
+        {%- endif %}
+        {{- "<|eot_id|>" }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
+{%- endif %}
+"""
+
+
 FAMILIES_SPEC = [
     Family("llava", "llava-hf/llava-1.5-7b-hf", "LlavaForConditionalGeneration", "LlavaProcessor",
            "CLIPImageProcessorPil", _llava),
@@ -1882,6 +2049,8 @@ FAMILIES_SPEC = [
            "Glm4vImageProcessorPil", _glm4v),
     Family("paligemma2", "google/paligemma2-3b-mix-224", "PaliGemmaForConditionalGeneration", "PaliGemmaProcessor",
            "SiglipImageProcessorPil", _paligemma2),
+    Family("mllama", "meta-llama/Llama-3.2-11B-Vision-Instruct", "MllamaForConditionalGeneration", "MllamaProcessor",
+           "MllamaImageProcessorPil", _mllama),
 ]
 _BY_NAME = {f.name: f for f in FAMILIES_SPEC}
 FAMILIES = [f.name for f in FAMILIES_SPEC]
@@ -1891,6 +2060,9 @@ NO_TEMPLATE = {"paligemma2"}
 # the families whose image views token_geometry does not follow (04 runs their sequence rows and
 # skips their grid / pic-in-pic rows, counted, with the reason); tests/test_geometry.py checks both ways
 NO_GEOMETRY = {"llama4", "lfm2_vl"}
+# the families whose language model reads the images through cross-attention layers, the text holding one
+# placeholder token per image: their visual tokens are those layers' keys (token_geometry.image_key_boxes)
+CROSS_ATTENTION = {"mllama"}
 
 
 if __name__ == "__main__":
