@@ -10,11 +10,11 @@ in : JSONL of 01-03 + image root + local model     out: pairs JSONL + candidates
 Per row (first human/gpt turn only): the model answers greedily, with the prompt training builds
 (vlm.build_inputs), on images corrupted as the authors did (grid: Gaussian noise std 225 on
 the target cell; pic-in-pic: std 49 on the whole image; sequence: none; in float, clipped).
-A teacher-forced forward over prompt + answer on the same images then measures, at ONE decoder
-layer (default the middle one), the heads-averaged attention of the response rows — the query
-positions that produced the answer's tokens and EOS, i.e. the rows generate() would return — to
-every visual token. A registered attention function runs SDPA as usual and computes softmax
-only for those rows at that layer; all-layer `output_attentions` is never kept. Ratio:
+While it generates, a probe measures, at ONE decoder layer (default the middle one), the
+heads-averaged attention of the response rows — the query positions that produced the answer's
+tokens and EOS: each generation step's newest query row, over the KV cache — to every visual
+token. A registered attention function runs the model's attention (SDPA by default) as usual and
+computes softmax only for that row at that layer; all-layer `output_attentions` is never kept. Ratio:
   sequence   mean attention on the target image / sum over images of their mean attention
   grid       attention on the target cell / attention on the whole collage
   pic-in-pic attention on the inset / attention on the whole image
@@ -30,19 +30,20 @@ the cross-attention mask it gets. subtle: Mllama's processor lets a token see on
 it (or the run of images right before it), so with interleaved `ImageK:<image>` labels the answer sees
 the last image alone: a sequence row's ratio is 1 when that image is the target, else 0.
 --viz N draws the maps (the paper's Fig. 2).
---probe during-generation takes the same rows while generating instead (each step's newest query row
-at that layer, over the KV cache), and the answer's log-probs from generation's raw logits; a row
-whose generated tokens are not the tokens scored (render_pair's response + stop token: e.g. "r","o"
-where " ro" is scored with a leading space token, or no stop token at --max-new-tokens) falls back
-to the teacher-forced forward; the pairs' chosen references of rows answered from the clean images are
-scored from generation's KV cache of the prompt (vlm.score_after_prompt). Equal to teacher-forced
-to 1e-5 (tests); the default stays teacher-forced.
+The answer's log-probs (PPL) are generation's raw logits; the pairs' chosen references of rows
+answered from the clean images are scored from generation's KV cache of the prompt
+(vlm.score_after_prompt), their rejected references are the answer's own log-probs. A row whose
+generated tokens are not the tokens scored (render_pair's response + stop token: e.g. "r","o"
+where " ro" is scored with a leading space token, or no stop token at --max-new-tokens) takes a
+teacher-forced forward over prompt + answer instead. --probe teacher-forced takes every row so
+(a second prefill per row: x1.9-2.5 the cost of generating, BENCHMARKS.md); both agree to 1e-5 (tests).
 A row becomes a pair (chosen = ground truth, rejected = answer) when the normalised answer
 differs, both are non-empty, the answer was not cut by --max-new-tokens, PPL > 1.1 (PPL of the
 answer + EOS on the images it was generated from) and the ratio is under THRESHOLDS. Every row
 is kept in the candidates file with its numbers and the reason. Pairs carry ref_chosen_logps /
-ref_rejected_logps: summed response log-probs on the CLEAN images, chosen and rejected in one
-forward, exactly as 06 computes them, with ref_model {path, fingerprint}.
+ref_rejected_logps: summed response log-probs on the CLEAN images, equal to 06's own forward (1e-5;
+rows answered from noisy images get one forward, chosen and rejected, as 06 computes them), with
+ref_model {path, fingerprint}.
 Resume: finished batches are appended to <candidates>.partial (common.ResumeFile, flushed per
 batch); a restarted run with the same settings skips them. Batches are fixed by the settings, so
 a killed-and-resumed run writes byte-identical files to an uninterrupted one. "The same answer"
@@ -709,7 +710,7 @@ def output_paths(args):
 def resume_config(args, layer, ref_model, thresholds):
     """Everything the output depends on; a .partial left with other settings is refused."""
     keys = ("image_root", "batch_size", "max_new_tokens", "seed", "limit", "shard", "num_shards", "no_noise",
-            "grid_noise", "pip_noise", "min_ppl", "dtype", "max_image_tokens")
+            "grid_noise", "pip_noise", "min_ppl", "dtype", "max_image_tokens", "probe")
     cfg = {"data": [[str(p), os.path.getsize(p), os.path.getmtime(p)] for p in args.data], "ref_model": ref_model,
            "layer": layer, **{k: getattr(args, k) for k in keys}, "thresholds": thresholds}
     return json.loads(json.dumps(cfg, default=str))  # as it reads back from the file
@@ -779,10 +780,11 @@ def get_args(argv=None):
     m.add_argument("--threshold", action="append", default=[], metavar="FORMAT[:N]=VALUE",
                    help="override a ratio threshold, e.g. grid:9=0.35, or grid=0.5 for every count; "
                         "FORMAT=inf for every wrong answer (repeatable)")
-    m.add_argument("--probe", choices=("teacher-forced", "during-generation"), default="teacher-forced",
-                   help="teacher-forced: a forward over prompt + answer after generating (default); during-generation: "
-                        "the attention rows and the answer's log-probs taken while generating (equal to 1e-5, tested), "
-                        "a row whose generated tokens differ from the scored ones falls back to teacher-forced")
+    m.add_argument("--probe", choices=("during-generation", "teacher-forced"), default="during-generation",
+                   help="during-generation (default): the attention rows and the answer's log-probs taken while "
+                        "generating, a row whose generated tokens differ from the scored ones re-run teacher-forced; "
+                        "teacher-forced: a forward over prompt + answer after generating, for every row (equal to "
+                        "1e-5, tested)")
     m.add_argument("--seed", type=int, default=0, help="with the row id, seeds the noise")
     s = p.add_argument_group("system")
     s.add_argument("--batch-size", type=int, default=16)

@@ -566,18 +566,19 @@ def test_probe_during_generation_equals_teacher_forced(world, models, layer):
 
 
 def test_probe_during_generation_cli_equals_teacher_forced(world, full_run):
-    """The stage with --probe during-generation: the same answers, selections and reasons as the
-    default run; every number (ratio, attention masses, ppl, reference log-probs) to 1e-5. Rows cut at
-    --max-new-tokens (no stop token generated) fall back to teacher-forced, and the log says so."""
-    out = world.out / "during" / "pairs.jsonl"
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        gp.main(gp.get_args([*_argv(world, out), "--probe", "during-generation"]))
-    used = ast.literal_eval(re.search(r"--probe during-generation: (\{.*?\})", buf.getvalue()).group(1))
+    """The stage as it runs by default (--probe during-generation) against --probe teacher-forced: the
+    same answers, selections and reasons; every number (ratio, attention masses, ppl, reference
+    log-probs) to 1e-5. Rows cut at --max-new-tokens (no stop token generated) fall back to
+    teacher-forced, and the log says so."""
+    assert gp.get_args([]).probe == "during-generation"
+    used = ast.literal_eval(re.search(r"--probe during-generation: (\{.*?\})", full_run[1]).group(1))
     assert used["during"] >= 7 and used["during"] + used["teacher_forced"] == 14 and used["ref_chosen_cached"] >= 1
+    out = world.out / "teacher-forced" / "pairs.jsonl"
+    with contextlib.redirect_stdout(io.StringIO()):
+        gp.main(gp.get_args([*_argv(world, out), "--probe", "teacher-forced"]))
     for name in ("pairs.candidates.jsonl", "pairs.jsonl"):
-        want = [json.loads(x) for x in full_run[0].with_name(name).read_text().splitlines()]
-        got = [json.loads(x) for x in out.with_name(name).read_text().splitlines()]
+        got = [json.loads(x) for x in full_run[0].with_name(name).read_text().splitlines()]
+        want = [json.loads(x) for x in out.with_name(name).read_text().splitlines()]
         assert len(got) == len(want)
         for g, w in zip(got, want):
             g, w = {**g, **g.get("probe", {})}, {**w, **w.get("probe", {})}
