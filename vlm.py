@@ -124,7 +124,10 @@ def load_model(path, dtype="auto", device="cpu", attn_implementation=None, adapt
     processor = load_processor(path)
     check_supported(model, processor)
     if max_image_tokens:
-        cap_image_tokens(processor, max_image_tokens)
+        try:
+            cap_image_tokens(processor, max_image_tokens)
+        except ValueError as e:  # a cap the processor cannot meet, or that would bound nothing: one line
+            raise SystemExit(f"--max-image-tokens {max_image_tokens}: {e}") from None
     return model, processor
 
 
@@ -423,6 +426,10 @@ def cap_image_tokens(processor, n):
     def emitted(w, h):
         return emitted_image_tokens(processor, [Image.new("RGB", (w, h))])[0]
 
+    if hasattr(ip, "max_image_tiles"):  # Llama 3.2 Vision: one text token per image, up to 4 tiles of features
+        raise ValueError(f"{name}: its images reach the text through cross-attention, one token each, so a cap on "
+                         f"visual tokens does not bound their features; set its image processor's max_image_tiles "
+                         f"({ip.max_image_tiles}) instead")
     if hasattr(ip, "merge_size") and "longest_edge" in size:  # Qwen2/2.5/3-VL, Qwen3.5: area in pixels
         unit = (ip.patch_size * ip.merge_size) ** 2
         size["longest_edge"] = max(n * unit, size.get("shortest_edge", 0))

@@ -652,7 +652,7 @@ def test_07_answers_scores_and_pair_logps(family, tiny_dirs, mia_rows, tmp_path)
 CAPS = {"llava": 4, "llava_next": 24, "llava_onevision": 12, "qwen2_vl": 4, "qwen2_5_vl": 4, "qwen3_vl": 4,
         "qwen3_5": 4, "internvl": 20, "gemma3": 4, "gemma4": 70, "idefics3": 12, "smolvlm": 12, "qwen3_vl_moe": 4,
         "glm4v": 4, "aya_vision": 20, "paligemma2": 4, "mistral3": 16, "llama4": 20, "lfm2_vl": 36,  # LFM2-VL: no knob known, its maximum
-        "mllama": 1}  # one <|image|> per image whatever its tiles: its keys are not what the cap counts
+        "mllama": None}  # refused: one <|image|> per image whatever its tiles (its features are the keys)
 
 
 @pytest.mark.slow
@@ -663,12 +663,16 @@ def test_cap_image_tokens_uses_the_familys_own_setting_and_is_recorded(family, t
     if family == "smolvlm":
         pytest.importorskip("num2words")
     proc = vlm.load_processor(tiny_dirs(family))
+    if family in CROSS_ATTENTION:  # one text token per image: a token cap would bound nothing, so it is refused
+        with pytest.raises(ValueError, match=f"{type(proc).__name__}: .*cross-attention.*max_image_tiles"):
+            vlm.cap_image_tokens(proc, 1024)
+        return
     big = Image.new("RGB", (1000, 700), (90, 90, 90))
     before, record = vlm.emitted_image_tokens(proc, [big])[0], vlm.image_settings_id(proc)
     changed = vlm.cap_image_tokens(proc, CAPS[family])
     (after,) = vlm.emitted_image_tokens(proc, [big])
     assert after <= CAPS[family] and after <= before
-    if family not in NO_GEOMETRY | CROSS_ATTENTION:  # the geometry follows the capped setting
+    if family not in NO_GEOMETRY:  # the geometry follows the capped setting
         assert len(token_geometry.image_token_boxes(proc, [big])[0]) == after
     assert (vlm.image_settings_id(proc) != record) == bool(changed)
     if family in ("qwen2_5_vl", "internvl", "idefics3", "llava_onevision"):  # dynamic resolution: really capped
