@@ -615,18 +615,31 @@ def image_placeholder(processor):
 def render_prompt(processor, question):
     """LLaVA-format question (with inline `<image>` markers) -> the model's generation prompt.
 
-    Each `<image>` becomes image_placeholder(processor), in place. subtle: llava-hf templates
-    render a message's image items first and its text after, which would pull every image away
-    from its `ImageK:` label. The question is therefore passed as ONE text item with the
-    placeholders inline; the template only wraps it, e.g. for llava-1.5-7b-hf:
-    `USER: Image1:<image>\\nIn Image1, what ...? ASSISTANT:`; for Qwen2.5-VL:
-    `...<|im_start|>user\\nImage1:<|vision_start|><|image_pad|><|vision_end|>\\nIn Image1, ...`.
+    Each `<image>` becomes the template's image item, in place (user_content), e.g. for
+    llava-1.5-7b-hf: `USER: Image1:<image>\nIn Image1, what ...? ASSISTANT:`; for Qwen2.5-VL:
+    `...<|im_start|>user\nImage1:<|vision_start|><|image_pad|><|vision_end|>\nIn Image1, ...`.
     """
-    question = question.replace(MARKER, image_placeholder(processor))
     if not getattr(processor, "chat_template", None):
-        return FALLBACK_TEMPLATE.format(question=question)
-    msgs = [{"role": "user", "content": [{"type": "text", "text": question}]}]
+        return FALLBACK_TEMPLATE.format(question=question.replace(MARKER, image_placeholder(processor)))
+    msgs = [{"role": "user", "content": user_content(processor, question)}]
     return _chat(processor, msgs, add_generation_prompt=True)
+
+
+def user_content(processor, question):
+    """The user message's content items for a question, each `<image>` the template's image item in place.
+    Interleaved items (text, image, text, ...) where the template renders them in that order, so that
+    it also knows the message holds images (Llama 3.2 Vision writes a dated system turn only for a
+    message without); else ONE text item with image_placeholder inline. subtle: llava-hf templates
+    render a message's image items first and its text after, which would pull every image away from
+    its `ImageK:` label: for them the text item, whose rendering differs only in that order."""
+    inline = [{"type": "text", "text": question.replace(MARKER, image_placeholder(processor))}]
+    items = []
+    for k, text in enumerate(question.split(MARKER)):
+        items += ([{"type": "image"}] if k else []) + ([{"type": "text", "text": text}] if text else [])
+    if items == inline:  # no image
+        return inline
+    shown = _chat(processor, [{"role": "user", "content": items}], add_generation_prompt=True)
+    return items if inline[0]["text"] in shown else inline
 
 
 def special_tokens(tokenizer):
@@ -666,7 +679,7 @@ def render_pair(processor, question, answer, prompt=None):
         gap = "" if processor_text(processor, prompt)[-1:].isspace() else " "  # processor ends it so (PaliGemma: "\n")
         return prompt, gap + answer
     stand_in = "\u2063MIA-DPO-ANSWER\u2063"  # text no template rewrites (and a repr() escapes)
-    user = {"role": "user", "content": [{"type": "text", "text": question.replace(MARKER, image_placeholder(processor))}]}
+    user = {"role": "user", "content": user_content(processor, question)}
     for content in ([{"type": "text", "text": stand_in}], stand_in):  # items; or a string (GLM-4.1V prints items' repr)
         full = _chat(processor, [user, {"role": "assistant", "content": content}])
         if full.count(stand_in) == 1:

@@ -329,6 +329,13 @@ def test_render_prompt_writes_each_image_as_the_template_does_next_to_its_label(
     assert f"Image1:{placeholder}\nImage2:{placeholder}\nIn Image2," in prompt
     if family in NO_TEMPLATE:
         assert prompt == _template_prompt(proc)
+    else:  # the template was told the message holds images, wherever it keeps them at their labels
+        items = [{"type": "text", "text": "Image1:"}, {"type": "image"}, {"type": "text", "text": "\nImage2:"},
+                 {"type": "image"}, {"type": "text", "text": "\nIn Image2, what color is the shape?"}]
+        with_images = vlm._chat(proc, [{"role": "user", "content": items}], add_generation_prompt=True)  # non-thinking
+        assert (prompt == with_images) == (f"Image1:{placeholder}\nImage2:" in with_images)
+    if family in IMAGES_CHANGE_THE_TEMPLATE:  # the prompt is the one the release writes for a message with images
+        assert "Today Date" not in prompt and prompt.startswith("<|begin_of_text|><|start_header_id|>user")
 
 
 @FAMILY
