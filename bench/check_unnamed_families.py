@@ -249,6 +249,54 @@ def _florence2():
     return _Parts(Florence2ForConditionalGeneration(cfg), tok, ip, None, {"num_additional_image_tokens": 1}, ["</s>"])
 
 
+def _bert_tokenizer(**kw):
+    """bert-base-uncased's tokenizer class (WordPiece, lower-cased): [PAD] [UNK] [CLS] [SEP] [MASK], then a
+    WordPiece vocabulary trained here on tiny_families' corpus."""
+    from tokenizers import trainers
+    from transformers import BertTokenizer
+
+    backend = BertTokenizer()._tokenizer
+    backend.train_from_iterator(tf._CORPUS * 4, trainers.WordPieceTrainer(
+        vocab_size=300, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], show_progress=False))
+    return BertTokenizer(vocab=backend.get_vocab(), **kw)
+
+
+def _instructblip():
+    """Salesforce/instructblip-vicuna-7b: BLIP-2's layout (EVA ViT-g 224/14, a Q-Former of 32 queries ->
+    32 tokens per image) whose Q-Former also reads the instruction (tokenized by its own BERT
+    tokenizer, qformer_input_ids); Vicuna-7B LM. The processor writes num_query_tokens <image> BEFORE the
+    text (before the BOS), whatever the text says: one image per prompt. No chat template.
+    Here 32 px / patch 16, 4 queries."""
+    from transformers import (BlipImageProcessorPil, InstructBlipConfig, InstructBlipForConditionalGeneration,
+                              InstructBlipQFormerConfig, InstructBlipVisionConfig, LlamaConfig)
+
+    # the converter (convert_instructblip_original_to_pytorch.py): LlamaTokenizerFast of huggyllama/llama-7b with
+    # truncation_side left, bos "</s>", unk "</s>", then [PAD] (32000); the release later added <image> (32001).
+    # unk "<unk>" here, as build() refuses an EOS that is the unk (blip-2's note)
+    tok = _llama_tokenizer(["[PAD]", "<image>"], bos_token="</s>", pad_token="[PAD]", truncation_side="left")
+    # the Q-Former's: bert-base-uncased, truncation_side left, bos [DEC] added (30522: its vocab_size 30523)
+    qtok = _bert_tokenizer(truncation_side="left")
+    qtok.add_special_tokens({"bos_token": "[DEC]"})
+    text = LlamaConfig(**_text_kw(tok, num_key_value_heads=4, pad_token_id=tok.pad_token_id,
+                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    vision = InstructBlipVisionConfig(hidden_size=H, intermediate_size=2 * H, num_hidden_layers=L,
+                                      num_attention_heads=2, image_size=32, patch_size=16)
+    # release Q-Former: BERT-base width, 12 layers, cross-attention every 2nd layer
+    qformer = InstructBlipQFormerConfig(vocab_size=len(qtok), hidden_size=H, num_hidden_layers=L, num_attention_heads=2,
+                                        intermediate_size=2 * H, encoder_hidden_size=H, cross_attention_frequency=2,
+                                        pad_token_id=qtok.pad_token_id)
+    cfg = InstructBlipConfig(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
+                             text_config=text.to_dict(), num_query_tokens=4,
+                             image_token_index=tok.convert_tokens_to_ids("<image>"))
+    # the converter: BlipImageProcessor 224x224 (bicubic: the class's), OpenAI-CLIP mean/std;
+    # processor_config.json: num_query_tokens 32
+    ip = BlipImageProcessorPil(size={"height": 32, "width": 32}, resample=3,
+                               image_mean=[0.48145466, 0.4578275, 0.40821073],
+                               image_std=[0.26862954, 0.26130258, 0.27577711])
+    return _Parts(InstructBlipForConditionalGeneration(cfg), tok, ip, None, {"num_query_tokens": 4}, ["</s>"],
+                  sub_tokenizers={"qformer_tokenizer": qtok})
+
+
 # HuggingFaceM4/idefics2-8b processor_config.json "chat_template" (as quoted from that file in public
 # code, e.g. a comment citing huggingface.co/HuggingFaceM4/idefics2-8b/blob/main/processor_config.json;
 # the same string is the idefics2-8b-chatty template in mistral.rs' chat-template tests)
@@ -302,6 +350,8 @@ EXTRA = [
     Family("fuyu", "adept/fuyu-8b", "FuyuForCausalLM", "FuyuProcessor", "FuyuImageProcessorPil", _fuyu),
     Family("florence2", "florence-community/Florence-2-base", "Florence2ForConditionalGeneration",
            "Florence2Processor", "CLIPImageProcessorPil", _florence2),
+    Family("instructblip", "Salesforce/instructblip-vicuna-7b", "InstructBlipForConditionalGeneration",
+           "InstructBlipProcessor", "BlipImageProcessorPil", _instructblip),
 ]
 assert not {f.name for f in EXTRA} & set(tf.FAMILIES), "a family here is named by the tests"
 

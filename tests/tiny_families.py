@@ -61,6 +61,7 @@ class _Parts:
     eos: list  # tokens generation stops at (generation_config.json eos_token_id)
     video: dict | None = None  # the video processor's config (built only where torchvision imports)
     feature_extractor: object = None
+    sub_tokenizers: dict | None = None  # {attribute: tokenizer} a processor loads from that subfolder (InstructBLIP's qformer_tokenizer)
 
 
 class _SavedSettings(dict):
@@ -672,6 +673,8 @@ def build(family, out_dir, seed=0):
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    for name, sub in (parts.sub_tokenizers or {}).items():  # ProcessorMixin saves an extra tokenizer in its own subfolder
+        sub.save_pretrained(out / name)
     # processor_config.json is written here, as ProcessorMixin.save_pretrained would write it: building the
     # processor object itself would need the video processor, i.e. torchvision (vlm.load_processor reads it)
     ip = parts.image_processor  # a dict: the settings of a class that cannot be built here (LFM2-VL's needs torchvision)
