@@ -2,10 +2,10 @@
 vlm.py — talking to a vision-language model: load it, prompt it, score and generate with it.
 
   model  : load_model / load_processor (a LOCAL Hugging Face checkpoint, never a download),
-           check_supported (refuses an encoder-decoder, or a processor that places images itself),
-           image_token_id, model_fingerprint, cap_image_tokens / image_settings_id (the
-           visual-token budget and its record), resolve_model (a model or LoRA adapter folder),
-           parse_models (--model NAME=PATH, 07's flag)
+           check_supported (refuses an encoder-decoder, a model without an image token, or a
+           processor that places images itself), image_token_id, model_fingerprint,
+           cap_image_tokens / image_settings_id (the visual-token budget and its record),
+           resolve_model (a model or LoRA adapter folder), parse_models (--model NAME=PATH, 07's flag)
   torchvision: torchvision_problem (does it import here? the one answer, asked once per process),
            torchvision_or_stand_in (a stand-in for code that imports it at module level: the harnesses)
   prompts: image_placeholder / render_prompt / render_pair (the family's own chat template: its
@@ -138,14 +138,21 @@ def check_supported(model, processor):
       an encoder-decoder (Florence-2: a BART encoder reads image + prompt, its decoder writes the answer);
       a processor that places the image itself, wherever the prompt's image token is (BLIP-2: in front
       of the text; Fuyu, Florence-2: refuse a prompt that holds one) — checked on a 64-px image, with
-      the placeholder first and last: its image tokens must move with it."""
+      the placeholder first and last: its image tokens must move with it;
+      a model whose config names no image token (Kosmos-2: the processor writes the image in front of
+      the text and a position mask says where its embeddings go): nothing in a prompt marks an image."""
     from PIL import Image
 
     name = type(model).__name__
     if model.config.is_encoder_decoder:
         raise SystemExit(f"{name} is an encoder-decoder model: this toolkit scores and trains an answer as the "
                          f"continuation of its prompt in one decoder-only sequence")
-    ph, token = image_placeholder(processor), image_token_id(model)
+    try:
+        token = image_token_id(model)
+    except ValueError as e:  # every stage locates images by this id: refuse here, in one line, not mid-run
+        raise SystemExit(f"{name}: {e}, so no token of a prompt marks where an image goes: this toolkit writes "
+                         f"each image at the model's image token, where the question puts it") from None
+    ph = image_placeholder(processor)
     try:  # return_tensors: Ovis2's expansion needs tensors
         ids = [processor(text=[t], images=[[Image.new("RGB", (64, 64))]], return_tensors="pt")["input_ids"][0].tolist()
                for t in (ph + "\nQ", "Q\n" + ph)]

@@ -228,10 +228,10 @@ class _Placing:
         return {"input_ids": torch.tensor([ids])}
 
 
-def _model(encoder_decoder=False):
+def _model(encoder_decoder=False, image_token_id=9):
     from types import SimpleNamespace
 
-    return SimpleNamespace(config=SimpleNamespace(is_encoder_decoder=encoder_decoder, image_token_id=9))
+    return SimpleNamespace(config=SimpleNamespace(is_encoder_decoder=encoder_decoder, image_token_id=image_token_id))
 
 
 def test_check_supported_refuses_what_a_decoder_only_prompt_cannot_hold():
@@ -247,6 +247,13 @@ def test_check_supported_refuses_what_a_decoder_only_prompt_cannot_hold():
 
     with pytest.raises(SystemExit, match=r"refuses an image at its image token .*Found total 2"):
         vlm.check_supported(_model(), Refusing())
+
+
+def test_check_supported_refuses_a_model_without_an_image_token():
+    """A config naming no image token (the processor writes the image in front of the text, a position mask
+    places its embeddings) is refused in one line, not a ValueError from the first stage that needs the id."""
+    with pytest.raises(SystemExit, match="names no image token"):
+        vlm.check_supported(_model(image_token_id=None), _Placing())
 
 
 def test_toy_model_ships_the_real_llava15_template(toy_tiny):
