@@ -297,6 +297,47 @@ def _instructblip():
                   sub_tokenizers={"qformer_tokenizer": qtok})
 
 
+def _xlmr_tokenizer():
+    """XLMRobertaTokenizer (SentencePiece Unigram, fairseq order <s> <pad> </s> <unk>, <mask> after the
+    pieces), pieces trained here on tiny_families' corpus."""
+    from tokenizers import trainers
+    from transformers import XLMRobertaTokenizer
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    backend = XLMRobertaTokenizer()._tokenizer
+    backend.train_from_iterator(tf._CORPUS * 4, trainers.UnigramTrainer(
+        vocab_size=300, special_tokens=specials, unk_token="<unk>", show_progress=False))
+    pieces = [tuple(p) for p in json.loads(backend.to_str())["model"]["vocab"]]
+    assert [p for p, _ in pieces[:4]] == specials
+    return XLMRobertaTokenizer(vocab=pieces + [("<mask>", 0.0)])
+
+
+def _kosmos2():
+    """microsoft/kosmos-2-patch14-224: CLIP ViT-L/14 at 224 px, a resampler of latent_query_num (64)
+    learned queries -> 64 image embeddings, MAGNETO decoder LM. No image token: the processor writes
+    `<image>` + 64 ordinary vocabulary ids (unk_id + 1 ..) + `</image>` IN FRONT of the text, whatever the
+    text says, and image_embeds_position_mask marks where the embeddings go: one image per prompt.
+    Grounding tags and 1024 <patch_index_xxxx> tokens added by the processor. No chat template.
+    Here 32 px / patch 16; the 64 latents kept (the processor's num_image_tokens is a class setting)."""
+    from transformers import CLIPImageProcessorPil, Kosmos2Config, Kosmos2ForConditionalGeneration
+
+    tok = _xlmr_tokenizer()
+    # release tokenizer.json: the processor's tags (</doc> <image> </image> ...) and patch-index tokens after
+    # the pieces; Kosmos2Processor.__init__ adds them (non-special, lstrip) where missing: here, as it does
+    from transformers import Kosmos2Processor
+    Kosmos2Processor(CLIPImageProcessorPil(), tok)
+    text = dict(vocab_size=len(tok), embed_dim=H, layers=L, ffn_dim=2 * H, attention_heads=4,
+                max_position_embeddings=2048, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id)
+    vision = dict(hidden_size=H, intermediate_size=2 * H, num_hidden_layers=L, num_attention_heads=2, image_size=32,
+                  patch_size=16)
+    cfg = Kosmos2Config(text_config=text, vision_config=vision, latent_query_num=64)
+    # release preprocessor_config.json: CLIPImageProcessor to 224x224, bicubic, OpenAI-CLIP mean/std (the class
+    # defaults); 224x224 out for any aspect ratio (test_processing_kosmos2.py test_full_processor), no centre crop
+    ip = CLIPImageProcessorPil(size={"height": 32, "width": 32}, do_center_crop=False)
+    return _Parts(Kosmos2ForConditionalGeneration(cfg), tok, ip, None, {}, ["</s>"])
+
+
 # HuggingFaceM4/idefics2-8b processor_config.json "chat_template" (as quoted from that file in public
 # code, e.g. a comment citing huggingface.co/HuggingFaceM4/idefics2-8b/blob/main/processor_config.json;
 # the same string is the idefics2-8b-chatty template in mistral.rs' chat-template tests)
@@ -352,6 +393,8 @@ EXTRA = [
            "Florence2Processor", "CLIPImageProcessorPil", _florence2),
     Family("instructblip", "Salesforce/instructblip-vicuna-7b", "InstructBlipForConditionalGeneration",
            "InstructBlipProcessor", "BlipImageProcessorPil", _instructblip),
+    Family("kosmos-2", "microsoft/kosmos-2-patch14-224", "Kosmos2ForConditionalGeneration", "Kosmos2Processor",
+           "CLIPImageProcessorPil", _kosmos2),
 ]
 assert not {f.name for f in EXTRA} & set(tf.FAMILIES), "a family here is named by the tests"
 
