@@ -338,6 +338,43 @@ def _kosmos2():
     return _Parts(Kosmos2ForConditionalGeneration(cfg), tok, ip, None, {}, ["</s>"])
 
 
+def _janus():
+    """deepseek-community/Janus-Pro-1B (deepseek-ai/Janus-Pro-1B converted): understanding path SigLIP-L
+    384/16 -> 576 tokens per image (resized to 384 on the long side, padded square with the mean colour),
+    a 2-layer MLP aligner; generation path a VQ-GAN (image_token_size 16384) with its own aligner and head;
+    DeepSeek-LLM 1.5B (Llama layout). Each <image_placeholder> becomes <begin_of_image> + num_image_tokens
+    <image_placeholder> + <end_of_image>; use_default_system_prompt: the processor writes the DeepSeek-VL
+    system prompt in front of every text (text mode). Here 32 px / patch 16 -> 4 tokens, a 2-level VQ-GAN."""
+    from transformers import (JanusConfig, JanusForConditionalGeneration, JanusImageProcessorPil, JanusVisionConfig,
+                              JanusVQVAEConfig, LlamaConfig)
+
+    # DeepSeek-LLM's byte-level BPE (as deepseek_vl's), <｜begin▁of▁sentence｜> written in front of every text; the
+    # release's additional specials (image placeholder, grounding tags, the chat roles), then the converter's
+    # extra_special_tokens image_token / boi_token / eoi_token
+    bos, eos, pad = ("<\uff5cbegin\u2581of\u2581sentence\uff5c>", "<\uff5cend\u2581of\u2581sentence\uff5c>",
+                     "<\uff5c\u2581pad\u2581\uff5c>")
+    added = ["<image_placeholder>", "<patch_placeholder>", "<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>",
+             "<|User|>", "<|Assistant|>", pad]
+    tok = _byte_bpe_fast([bos, eos], added, named={"image_token": "<image_placeholder>", "boi_token": "<begin_of_image>",
+                                                   "eoi_token": "<end_of_image>"},
+                         bos_template=bos, bos_token=bos, eos_token=eos, pad_token=pad)
+    text = LlamaConfig(**_text_kw(tok, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                  eos_token_id=tok.eos_token_id))
+    # release: SigLIP-L 384/16 (576 tokens), aligner depth 2 to n_embed 2048
+    vision = JanusVisionConfig(hidden_size=H, num_hidden_layers=L, num_attention_heads=2, image_size=32, patch_size=16,
+                               mlp_ratio=2, projection_dim=H, num_image_tokens=4)
+    # release VQ-GAN: 16384 codes of 8, base 128 channels x (1, 1, 2, 2, 4), 24x24 patches of a 384-px image
+    vq = JanusVQVAEConfig(embed_dim=8, num_embeddings=16, latent_channels=8, base_channels=32, channel_multiplier=[1, 2],
+                          num_res_blocks=1, num_patches=2, projection_dim=H, image_token_embed_dim=H)
+    cfg = JanusConfig(text_config=text, vision_config=vision, vq_config=vq,
+                      image_token_id=tok.convert_tokens_to_ids("<image_placeholder>"))
+    # the converter: JanusImageProcessor from the original preprocessor_config.json (image_size 384 -> size 384x384,
+    # min_size 14, mean/std 0.5, rescale 1/255); JanusProcessor(use_default_system_prompt=True), num_image_tokens 576
+    ip = JanusImageProcessorPil(size={"height": 32, "width": 32}, min_size=14, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return _Parts(JanusForConditionalGeneration(cfg), tok, ip, JANUS_TEMPLATE,
+                  {"num_image_tokens": 4, "use_default_system_prompt": True}, [eos])
+
+
 # HuggingFaceM4/idefics2-8b processor_config.json "chat_template" (as quoted from that file in public
 # code, e.g. a comment citing huggingface.co/HuggingFaceM4/idefics2-8b/blob/main/processor_config.json;
 # the same string is the idefics2-8b-chatty template in mistral.rs' chat-template tests)
@@ -377,6 +414,23 @@ DEEPSEEK_VL_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 
+# deepseek-community/Janus-Pro-1B: CHAT_TEMPLATE of transformers' src/transformers/models/janus/convert_janus_weights_to_hf.py
+# (the converter that wrote the release); tests/models/janus/test_processing_janus.py checks the hub processor's renderings
+# against it ("<|User|>: What is shown in this image?\n<image_placeholder>\n\n<|Assistant|>:")
+JANUS_TEMPLATE = (
+    "{%set seps=['\n\n','<\uff5cend\u2581of\u2581sentence\uff5c>']%}{%set i=0%}{%for message in messages%}"
+    "{%if message['role']|lower=='user'%}<|User|>: {%elif message['role']|lower=='assistant'%}<|Assistant|>:"
+    "{%if not (loop.last and not add_generation_prompt and message['content'][0]['type']=='text' and "
+    "message['content'][0]['text']=='')%} {%endif%}{%else%}{{message['role'].capitalize()}}: {%endif%}"
+    "{%for content in message['content']%}{%if content['type']=='image'%}{%if not loop.first%}{{'\n'}}{%endif%}"
+    "<image_placeholder>{%if not loop.last%}{{'\n'}}{%endif%}{%elif content['type']=='text'%}"
+    "{%set text=content['text']%}{%if loop.first%}{%set text=text.lstrip()%}{%endif%}"
+    "{%if loop.last%}{%set text=text.rstrip()%}{%endif%}"
+    "{%if not loop.first and message['content'][loop.index0-1]['type']=='text'%}{{' '+text}}{%else%}{{text}}{%endif%}"
+    "{%endif%}{%endfor%}{%if not loop.last or add_generation_prompt%}{%if message['role']|lower=='user'%}{{seps[0]}}"
+    "{%else%}{{seps[1]}}{%endif%}{%endif%}{%endfor%}{%if add_generation_prompt%}<|Assistant|>:{%endif%}"
+)
+
 EXTRA = [
     Family("idefics2", "HuggingFaceM4/idefics2-8b", "Idefics2ForConditionalGeneration", "Idefics2Processor",
            "Idefics2ImageProcessorPil", _idefics2),
@@ -395,6 +449,8 @@ EXTRA = [
            "InstructBlipProcessor", "BlipImageProcessorPil", _instructblip),
     Family("kosmos-2", "microsoft/kosmos-2-patch14-224", "Kosmos2ForConditionalGeneration", "Kosmos2Processor",
            "CLIPImageProcessorPil", _kosmos2),
+    Family("janus", "deepseek-community/Janus-Pro-1B", "JanusForConditionalGeneration", "JanusProcessor",
+           "JanusImageProcessorPil", _janus),
 ]
 assert not {f.name for f in EXTRA} & set(tf.FAMILIES), "a family here is named by the tests"
 
