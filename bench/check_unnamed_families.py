@@ -414,9 +414,10 @@ DEEPSEEK_VL_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 
-# deepseek-community/Janus-Pro-1B: CHAT_TEMPLATE of transformers' src/transformers/models/janus/convert_janus_weights_to_hf.py
-# (the converter that wrote the release); tests/models/janus/test_processing_janus.py checks the hub processor's renderings
-# against it ("<|User|>: What is shown in this image?\n<image_placeholder>\n\n<|Assistant|>:")
+# deepseek-community/Janus-Pro-1B: CHAT_TEMPLATE of transformers'
+# src/transformers/models/janus/convert_janus_weights_to_hf.py (the converter that wrote the release);
+# tests/models/janus/test_processing_janus.py checks the hub processor's renderings against it
+# ("<|User|>: What is shown in this image?\n<image_placeholder>\n\n<|Assistant|>:")
 JANUS_TEMPLATE = (
     "{%set seps=['\n\n','<\uff5cend\u2581of\u2581sentence\uff5c>']%}{%set i=0%}{%for message in messages%}"
     "{%if message['role']|lower=='user'%}<|User|>: {%elif message['role']|lower=='assistant'%}<|Assistant|>:"

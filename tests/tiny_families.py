@@ -61,7 +61,8 @@ class _Parts:
     eos: list  # tokens generation stops at (generation_config.json eos_token_id)
     video: dict | None = None  # the video processor's config (built only where torchvision imports)
     feature_extractor: object = None
-    sub_tokenizers: dict | None = None  # {attribute: tokenizer} a processor loads from that subfolder (InstructBLIP's qformer_tokenizer)
+    # {attribute: tokenizer} a processor loads from the subfolder of that name (InstructBLIP's qformer_tokenizer)
+    sub_tokenizers: dict | None = None
 
 
 class _SavedSettings(dict):
