@@ -152,6 +152,30 @@ def test_probe_wraps_the_attention_implementation_the_model_was_loaded_with(worl
     assert np.abs(attn - _brute(models, batch, 1)).max() < 1e-5
 
 
+def test_install_probe_names_the_probe_on_a_config_that_is_its_own_text_config():
+    """A model whose config has no text sub-config (get_text_config() is the config itself) takes the
+    attention implementation by name; {"text_config": ...} would set nothing there and leave the probe out."""
+    class Config:
+        _attn_implementation = "sdpa"
+
+        def get_text_config(self):
+            return self
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config, self.layers, self.asked = Config(), torch.nn.ModuleList([torch.nn.Linear(2, 2)]), []
+
+        def get_decoder(self):
+            return self
+
+        def set_attn_implementation(self, impl):
+            self.asked.append(impl)
+
+    model = Model()
+    assert gp.install_probe(model) == 1 and model.asked == [gp.PROBE_NAME]
+
+
 def test_allowed_keys_reads_every_mask_form_alike():
     """SDPA's bool mask, eager's additive one, flash's 2-D key padding and none (causal) -> the same keys."""
     keys = torch.tensor([[False, True, True, True]])  # one row, left-padded by one
