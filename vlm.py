@@ -197,8 +197,8 @@ def load_processor(path):
 
     def processor_class():  # where AutoProcessor looks for it, in the same order
         for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
-            if _read_json(path, name).get("processor_class"):
-                return processor_class_from_name(_read_json(path, name)["processor_class"])
+            if found := _read_json(path, name).get("processor_class"):
+                return processor_class_from_name(found)
         name = PROCESSOR_MAPPING_NAMES.get(_read_json(path, "config.json").get("model_type"))
         return processor_class_from_name(name) if name else None
 
